@@ -1,0 +1,350 @@
+"""One activation of a server: its message loop, commits, crashes, stops, hibernation."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+import outcome
+import trio
+
+from ._calls import Caller, Handling, Kind, Message, current_handling
+from ._entry import Entry, ErrorFactory, Next, Status, not_found, not_running
+from ._errors import PersistenceError, ServerCrashed, StateEncodingError
+from ._results import NO_REPLY, NoReply, Reply, Stop
+from ._server import PersistentServer, Restart
+from ._store import Delete, Put, Record
+
+if TYPE_CHECKING:
+    from ._ref import ServerRef
+
+logger = logging.getLogger("trio_pgs")
+
+
+class Activation:
+    """A server instance running on an entry, from `on_activate` to its end."""
+
+    def __init__(
+        self, entry: Entry, server: PersistentServer[Any], state: Any, record: Record
+    ) -> None:
+        self.entry = entry
+        self.server = server
+        self.state = state
+        self.committed = record.data
+        self.version = record.version
+        self.epoch = record.epoch
+        self.last_activity = trio.current_time()
+        self.handling = False
+        self.gated: list[tuple[Caller, outcome.Outcome[Any]]] = []
+        self.owed: set[Caller] = set()
+        self.timers: set[trio.CancelScope] = set()
+        self.closed = False
+
+    # -- the loop ---------------------------------------------------------------------
+
+    async def run(self) -> Next:
+        entry = self.entry
+        receive = entry.receive_channel
+        while True:
+            try:
+                message = receive.receive_nowait()
+            except trio.WouldBlock:
+                if entry.shutting_down:
+                    return await self._shut_down()
+                got = await self._wait_for_message()
+                if got is None:
+                    if entry.shutting_down:
+                        return await self._shut_down()
+                    step = await self._hibernate()
+                    if step is Next.CONTINUE:
+                        continue
+                    return step
+                message = got
+            step = await self._handle(message)
+            if step is not Next.CONTINUE:
+                return step
+
+    async def _wait_for_message(self) -> Message | None:
+        """Wait until a message comes (returned), or until the idle deadline passes
+        or shutdown begins (None). Cancelling a receive never loses a message."""
+        timeout = self.entry.info.options.idle_timeout
+        if timeout is None or self.owed:
+            deadline = math.inf
+        else:
+            deadline = self.last_activity + timeout
+        with trio.CancelScope(deadline=deadline) as scope:
+            self.entry.wait_scope = scope
+            try:
+                return await self.entry.receive_channel.receive()
+            finally:
+                self.entry.wait_scope = None
+        return None
+
+    # -- one message ------------------------------------------------------------------
+
+    async def _handle(self, message: Message) -> Next:
+        entry, server, kind = self.entry, self.server, message.kind
+        caller = Caller(self, message.slot) if kind is Kind.CALL else None  # type: ignore[arg-type]
+        token = current_handling.set(Handling(message.chain + (entry.ref,), caller))
+        self.handling = True
+        try:
+            if kind is Kind.CALL:
+                result = await server.handle_call(message.payload, self.state)
+            elif kind is Kind.CAST:
+                result = await server.handle_cast(message.payload, self.state)
+            elif kind is Kind.STOP:
+                result = Stop(self.state, reason=message.payload, persist=False)
+            else:
+                result = await server.handle_info(message.payload, self.state)
+            _check_result(result, kind, entry.ref)
+        except Exception as exc:
+            crash = ServerCrashed(f"{entry.ref} crashed handling a {kind.value}: {exc!r}")
+            crash.__cause__ = exc
+            return await self._crash(message, crash, exc)
+        finally:
+            self.handling = False
+            current_handling.reset(token)
+        entry.sup.counters.messages += 1
+
+        if result.persist:
+            try:
+                data = entry.info.codec.encode(result.state, str(entry.ref))
+            except StateEncodingError as exc:
+                return await self._crash(message, exc, exc)
+            if data != self.committed:
+                try:
+                    await self._commit(data)
+                except Exception as exc:
+                    return await self._commit_failed(message, exc)
+        self.state = result.state
+        if kind is not Kind.TIMER:
+            self.last_activity = trio.current_time()
+        if type(result) is Stop:
+            return await self._stop(message, result)
+        if caller is not None:
+            if type(result) is Reply:
+                message.slot.set(outcome.Value(result.value))  # type: ignore[union-attr]
+            elif not caller.replied:
+                self.owed.add(caller)
+        self._release_gated()
+        return Next.CONTINUE
+
+    async def _commit(self, data: bytes) -> None:
+        entry = self.entry
+        record = Record(
+            entry.ref.kind, entry.ref.key, data, self.version + 1,
+            entry.info.options.state_version, self.epoch, time.time(),
+        )
+        await entry.sup.writer.commit(Put(record, self.version))
+        self.version += 1
+        self.committed = data
+
+    # -- replies ----------------------------------------------------------------------
+
+    def release(self, caller: Caller, result: outcome.Outcome[Any]) -> None:
+        """A deferred reply: held until the current message's commit, if any."""
+        if caller._replied:
+            return
+        caller._replied = True
+        self.owed.discard(caller)
+        if self.handling:
+            self.gated.append((caller, result))
+        else:
+            caller._slot.set(result)
+
+    def _release_gated(self) -> None:
+        if self.gated:
+            gated, self.gated = self.gated, []
+            for caller, result in gated:
+                caller._slot.set(result)
+
+    def fail_owed(self, error: ErrorFactory) -> None:
+        """Callers still owed a reply (given or not) get *error*."""
+        gated, self.gated = self.gated, []
+        owed, self.owed = self.owed, set()
+        for caller in [c for c, _ in gated] + list(owed):
+            caller._replied = True
+            caller._slot.set_error(error())
+
+    # -- endings ----------------------------------------------------------------------
+
+    async def _terminate(self, reason: Any) -> None:
+        self.close()
+        try:
+            await self.server.terminate(reason, self.state)
+        except Exception:
+            logger.exception("%s: terminate(%r) raised; ignored", self.entry.ref, reason,
+                             extra=self.entry.extra)
+
+    async def _crash(self, message: Message, error: BaseException, exc: Exception) -> Next:
+        entry, ref = self.entry, self.entry.ref
+        entry.sup.counters.crashes += 1
+        logger.error("%s crashed: %r", ref, exc, exc_info=exc, extra=entry.extra)
+        if message.slot is not None:
+            message.slot.set_error(error)
+        self.fail_owed(_crashed_owing(ref, exc))
+        await self._terminate(exc)
+        restart = entry.info.options.restart
+        if restart is Restart.TEMPORARY:
+            await self._wipe()
+            entry.end(not_found(ref))
+            return Next.END
+        if restart is Restart.PERMANENT or not entry.mailbox_empty():
+            return Next.REACTIVATE
+        entry.end(not_found(ref))  # the mailbox is empty: nothing is failed
+        return Next.END
+
+    async def _commit_failed(self, message: Message, exc: Exception) -> Next:
+        """The store refused the new state: the caller hears it; the server goes back to
+        its last committed record (reloaded by the next activation)."""
+        entry, ref = self.entry, self.entry.ref
+        logger.error("%s: commit failed: %r", ref, exc, extra=entry.extra)
+        if message.slot is not None:
+            message.slot.set_error(persistence_error(ref, exc))
+        self.fail_owed(lambda: persistence_error(ref, exc))
+        await self._terminate(exc)
+        if entry.mailbox_empty() and entry.info.options.restart is not Restart.PERMANENT:
+            entry.end(not_found(ref))
+            return Next.END
+        return Next.REACTIVATE
+
+    async def _stop(self, message: Message, result: Stop[Any]) -> Next:
+        entry, ref, reason = self.entry, self.entry.ref, result.reason
+        restart = entry.info.options.restart
+        await self._terminate(reason)
+        entry.sup.counters.stops += 1
+        reply = None if result.reply is NO_REPLY else result.reply
+        stopped = _stopped_owing(ref, reason)
+        if reason == "normal" or restart is Restart.TEMPORARY:
+            try:
+                await self._wipe(raising=True)
+            except Exception as exc:
+                failure = exc
+                if message.slot is not None:
+                    message.slot.set_error(persistence_error(ref, failure))
+                self.fail_owed(lambda: persistence_error(ref, failure))
+                return Next.REACTIVATE
+            self.fail_owed(stopped)
+            entry.end(not_found(ref))  # before the reply: a new start must not collide
+            step = Next.END
+        elif restart is Restart.PERMANENT or not entry.mailbox_empty():
+            self.fail_owed(stopped)
+            step = Next.REACTIVATE
+        else:
+            self.fail_owed(stopped)
+            entry.end(not_found(ref))
+            step = Next.END
+        if message.slot is not None:
+            message.slot.set(outcome.Value(reply))
+        return step
+
+    async def _wipe(self, raising: bool = False) -> None:
+        ref = self.entry.ref
+        try:
+            await self.entry.sup.writer.commit(Delete(ref.kind, ref.key, self.version))
+        except Exception:
+            if raising:
+                raise
+            logger.exception("%s: the record could not be wiped", ref, extra=self.entry.extra)
+
+    async def _hibernate(self) -> Next:
+        entry = self.entry
+        entry.status = Status.HIBERNATING
+        await self._terminate("hibernate")
+        if entry.shutting_down and entry.mailbox_empty():
+            entry.end(not_running(entry.ref))
+            return Next.END
+        if not entry.mailbox_empty():
+            # A message came while terminate ran: serve it from a fresh activation.
+            entry.status = Status.ACTIVE
+            return Next.REACTIVATE
+        entry.sup.counters.hibernations += 1
+        entry.end(not_found(entry.ref))  # nothing queued: nothing failed
+        logger.debug("%s hibernated", entry.ref, extra=entry.extra)
+        return Next.END
+
+    async def _shut_down(self) -> Next:
+        entry = self.entry
+        await self._terminate("shutdown")
+        self.fail_owed(not_running(entry.ref))
+        entry.end(not_running(entry.ref))
+        return Next.END
+
+    def close(self) -> None:
+        """Drop the volatile timers; idempotent."""
+        self.closed = True
+        timers, self.timers = self.timers, set()
+        for scope in timers:
+            scope.cancel()
+
+    # -- timers -----------------------------------------------------------------------
+
+    def send_after(self, delay: float, info: Any) -> None:
+        if self.closed:
+            return
+        scope = trio.CancelScope()
+        self.timers.add(scope)
+        self.entry.sup.spawn_system_task(self._timer, scope, delay, info)
+
+    async def _timer(self, scope: trio.CancelScope, delay: float, info: Any) -> None:
+        current_handling.set(None)
+        with scope:
+            await trio.sleep(delay)
+            self.timers.discard(scope)
+            if not self.closed:
+                message = Message(Kind.TIMER, info, None, ())
+                await self.entry.send_channel.send(message)
+
+
+def _crashed_owing(ref: ServerRef, exc: BaseException) -> ErrorFactory:
+    def error() -> BaseException:
+        crash = ServerCrashed(f"{ref} crashed before replying: {exc!r}")
+        crash.__cause__ = exc
+        return crash
+
+    return error
+
+
+def _stopped_owing(ref: ServerRef, reason: str) -> ErrorFactory:
+    return lambda: ServerCrashed(f"{ref} stopped ({reason!r}) before replying to this call")
+
+
+_ALLOWED = {
+    Kind.CALL: (Reply, NoReply, Stop),
+    Kind.CAST: (NoReply, Stop),
+    Kind.INFO: (NoReply, Stop),
+    Kind.TIMER: (NoReply, Stop),
+    Kind.STOP: (Stop,),
+}
+_HOOK = {Kind.CALL: "handle_call", Kind.CAST: "handle_cast", Kind.INFO: "handle_info",
+         Kind.TIMER: "handle_info", Kind.STOP: "stop"}
+
+
+def _check_result(result: Any, kind: Kind, ref: ServerRef) -> None:
+    if type(result) in _ALLOWED[kind]:
+        return
+    check_not_coroutine(result, ref, _HOOK[kind])
+    names = " / ".join(t.__name__ for t in _ALLOWED[kind])
+    raise TypeError(
+        f"{ref}: {_HOOK[kind]} must return {names}, not {result!r}"
+    )
+
+
+def check_not_coroutine(value: Any, ref: ServerRef, hook: str) -> None:
+    if inspect.isawaitable(value):
+        if inspect.iscoroutine(value):
+            value.close()
+        raise TypeError(
+            f"{ref}: {hook} returned an awaitable ({value!r}); did you forget 'await'?"
+        )
+
+
+def persistence_error(ref: ServerRef, exc: BaseException) -> PersistenceError:
+    cls = type(exc) if isinstance(exc, PersistenceError) else PersistenceError
+    error = cls(f"{ref}: the state could not be committed: {exc}. The server went back "
+                "to its last committed state; retry once the store is healthy")
+    error.__cause__ = exc
+    return error

@@ -1,0 +1,275 @@
+"""`DiskCacheStore`: the embedded default, on a diskcache (SQLite) directory."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import diskcache
+import diskcache.core
+
+from ._errors import PersistenceError
+from ._store import Operation, Put, Record, check_operation
+from ._thread import DedicatedThread
+
+T = TypeVar("T")
+logger = logging.getLogger("trio_pgs.store")
+
+#: Separates kind and key in a diskcache key; kinds may not contain it.
+SEPARATOR = "\x1f"
+#: The row that marks a directory as a trio-pgs store, with the record format version.
+FORMAT_KEY = SEPARATOR + "trio-pgs-format"
+FORMAT = "1"
+_SCAN_CHUNK = 1000
+
+
+class RefusedPickle(PersistenceError):
+    """A stored row holds a pickle, which trio-pgs never loads (it could run code)."""
+
+
+class _PickledKey:
+    pass
+
+
+_PICKLED_KEY = _PickledKey()
+
+
+class SafeDisk(diskcache.Disk):
+    """A diskcache `Disk` that stores only `bytes` and `str`, and never unpickles.
+
+    diskcache pickles anything else by default, and unpickles whatever a row says is a
+    pickle: anyone able to write the cache file could run code in the application
+    (CVE-2025-69872). This disk refuses both directions.
+    """
+
+    def put(self, key: Any) -> tuple[Any, bool]:
+        if type(key) is not str:
+            raise TypeError(f"trio-pgs stores use str keys only, not {type(key).__name__}")
+        return super().put(key)  # type: ignore[no-any-return]
+
+    def get(self, key: Any, raw: bool) -> Any:
+        if not raw:
+            return _PICKLED_KEY
+        return super().get(key, raw)
+
+    def store(self, value: Any, read: bool, key: Any = diskcache.core.UNKNOWN) -> Any:
+        if read or type(value) not in (bytes, str):
+            raise TypeError(
+                f"trio-pgs stores bytes and str only, not {type(value).__name__}; "
+                "nothing is pickled"
+            )
+        return super().store(value, read, key=key)
+
+    def fetch(self, mode: int, filename: str | None, value: Any, read: bool) -> Any:
+        if mode == diskcache.core.MODE_PICKLE:
+            raise RefusedPickle(
+                "a row of this store holds a pickle; trio-pgs refuses to load it "
+                "(somebody other than trio-pgs wrote it). Inspect or purge that row."
+            )
+        return super().fetch(mode, filename, value, read)
+
+
+def encode_record(record: Record) -> bytes:
+    """A header line of JSON, then the state's bytes."""
+    header = json.dumps(
+        [record.version, record.state_version, record.epoch, record.updated_at],
+        separators=(",", ":"),
+    ).encode()
+    return header + b"\n" + record.data
+
+
+def decode_record(kind: str, key: str, value: object) -> Record:
+    if not isinstance(value, bytes):
+        raise PersistenceError(
+            f"{kind}/{key}: the stored row is {type(value).__name__}, not a trio-pgs "
+            "record; it was written by something else"
+        )
+    header, newline, data = value.partition(b"\n")
+    try:
+        version, state_version, epoch, updated_at = json.loads(header)
+    except ValueError as exc:
+        raise PersistenceError(
+            f"{kind}/{key}: the stored row has no trio-pgs record header"
+        ) from exc
+    if not newline:
+        raise PersistenceError(f"{kind}/{key}: the stored row is truncated")
+    return Record(kind, key, data, version, state_version, epoch, updated_at)
+
+
+def split_key(db_key: object) -> tuple[str, str] | None:
+    if not isinstance(db_key, str) or db_key == FORMAT_KEY:
+        return None
+    kind, separator, key = db_key.partition(SEPARATOR)
+    return (kind, key) if separator else None
+
+
+class DiskCacheStore:
+    """Records in a diskcache directory (SQLite), the embedded default store.
+
+    The cache is opened with eviction off (diskcache's default evicts beyond 1 GiB,
+    which would silently delete servers), stores only bytes, refuses to unpickle, and
+    keeps every value inside the SQLite database so that a batch commits atomically.
+    It is used from one dedicated thread, opened once and closed on that thread.
+
+    SQLite runs with ``synchronous=NORMAL`` by default: a commit survives a crash of the
+    process, and a power cut may lose the last commits (never corrupt the file). With
+    ``durable=True`` it runs with ``synchronous=FULL``: a commit survives a power cut,
+    at the price of an fsync per batch.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], *, durable: bool = False) -> None:
+        self.directory = os.fspath(directory)
+        self.durable = durable
+        self._cache: diskcache.Cache | None = None
+        self._thread: DedicatedThread | None = None
+
+    def __repr__(self) -> str:
+        return f"DiskCacheStore({self.directory!r})"
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        if self._thread is None:
+            raise PersistenceError(f"{self!r} is not open (open a supervisor on it)")
+        return await self._thread.run(fn)
+
+    async def open(self) -> None:
+        if self._thread is not None:
+            raise ValueError(f"{self!r} is already open in another supervisor")
+        self._thread = DedicatedThread(f"trio-pgs {self.directory}")
+        self._thread.start()
+        try:
+            await self._run(self._open)
+        except BaseException:
+            await self._thread.stop()
+            self._thread = None
+            raise
+
+    def _open(self) -> None:
+        try:
+            cache = diskcache.Cache(
+                self.directory,
+                disk=SafeDisk,
+                eviction_policy="none",
+                cull_limit=0,
+                statistics=False,
+                tag_index=False,
+                disk_min_file_size=1 << 40,
+                sqlite_synchronous=2 if self.durable else 1,
+            )
+        except Exception as exc:
+            raise PersistenceError(
+                f"cannot open the store directory {self.directory!r}: {exc}. "
+                "Check that it is a writable directory (or a path where one can be made)."
+            ) from exc
+        try:
+            marker = cache.get(FORMAT_KEY)
+            if marker is None:
+                if next(cache.iterkeys(), None) is not None:
+                    raise PersistenceError(
+                        f"{self.directory!r} is a diskcache directory, but not a trio-pgs "
+                        "store; give trio-pgs a directory of its own"
+                    )
+                cache.set(FORMAT_KEY, FORMAT)
+            elif marker != FORMAT:
+                raise PersistenceError(
+                    f"{self.directory!r} holds trio-pgs records of format {marker!r}; "
+                    f"this version reads format {FORMAT!r}. Upgrade trio-pgs."
+                )
+        except BaseException:
+            cache.close()
+            raise
+        self._cache = cache
+
+    async def close(self) -> None:
+        if self._thread is None:
+            return
+        try:
+            await self._run(self._close)
+        finally:
+            await self._thread.stop()
+            self._thread = None
+
+    def _close(self) -> None:
+        if self._cache is not None:
+            self._cache.close()
+            self._cache = None
+
+    def _opened(self) -> diskcache.Cache:
+        if self._cache is None:
+            raise PersistenceError(f"{self!r} is not open")
+        return self._cache
+
+    async def load(self, kind: str, key: str) -> Record | None:
+        return await self._run(lambda: self._load(kind, key))
+
+    def _load(self, kind: str, key: str) -> Record | None:
+        try:
+            value = self._opened().get(kind + SEPARATOR + key)
+        except RefusedPickle as exc:
+            raise RefusedPickle(f"{kind}/{key}: {exc}") from None
+        except Exception as exc:
+            if isinstance(exc, PersistenceError):
+                raise
+            raise PersistenceError(f"{kind}/{key}: the store could not be read: {exc}") from exc
+        return None if value is None else decode_record(kind, key, value)
+
+    async def commit(self, operations: Sequence[Operation]) -> None:
+        operations = list(operations)
+        await self._run(lambda: self._commit(operations))
+
+    def _commit(self, operations: list[Operation]) -> None:
+        cache = self._opened()
+        try:
+            with cache.transact():
+                # Check every condition before the first write, so a conflict leaves
+                # the transaction with nothing to roll back.
+                seen: dict[str, Record | None] = {}
+                for operation in operations:
+                    if isinstance(operation, Put):
+                        db_key = operation.record.kind + SEPARATOR + operation.record.key
+                    else:
+                        db_key = operation.kind + SEPARATOR + operation.key
+                    if db_key in seen:
+                        current = seen[db_key]
+                    else:
+                        current = self._load(*db_key.split(SEPARATOR, 1))
+                    check_operation(current, operation)
+                    seen[db_key] = operation.record if isinstance(operation, Put) else None
+                for operation in operations:
+                    if isinstance(operation, Put):
+                        record = operation.record
+                        cache.set(record.kind + SEPARATOR + record.key, encode_record(record))
+                    else:
+                        cache.delete(operation.kind + SEPARATOR + operation.key)
+        except PersistenceError:
+            raise
+        except Exception as exc:
+            raise PersistenceError(f"the store could not commit: {exc}") from exc
+
+    async def scan(self, kind: str) -> AsyncIterator[Record]:
+        keys: Iterator[Any] = await self._run(lambda: self._opened().iterkeys())
+        while True:
+            chunk = await self._run(lambda: self._scan_chunk(keys, kind))
+            for record in chunk:
+                yield record
+            if len(chunk) < _SCAN_CHUNK:
+                break
+
+    def _scan_chunk(self, keys: Iterator[Any], kind: str) -> list[Record]:
+        found: list[Record] = []
+        for db_key in keys:
+            ident = split_key(db_key)
+            if ident is None or ident[0] != kind:
+                continue
+            try:
+                record = self._load(*ident)
+            except PersistenceError as exc:
+                logger.warning("scan skipped %s/%s: %s", ident[0], ident[1], exc)
+                continue
+            if record is not None:
+                found.append(record)
+                if len(found) == _SCAN_CHUNK:
+                    break
+        return found

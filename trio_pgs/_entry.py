@@ -1,0 +1,123 @@
+"""The entry: a server that is active or in transition, and its mailbox.
+
+The supervisor keeps one `Entry` per server that is active or in transition; the
+mailbox belongs to the entry, not to a task, so a message sent while the server is
+activating or hibernating waits in it and is handled in order. An entry is removed in
+one synchronous step, and only when its mailbox is empty: that is what makes "exactly
+one activation" and "no message lost" hold without locks.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from ._calls import Message, ReplySlot
+from ._errors import (
+    ServerNotFound,
+    SupervisorNotRunning,
+)
+
+if TYPE_CHECKING:
+    from ._activation import Activation
+    from ._ref import ServerRef
+    from ._supervisor import KindInfo, PersistentSupervisor
+
+logger = logging.getLogger("trio_pgs")
+ErrorFactory = Callable[[], BaseException]
+
+
+class Status(enum.Enum):
+    ACTIVATING = "activating"
+    ACTIVE = "active"
+    HIBERNATING = "hibernating"
+    ENDED = "ended"
+
+
+class Next(enum.Enum):
+    CONTINUE = "continue"
+    REACTIVATE = "reactivate"
+    END = "end"
+
+
+class StartRequest:
+    __slots__ = ("args", "slot")
+
+    def __init__(self, args: tuple[Any, ...], slot: ReplySlot) -> None:
+        self.args = args
+        self.slot = slot
+
+
+class Entry:
+    """A server that is active or in transition, and its mailbox."""
+
+    def __init__(
+        self,
+        sup: PersistentSupervisor,
+        info: KindInfo,
+        ref: ServerRef,
+        start: StartRequest | None = None,
+    ) -> None:
+        self.sup = sup
+        self.info = info
+        self.ref = ref
+        self.extra = {"kind": ref.kind, "key": ref.key}
+        self.send_channel, self.receive_channel = trio.open_memory_channel[Message](
+            info.options.mailbox_size
+        )
+        self.status = Status.ACTIVATING
+        self.activated = trio.Event()
+        self.activation_error: ErrorFactory | None = None
+        self.start = start
+        self.shutting_down = False
+        self.wait_scope: trio.CancelScope | None = None
+        self.task_scope: trio.CancelScope | None = None
+        self.activation: Activation | None = None
+
+    def __repr__(self) -> str:
+        return f"<Entry {self.ref} {self.status.value}>"
+
+    def mailbox_empty(self) -> bool:
+        return self.receive_channel.statistics().current_buffer_used == 0
+
+    def end(self, error: ErrorFactory) -> None:
+        """Fail what is still queued with *error* and forget the entry. Synchronous,
+        so no message can slip in between the last check and the removal."""
+        dropped = 0
+        while True:
+            try:
+                message = self.receive_channel.receive_nowait()
+            except trio.WouldBlock:
+                break
+            if message.slot is not None:
+                message.slot.set_error(error())
+            else:
+                dropped += 1
+        if dropped:
+            logger.warning("%s: %d queued cast/info message(s) dropped: %s",
+                           self.ref, dropped, error(), extra=self.extra)
+        self.status = Status.ENDED
+        self.sup.forget(self)
+        if not self.activated.is_set():
+            self.activation_error = error
+            self.activated.set()
+
+
+def not_running(ref: ServerRef) -> ErrorFactory:
+    return lambda: SupervisorNotRunning(
+        f"{ref}: the supervisor {ref.supervisor!r} shut down before this message was "
+        "handled; open it again and retry"
+    )
+
+
+def not_found(ref: ServerRef) -> ErrorFactory:
+    return lambda: ServerNotFound(
+        f"{ref}: no such server (never started, or stopped normally); "
+        "start it with supervisor.start()"
+    )
+
+

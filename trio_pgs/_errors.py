@@ -1,0 +1,64 @@
+"""The library's exceptions: one root, a small flat set below it."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._ref import ServerRef
+
+
+class TrioPGSError(Exception):
+    """Root of trio-pgs's own failures (misuse raises `TypeError`/`ValueError`)."""
+
+
+class ServerNotFound(TrioPGSError):
+    """The key has no stored record: it was never started, or it stopped normally."""
+
+
+class AlreadyStarted(TrioPGSError):
+    """`start` was given a key that already has a record; `.ref` reaches that server."""
+
+    def __init__(self, message: str, ref: ServerRef) -> None:
+        super().__init__(message)
+        self.ref = ref
+
+
+class ServerCrashed(TrioPGSError):
+    """The handler raised (the cause is chained) or returned something invalid."""
+
+
+class ServerQuarantined(TrioPGSError):
+    """The server crashed too often; release or roll it back before using it again."""
+
+
+class ActivationFailed(TrioPGSError):
+    """The stored record could not be loaded, decoded or restored (cause chained)."""
+
+
+class PersistenceError(TrioPGSError):
+    """The store failed: a state could not be committed, or a store could not open."""
+
+
+class ConflictError(PersistenceError):
+    """A write expected another version of the record: another writer got there first."""
+
+
+class StateEncodingError(TrioPGSError):
+    """A state could not be encoded; nothing was written and the state did not advance."""
+
+
+class CallCycleError(TrioPGSError):
+    """The call would wait on a server already in the current call chain (a deadlock)."""
+
+
+class UnknownKind(TrioPGSError):
+    """The supervisor serves no class for this kind; nothing is imported to find one."""
+
+
+class SupervisorNotRunning(TrioPGSError):
+    """No supervisor of the ref's name is open in this process (or it is shutting down)."""
+
+
+class UnknownRequest(TrioPGSError):
+    """The server does not handle this call or cast (OTP's bad_call)."""

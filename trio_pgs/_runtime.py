@@ -1,0 +1,143 @@
+"""A server's task: activations one after the other, until its entry ends."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import outcome
+import trio
+
+from ._activation import Activation, check_not_coroutine, persistence_error
+from ._calls import current_handling
+from ._entry import Entry, Next, StartRequest, Status, not_found, not_running
+from ._errors import (
+    ActivationFailed,
+    AlreadyStarted,
+    ConflictError,
+    ServerCrashed,
+    StateEncodingError,
+)
+from ._ref import ServerRef
+from ._store import Put, Record
+
+logger = logging.getLogger("trio_pgs")
+
+
+async def serve(entry: Entry) -> None:
+    """The task of one entry: activations, one after the other, until it ends."""
+    current_handling.set(None)  # the task inherited its spawner's context
+    with trio.CancelScope(shield=True) as entry.task_scope:
+        try:
+            while True:
+                activation = await activate(entry)
+                if activation is None:
+                    return
+                entry.activation = activation
+                step = await activation.run()
+                activation.close()
+                if step is Next.END:
+                    return
+        except trio.Cancelled:
+            raise
+        except Exception:
+            logger.exception("%s: internal error in trio-pgs; the server is stopped "
+                             "(its stored state is kept)", entry.ref, extra=entry.extra)
+        finally:
+            if entry.status is not Status.ENDED:
+                # Cancelled at shutdown past the grace period, or an internal error.
+                if entry.activation is not None:
+                    entry.activation.fail_owed(not_running(entry.ref))
+                entry.end(not_running(entry.ref))
+
+
+async def activate(entry: Entry) -> Activation | None:
+    """Load (or create, for `start`) the server's record and run `on_activate`."""
+    sup, info, ref = entry.sup, entry.info, entry.ref
+    start, entry.start = entry.start, None
+    entry.status = Status.ACTIVATING
+    try:
+        record = await sup.store.load(ref.kind, ref.key)
+    except Exception as exc:
+        return _activation_failed(entry, exc, start)
+    server = info.cls()
+    state: Any
+    if record is None and start is not None:
+        try:
+            state = await server.init(*start.args)
+            data = info.codec.encode(state, str(ref))
+        except Exception as exc:
+            sup.counters.crashes += 1
+            error = exc if isinstance(exc, StateEncodingError) else ServerCrashed(
+                f"{ref}: init() raised {exc!r}; nothing was stored"
+            )
+            if error is not exc:
+                error.__cause__ = exc
+            start.slot.set_error(error)
+            entry.end(not_found(ref))
+            return None
+        record = Record(ref.kind, ref.key, data, 1, info.options.state_version,
+                        updated_at=time.time())
+        try:
+            await sup.writer.commit(Put(record, 0))
+        except ConflictError:
+            start.slot.set_error(_already_started(ref))
+            start = None
+            return await activate(entry)
+        except Exception as exc:
+            start.slot.set_error(persistence_error(ref, exc))
+            entry.end(not_found(ref))
+            return None
+    elif record is None:
+        entry.end(not_found(ref))
+        return None
+    else:
+        if start is not None:
+            start.slot.set_error(_already_started(ref))
+            start = None
+        try:
+            state = info.codec.decode(record.data)
+        except Exception as exc:
+            return _activation_failed(entry, exc, None)
+    activation = Activation(entry, server, state, record)
+    server._activation = activation
+    try:
+        state = await server.on_activate(state)
+        check_not_coroutine(state, ref, "on_activate")
+    except Exception as exc:
+        activation.close()
+        return _activation_failed(entry, exc, start)
+    activation.state = state
+    sup.counters.activations += 1
+    entry.status = Status.ACTIVE
+    entry.activated.set()
+    if start is not None:
+        start.slot.set(outcome.Value(ref))
+    logger.debug("%s activated (version %d)", ref, record.version, extra=entry.extra)
+    return activation
+
+
+def _activation_failed(entry: Entry, exc: Exception, start: StartRequest | None) -> None:
+    ref = entry.ref
+    entry.sup.counters.crashes += 1
+    logger.error("%s: activation failed: %r", ref, exc, extra=entry.extra)
+
+    def error() -> BaseException:
+        failure = ActivationFailed(
+            f"{ref}: the stored record could not be activated: {exc!r}. It is kept as "
+            "is; fix the cause (or the record) and call again"
+        )
+        failure.__cause__ = exc
+        return failure
+
+    if start is not None:
+        start.slot.set_error(error())
+    entry.end(error)
+    return None
+
+
+def _already_started(ref: ServerRef) -> AlreadyStarted:
+    return AlreadyStarted(
+        f"{ref} is already started; use its ref (error.ref) or pick another key", ref
+    )

@@ -1,0 +1,223 @@
+"""`PersistentServer`: the hooks a user writes, and the options a class declares."""
+
+from __future__ import annotations
+
+import enum
+import inspect
+import logging
+import math
+import typing
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+
+import attrs
+import trio
+
+from ._errors import UnknownRequest
+from ._results import NoReply, Reply, Stop
+
+if TYPE_CHECKING:
+    from ._ref import ServerRef
+    from ._runtime import Activation
+
+S = TypeVar("S")
+logger = logging.getLogger("trio_pgs.server")
+
+
+class Restart(enum.Enum):
+    """What a crash or a stop does to the stored record (OTP's restart strategies)."""
+
+    #: Never restarted: a crash or any stop wipes the record.
+    TEMPORARY = "temporary"
+    #: A crash keeps the record and the next message activates it; a normal stop wipes it.
+    TRANSIENT = "transient"
+    #: A crash or an abnormal stop restarts it at once; a normal stop wipes it.
+    PERMANENT = "permanent"
+
+
+class Persistence(enum.Enum):
+    """When a server's state is written to the store."""
+
+    #: Committed after every handled message, before the reply (the default).
+    EACH_MESSAGE = "each_message"
+
+
+_HOOKS = ("init", "on_activate", "handle_call", "handle_cast", "handle_info", "terminate")
+
+
+def _check_positive_or_none(name: str, value: object) -> None:
+    if value is None:
+        return
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number of seconds or None, not {value!r}")
+    if math.isnan(value) or value <= 0:
+        raise ValueError(f"{name} must be > 0 (or None for never), not {value!r}")
+
+
+def _check_count(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, not {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, not {value!r}")
+
+
+@attrs.frozen
+class Options:
+    """The resolved options of one server class under one supervisor."""
+
+    idle_timeout: float | None = 300.0
+    mailbox_size: int = 1024
+    restart: Restart = Restart.TRANSIENT
+    persistence: Persistence = Persistence.EACH_MESSAGE
+    max_crashes: int = 3
+    crash_window: float = 5.0
+    state_version: int = 1
+
+    def __attrs_post_init__(self) -> None:
+        _check_positive_or_none("idle_timeout", self.idle_timeout)
+        _check_count("mailbox_size", self.mailbox_size)
+        if not isinstance(self.restart, Restart):
+            raise TypeError(f"restart must be a trio_pgs.Restart, not {self.restart!r}")
+        if not isinstance(self.persistence, Persistence):
+            raise TypeError(
+                f"persistence must be a trio_pgs.Persistence, not {self.persistence!r}"
+            )
+        _check_count("max_crashes", self.max_crashes)
+        _check_positive_or_none("crash_window", self.crash_window)
+        _check_count("state_version", self.state_version)
+
+
+OPTION_NAMES = frozenset(field.name for field in attrs.fields(Options))
+
+
+def resolve_options(cls: type[PersistentServer[Any]], overrides: Mapping[str, Any]) -> Options:
+    """The class's options, with the supervisor's *overrides* on top."""
+    values = {name: getattr(cls, name) for name in OPTION_NAMES}
+    values.update(overrides)
+    return Options(**values)
+
+
+def check_option_names(names: typing.Iterable[str]) -> None:
+    unknown = sorted(set(names) - OPTION_NAMES)
+    if unknown:
+        raise TypeError(
+            f"unknown server option(s) {', '.join(unknown)}; "
+            f"the options are {', '.join(sorted(OPTION_NAMES))}"
+        )
+
+
+class PersistentServer(Generic[S]):
+    """Base class of a persistent server whose state is of type ``S``.
+
+    Subclass it as ``class PlayerServer(PersistentServer[Player])`` and write the hooks
+    as ``async def``. The supervisor creates one instance per activation (with no
+    arguments); the state is what is persisted, the instance is not.
+
+    Class attributes are the options (a supervisor's options override them): ``kind``
+    (the name stored in refs and records; the class's qualified name by default),
+    ``idle_timeout``, ``mailbox_size``, ``restart``, ``persistence``, ``max_crashes``,
+    ``crash_window`` and ``state_version``.
+    """
+
+    kind: ClassVar[str]
+    state_type: ClassVar[Any] = Any
+    idle_timeout: ClassVar[float | None] = 300.0
+    mailbox_size: ClassVar[int] = 1024
+    restart: ClassVar[Restart] = Restart.TRANSIENT
+    persistence: ClassVar[Persistence] = Persistence.EACH_MESSAGE
+    max_crashes: ClassVar[int] = 3
+    crash_window: ClassVar[float] = 5.0
+    state_version: ClassVar[int] = 1
+
+    _activation: Activation
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "kind" not in cls.__dict__:
+            cls.kind = cls.__qualname__
+        check_kind(cls.kind)
+        for base in cls.__dict__.get("__orig_bases__", ()):
+            if typing.get_origin(base) is PersistentServer:
+                (argument,) = typing.get_args(base)
+                if not isinstance(argument, TypeVar):
+                    cls.state_type = argument
+        for name in _HOOKS:
+            hook = getattr(cls, name)
+            if not inspect.iscoroutinefunction(hook):
+                raise TypeError(
+                    f"{cls.__qualname__}.{name} must be an 'async def' method "
+                    f"(it is {hook!r})"
+                )
+
+    @property
+    def ref(self) -> ServerRef:
+        """This server's own ref."""
+        return self._activation.entry.ref
+
+    def send_after(self, delay: float, info: Any) -> None:
+        """Deliver *info* to `handle_info` after *delay* seconds, if still active.
+
+        The timer is volatile: it is dropped when the server hibernates, stops or
+        crashes, and does not keep the server awake (re-arm it in `on_activate`).
+        """
+        _check_positive_or_none("delay", delay)
+        self._activation.send_after(delay, info)
+
+    async def init(self, *args: Any) -> S:
+        """Return the first state from the arguments of `PersistentSupervisor.start`.
+
+        The default accepts one argument and uses it as the state.
+        """
+        if len(args) != 1:
+            raise TypeError(
+                f"{type(self).__qualname__} has no init(); the default init takes the "
+                f"initial state as its one argument, but start() got {len(args)}"
+            )
+        await trio.lowlevel.checkpoint()
+        return typing.cast(S, args[0])
+
+    async def on_activate(self, state: S) -> S:
+        """Called on every activation (the first too) with the stored state; returns
+        the state to run with. Re-arm timers and re-open ephemeral resources here."""
+        await trio.lowlevel.checkpoint()
+        return state
+
+    async def handle_call(self, request: Any, state: S) -> Reply[S] | NoReply[S] | Stop[S]:
+        """Answer a `ServerRef.call`. The default crashes with `UnknownRequest`."""
+        raise UnknownRequest(
+            f"{self.ref}: {type(self).__qualname__} does not handle the call {request!r}; "
+            "define handle_call"
+        )
+
+    async def handle_cast(self, message: Any, state: S) -> NoReply[S] | Stop[S]:
+        """Handle a `ServerRef.cast`. The default crashes with `UnknownRequest`."""
+        raise UnknownRequest(
+            f"{self.ref}: {type(self).__qualname__} does not handle the cast {message!r}; "
+            "define handle_cast"
+        )
+
+    async def handle_info(self, message: Any, state: S) -> NoReply[S] | Stop[S]:
+        """Handle `ServerRef.send` and `send_after`. The default logs and ignores it."""
+        logger.warning(
+            "%s ignored the info %r (define handle_info)", self.ref, message,
+            extra={"kind": self.ref.kind, "key": self.ref.key},
+        )
+        await trio.lowlevel.checkpoint()
+        return NoReply(state, persist=False)
+
+    async def terminate(self, reason: Any, state: S) -> None:
+        """Called when the activation ends: ``"normal"`` or another stop reason,
+        ``"hibernate"``, ``"shutdown"``, or the exception that crashed it."""
+        await trio.lowlevel.checkpoint()
+
+
+def check_kind(kind: object) -> str:
+    if not isinstance(kind, str):
+        raise TypeError(f"a server kind must be a str, not {kind!r}")
+    if not kind or not kind.isprintable():
+        raise ValueError(f"a server kind must be non-empty and printable, not {kind!r}")
+    return kind
+
+
+ServerClass = type[PersistentServer[Any]]
+Hook = Callable[..., Any]

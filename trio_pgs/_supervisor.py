@@ -1,0 +1,398 @@
+"""`PersistentSupervisor`: the nursery that servers run in, and how refs reach them."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
+from types import TracebackType
+from typing import Any, TypeVar
+
+import attrs
+import cattrs
+import trio
+
+from ._calls import Kind, Message, ReplySlot, current_handling
+from ._encoding import Codec
+from ._entry import Entry, StartRequest, Status
+from ._errors import AlreadyStarted, CallCycleError, SupervisorNotRunning, UnknownKind
+from ._ref import ServerRef, check_key
+from ._runtime import serve
+from ._server import (
+    Options,
+    PersistentServer,
+    check_option_names,
+    resolve_options,
+)
+from ._store import Store
+from ._writer import Writer
+
+logger = logging.getLogger("trio_pgs")
+T = TypeVar("T")
+ServerT = TypeVar("ServerT", bound=PersistentServer[Any])
+
+_open_supervisors: dict[str, PersistentSupervisor] = {}
+
+
+def find_supervisor(ref: ServerRef) -> PersistentSupervisor:
+    try:
+        return _open_supervisors[ref.supervisor]
+    except KeyError:
+        raise SupervisorNotRunning(
+            f"{ref}: no supervisor named {ref.supervisor!r} is open in this process; "
+            f"open PersistentSupervisor(name={ref.supervisor!r}, ...) to reach it"
+        ) from None
+
+
+@attrs.frozen
+class KindInfo:
+    """A registered server class, with its options and codec under this supervisor."""
+
+    cls: type[PersistentServer[Any]]
+    options: Options
+    codec: Codec
+
+
+@attrs.frozen
+class SupervisorStatistics:
+    """A snapshot of a supervisor's counters (see `PersistentSupervisor.statistics`).
+
+    Attributes:
+        name: The supervisor's name.
+        active: Servers active or in transition now (dormant ones cost nothing).
+        activations: Activations since the supervisor opened (first ones included).
+        hibernations: Activations that ended because the server was idle.
+        crashes: Handler, init and activation failures.
+        stops: Servers that stopped (any reason).
+        messages: Messages handled successfully.
+        commits: Store transactions the writer committed.
+        records_written: Records written (or wiped) in those transactions.
+        failed_commits: Operations the store refused or failed.
+        quarantined: Servers in quarantine (always 0 until quarantine lands).
+    """
+
+    name: str
+    active: int
+    activations: int
+    hibernations: int
+    crashes: int
+    stops: int
+    messages: int
+    commits: int
+    records_written: int
+    failed_commits: int
+    quarantined: int = 0
+
+    @property
+    def mean_batch_size(self) -> float:
+        """Records per store transaction: how well group commit batches."""
+        return self.records_written / self.commits if self.commits else 0.0
+
+
+class Counters:
+    __slots__ = ("activations", "hibernations", "crashes", "stops", "messages")
+
+    def __init__(self) -> None:
+        self.activations = self.hibernations = self.crashes = self.stops = 0
+        self.messages = 0
+
+
+class PersistentSupervisor:
+    """An async context manager whose nursery runs every active server.
+
+    ``name`` is what refs carry (one open supervisor per name per process). Server
+    options given here (``idle_timeout=...``, ``restart=...``) override the classes'.
+    ``servers`` lists the server classes it may activate; `start` and `ref` add more.
+    ``shutdown_timeout`` bounds how long leaving the ``async with`` waits for
+    handlers still running.
+
+    The store is opened on entry and closed on exit. Leaving the block (normally, by
+    an exception or by cancellation) shuts every active server down: states stay in
+    the store; the block's own exception comes out as itself.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        name: str = "default",
+        servers: Iterable[type[PersistentServer[Any]]] = (),
+        shutdown_timeout: float = 5.0,
+        converter: cattrs.Converter | None = None,
+        **defaults: Any,
+    ) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a supervisor name must be a non-empty str, not {name!r}")
+        for method in ("open", "close", "load", "commit", "scan"):
+            if not callable(getattr(store, method, None)):
+                raise TypeError(f"store {store!r} has no {method}() method: not a Store")
+        if not (isinstance(shutdown_timeout, int | float) and shutdown_timeout >= 0):
+            raise ValueError(f"shutdown_timeout must be >= 0 seconds, not {shutdown_timeout!r}")
+        check_option_names(defaults)
+        resolve_options(PersistentServer, defaults)  # bad values fail here, not later
+        self.name = name
+        self.store = store
+        self.shutdown_timeout = float(shutdown_timeout)
+        self._converter = converter
+        self._defaults = defaults
+        self._kinds: dict[str, KindInfo] = {}
+        self._entries: dict[ServerRef, Entry] = {}
+        self._nursery: trio.Nursery | None = None
+        self._closing = False
+        self._all_ended: trio.Event | None = None
+        self._writer_scope = trio.CancelScope(shield=True)
+        self._context: Any = None
+        self.writer = Writer(store)
+        self.counters = Counters()
+        for cls in servers:
+            self._register(cls)
+
+    def __repr__(self) -> str:
+        return f"<PersistentSupervisor {self.name!r} on {self.store!r}>"
+
+    # -- lifetime ---------------------------------------------------------------------
+
+    async def __aenter__(self) -> PersistentSupervisor:
+        if self._context is not None:
+            raise RuntimeError(f"{self!r} was already entered; create a new one")
+        self._context = self._lifetime()
+        return await self._context.__aenter__()  # type: ignore[no-any-return]
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        return await self._context.__aexit__(exc_type, exc, tb)  # type: ignore[no-any-return]
+
+    @asynccontextmanager
+    async def _lifetime(self) -> AsyncIterator[PersistentSupervisor]:
+        if self.name in _open_supervisors:
+            raise ValueError(
+                f"a supervisor named {self.name!r} is already open in this process; "
+                "give this one another name="
+            )
+        _open_supervisors[self.name] = self
+        body_error: BaseException | None = None
+        try:
+            await self.store.open()
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._run_writer)
+                try:
+                    yield self
+                except BaseException as exc:  # re-raised as itself below
+                    body_error = exc
+                with trio.CancelScope(shield=True):
+                    await self._shut_down()
+                self._writer_scope.cancel()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._closing = True
+            if _open_supervisors.get(self.name) is self:
+                del _open_supervisors[self.name]
+            with trio.CancelScope(shield=True):
+                await self.store.close()
+        if body_error is not None:
+            raise body_error
+
+    async def _run_writer(self) -> None:
+        current_handling.set(None)
+        with self._writer_scope:
+            await self.writer.run()
+
+    async def _shut_down(self) -> None:
+        self._closing = True
+        for entry in list(self._entries.values()):
+            entry.shutting_down = True
+            if entry.wait_scope is not None:
+                entry.wait_scope.cancel()
+        with trio.move_on_after(self.shutdown_timeout):
+            await self._wait_all_ended()
+        if self._entries:
+            late = sorted(str(ref) for ref in self._entries)
+            logger.error(
+                "supervisor %r: %d server(s) still busy after shutdown_timeout=%ss were "
+                "cancelled; their last messages were not committed: %s",
+                self.name, len(late), self.shutdown_timeout, ", ".join(late[:20]),
+            )
+            self.unflushed = late
+            for entry in list(self._entries.values()):
+                if entry.task_scope is not None:
+                    entry.task_scope.cancel()
+            await self._wait_all_ended()
+
+    async def _wait_all_ended(self) -> None:
+        while self._entries:
+            self._all_ended = trio.Event()
+            await self._all_ended.wait()
+
+    def forget(self, entry: Entry) -> None:
+        """Called by an entry when it ends (synchronously, with an empty mailbox)."""
+        if self._entries.get(entry.ref) is entry:
+            del self._entries[entry.ref]
+            if not self._entries and self._all_ended is not None:
+                self._all_ended.set()
+
+    def spawn_system_task(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        if self._nursery is None:
+            raise SupervisorNotRunning(f"{self!r} is not open")
+        self._nursery.start_soon(fn, *args)
+
+    # -- registry ---------------------------------------------------------------------
+
+    def _register(self, cls: type[PersistentServer[Any]]) -> KindInfo:
+        if not (isinstance(cls, type) and issubclass(cls, PersistentServer)):
+            raise TypeError(f"{cls!r} is not a PersistentServer subclass")
+        kind = cls.kind
+        info = self._kinds.get(kind)
+        if info is not None:
+            if info.cls is not cls:
+                raise ValueError(
+                    f"kind {kind!r} is already served by {info.cls.__qualname__} in "
+                    f"supervisor {self.name!r}; give {cls.__qualname__} another kind"
+                )
+            return info
+        info = KindInfo(
+            cls, resolve_options(cls, self._defaults), Codec(cls.state_type, self._converter)
+        )
+        self._kinds[kind] = info
+        return info
+
+    def ref(self, cls_or_kind: type[PersistentServer[Any]] | str, key: str) -> ServerRef:
+        """The ref of server *key* of a class (registered here) or a registered kind.
+
+        No I/O: the server may be dormant, or not exist (a message then raises
+        `ServerNotFound`).
+        """
+        check_key(key)
+        if isinstance(cls_or_kind, str):
+            if cls_or_kind not in self._kinds:
+                raise self._unknown_kind(cls_or_kind)
+            return ServerRef(self.name, cls_or_kind, key)
+        return ServerRef(self.name, self._register(cls_or_kind).cls.kind, key)
+
+    def _unknown_kind(self, kind: str) -> UnknownKind:
+        known = ", ".join(sorted(self._kinds)) or "none"
+        return UnknownKind(
+            f"supervisor {self.name!r} serves no kind {kind!r} (it serves: {known}); "
+            "list its class in servers=[...]"
+        )
+
+    # -- messages ---------------------------------------------------------------------
+
+    def _check_open(self) -> trio.Nursery:
+        if self._nursery is None or self._closing:
+            raise SupervisorNotRunning(
+                f"supervisor {self.name!r} is not open (or is shutting down)"
+            )
+        return self._nursery
+
+    def _entry(self, ref: ServerRef) -> Entry:
+        entry = self._entries.get(ref)
+        if entry is not None:
+            return entry
+        nursery = self._check_open()
+        info = self._kinds.get(ref.kind)
+        if info is None:
+            raise self._unknown_kind(ref.kind)
+        entry = self._entries[ref] = Entry(self, info, ref)
+        nursery.start_soon(serve, entry)
+        return entry
+
+    async def start(
+        self, cls: type[PersistentServer[Any]], *args: Any, key: str | None = None
+    ) -> ServerRef:
+        """Create server *key* (a fresh UUID if None) with ``init(*args)``, commit its
+        first state and activate it. Raises `AlreadyStarted` if *key* has a record."""
+        key = uuid.uuid4().hex if key is None else check_key(key)
+        info = self._register(cls)
+        ref = ServerRef(self.name, info.cls.kind, key)
+        while (entry := self._entries.get(ref)) is not None:
+            if entry.status is Status.ACTIVATING and not entry.activated.is_set():
+                await entry.activated.wait()
+                continue
+            raise AlreadyStarted(f"{ref} is already started (it is active)", ref)
+        nursery = self._check_open()
+        slot = ReplySlot()
+        entry = self._entries[ref] = Entry(self, info, ref, StartRequest(args, slot))
+        nursery.start_soon(serve, entry)
+        result: ServerRef = await slot.wait()
+        return result
+
+    async def deliver_call(self, ref: ServerRef, request: Any) -> Any:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        handling = current_handling.get()
+        chain = () if handling is None else handling.chain
+        if chain and ref in chain:
+            raise _cycle(ref, chain)
+        entry = self._entry(ref)
+        slot = ReplySlot()
+        message = Message(Kind.CALL, request, slot, chain)
+        try:
+            entry.send_channel.send_nowait(message)
+        except trio.WouldBlock:
+            await entry.send_channel.send(message)
+        return await slot.wait()
+
+    async def deliver_async(self, ref: ServerRef, kind: str, payload: Any) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        handling = current_handling.get()
+        chain = () if handling is None else handling.chain
+        entry = self._entry(ref)
+        message = Message(Kind.CAST if kind == "cast" else Kind.INFO, payload, None, chain)
+        try:
+            entry.send_channel.send_nowait(message)
+        except trio.WouldBlock:
+            await entry.send_channel.send(message)
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        if not entry.activated.is_set():
+            await entry.activated.wait()
+        if entry.activation_error is not None:
+            raise entry.activation_error()
+
+    async def deliver_stop(self, ref: ServerRef, reason: str) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        handling = current_handling.get()
+        chain = () if handling is None else handling.chain
+        if chain and ref in chain:
+            raise _cycle(ref, chain)
+        entry = self._entry(ref)
+        slot = ReplySlot()
+        message = Message(Kind.STOP, reason, slot, chain)
+        try:
+            entry.send_channel.send_nowait(message)
+        except trio.WouldBlock:
+            await entry.send_channel.send(message)
+        await slot.wait()
+
+    # -- introspection ----------------------------------------------------------------
+
+    def statistics(self) -> SupervisorStatistics:
+        """A snapshot of the counters; cheap (no I/O)."""
+        counters, writer = self.counters, self.writer
+        return SupervisorStatistics(
+            name=self.name,
+            active=len(self._entries),
+            activations=counters.activations,
+            hibernations=counters.hibernations,
+            crashes=counters.crashes,
+            stops=counters.stops,
+            messages=counters.messages,
+            commits=writer.commits,
+            records_written=writer.records_written,
+            failed_commits=writer.failed,
+        )
+
+
+def _cycle(ref: ServerRef, chain: tuple[ServerRef, ...]) -> CallCycleError:
+    path = " -> ".join(str(r) for r in chain + (ref,))
+    return CallCycleError(
+        f"calling {ref} would deadlock: it is already waiting in this call chain "
+        f"({path}); use cast, or a deferred reply (current_caller())"
+    )
+
+

@@ -1,0 +1,64 @@
+"""A dedicated, long-lived thread for a blocking store library.
+
+`trio.to_thread.run_sync` may pick a different OS thread for every call, even with a
+`CapacityLimiter(1)`; libraries that keep per-thread connections (SQLite, so diskcache)
+must see one thread for their whole life.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+import outcome
+import trio
+
+T = TypeVar("T")
+
+_STOP = None
+
+
+class DedicatedThread:
+    """Runs the functions given to `run` one at a time, in order, on one OS thread."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._work, name=self._name, daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not _STOP:
+            job()
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        """Run *fn* on the thread and return its result. Not cancellable once queued:
+        the caller must learn whether a store operation happened."""
+        if self._thread is None:
+            raise RuntimeError(f"{self._name} is not running")
+        task = trio.lowlevel.current_task()
+        token = trio.lowlevel.current_trio_token()
+
+        def job() -> None:
+            result = outcome.capture(fn)
+            token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self._jobs.put(job)
+        result: T = await trio.lowlevel.wait_task_rescheduled(
+            lambda _: trio.lowlevel.Abort.FAILED
+        )
+        return result
+
+    async def stop(self) -> None:
+        """Let the queued jobs finish, then end the thread."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        self._jobs.put(_STOP)
+        await trio.to_thread.run_sync(thread.join)

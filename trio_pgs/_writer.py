@@ -1,0 +1,83 @@
+"""The group-commit writer: every server's writes, one store transaction at a time."""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from ._store import Operation, Store
+
+logger = logging.getLogger("trio_pgs.writer")
+
+
+class _Batch:
+    __slots__ = ("operations", "errors", "done")
+
+    def __init__(self) -> None:
+        self.operations: list[Operation] = []
+        self.errors: dict[int, BaseException] = {}
+        self.done = trio.Event()
+
+
+class Writer:
+    """Commits what servers hand it, batching whatever is pending while the store is
+    busy with the previous transaction (group commit).
+
+    `commit` returns once the operation is durable, or raises the store's error for
+    it. A failed batch is retried one operation at a time, so that one server's
+    conflict does not fail the others' writes.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._pending = _Batch()
+        self._wakeup = trio.Event()
+        self.commits = 0
+        self.records_written = 0
+        self.failed = 0
+
+    async def commit(self, operation: Operation) -> None:
+        batch = self._pending
+        index = len(batch.operations)
+        batch.operations.append(operation)
+        self._wakeup.set()
+        await batch.done.wait()
+        if batch.errors:
+            error = batch.errors.get(index)
+            if error is not None:
+                raise error
+
+    async def run(self) -> None:
+        """Serve commits until cancelled; cancel it only once no server is left."""
+        while True:
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            batch, self._pending = self._pending, _Batch()
+            try:
+                await self._commit(batch)
+            finally:
+                batch.done.set()
+
+    async def _commit(self, batch: _Batch) -> None:
+        try:
+            await self._store.commit(batch.operations)
+        except Exception as exc:
+            if len(batch.operations) == 1:
+                batch.errors[0] = exc
+                self.failed += 1
+                return
+            logger.info("a batch of %d failed (%r); retrying one by one",
+                        len(batch.operations), exc)
+            for index, operation in enumerate(batch.operations):
+                try:
+                    await self._store.commit([operation])
+                except Exception as one:
+                    batch.errors[index] = one
+                    self.failed += 1
+                else:
+                    self.commits += 1
+                    self.records_written += 1
+        else:
+            self.commits += 1
+            self.records_written += len(batch.operations)
