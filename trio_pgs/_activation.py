@@ -88,7 +88,7 @@ class Activation:
     async def _handle(self, message: Message) -> Next:
         entry, server, kind = self.entry, self.server, message.kind
         caller = Caller(self, message.slot) if kind is Kind.CALL else None  # type: ignore[arg-type]
-        token = current_handling.set(Handling(message.chain + (entry.ref,), caller))
+        token = current_handling.set(Handling((*message.chain, entry.ref), caller))
         self.handling = True
         try:
             if kind is Kind.CALL:

@@ -10,8 +10,8 @@ import outcome
 import trio
 
 if TYPE_CHECKING:
+    from ._activation import Activation
     from ._ref import ServerRef
-    from ._runtime import Activation
 
 
 class Kind(enum.Enum):
@@ -26,7 +26,7 @@ class ReplySlot:
     """Where one call's outcome goes. The caller may stop waiting (cancelled): the
     server still handles the request and the outcome is dropped."""
 
-    __slots__ = ("_task", "_result", "_done")
+    __slots__ = ("_done", "_result", "_task")
 
     def __init__(self) -> None:
         self._task: trio.lowlevel.Task | None = None
@@ -64,7 +64,7 @@ class ReplySlot:
 
 
 class Message:
-    __slots__ = ("kind", "payload", "slot", "chain")
+    __slots__ = ("chain", "kind", "payload", "slot")
 
     def __init__(
         self,
@@ -86,7 +86,7 @@ class Caller:
     handles a message is released only after that message's state is committed.
     """
 
-    __slots__ = ("_activation", "_slot", "_replied")
+    __slots__ = ("_activation", "_replied", "_slot")
 
     def __init__(self, activation: Activation, slot: ReplySlot) -> None:
         self._activation = activation
@@ -107,7 +107,7 @@ class Caller:
 class Handling:
     """What the server task is doing now: set in a context variable per message."""
 
-    __slots__ = ("chain", "caller")
+    __slots__ = ("caller", "chain")
 
     def __init__(self, chain: tuple[ServerRef, ...], caller: Caller | None) -> None:
         self.chain = chain

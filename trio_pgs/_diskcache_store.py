@@ -37,7 +37,7 @@ class _PickledKey:
 _PICKLED_KEY = _PickledKey()
 
 
-class SafeDisk(diskcache.Disk):
+class SafeDisk(diskcache.Disk):  # type: ignore[misc]
     """A diskcache `Disk` that stores only `bytes` and `str`, and never unpickles.
 
     diskcache pickles anything else by default, and unpickles whatever a row says is a

@@ -60,7 +60,8 @@ async def activate(entry: Entry) -> Activation | None:
     try:
         record = await sup.store.load(ref.kind, ref.key)
     except Exception as exc:
-        return _activation_failed(entry, exc, start)
+        _activation_failed(entry, exc, start)
+        return None
     server = info.cls()
     state: Any
     if record is None and start is not None:
@@ -99,7 +100,8 @@ async def activate(entry: Entry) -> Activation | None:
         try:
             state = info.codec.decode(record.data)
         except Exception as exc:
-            return _activation_failed(entry, exc, None)
+            _activation_failed(entry, exc, None)
+            return None
     activation = Activation(entry, server, state, record)
     server._activation = activation
     try:
@@ -107,7 +109,8 @@ async def activate(entry: Entry) -> Activation | None:
         check_not_coroutine(state, ref, "on_activate")
     except Exception as exc:
         activation.close()
-        return _activation_failed(entry, exc, start)
+        _activation_failed(entry, exc, start)
+        return None
     activation.state = state
     sup.counters.activations += 1
     entry.status = Status.ACTIVE
@@ -134,7 +137,6 @@ def _activation_failed(entry: Entry, exc: Exception, start: StartRequest | None)
     if start is not None:
         start.slot.set_error(error())
     entry.end(error)
-    return None
 
 
 def _already_started(ref: ServerRef) -> AlreadyStarted:

@@ -17,8 +17,8 @@ from ._errors import UnknownRequest
 from ._results import NoReply, Reply, Stop
 
 if TYPE_CHECKING:
+    from ._activation import Activation
     from ._ref import ServerRef
-    from ._runtime import Activation
 
 S = TypeVar("S")
 logger = logging.getLogger("trio_pgs.server")
@@ -114,7 +114,7 @@ class PersistentServer(Generic[S]):
     arguments); the state is what is persisted, the instance is not.
 
     Class attributes are the options (a supervisor's options override them): ``kind``
-    (the name stored in refs and records; the class's qualified name by default),
+    (the name stored in refs and records; the class name by default),
     ``idle_timeout``, ``mailbox_size``, ``restart``, ``persistence``, ``max_crashes``,
     ``crash_window`` and ``state_version``.
     """
@@ -134,7 +134,7 @@ class PersistentServer(Generic[S]):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "kind" not in cls.__dict__:
-            cls.kind = cls.__qualname__
+            cls.kind = cls.__name__
         check_kind(cls.kind)
         for base in cls.__dict__.get("__orig_bases__", ()):
             if typing.get_origin(base) is PersistentServer:

@@ -91,7 +91,7 @@ class SupervisorStatistics:
 
 
 class Counters:
-    __slots__ = ("activations", "hibernations", "crashes", "stops", "messages")
+    __slots__ = ("activations", "crashes", "hibernations", "messages", "stops")
 
     def __init__(self) -> None:
         self.activations = self.hibernations = self.crashes = self.stops = 0
@@ -389,7 +389,7 @@ class PersistentSupervisor:
 
 
 def _cycle(ref: ServerRef, chain: tuple[ServerRef, ...]) -> CallCycleError:
-    path = " -> ".join(str(r) for r in chain + (ref,))
+    path = " -> ".join(str(r) for r in (*chain, ref))
     return CallCycleError(
         f"calling {ref} would deadlock: it is already waiting in this call chain "
         f"({path}); use cast, or a deferred reply (current_caller())"

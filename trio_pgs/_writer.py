@@ -12,7 +12,7 @@ logger = logging.getLogger("trio_pgs.writer")
 
 
 class _Batch:
-    __slots__ = ("operations", "errors", "done")
+    __slots__ = ("done", "errors", "operations")
 
     def __init__(self) -> None:
         self.operations: list[Operation] = []

@@ -1,0 +1,33 @@
+# The two commands of the README: `make demo` and `make test`.
+# Each creates .venv (with the Python given as PYTHON, python3 by default) and installs
+# trio-pgs with its development dependencies when pyproject.toml changed.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck bench clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
+	  echo "venv without ensurepip: creating it bare and using $(PYTHON)'s pip"; \
+	  $(PYTHON) -m venv --without-pip $(VENV) && \
+	  $(PYTHON) -m pip --python $(BIN)/python install -q pip; }
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $@
+
+demo: $(STAMP)
+	$(BIN)/python examples/game.py
+
+test: $(STAMP)
+	$(BIN)/ruff check trio_pgs tests examples benchmarks
+	$(BIN)/mypy --strict trio_pgs
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) .nox .mypy_cache .ruff_cache .pytest_cache game-state

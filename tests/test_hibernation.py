@@ -1,0 +1,136 @@
+"""Hibernation and activation (DESIGN.md section 5)."""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+
+from trio_pgs import PersistentSupervisor
+
+from .servers import FaultyStore, TallyServer
+
+
+async def test_idle_server_hibernates_after_idle_timeout(store, autojump_clock, lifecycle):
+    async with PersistentSupervisor(store=store, idle_timeout=5) as sup:
+        ref = await sup.start(TallyServer, key="a")
+        await ref.call(("add", "x"))
+        await trio.sleep(4.9)
+        assert sup.statistics().active == 1
+        await trio.sleep(0.2)
+        assert sup.statistics().active == 0
+        assert sup.statistics().hibernations == 1
+        assert lifecycle.terminations == [("a", "hibernate")]
+
+
+async def test_call_after_hibernation_reactivates_from_store(store, autojump_clock, lifecycle):
+    async with PersistentSupervisor(store=store, idle_timeout=5) as sup:
+        ref = await sup.start(TallyServer, key="a")
+        await ref.call(("add", "x"))
+        await trio.sleep(10)
+        assert await ref.call(("add", "y")) == 2
+        assert lifecycle.activations["a"] == 2
+        assert sup.statistics().activations == 2
+
+
+async def test_each_message_resets_the_idle_deadline(store, autojump_clock):
+    async with PersistentSupervisor(store=store, idle_timeout=5) as sup:
+        ref = await sup.start(TallyServer, key="a")
+        for _ in range(5):
+            await trio.sleep(4)
+            await ref.call("get")
+        assert sup.statistics().hibernations == 0
+
+
+async def test_idle_timeout_none_never_hibernates(store, autojump_clock):
+    async with PersistentSupervisor(store=store, idle_timeout=None) as sup:
+        await sup.start(TallyServer, key="a")
+        await trio.sleep(1e6)
+        assert sup.statistics().active == 1
+
+
+async def test_idle_timeout_is_a_class_attribute(store, autojump_clock):
+    class Quick(TallyServer):
+        kind = "quick"
+        idle_timeout = 1.0
+
+    async with PersistentSupervisor(store=store) as sup:
+        await sup.start(Quick, key="q")
+        await sup.start(TallyServer, key="t")
+        await trio.sleep(2)
+        assert sup.statistics().active == 1  # the tally (10 s) is still up
+
+
+async def test_timers_do_not_keep_a_server_awake_and_are_dropped(store, autojump_clock):
+    async with PersistentSupervisor(store=store, idle_timeout=5) as sup:
+        ref = await sup.start(TallyServer, key="a")
+        await ref.call(("timer", 3, "tick"))  # fires at 3, idle deadline stays at 5
+        await ref.call(("timer", 8, "never"))
+        await trio.sleep(6)
+        assert sup.statistics().active == 0
+        await trio.sleep(10)
+        assert await ref.call("get") == ["tick"]
+
+
+async def test_many_callers_waking_one_server_share_one_activation(
+    store, autojump_clock, lifecycle
+):
+    async with PersistentSupervisor(store=store, idle_timeout=5) as sup:
+        ref = await sup.start(TallyServer, key="a")
+        await trio.sleep(6)
+        assert sup.statistics().active == 0
+        got = []
+
+        async def add(i: int) -> None:
+            got.append(await ref.call(("add", str(i))))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(100):
+                nursery.start_soon(add, i)
+        assert sorted(got) == list(range(1, 101))
+        assert lifecycle.activations["a"] == 2
+        assert lifecycle.max_active["a"] == 1
+
+
+async def test_message_arriving_during_hibernation_is_handled_by_the_next_activation(
+    autojump_clock, lifecycle
+):
+    store = FaultyStore()
+
+    class SlowTerminate(TallyServer):
+        kind = "slow"
+
+        async def terminate(self, reason, state):
+            await super().terminate(reason, state)
+            await trio.sleep(1)  # messages arrive while it hibernates
+
+    async with PersistentSupervisor(store=store, idle_timeout=5) as sup:
+        ref = await sup.start(SlowTerminate, key="a")
+        await trio.sleep(5.5)  # hibernating: terminate is running
+        assert await ref.call(("add", "during")) == 1
+        assert lifecycle.terminations[0] == ("a", "hibernate")
+        assert lifecycle.activations["a"] == 2
+        assert lifecycle.max_active["a"] == 1
+
+
+async def test_a_server_owing_replies_does_not_hibernate(store, autojump_clock):
+    async with PersistentSupervisor(store=store, idle_timeout=5) as sup:
+        ref = await sup.start(TallyServer, key="a")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ref.call, "wait")
+            await trio.sleep(60)
+            assert sup.statistics().active == 1
+            await ref.call(("release", "done"))
+        await trio.sleep(6)
+        assert sup.statistics().active == 0
+
+
+async def test_dormant_servers_cost_nothing_in_memory(store, autojump_clock):
+    async with PersistentSupervisor(store=store, idle_timeout=1) as sup:
+        for i in range(200):
+            await sup.start(TallyServer, key=str(i))
+        await trio.sleep(2)
+        stats = sup.statistics()
+        assert stats.active == 0 and stats.hibernations == 200
+        assert sup._entries == {}
+        # nothing per dormant server is left: no task, no timer
+        assert len(sup._nursery.child_tasks) == 1  # the writer

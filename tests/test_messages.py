@@ -1,0 +1,272 @@
+"""Calls, casts, infos and stops: what a caller observes (DESIGN.md section 3)."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from trio_pgs import (
+    CallCycleError,
+    NoReply,
+    PersistentServer,
+    PersistentSupervisor,
+    Reply,
+    ServerCrashed,
+    ServerNotFound,
+    UnknownRequest,
+)
+
+from .servers import Tally, TallyServer
+
+
+async def test_call_returns_the_reply_and_commits_the_state(sup, store):
+    ref = await sup.start(TallyServer, key="a")
+    assert await ref.call(("add", "x")) == 1
+    assert await ref.call(("add", "y")) == 2
+    record = await store.load("tally", "a")
+    assert record.data == b'{"items":["x","y"]}'
+
+
+async def test_cast_and_send_are_handled_in_order(sup):
+    ref = await sup.start(TallyServer, key="a")
+    await ref.cast(("add", "1"))
+    await ref.send(("add", "2"))
+    await ref.cast(("add", "3"))
+    assert await ref.call("get") == ["1", "2", "3"]
+
+
+async def test_messages_are_handled_one_at_a_time(sup):
+    ref = await sup.start(TallyServer, key="a")
+    order = []
+
+    async def slow_then_add(name: str, seconds: float) -> None:
+        await ref.call(("sleep", seconds))
+        order.append(name)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(slow_then_add, "slow", 1.0)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(slow_then_add, "fast", 0.0)
+    assert order == ["slow", "fast"]
+
+
+async def test_messages_from_one_sender_keep_their_order(sup, autojump_clock):
+    ref = await sup.start(TallyServer, key="a")
+    for i in range(50):
+        await ref.cast(("add", str(i)))
+    assert await ref.call("get") == [str(i) for i in range(50)]
+
+
+async def test_call_of_a_never_started_key_raises_server_not_found(sup):
+    with pytest.raises(ServerNotFound, match="tally/ghost"):
+        await sup.ref(TallyServer, "ghost").call("get")
+
+
+async def test_cast_to_a_never_started_key_raises_server_not_found(sup):
+    with pytest.raises(ServerNotFound):
+        await sup.ref(TallyServer, "ghost").cast(("add", "x"))
+
+
+async def test_unknown_call_crashes_the_server_with_unknown_request(sup):
+    ref = await sup.start(TallyServer, key="a")
+    with pytest.raises(ServerCrashed) as info:
+        await ref.call(("nonsense",))
+    assert isinstance(info.value.__cause__, UnknownRequest)
+    assert await ref.call("get") == []
+
+
+async def test_handler_exception_reaches_the_caller_as_server_crashed(sup):
+    ref = await sup.start(TallyServer, key="a")
+    await ref.call(("add", "kept"))
+    with pytest.raises(ServerCrashed, match="tally/a") as info:
+        await ref.call("crash")
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert await ref.call("get") == ["kept"]
+
+
+async def test_crash_after_in_place_mutation_does_not_leak_the_mutation(sup):
+    ref = await sup.start(TallyServer, key="a")
+    await ref.call(("add", "kept"))
+    with pytest.raises(ServerCrashed):
+        await ref.call(("mutate-then-crash", "leaked"))
+    assert await ref.call("get") == ["kept"]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [None, 42, "reply", ("reply", 1), NoReply],
+    ids=["none", "int", "str", "tuple", "class"],
+)
+async def test_handler_returning_a_non_result_crashes_with_type_error(sup, bad):
+    ref = await sup.start(TallyServer, key="a")
+    with pytest.raises(ServerCrashed) as info:
+        await ref.call(("return", bad))
+    assert isinstance(info.value.__cause__, TypeError)
+    assert "tally/a" in str(info.value.__cause__)
+    assert "handle_call must return Reply / NoReply / Stop" in str(info.value.__cause__)
+
+
+async def test_handler_returning_a_coroutine_crashes_and_says_await(sup):
+    class Forgetful(PersistentServer[int]):
+        async def helper(self, state: int) -> Reply[int]:
+            return Reply(state, state)
+
+        async def handle_call(self, request, state):
+            return self.helper(state)  # forgot await
+
+    ref = await sup.start(Forgetful, 0, key="f")
+    with pytest.raises(ServerCrashed) as info:
+        await ref.call("x")
+    cause = info.value.__cause__
+    assert isinstance(cause, TypeError)
+    assert "forget 'await'" in str(cause) and "Forgetful/f" in str(cause)
+
+
+async def test_reply_from_handle_cast_is_a_type_error_crash(sup, caplog):
+    ref = await sup.start(TallyServer, key="a")
+    await ref.cast(("return", Reply(1, Tally())))
+    assert await ref.call("get") == []
+    assert sup.statistics().crashes == 1
+    assert "handle_cast must return NoReply / Stop" in caplog.text
+
+
+def test_sync_hooks_are_refused_when_the_class_is_defined():
+    with pytest.raises(TypeError, match="async def"):
+
+        class Sync(PersistentServer[int]):
+            def handle_call(self, request, state):  # type: ignore[override]
+                return Reply(1, state)
+
+
+async def test_self_call_raises_call_cycle_error_at_once(sup):
+    ref = await sup.start(TallyServer, key="a")
+    with pytest.raises(ServerCrashed) as info:
+        await ref.call("call-self")
+    assert isinstance(info.value.__cause__, CallCycleError)
+
+
+async def test_a_b_a_call_cycle_raises_call_cycle_error_at_once(sup, autojump_clock):
+    a = await sup.start(TallyServer, key="a")
+    b = await sup.start(TallyServer, key="b")
+    start = trio.current_time()
+    with pytest.raises(ServerCrashed) as info:
+        await a.call(("call", b, ("call", a, "get")))
+    assert trio.current_time() == start  # no timeout was involved
+    # the cycle error surfaces in b, crashing b; a's call then crashes a
+    chain = info.value.__cause__
+    while chain is not None and not isinstance(chain, CallCycleError):
+        chain = chain.__cause__
+    assert isinstance(chain, CallCycleError)
+    assert "tally/a -> tally/b -> tally/a" in str(chain)
+
+
+async def test_calls_between_servers_work(sup):
+    a = await sup.start(TallyServer, key="a")
+    b = await sup.start(TallyServer, "from-b", key="b")
+    assert await a.call(("call", b, "get")) == ["from-b"]
+
+
+async def test_cancelled_caller_request_is_still_handled(sup, autojump_clock):
+    ref = await sup.start(TallyServer, key="a")
+    with trio.move_on_after(1):
+        await ref.call(("sleep", 5))
+    with trio.move_on_after(1):
+        await ref.call(("add", "after-cancel"))  # queued behind the sleep; caller gives up
+    assert await ref.call("get") == ["after-cancel"]
+
+
+async def test_a_full_mailbox_makes_a_cast_wait(store, autojump_clock):
+    async with PersistentSupervisor(store=store, mailbox_size=2) as sup:
+        ref = await sup.start(TallyServer, key="a")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ref.call, ("sleep", 10))
+            await trio.testing.wait_all_tasks_blocked()
+            await ref.cast(("add", "1"))
+            await ref.cast(("add", "2"))
+            with trio.move_on_after(1) as scope:
+                await ref.cast(("add", "3"))  # mailbox full: waits
+            assert scope.cancelled_caught
+            await ref.cast(("add", "4"))  # waits until the sleep ends, then goes in
+        assert await ref.call("get") == ["1", "2", "4"]
+
+
+async def test_stop_normal_wipes_the_record(sup, store):
+    ref = await sup.start(TallyServer, key="a")
+    assert await ref.call(("stop", "normal")) == "stopping"
+    assert await store.load("tally", "a") is None
+    with pytest.raises(ServerNotFound):
+        await ref.call("get")
+
+
+async def test_start_right_after_a_normal_stop_succeeds(sup):
+    ref = await sup.start(TallyServer, "old", key="a")
+    await ref.call(("stop", "normal"))
+    again = await sup.start(TallyServer, "new", key="a")
+    assert await again.call("get") == ["new"]
+
+
+async def test_ref_stop_stops_after_queued_messages(sup, store):
+    ref = await sup.start(TallyServer, key="a")
+    await ref.cast(("add", "x"))
+    await ref.stop()
+    assert await store.load("tally", "a") is None
+
+
+async def test_messages_queued_behind_a_normal_stop_get_server_not_found(sup, autojump_clock):
+    ref = await sup.start(TallyServer, key="a")
+    results = []
+
+    async def call_get() -> None:
+        try:
+            results.append(await ref.call("get"))
+        except ServerNotFound:
+            results.append("not found")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ref.call, ("sleep", 1))
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(ref.stop)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(call_get)
+    assert results == ["not found"]
+
+
+async def test_deferred_reply_reaches_the_waiting_caller(sup):
+    ref = await sup.start(TallyServer, key="a")
+    async with trio.open_nursery() as nursery:
+        got = []
+
+        async def wait() -> None:
+            got.append(await ref.call("wait"))
+
+        nursery.start_soon(wait)
+        nursery.start_soon(wait)
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == []
+        assert await ref.call(("release", "go")) == "released"
+    assert got == ["go", "go"]
+
+
+async def test_current_caller_outside_handle_call_is_a_runtime_error():
+    from trio_pgs import current_caller
+
+    with pytest.raises(RuntimeError, match="inside handle_call"):
+        current_caller()
+
+
+async def test_send_after_delivers_an_info_later(sup, autojump_clock):
+    ref = await sup.start(TallyServer, key="a")
+    assert await ref.call(("timer", 3, "tick")) == "armed"
+    await trio.sleep(2)
+    assert await ref.call("get") == []
+    await trio.sleep(2)
+    assert await ref.call("get") == ["tick"]
+
+
+async def test_unknown_info_is_logged_and_ignored(sup, caplog):
+    ref = await sup.start(TallyServer, key="a")
+    await ref.send("what?")
+    assert await ref.call("get") == []
+    assert "ignored the info 'what?'" in caplog.text
+    assert sup.statistics().crashes == 0
