@@ -161,6 +161,41 @@ async def test_a_b_a_call_cycle_raises_call_cycle_error_at_once(sup, autojump_cl
     assert "tally/a -> tally/b -> tally/a" in str(chain)
 
 
+async def test_crossing_calls_raise_call_cycle_error_instead_of_deadlocking(
+    sup, autojump_clock
+):
+    a = await sup.start(TallyServer, "in-a", key="a")
+    b = await sup.start(TallyServer, "in-b", key="b")
+    outcomes = {}
+
+    async def call(name, ref, request) -> None:
+        try:
+            outcomes[name] = await ref.call(request)
+        except ServerCrashed as exc:
+            outcomes[name] = type(exc.__cause__).__name__
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(call, "sleep", b, ("sleep", 1))
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(call, "b->a", b, ("call", a, "get"))
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(call, "a->b", a, ("call", b, "get"))
+    # a's handler waits on b; b's next message calls a: that call must give up
+    assert outcomes == {"sleep": "slept", "b->a": "CallCycleError", "a->b": ["in-b"]}
+
+
+async def test_a_call_that_returned_is_no_longer_a_wait_edge(sup, autojump_clock):
+    a = await sup.start(TallyServer, "in-a", key="a")
+    b = await sup.start(TallyServer, "in-b", key="b")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(a.call, ("call", b, ("sleep", 1)))
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(b.call, ("call", a, "get"))  # runs right after b replied to a
+    assert await b.call(("call", a, "get")) == ["in-a"]
+    assert sup.statistics().crashes == 0
+
+
 async def test_calls_between_servers_work(sup):
     a = await sup.start(TallyServer, key="a")
     b = await sup.start(TallyServer, "from-b", key="b")

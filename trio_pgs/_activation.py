@@ -88,7 +88,9 @@ class Activation:
     async def _handle(self, message: Message) -> Next:
         entry, server, kind = self.entry, self.server, message.kind
         caller = Caller(self, message.slot) if kind is Kind.CALL else None  # type: ignore[arg-type]
-        token = current_handling.set(Handling((*message.chain, entry.ref), caller))
+        token = current_handling.set(
+            Handling((*message.chain, entry.ref), caller, entry.waiting_on)
+        )
         self.handling = True
         try:
             if kind is Kind.CALL:
@@ -180,36 +182,42 @@ class Activation:
                              extra=self.entry.extra)
 
     async def _crash(self, message: Message, error: BaseException, exc: Exception) -> Next:
+        """The message is not committed; what the restart strategy says happens (the
+        record wiped, kept, or the server restarted) before the caller hears of it."""
         entry, ref = self.entry, self.entry.ref
         entry.sup.counters.crashes += 1
         logger.error("%s crashed: %r", ref, exc, exc_info=exc, extra=entry.extra)
-        if message.slot is not None:
-            message.slot.set_error(error)
-        self.fail_owed(_crashed_owing(ref, exc))
         await self._terminate(exc)
         restart = entry.info.options.restart
         if restart is Restart.TEMPORARY:
             await self._wipe()
             entry.end(not_found(ref))
-            return Next.END
-        if restart is Restart.PERMANENT or not entry.mailbox_empty():
-            return Next.REACTIVATE
-        entry.end(not_found(ref))  # the mailbox is empty: nothing is failed
-        return Next.END
+            step = Next.END
+        elif restart is Restart.PERMANENT or not entry.mailbox_empty():
+            step = Next.REACTIVATE
+        else:
+            entry.end(not_found(ref))  # the mailbox is empty: nothing is failed
+            step = Next.END
+        if message.slot is not None:
+            message.slot.set_error(error)
+        self.fail_owed(_crashed_owing(ref, exc))
+        return step
 
     async def _commit_failed(self, message: Message, exc: Exception) -> Next:
-        """The store refused the new state: the caller hears it; the server goes back to
-        its last committed record (reloaded by the next activation)."""
+        """The store refused the new state: the server goes back to its last committed
+        record (reloaded by the next activation), then the caller hears of it."""
         entry, ref = self.entry, self.entry.ref
         logger.error("%s: commit failed: %r", ref, exc, extra=entry.extra)
-        if message.slot is not None:
-            message.slot.set_error(persistence_error(ref, exc))
-        self.fail_owed(lambda: persistence_error(ref, exc))
         await self._terminate(exc)
         if entry.mailbox_empty() and entry.info.options.restart is not Restart.PERMANENT:
             entry.end(not_found(ref))
-            return Next.END
-        return Next.REACTIVATE
+            step = Next.END
+        else:
+            step = Next.REACTIVATE
+        if message.slot is not None:
+            message.slot.set_error(persistence_error(ref, exc))
+        self.fail_owed(lambda: persistence_error(ref, exc))
+        return step
 
     async def _stop(self, message: Message, result: Stop[Any]) -> Next:
         entry, ref, reason = self.entry, self.entry.ref, result.reason

@@ -26,12 +26,15 @@ class ReplySlot:
     """Where one call's outcome goes. The caller may stop waiting (cancelled): the
     server still handles the request and the outcome is dropped."""
 
-    __slots__ = ("_done", "_result", "_task")
+    __slots__ = ("_done", "_result", "_task", "edge")
 
     def __init__(self) -> None:
         self._task: trio.lowlevel.Task | None = None
         self._result: outcome.Outcome[Any] | None = None
         self._done = False
+        #: The wait-for edge (the calling server's list, the callee) this call adds;
+        #: removed as soon as the outcome is known, before the caller even resumes.
+        self.edge: tuple[list[ServerRef], ServerRef] | None = None
 
     @property
     def done(self) -> bool:
@@ -41,11 +44,18 @@ class ReplySlot:
         if self._done:
             return
         self._done = True
+        self.drop_edge()
         if self._task is not None:
             task, self._task = self._task, None
             trio.lowlevel.reschedule(task, result)
         else:
             self._result = result
+
+    def drop_edge(self) -> None:
+        if self.edge is not None:
+            waiting_on, target = self.edge
+            self.edge = None
+            waiting_on.remove(target)
 
     def set_error(self, error: BaseException) -> None:
         self.set(outcome.Error(error))
@@ -107,11 +117,18 @@ class Caller:
 class Handling:
     """What the server task is doing now: set in a context variable per message."""
 
-    __slots__ = ("caller", "chain")
+    __slots__ = ("caller", "chain", "waiting_on")
 
-    def __init__(self, chain: tuple[ServerRef, ...], caller: Caller | None) -> None:
+    def __init__(
+        self,
+        chain: tuple[ServerRef, ...],
+        caller: Caller | None,
+        waiting_on: list[ServerRef],
+    ) -> None:
         self.chain = chain
         self.caller = caller
+        #: The servers this server's handler is waiting on now (its entry's list).
+        self.waiting_on = waiting_on
 
 
 current_handling: contextvars.ContextVar[Handling | None] = contextvars.ContextVar(

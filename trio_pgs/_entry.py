@@ -77,6 +77,8 @@ class Entry:
         self.wait_scope: trio.CancelScope | None = None
         self.task_scope: trio.CancelScope | None = None
         self.activation: Activation | None = None
+        #: Servers this one's handler is calling now: the edges of the wait-for graph.
+        self.waiting_on: list[ServerRef] = []
 
     def __repr__(self) -> str:
         return f"<Entry {self.ref} {self.status.value}>"

@@ -39,14 +39,18 @@ class MemoryStore:
 
     async def commit(self, operations: Sequence[Operation]) -> None:
         await trio.lowlevel.checkpoint()
-        records = self._records
+        # Check every condition against the batch's own earlier writes, then apply.
+        after: dict[tuple[str, str], Record | None] = {}
         for operation in operations:
-            check_operation(records.get(_ident(operation)), operation)
-        for operation in operations:
-            if isinstance(operation, Put):
-                records[_ident(operation)] = operation.record
+            ident = _ident(operation)
+            current = after[ident] if ident in after else self._records.get(ident)
+            check_operation(current, operation)
+            after[ident] = operation.record if isinstance(operation, Put) else None
+        for ident, record in after.items():
+            if record is None:
+                self._records.pop(ident, None)
             else:
-                records.pop(_ident(operation), None)
+                self._records[ident] = record
 
     async def scan(self, kind: str) -> AsyncIterator[Record]:
         for record in list(self._records.values()):

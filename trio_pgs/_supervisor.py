@@ -7,13 +7,13 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import attrs
 import cattrs
 import trio
 
-from ._calls import Kind, Message, ReplySlot, current_handling
+from ._calls import Handling, Kind, Message, ReplySlot, current_handling
 from ._encoding import Codec
 from ._entry import Entry, StartRequest, Status
 from ._errors import AlreadyStarted, CallCycleError, SupervisorNotRunning, UnknownKind
@@ -325,9 +325,7 @@ class PersistentSupervisor:
     async def deliver_call(self, ref: ServerRef, request: Any) -> Any:
         await trio.lowlevel.checkpoint_if_cancelled()
         handling = current_handling.get()
-        chain = () if handling is None else handling.chain
-        if chain and ref in chain:
-            raise _cycle(ref, chain)
+        chain = () if handling is None else _check_no_deadlock(ref, handling)
         entry = self._entry(ref)
         slot = ReplySlot()
         message = Message(Kind.CALL, request, slot, chain)
@@ -335,7 +333,14 @@ class PersistentSupervisor:
             entry.send_channel.send_nowait(message)
         except trio.WouldBlock:
             await entry.send_channel.send(message)
-        return await slot.wait()
+        if handling is None:
+            return await slot.wait()
+        handling.waiting_on.append(ref)
+        slot.edge = (handling.waiting_on, ref)
+        try:
+            return await slot.wait()
+        finally:
+            slot.drop_edge()  # cancelled: this server no longer waits
 
     async def deliver_async(self, ref: ServerRef, kind: str, payload: Any) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -357,9 +362,7 @@ class PersistentSupervisor:
     async def deliver_stop(self, ref: ServerRef, reason: str) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
         handling = current_handling.get()
-        chain = () if handling is None else handling.chain
-        if chain and ref in chain:
-            raise _cycle(ref, chain)
+        chain = () if handling is None else _check_no_deadlock(ref, handling)
         entry = self._entry(ref)
         slot = ReplySlot()
         message = Message(Kind.STOP, reason, slot, chain)
@@ -388,11 +391,46 @@ class PersistentSupervisor:
         )
 
 
-def _cycle(ref: ServerRef, chain: tuple[ServerRef, ...]) -> CallCycleError:
-    path = " -> ".join(str(r) for r in (*chain, ref))
-    return CallCycleError(
-        f"calling {ref} would deadlock: it is already waiting in this call chain "
-        f"({path}); use cast, or a deferred reply (current_caller())"
+def _check_no_deadlock(target: ServerRef, handling: Handling) -> tuple[ServerRef, ...]:
+    """Raise `CallCycleError` if waiting on *target* from this handler cannot end.
+
+    Two checks: *target* is already waiting in this call chain (A calls B calls A, or
+    a self-call), or *target* is waiting, through the servers it is calling now, on
+    this server (A calls B while B, handling another message, calls A). Returns the
+    chain the message carries.
+    """
+    chain = handling.chain
+    if target in chain:
+        _raise_cycle(target, (*chain, target))
+    path = _wait_path(target, chain[-1])
+    if path is not None:
+        _raise_cycle(target, path)
+    return chain
+
+
+def _wait_path(target: ServerRef, me: ServerRef) -> tuple[ServerRef, ...] | None:
+    """The servers from *target* to *me* along "is waiting on" edges, if any."""
+    stack: list[tuple[ServerRef, tuple[ServerRef, ...]]] = [(target, (me, target))]
+    seen: set[ServerRef] = set()
+    while stack:
+        ref, path = stack.pop()
+        if ref in seen:
+            continue
+        seen.add(ref)
+        sup = _open_supervisors.get(ref.supervisor)
+        entry = None if sup is None else sup._entries.get(ref)
+        if entry is None:
+            continue
+        for waited in entry.waiting_on:
+            if waited == me:
+                return (*path, me)
+            stack.append((waited, (*path, waited)))
+    return None
+
+
+def _raise_cycle(ref: ServerRef, path: tuple[ServerRef, ...]) -> NoReturn:
+    shown = " -> ".join(str(r) for r in path)
+    raise CallCycleError(
+        f"calling {ref} would deadlock: {shown} would wait on each other for ever; "
+        "use cast, or a deferred reply (current_caller())"
     )
-
-

@@ -1,0 +1,185 @@
+"""The store protocol, on both embedded stores (DESIGN.md section 8)."""
+
+from __future__ import annotations
+
+import pickle
+import sqlite3
+
+import diskcache
+import pytest
+
+from trio_pgs import (
+    ActivationFailed,
+    ConflictError,
+    Delete,
+    DiskCacheStore,
+    MemoryStore,
+    PersistenceError,
+    PersistentSupervisor,
+    Put,
+    Record,
+)
+from trio_pgs._diskcache_store import SEPARATOR
+
+from .servers import TallyServer
+
+
+@pytest.fixture(params=["memory", "diskcache"])
+async def opened(request, tmp_path):
+    store = MemoryStore() if request.param == "memory" else DiskCacheStore(tmp_path / "s")
+    await store.open()
+    yield store
+    await store.close()
+
+
+def rec(key: str, data: bytes = b"1", version: int = 1, kind: str = "k") -> Record:
+    return Record(kind, key, data, version)
+
+
+async def test_load_of_a_missing_record_is_none(opened):
+    assert await opened.load("k", "missing") is None
+
+
+async def test_put_then_load_round_trips_the_record(opened):
+    record = Record("k", "a", b'{"x":1}', 1, 3, 7, 123.5)
+    await opened.commit([Put(record, 0)])
+    assert await opened.load("k", "a") == record
+
+
+async def test_put_with_a_stale_version_is_a_conflict(opened):
+    await opened.commit([Put(rec("a"), 0)])
+    with pytest.raises(ConflictError, match="k/a"):
+        await opened.commit([Put(rec("a", b"2", 2), 0)])
+    await opened.commit([Put(rec("a", b"2", 2), 1)])
+    assert (await opened.load("k", "a")).data == b"2"
+
+
+async def test_a_write_with_an_older_epoch_is_fenced_off(opened):
+    await opened.commit([Put(Record("k", "a", b"1", 1, epoch=5), 0)])
+    with pytest.raises(ConflictError, match="epoch"):
+        await opened.commit([Put(Record("k", "a", b"2", 2, epoch=4), 1)])
+
+
+async def test_a_batch_is_atomic(opened):
+    await opened.commit([Put(rec("a"), 0)])
+    with pytest.raises(ConflictError):
+        await opened.commit([Put(rec("b"), 0), Put(rec("a", b"x", 5), 3)])
+    assert await opened.load("k", "b") is None
+    assert (await opened.load("k", "a")).data == b"1"
+
+
+async def test_a_batch_may_write_one_record_twice(opened):
+    await opened.commit([Put(rec("a"), 0), Put(rec("a", b"2", 2), 1)])
+    assert (await opened.load("k", "a")).version == 2
+
+
+async def test_delete_removes_and_checks_its_version(opened):
+    await opened.commit([Put(rec("a"), 0)])
+    with pytest.raises(ConflictError):
+        await opened.commit([Delete("k", "a", 2)])
+    await opened.commit([Delete("k", "a", 1)])
+    assert await opened.load("k", "a") is None
+
+
+async def test_scan_yields_the_records_of_one_kind(opened):
+    await opened.commit([Put(rec(str(i)), 0) for i in range(2500)])
+    await opened.commit([Put(rec("x", kind="other"), 0)])
+    keys = {record.key async for record in opened.scan("k")}
+    assert keys == {str(i) for i in range(2500)}
+    assert [r.key async for r in opened.scan("other")] == ["x"]
+
+
+async def test_memory_store_keeps_its_data_when_closed():
+    store = MemoryStore()
+    await store.open()
+    await store.commit([Put(rec("a"), 0)])
+    await store.close()
+    await store.open()
+    assert await store.load("k", "a") is not None
+
+
+def _open_raw(directory) -> diskcache.Cache:
+    return diskcache.Cache(str(directory))
+
+
+async def test_diskcache_store_has_eviction_off_and_stores_inline(tmp_path):
+    store = DiskCacheStore(tmp_path / "s")
+    await store.open()
+    big = b"x" * 300_000  # beyond diskcache's file threshold
+    await store.commit([Put(rec("big", big), 0)])
+    await store.close()
+    raw = _open_raw(tmp_path / "s")
+    assert raw.eviction_policy == "none"
+    assert not any(p.suffix == ".val" for p in (tmp_path / "s").rglob("*"))
+    raw.close()
+    await store.open()
+    assert (await store.load("k", "big")).data == big
+    await store.close()
+
+
+async def test_a_pickle_row_is_refused_without_running_it(tmp_path):
+    store = DiskCacheStore(tmp_path / "s")
+    async with PersistentSupervisor(store=store) as sup:
+        await sup.start(TallyServer, key="victim")
+    raw = _open_raw(tmp_path / "s")
+    raw.set("tally" + SEPARATOR + "victim", Exploit())  # diskcache pickles it
+    raw.close()
+    async with PersistentSupervisor(store=store, servers=[TallyServer]) as sup:
+        with pytest.raises(ActivationFailed, match="pickle") as info:
+            await sup.ref(TallyServer, "victim").call("get")
+        assert isinstance(info.value.__cause__, PersistenceError)
+    assert not (tmp_path / "pwned").exists()
+    assert Exploit.ran is False
+
+
+class Exploit:
+    ran = False
+
+    def __reduce__(self):
+        return (exec, ("Exploit.ran = True; open('pwned', 'w')",))
+
+
+async def test_diskcache_refuses_to_store_anything_but_bytes(tmp_path):
+    store = DiskCacheStore(tmp_path / "s")
+    await store.open()
+    with pytest.raises(PersistenceError):
+        await store.commit([Put(Record("k", "a", "text", 1), 0)])  # type: ignore[arg-type]
+    await store.close()
+
+
+async def test_a_foreign_diskcache_directory_is_refused(tmp_path):
+    raw = _open_raw(tmp_path / "s")
+    raw.set("somebody", b"else")
+    raw.close()
+    with pytest.raises(PersistenceError, match="not a trio-pgs store"):
+        await DiskCacheStore(tmp_path / "s").open()
+
+
+async def test_diskcache_store_is_used_from_one_thread(tmp_path):
+    import threading
+
+    store = DiskCacheStore(tmp_path / "s")
+    await store.open()
+    seen = set()
+    for _ in range(20):
+        seen.add(await store._run(threading.get_ident))
+    await store.close()
+    assert len(seen) == 1 and threading.get_ident() not in seen
+
+
+async def test_sqlite_runs_with_synchronous_full_when_durable(tmp_path):
+    store = DiskCacheStore(tmp_path / "s", durable=True)
+    await store.open()
+    level = await store._run(lambda: store._cache._sql("PRAGMA synchronous").fetchone()[0])
+    await store.close()
+    assert level == 2
+    assert sqlite3  # the pragma is SQLite's own
+
+
+def test_unpickling_is_not_reachable_from_safe_disk():
+    from trio_pgs._diskcache_store import SafeDisk
+
+    disk = SafeDisk("/nonexistent")
+    with pytest.raises(PersistenceError):
+        disk.fetch(diskcache.core.MODE_PICKLE, None, pickle.dumps(Exploit()), False)
+    assert Exploit.ran is False

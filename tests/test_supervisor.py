@@ -1,0 +1,246 @@
+"""The supervisor: names, kinds, options, statistics, shutdown (DESIGN.md section 2)."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from trio_pgs import (
+    AlreadyStarted,
+    MemoryStore,
+    PersistentServer,
+    PersistentSupervisor,
+    Reply,
+    Restart,
+    ServerCrashed,
+    ServerRef,
+    SupervisorNotRunning,
+    UnknownKind,
+)
+
+from .servers import TallyServer
+
+
+async def test_start_returns_a_ref_and_runs_init(sup):
+    ref = await sup.start(TallyServer, "a", "b", key="k")
+    assert ref == ServerRef("default", "tally", "k")
+    assert await ref.call("get") == ["a", "b"]
+
+
+async def test_start_without_key_makes_a_unique_one(sup):
+    first = await sup.start(TallyServer)
+    second = await sup.start(TallyServer)
+    assert first.key != second.key and len(first.key) == 32
+
+
+async def test_start_of_an_existing_key_raises_already_started(sup):
+    ref = await sup.start(TallyServer, "first", key="k")
+    with pytest.raises(AlreadyStarted) as info:
+        await sup.start(TallyServer, "second", key="k")
+    assert info.value.ref == ref
+    assert await ref.call("get") == ["first"]
+
+
+async def test_start_of_a_dormant_key_raises_already_started(store, autojump_clock):
+    async with PersistentSupervisor(store=store, idle_timeout=1) as sup:
+        await sup.start(TallyServer, "first", key="k")
+        await trio.sleep(2)
+        with pytest.raises(AlreadyStarted):
+            await sup.start(TallyServer, "second", key="k")
+        assert await sup.ref(TallyServer, "k").call("get") == ["first"]
+
+
+async def test_init_failure_raises_server_crashed_and_stores_nothing(sup, store):
+    class Picky(PersistentServer[int]):
+        async def init(self, n: int) -> int:
+            raise ValueError("n must be even")
+
+    with pytest.raises(ServerCrashed) as info:
+        await sup.start(Picky, 3, key="p")
+    assert isinstance(info.value.__cause__, ValueError)
+    assert await store.load("Picky", "p") is None
+
+
+@pytest.mark.parametrize(
+    ("key", "error"),
+    [(3, TypeError), (b"k", TypeError), (None, TypeError), ("", ValueError),
+     ("k" * 1025, ValueError)],
+    ids=["int", "bytes", "none", "empty", "too-long"],
+)
+async def test_bad_keys_are_refused(sup, key, error):
+    with pytest.raises(error):
+        sup.ref(TallyServer, key)
+    if key is not None:
+        with pytest.raises(error):
+            await sup.start(TallyServer, key=key)
+
+
+async def test_ref_with_an_unregistered_kind_raises_unknown_kind(sup):
+    with pytest.raises(UnknownKind, match=r"'os\.system'"):
+        await ServerRef("default", "os.system", "k").call("x")
+    with pytest.raises(UnknownKind):
+        sup.ref("nope", "k")
+
+
+async def test_a_kind_maps_to_one_class_per_supervisor(sup):
+    class Impostor(PersistentServer[int]):
+        kind = "tally"
+
+    with pytest.raises(ValueError, match="already served by TallyServer"):
+        await sup.start(Impostor, 0)
+
+
+async def test_two_open_supervisors_with_one_name_is_a_value_error():
+    async with PersistentSupervisor(store=MemoryStore(), name="x"):
+        with pytest.raises(ValueError, match="already open"):
+            async with PersistentSupervisor(store=MemoryStore(), name="x"):
+                pass  # pragma: no cover
+
+
+async def test_differently_configured_supervisors_work_side_by_side(autojump_clock):
+    async with (
+        PersistentSupervisor(store=MemoryStore(), name="fast", idle_timeout=1) as fast,
+        PersistentSupervisor(store=MemoryStore(), name="slow", idle_timeout=100) as slow,
+    ):
+        a = await fast.start(TallyServer, "fast", key="k")
+        b = await slow.start(TallyServer, "slow", key="k")
+        assert a != b
+        await trio.sleep(2)
+        assert (fast.statistics().active, slow.statistics().active) == (0, 1)
+        assert await a.call("get") == ["fast"]
+        assert await b.call("get") == ["slow"]
+
+
+async def test_ref_of_a_closed_supervisor_raises_supervisor_not_running(store):
+    async with PersistentSupervisor(store=store) as sup:
+        ref = await sup.start(TallyServer, key="k")
+    with pytest.raises(SupervisorNotRunning, match="'default'"):
+        await ref.call("get")
+
+
+async def test_unknown_option_is_a_type_error(store):
+    with pytest.raises(TypeError, match="idle_timout"):
+        PersistentSupervisor(store=store, idle_timout=3)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "error"),
+    [("idle_timeout", -1, ValueError), ("idle_timeout", "3", TypeError),
+     ("mailbox_size", 0, ValueError), ("restart", "permanent", TypeError)],
+)
+async def test_bad_option_values_are_refused(store, option, value, error):
+    with pytest.raises(error):
+        PersistentSupervisor(store=store, **{option: value})
+
+
+async def test_supervisor_options_override_the_class(store, autojump_clock):
+    async with PersistentSupervisor(store=store, restart=Restart.TEMPORARY) as sup:
+        ref = await sup.start(TallyServer, key="k")
+        with pytest.raises(ServerCrashed):
+            await ref.call("crash")
+        assert await store.load("tally", "k") is None  # TEMPORARY wiped it
+
+
+async def test_statistics_count_what_happened(store, autojump_clock):
+    async with PersistentSupervisor(store=store, idle_timeout=5) as sup:
+        ref = await sup.start(TallyServer, key="k")
+        await ref.call(("add", "x"))
+        await trio.sleep(6)
+        await ref.call(("add", "y"))
+        stats = sup.statistics()
+    assert stats.name == "default"
+    assert (stats.active, stats.activations, stats.hibernations) == (1, 2, 1)
+    assert (stats.messages, stats.commits, stats.records_written) == (2, 3, 3)
+    assert stats.mean_batch_size == 1.0
+    assert stats.crashes == stats.stops == stats.failed_commits == 0
+
+
+async def test_leaving_the_block_shuts_servers_down_and_keeps_their_state(store, lifecycle):
+    async with PersistentSupervisor(store=store) as sup:
+        ref = await sup.start(TallyServer, key="k")
+        await ref.call(("add", "x"))
+    assert lifecycle.terminations == [("k", "shutdown")]
+    assert (await store.load("tally", "k")).data == b'{"items":["x"]}'
+
+
+async def test_queued_messages_are_handled_at_shutdown(store, autojump_clock):
+    async with PersistentSupervisor(store=store) as sup:
+        ref = await sup.start(TallyServer, key="k")
+        sup.spawn_system_task(ref.call, ("sleep", 1))
+        await trio.testing.wait_all_tasks_blocked()
+        await ref.cast(("add", "queued"))
+    assert (await store.load("tally", "k")).data == b'{"items":["queued"]}'
+
+
+async def test_user_exception_comes_out_of_the_block_as_itself(store):
+    with pytest.raises(KeyError):
+        async with PersistentSupervisor(store=store) as sup:
+            await sup.start(TallyServer, key="k")
+            raise KeyError("mine")
+    assert await store.load("tally", "k") is not None
+
+
+async def test_cancellation_shuts_down_cleanly(store, autojump_clock, lifecycle):
+    with trio.move_on_after(5):
+        async with PersistentSupervisor(store=store) as sup:
+            ref = await sup.start(TallyServer, key="k")
+            await ref.call(("add", "x"))
+            await trio.sleep_forever()
+    assert lifecycle.terminations == [("k", "shutdown")]
+    assert (await store.load("tally", "k")).data == b'{"items":["x"]}'
+
+
+async def test_a_handler_past_shutdown_timeout_is_cancelled_and_not_committed(
+    store, autojump_clock, caplog
+):
+    async with PersistentSupervisor(store=store, shutdown_timeout=2) as sup:
+        ref = await sup.start(TallyServer, key="k")
+        failures = []
+
+        async def stuck() -> None:
+            try:
+                await ref.call(("sleep", 100))
+            except SupervisorNotRunning as exc:
+                failures.append(exc)
+
+        sup.spawn_system_task(stuck)
+        await trio.testing.wait_all_tasks_blocked()
+        start = trio.current_time()
+    assert trio.current_time() - start == pytest.approx(2)
+    assert "still busy after shutdown_timeout" in caplog.text and "tally/k" in caplog.text
+
+
+async def test_an_unwritable_store_directory_fails_at_open(tmp_path):
+    from trio_pgs import DiskCacheStore, PersistenceError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(PersistenceError, match="cannot open the store directory"):
+        async with PersistentSupervisor(store=DiskCacheStore(blocker / "store")):
+            pass  # pragma: no cover
+
+
+async def test_a_store_serves_one_supervisor_at_a_time(store):
+    async with PersistentSupervisor(store=store, name="one"):
+        with pytest.raises(ValueError, match="already open"):
+            async with PersistentSupervisor(store=store, name="two"):
+                pass  # pragma: no cover
+
+
+async def test_state_survives_a_supervisor_restart(store):
+    async with PersistentSupervisor(store=store) as sup:
+        ref = await sup.start(TallyServer, key="k")
+        await ref.call(("add", "x"))
+    async with PersistentSupervisor(store=store, servers=[TallyServer]):
+        assert await ref.call(("add", "y")) == 2
+
+
+class Echo(PersistentServer[int]):
+    async def handle_call(self, request, state):
+        return Reply(request, state)
+
+
+async def test_a_server_with_a_plain_int_state(sup):
+    ref = await sup.start(Echo, 7, key="e")
+    assert await ref.call("hi") == "hi"
