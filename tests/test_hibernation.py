@@ -134,3 +134,23 @@ async def test_dormant_servers_cost_nothing_in_memory(store, autojump_clock):
         assert sup._entries == {}
         # nothing per dormant server is left: no task, no timer
         assert len(sup._nursery.child_tasks) == 1  # the writer
+
+
+async def test_one_senders_messages_keep_their_order_across_hibernation(
+    store, autojump_clock
+):
+    class SlowTerminate(TallyServer):
+        kind = "slow"
+
+        async def terminate(self, reason, state):
+            await trio.sleep(0.5)
+
+    async with PersistentSupervisor(store=store, idle_timeout=1) as sup:
+        ref = await sup.start(SlowTerminate, key="a")
+        sent = []
+        for i in range(30):
+            await ref.cast(("add", str(i)))  # some land while it hibernates
+            sent.append(str(i))
+            await trio.sleep([0.1, 1.2, 1.6][i % 3])  # during and after hibernation
+        assert await ref.call("get") == sent
+        assert sup.statistics().hibernations >= 1

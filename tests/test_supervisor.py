@@ -222,10 +222,14 @@ async def test_an_unwritable_store_directory_fails_at_open(tmp_path):
 
 
 async def test_a_store_serves_one_supervisor_at_a_time(store):
-    async with PersistentSupervisor(store=store, name="one"):
+    async with PersistentSupervisor(store=store, name="one") as sup:
         with pytest.raises(ValueError, match="already open"):
             async with PersistentSupervisor(store=store, name="two"):
                 pass  # pragma: no cover
+        ref = await sup.start(TallyServer, key="k")  # the first one is unharmed
+        assert await ref.call(("add", "x")) == 1
+    with pytest.raises(SupervisorNotRunning):
+        await ref.call("get")
 
 
 async def test_state_survives_a_supervisor_restart(store):

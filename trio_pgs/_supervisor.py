@@ -175,9 +175,13 @@ class PersistentSupervisor:
                 "give this one another name="
             )
         _open_supervisors[self.name] = self
-        body_error: BaseException | None = None
         try:
             await self.store.open()
+        except BaseException:
+            del _open_supervisors[self.name]
+            raise
+        body_error: BaseException | None = None
+        try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._run_writer)
@@ -191,8 +195,7 @@ class PersistentSupervisor:
                 nursery.cancel_scope.cancel()
         finally:
             self._closing = True
-            if _open_supervisors.get(self.name) is self:
-                del _open_supervisors[self.name]
+            del _open_supervisors[self.name]
             with trio.CancelScope(shield=True):
                 await self.store.close()
         if body_error is not None:
