@@ -119,7 +119,7 @@ async def check_program(program: list[tuple[float, tuple[Any, ...]]]) -> None:
         else:
             phases[-1].append((wait, step))
     for number, phase in enumerate(phases):
-        async with PersistentSupervisor(store=store, idle_timeout=IDLE) as sup:
+        async with PersistentSupervisor(store=store, idle_timeout=IDLE, max_crashes=10**6) as sup:
             if number == 0:
                 for key in KEYS:
                     await sup.start(TallyServer, key=key)

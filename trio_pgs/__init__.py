@@ -12,6 +12,7 @@ from ._errors import ServerCrashed as ServerCrashed
 from ._errors import ServerNotFound as ServerNotFound
 from ._errors import ServerQuarantined as ServerQuarantined
 from ._errors import StateEncodingError as StateEncodingError
+from ._errors import SupervisorEscalated as SupervisorEscalated
 from ._errors import SupervisorNotRunning as SupervisorNotRunning
 from ._errors import TrioPGSError as TrioPGSError
 from ._errors import UnknownKind as UnknownKind

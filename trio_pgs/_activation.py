@@ -8,11 +8,20 @@ import math
 import time
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import outcome
 import trio
 
 from ._calls import Caller, Handling, Kind, Message, current_handling
-from ._entry import Entry, ErrorFactory, Next, Status, not_found, not_running
+from ._entry import (
+    Entry,
+    ErrorFactory,
+    Next,
+    Status,
+    not_found,
+    not_running,
+    quarantined_error,
+)
 from ._errors import PersistenceError, ServerCrashed, StateEncodingError
 from ._results import NO_REPLY, NoReply, Reply, Stop
 from ._server import PersistentServer, Restart
@@ -33,9 +42,7 @@ class Activation:
         self.entry = entry
         self.server = server
         self.state = state
-        self.committed = record.data
-        self.version = record.version
-        self.epoch = record.epoch
+        self.record = record  # the last committed record
         self.last_activity = trio.current_time()
         self.handling = False
         self.gated: list[tuple[Caller, outcome.Outcome[Any]]] = []
@@ -116,7 +123,7 @@ class Activation:
                 data = entry.info.codec.encode(result.state, str(entry.ref))
             except StateEncodingError as exc:
                 return await self._crash(message, exc, exc)
-            if data != self.committed:
+            if data != self.record.data:
                 try:
                     await self._commit(data)
                 except Exception as exc:
@@ -135,14 +142,18 @@ class Activation:
         return Next.CONTINUE
 
     async def _commit(self, data: bytes) -> None:
-        entry = self.entry
-        record = Record(
-            entry.ref.kind, entry.ref.key, data, self.version + 1,
-            entry.info.options.state_version, self.epoch, time.time(),
+        old, options = self.record, self.entry.info.options
+        history = (old.data, *old.history)[: options.keep_history] if options.keep_history else ()
+        await self._write(
+            attrs.evolve(old, data=data, state_version=options.state_version, history=history)
         )
-        await entry.sup.writer.commit(Put(record, self.version))
-        self.version += 1
-        self.committed = data
+
+    async def _write(self, record: Record) -> None:
+        """Commit *record* as the next version of the server's record."""
+        old = self.record
+        record = attrs.evolve(record, version=old.version + 1, updated_at=time.time())
+        await self.entry.sup.writer.commit(Put(record, old.version))
+        self.record = record
 
     # -- replies ----------------------------------------------------------------------
 
@@ -182,26 +193,52 @@ class Activation:
                              extra=self.entry.extra)
 
     async def _crash(self, message: Message, error: BaseException, exc: Exception) -> Next:
-        """The message is not committed; what the restart strategy says happens (the
-        record wiped, kept, or the server restarted) before the caller hears of it."""
-        entry, ref = self.entry, self.entry.ref
-        entry.sup.counters.crashes += 1
+        """The message is not committed. The crash is recorded (and may quarantine the
+        server), then what the restart strategy says happens (record wiped, kept, or
+        the server restarted), and only then does the caller hear of it."""
+        entry, ref, options = self.entry, self.entry.ref, self.entry.info.options
         logger.error("%s crashed: %r", ref, exc, exc_info=exc, extra=entry.extra)
         await self._terminate(exc)
-        restart = entry.info.options.restart
-        if restart is Restart.TEMPORARY:
+        quarantined = False
+        if options.restart is Restart.TEMPORARY:
             await self._wipe()
             entry.end(not_found(ref))
             step = Next.END
-        elif restart is Restart.PERMANENT or not entry.mailbox_empty():
-            step = Next.REACTIVATE
         else:
-            entry.end(not_found(ref))  # the mailbox is empty: nothing is failed
-            step = Next.END
+            quarantined = await self._record_crash()
+            if quarantined:
+                entry.end(quarantined_error(ref))
+                step = Next.END
+            elif options.restart is Restart.PERMANENT or not entry.mailbox_empty():
+                step = Next.REACTIVATE
+            else:
+                entry.end(not_found(ref))  # the mailbox is empty: nothing is failed
+                step = Next.END
+        entry.sup.note_crash(ref, quarantined)
         if message.slot is not None:
             message.slot.set_error(error)
         self.fail_owed(_crashed_owing(ref, exc))
         return step
+
+    async def _record_crash(self) -> bool:
+        """Commit the crash in the record's bookkeeping (so it outlives the process);
+        return whether the server is now quarantined."""
+        options, now = self.entry.info.options, time.time()
+        recent = [t for t in self.record.crashes if now - t < options.crash_window]
+        crashes = (*recent, now)[-options.max_crashes :]
+        quarantined = len(crashes) >= options.max_crashes
+        try:
+            await self._write(attrs.evolve(self.record, crashes=crashes, quarantined=quarantined))
+        except Exception:
+            logger.exception("%s: the crash could not be recorded in the store",
+                             self.entry.ref, extra=self.entry.extra)
+        if quarantined:
+            logger.error(
+                "%s quarantined: %d crashes within %ss; release it with "
+                "supervisor.release(ref) or roll it back with supervisor.rollback(ref)",
+                self.entry.ref, len(crashes), options.crash_window, extra=self.entry.extra,
+            )
+        return quarantined
 
     async def _commit_failed(self, message: Message, exc: Exception) -> Next:
         """The store refused the new state: the server goes back to its last committed
@@ -252,7 +289,7 @@ class Activation:
     async def _wipe(self, raising: bool = False) -> None:
         ref = self.entry.ref
         try:
-            await self.entry.sup.writer.commit(Delete(ref.kind, ref.key, self.version))
+            await self.entry.sup.writer.commit(Delete(ref.kind, ref.key, self.record.version))
         except Exception:
             if raising:
                 raise

@@ -73,12 +73,20 @@ class SafeDisk(diskcache.Disk):  # type: ignore[misc]
 
 
 def encode_record(record: Record) -> bytes:
-    """A header line of JSON, then the state's bytes."""
-    header = json.dumps(
-        [record.version, record.state_version, record.epoch, record.updated_at],
-        separators=(",", ":"),
-    ).encode()
-    return header + b"\n" + record.data
+    """A header line of JSON, then the state's bytes, then the history's."""
+    header = {
+        "v": record.version,
+        "sv": record.state_version,
+        "e": record.epoch,
+        "t": record.updated_at,
+        "n": [len(record.data), *(len(old) for old in record.history)],
+    }
+    if record.crashes:
+        header["c"] = list(record.crashes)
+    if record.quarantined:
+        header["q"] = True
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    return b"".join((encoded, b"\n", record.data, *record.history))
 
 
 def decode_record(kind: str, key: str, value: object) -> Record:
@@ -87,16 +95,33 @@ def decode_record(kind: str, key: str, value: object) -> Record:
             f"{kind}/{key}: the stored row is {type(value).__name__}, not a trio-pgs "
             "record; it was written by something else"
         )
-    header, newline, data = value.partition(b"\n")
+    line, newline, body = value.partition(b"\n")
     try:
-        version, state_version, epoch, updated_at = json.loads(header)
-    except ValueError as exc:
+        header = json.loads(line)
+        sizes = header["n"]
+        parts, offset = [], 0
+        for size in sizes:
+            parts.append(body[offset : offset + size])
+            offset += size
+        if not newline or offset != len(body):
+            raise ValueError("the lengths in the header do not match the row")
+        return Record(
+            kind,
+            key,
+            parts[0],
+            header["v"],
+            header["sv"],
+            header["e"],
+            header["t"],
+            tuple(header.get("c", ())),
+            bool(header.get("q", False)),
+            tuple(parts[1:]),
+        )
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
         raise PersistenceError(
-            f"{kind}/{key}: the stored row has no trio-pgs record header"
+            f"{kind}/{key}: the stored row is not a valid trio-pgs record ({exc}); "
+            "inspect or purge it"
         ) from exc
-    if not newline:
-        raise PersistenceError(f"{kind}/{key}: the stored row is truncated")
-    return Record(kind, key, data, version, state_version, epoch, updated_at)
 
 
 def split_key(db_key: object) -> tuple[str, str] | None:

@@ -19,6 +19,7 @@ import trio
 from ._calls import Message, ReplySlot
 from ._errors import (
     ServerNotFound,
+    ServerQuarantined,
     SupervisorNotRunning,
 )
 
@@ -123,3 +124,11 @@ def not_found(ref: ServerRef) -> ErrorFactory:
     )
 
 
+
+
+def quarantined_error(ref: ServerRef) -> ErrorFactory:
+    return lambda: ServerQuarantined(
+        f"{ref} is quarantined: it crashed too often (max_crashes within crash_window). "
+        "Fix the cause, then `await supervisor.release(ref)`, or "
+        "`await supervisor.rollback(ref)` to an earlier state (keep_history)"
+    )

@@ -60,5 +60,10 @@ class SupervisorNotRunning(TrioPGSError):
     """No supervisor of the ref's name is open in this process (or it is shutting down)."""
 
 
+class SupervisorEscalated(TrioPGSError):
+    """More than ``max_restarts`` crashes within ``max_seconds``: the supervisor shut
+    every server down (states kept) and raised this out of its ``async with``."""
+
+
 class UnknownRequest(TrioPGSError):
     """The server does not handle this call or cast (OTP's bad_call)."""

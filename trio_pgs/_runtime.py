@@ -11,7 +11,15 @@ import trio
 
 from ._activation import Activation, check_not_coroutine, persistence_error
 from ._calls import current_handling
-from ._entry import Entry, Next, StartRequest, Status, not_found, not_running
+from ._entry import (
+    Entry,
+    Next,
+    StartRequest,
+    Status,
+    not_found,
+    not_running,
+    quarantined_error,
+)
 from ._errors import (
     ActivationFailed,
     AlreadyStarted,
@@ -69,7 +77,7 @@ async def activate(entry: Entry) -> Activation | None:
             state = await server.init(*start.args)
             data = info.codec.encode(state, str(ref))
         except Exception as exc:
-            sup.counters.crashes += 1
+            sup.note_crash(ref, False)
             error = exc if isinstance(exc, StateEncodingError) else ServerCrashed(
                 f"{ref}: init() raised {exc!r}; nothing was stored"
             )
@@ -97,6 +105,9 @@ async def activate(entry: Entry) -> Activation | None:
         if start is not None:
             start.slot.set_error(_already_started(ref))
             start = None
+        if record.quarantined:
+            entry.end(quarantined_error(ref))
+            return None
         try:
             state = info.codec.decode(record.data)
         except Exception as exc:
@@ -123,7 +134,7 @@ async def activate(entry: Entry) -> Activation | None:
 
 def _activation_failed(entry: Entry, exc: Exception, start: StartRequest | None) -> None:
     ref = entry.ref
-    entry.sup.counters.crashes += 1
+    entry.sup.note_crash(ref, False)
     logger.error("%s: activation failed: %r", ref, exc, extra=entry.extra)
 
     def error() -> BaseException:

@@ -72,6 +72,7 @@ class Options:
     max_crashes: int = 3
     crash_window: float = 5.0
     state_version: int = 1
+    keep_history: int = 0
 
     def __attrs_post_init__(self) -> None:
         _check_positive_or_none("idle_timeout", self.idle_timeout)
@@ -85,6 +86,8 @@ class Options:
         _check_count("max_crashes", self.max_crashes)
         _check_positive_or_none("crash_window", self.crash_window)
         _check_count("state_version", self.state_version)
+        if not isinstance(self.keep_history, int) or self.keep_history < 0:
+            raise ValueError(f"keep_history must be an int >= 0, not {self.keep_history!r}")
 
 
 OPTION_NAMES = frozenset(field.name for field in attrs.fields(Options))
@@ -116,7 +119,7 @@ class PersistentServer(Generic[S]):
     Class attributes are the options (a supervisor's options override them): ``kind``
     (the name stored in refs and records; the class name by default),
     ``idle_timeout``, ``mailbox_size``, ``restart``, ``persistence``, ``max_crashes``,
-    ``crash_window`` and ``state_version``.
+    ``crash_window``, ``state_version`` and ``keep_history``.
     """
 
     kind: ClassVar[str]
@@ -128,6 +131,7 @@ class PersistentServer(Generic[S]):
     max_crashes: ClassVar[int] = 3
     crash_window: ClassVar[float] = 5.0
     state_version: ClassVar[int] = 1
+    keep_history: ClassVar[int] = 0
 
     _activation: Activation
 

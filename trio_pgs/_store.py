@@ -17,7 +17,10 @@ class Record:
     ``version`` grows by one with every committed write (the first is 1) and is what a
     conditional write checks. ``epoch`` is a fencing token: a store that serves several
     processes refuses a write whose epoch is older than the stored one. ``state_version``
-    is the schema version of ``data``.
+    is the schema version of ``data``. ``crashes`` holds the wall-clock times of the
+    server's recent crashes and ``quarantined`` whether it crashed too often, so that
+    both survive a process restart. ``history`` holds earlier committed states, newest
+    first, when the server class keeps any (``keep_history``).
     """
 
     kind: str
@@ -27,6 +30,9 @@ class Record:
     state_version: int = 1
     epoch: int = 0
     updated_at: float = 0.0
+    crashes: tuple[float, ...] = ()
+    quarantined: bool = False
+    history: tuple[bytes, ...] = ()
 
 
 @attrs.frozen

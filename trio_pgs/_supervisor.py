@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -16,16 +18,24 @@ import trio
 from ._calls import Handling, Kind, Message, ReplySlot, current_handling
 from ._encoding import Codec
 from ._entry import Entry, StartRequest, Status
-from ._errors import AlreadyStarted, CallCycleError, SupervisorNotRunning, UnknownKind
+from ._errors import (
+    AlreadyStarted,
+    CallCycleError,
+    ServerNotFound,
+    SupervisorEscalated,
+    SupervisorNotRunning,
+    UnknownKind,
+)
 from ._ref import ServerRef, check_key
 from ._runtime import serve
 from ._server import (
     Options,
     PersistentServer,
+    Restart,
     check_option_names,
     resolve_options,
 )
-from ._store import Store
+from ._store import Put, Record, Store
 from ._writer import Writer
 
 logger = logging.getLogger("trio_pgs")
@@ -69,7 +79,9 @@ class SupervisorStatistics:
         commits: Store transactions the writer committed.
         records_written: Records written (or wiped) in those transactions.
         failed_commits: Operations the store refused or failed.
-        quarantined: Servers in quarantine (always 0 until quarantine lands).
+        quarantined: Servers put in quarantine since the supervisor opened.
+        unflushed: Servers still busy when shutdown_timeout ran out (their last
+            messages were cancelled, not committed); empty until shutdown.
     """
 
     name: str
@@ -82,7 +94,8 @@ class SupervisorStatistics:
     commits: int
     records_written: int
     failed_commits: int
-    quarantined: int = 0
+    quarantined: int
+    unflushed: tuple[str, ...] = ()
 
     @property
     def mean_batch_size(self) -> float:
@@ -91,11 +104,11 @@ class SupervisorStatistics:
 
 
 class Counters:
-    __slots__ = ("activations", "crashes", "hibernations", "messages", "stops")
+    __slots__ = ("activations", "crashes", "hibernations", "messages", "quarantined", "stops")
 
     def __init__(self) -> None:
         self.activations = self.hibernations = self.crashes = self.stops = 0
-        self.messages = 0
+        self.messages = self.quarantined = 0
 
 
 class PersistentSupervisor:
@@ -105,7 +118,12 @@ class PersistentSupervisor:
     options given here (``idle_timeout=...``, ``restart=...``) override the classes'.
     ``servers`` lists the server classes it may activate; `start` and `ref` add more.
     ``shutdown_timeout`` bounds how long leaving the ``async with`` waits for
-    handlers still running.
+    handlers still running. ``max_restarts`` (off by default) escalates like OTP's
+    supervisors: more than ``max_restarts`` crashes within ``max_seconds`` shut every
+    server down cleanly and raise `SupervisorEscalated` out of the ``async with``.
+
+    On entry, every stored, non-quarantined server of a `Restart.PERMANENT` class
+    listed in ``servers`` is activated (in the background); others wake on demand.
 
     The store is opened on entry and closed on exit. Leaving the block (normally, by
     an exception or by cancellation) shuts every active server down: states stay in
@@ -119,6 +137,8 @@ class PersistentSupervisor:
         name: str = "default",
         servers: Iterable[type[PersistentServer[Any]]] = (),
         shutdown_timeout: float = 5.0,
+        max_restarts: int | None = None,
+        max_seconds: float = 5.0,
         converter: cattrs.Converter | None = None,
         **defaults: Any,
     ) -> None:
@@ -129,11 +149,20 @@ class PersistentSupervisor:
                 raise TypeError(f"store {store!r} has no {method}() method: not a Store")
         if not (isinstance(shutdown_timeout, int | float) and shutdown_timeout >= 0):
             raise ValueError(f"shutdown_timeout must be >= 0 seconds, not {shutdown_timeout!r}")
+        if max_restarts is not None and (not isinstance(max_restarts, int) or max_restarts < 0):
+            raise ValueError(f"max_restarts must be an int >= 0 or None, not {max_restarts!r}")
+        if not (isinstance(max_seconds, int | float) and max_seconds > 0):
+            raise ValueError(f"max_seconds must be > 0, not {max_seconds!r}")
         check_option_names(defaults)
         resolve_options(PersistentServer, defaults)  # bad values fail here, not later
         self.name = name
         self.store = store
         self.shutdown_timeout = float(shutdown_timeout)
+        self.max_restarts = max_restarts
+        self.max_seconds = float(max_seconds)
+        self._recent_crashes: collections.deque[float] = collections.deque()
+        self._escalation: SupervisorEscalated | None = None
+        self._unflushed: tuple[str, ...] = ()
         self._converter = converter
         self._defaults = defaults
         self._kinds: dict[str, KindInfo] = {}
@@ -185,6 +214,7 @@ class PersistentSupervisor:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._run_writer)
+                nursery.start_soon(self._recover_permanent_servers)
                 try:
                     yield self
                 except BaseException as exc:  # re-raised as itself below
@@ -198,8 +228,52 @@ class PersistentSupervisor:
             del _open_supervisors[self.name]
             with trio.CancelScope(shield=True):
                 await self.store.close()
+        if self._escalation is not None:
+            raise self._escalation from (
+                None if isinstance(body_error, trio.Cancelled) else body_error
+            )
         if body_error is not None:
             raise body_error
+
+    async def _recover_permanent_servers(self) -> None:
+        """Activate every stored server of the PERMANENT classes listed in servers=."""
+        current_handling.set(None)
+        for info in list(self._kinds.values()):
+            if info.options.restart is not Restart.PERMANENT:
+                continue
+            count = 0
+            async for record in self.store.scan(info.cls.kind):
+                ref = ServerRef(self.name, record.kind, record.key)
+                if record.quarantined or self._closing or ref in self._entries:
+                    continue
+                self._entry(ref)
+                count += 1
+            if count:
+                logger.info("supervisor %r: activated %d %s server(s) at startup",
+                            self.name, count, info.cls.kind)
+
+    def note_crash(self, ref: ServerRef, quarantined: bool) -> None:
+        """Count a crash; escalate when more than max_restarts fall within max_seconds."""
+        self.counters.crashes += 1
+        if quarantined:
+            self.counters.quarantined += 1
+        if self.max_restarts is None or self._escalation is not None:
+            return
+        now = trio.current_time()
+        recent = self._recent_crashes
+        recent.append(now)
+        while recent and now - recent[0] > self.max_seconds:
+            recent.popleft()
+        if len(recent) > self.max_restarts:
+            self._escalation = SupervisorEscalated(
+                f"supervisor {self.name!r}: {len(recent)} crashes within "
+                f"{self.max_seconds}s (max_restarts={self.max_restarts}), the last in "
+                f"{ref}; every server was shut down and its state kept. Fix the cause "
+                "and open the supervisor again"
+            )
+            logger.error("%s", self._escalation)
+            if self._nursery is not None:
+                self._nursery.cancel_scope.cancel()
 
     async def _run_writer(self) -> None:
         current_handling.set(None)
@@ -221,7 +295,7 @@ class PersistentSupervisor:
                 "cancelled; their last messages were not committed: %s",
                 self.name, len(late), self.shutdown_timeout, ", ".join(late[:20]),
             )
-            self.unflushed = late
+            self._unflushed = tuple(late)
             for entry in list(self._entries.values()):
                 if entry.task_scope is not None:
                     entry.task_scope.cancel()
@@ -375,6 +449,55 @@ class PersistentSupervisor:
             await entry.send_channel.send(message)
         await slot.wait()
 
+    # -- quarantine ---------------------------------------------------------------------
+
+    async def release(self, ref: ServerRef) -> None:
+        """Lift *ref*'s quarantine and forget its recent crashes; the next message
+        activates it from its last committed state."""
+        record = await self._load_for_repair(ref)
+        await self.writer.commit(
+            Put(_next(record, quarantined=False, crashes=()), record.version)
+        )
+        logger.info("%s released from quarantine", ref, extra={"kind": ref.kind, "key": ref.key})
+
+    async def rollback(self, ref: ServerRef, steps: int = 1) -> None:
+        """Restore the state committed *steps* writes before the current one, and lift
+        the quarantine. Needs ``keep_history >= steps`` on the server class (only that
+        many earlier states are kept) and a server that is not active."""
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be an int >= 1, not {steps!r}")
+        record = await self._load_for_repair(ref)
+        if len(record.history) < steps:
+            raise ValueError(
+                f"{ref} keeps {len(record.history)} earlier state(s), cannot roll back "
+                f"{steps}; set keep_history on {self._kinds[ref.kind].cls.__qualname__}"
+            )
+        rolled = _next(
+            record,
+            data=record.history[steps - 1],
+            history=record.history[steps:],
+            quarantined=False,
+            crashes=(),
+        )
+        await self.writer.commit(Put(rolled, record.version))
+        logger.info("%s rolled back %d step(s)", ref, steps,
+                    extra={"kind": ref.kind, "key": ref.key})
+
+    async def _load_for_repair(self, ref: ServerRef) -> Record:
+        self._check_open()
+        if ref.kind not in self._kinds:
+            raise self._unknown_kind(ref.kind)
+        entry = self._entries.get(ref)
+        if entry is not None and entry.status is not Status.ENDED:
+            raise ValueError(
+                f"{ref} is active; release and rollback apply to quarantined or dormant "
+                "servers"
+            )
+        record = await self.store.load(ref.kind, ref.key)
+        if record is None:
+            raise ServerNotFound(f"{ref}: no such server (never started, or stopped normally)")
+        return record
+
     # -- introspection ----------------------------------------------------------------
 
     def statistics(self) -> SupervisorStatistics:
@@ -391,7 +514,14 @@ class PersistentSupervisor:
             commits=writer.commits,
             records_written=writer.records_written,
             failed_commits=writer.failed,
+            quarantined=counters.quarantined,
+            unflushed=self._unflushed,
         )
+
+
+def _next(record: Record, **changes: Any) -> Record:
+    """*record* with *changes*, as the next version."""
+    return attrs.evolve(record, version=record.version + 1, updated_at=time.time(), **changes)
 
 
 def _check_no_deadlock(target: ServerRef, handling: Handling) -> tuple[ServerRef, ...]:

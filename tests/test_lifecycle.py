@@ -1,0 +1,354 @@
+"""Crashes, restart strategies, stops, quarantine, escalation, recovery (section 6)."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from trio_pgs import (
+    ActivationFailed,
+    DiskCacheStore,
+    PersistentSupervisor,
+    Put,
+    Record,
+    Restart,
+    ServerCrashed,
+    ServerNotFound,
+    ServerQuarantined,
+    SupervisorEscalated,
+)
+
+from .servers import TallyServer
+
+
+class Temporary(TallyServer):
+    kind = "temporary"
+    restart = Restart.TEMPORARY
+
+
+class Transient(TallyServer):
+    kind = "transient"
+    restart = Restart.TRANSIENT
+
+
+class Permanent(TallyServer):
+    kind = "permanent"
+    restart = Restart.PERMANENT
+
+
+ALL = [Temporary, Transient, Permanent]
+
+
+async def crash(ref) -> None:
+    with pytest.raises(ServerCrashed):
+        await ref.call("crash")
+
+
+# -- the restart table, cell by cell -----------------------------------------------------
+
+
+async def test_temporary_crash_wipes_the_record(sup, store):
+    ref = await sup.start(Temporary, "x", key="k")
+    await crash(ref)
+    assert await store.load("temporary", "k") is None
+    with pytest.raises(ServerNotFound):
+        await ref.call("get")
+
+
+async def test_transient_crash_keeps_the_record_and_reactivates_on_the_next_message(
+    sup, store, lifecycle
+):
+    ref = await sup.start(Transient, "x", key="k")
+    await crash(ref)
+    assert sup.statistics().active == 0  # dormant until a message comes
+    assert await ref.call("get") == ["x"]
+    assert lifecycle.activations["k"] == 2
+
+
+async def test_permanent_crash_restarts_at_once(sup, lifecycle):
+    ref = await sup.start(Permanent, "x", key="k")
+    await crash(ref)
+    await trio.testing.wait_all_tasks_blocked()
+    assert sup.statistics().active == 1
+    assert lifecycle.activations["k"] == 2
+    assert await ref.call("get") == ["x"]
+
+
+@pytest.mark.parametrize("cls", ALL, ids=lambda c: c.kind)
+async def test_normal_stop_wipes_the_record_whatever_the_strategy(sup, store, cls):
+    ref = await sup.start(cls, "x", key="k")
+    assert await ref.call(("stop", "normal")) == "stopping"
+    assert await store.load(cls.kind, "k") is None
+    await trio.testing.wait_all_tasks_blocked()
+    assert sup.statistics().active == 0
+
+
+async def test_temporary_stop_with_another_reason_wipes_the_record(sup, store):
+    ref = await sup.start(Temporary, "x", key="k")
+    await ref.call(("stop", "maintenance"))
+    assert await store.load("temporary", "k") is None
+
+
+async def test_transient_stop_with_another_reason_keeps_it_dormant(sup, store):
+    ref = await sup.start(Transient, "x", key="k")
+    await ref.call(("add", "y"))
+    await ref.call(("stop", "maintenance"))
+    await trio.testing.wait_all_tasks_blocked()
+    assert sup.statistics().active == 0
+    assert (await store.load("transient", "k")).data == b'{"items":["x","y"]}'
+    assert await ref.call("get") == ["x", "y"]
+
+
+async def test_permanent_stop_with_another_reason_restarts_at_once(sup, lifecycle):
+    ref = await sup.start(Permanent, "x", key="k")
+    await ref.call(("stop", "maintenance"))
+    await trio.testing.wait_all_tasks_blocked()
+    assert sup.statistics().active == 1
+    assert lifecycle.activations["k"] == 2
+    assert lifecycle.terminations == [("k", "maintenance")]
+
+
+# -- terminate and on_activate ------------------------------------------------------------
+
+
+async def test_terminate_gets_each_reason(store, autojump_clock, lifecycle):
+    async with PersistentSupervisor(store=store, idle_timeout=5, max_crashes=100) as sup:
+        ref = await sup.start(TallyServer, key="k")
+        await trio.sleep(6)  # hibernate
+        await crash(ref)  # the exception
+        await ref.call(("stop", "normal"))
+        await sup.start(TallyServer, key="k")
+    reasons = [reason for _, reason in lifecycle.terminations]
+    assert reasons[0] == "hibernate"
+    assert isinstance(reasons[1], RuntimeError)
+    assert reasons[2:] == ["normal", "shutdown"]
+    assert lifecycle.activations["k"] == 4  # start, wake, wake after crash, start again
+
+
+# -- the crashing message is never committed -----------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [Transient, Permanent], ids=lambda c: c.kind)
+async def test_in_place_mutation_before_a_crash_does_not_leak(sup, cls):
+    ref = await sup.start(cls, "x", key="k")
+    with pytest.raises(ServerCrashed):
+        await ref.call(("mutate-then-crash", "leak"))
+    assert await ref.call("get") == ["x"]
+
+
+async def test_messages_queued_behind_a_crash_are_handled_by_the_next_activation(
+    sup, autojump_clock
+):
+    ref = await sup.start(Transient, key="k")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ref.call, ("sleep", 1))
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(crash, ref)
+        await trio.testing.wait_all_tasks_blocked()
+        await ref.cast(("add", "after"))
+    assert await ref.call("get") == ["after"]
+
+
+# -- quarantine -------------------------------------------------------------------------------
+
+
+async def test_too_many_crashes_quarantine_the_server(store, autojump_clock):
+    async with PersistentSupervisor(store=store, max_crashes=3, crash_window=5) as sup:
+        ref = await sup.start(Transient, "x", key="k")
+        for _ in range(3):
+            await crash(ref)
+        with pytest.raises(ServerQuarantined, match=r"transient/k.*release"):
+            await ref.call("get")
+        assert sup.statistics().quarantined == 1
+        assert (await store.load("transient", "k")).quarantined
+
+
+async def test_crashes_spread_beyond_the_window_do_not_quarantine(store, monkeypatch):
+    import time as time_module
+
+    now = [1000.0]
+    monkeypatch.setattr(time_module, "time", lambda: now[0])
+    async with PersistentSupervisor(store=store, max_crashes=3, crash_window=5) as sup:
+        ref = await sup.start(Transient, "x", key="k")
+        for _ in range(5):
+            await crash(ref)
+            now[0] += 3  # only two crashes fall within any 5 s
+        assert await ref.call("get") == ["x"]
+
+
+async def test_quarantine_survives_a_process_restart(tmp_path):
+    store = DiskCacheStore(tmp_path / "s")
+    async with PersistentSupervisor(store=store, max_crashes=2) as sup:
+        ref = await sup.start(Transient, "x", key="k")
+        await crash(ref)
+    async with PersistentSupervisor(store=store, max_crashes=2, servers=[Transient]) as sup:
+        await crash(ref)  # the second crash, counted across the restart
+        with pytest.raises(ServerQuarantined):
+            await ref.call("get")
+    async with PersistentSupervisor(store=store, max_crashes=2, servers=[Transient]) as sup:
+        with pytest.raises(ServerQuarantined):
+            await ref.call("get")
+
+
+async def test_release_lifts_the_quarantine(store):
+    async with PersistentSupervisor(store=store, max_crashes=1) as sup:
+        ref = await sup.start(Transient, "x", key="k")
+        await crash(ref)
+        with pytest.raises(ServerQuarantined):
+            await ref.call("get")
+        await sup.release(ref)
+        assert await ref.call("get") == ["x"]
+        await crash(ref)  # the crash count started again: one crash quarantines again
+        with pytest.raises(ServerQuarantined):
+            await ref.call("get")
+
+
+async def test_rollback_restores_an_earlier_state(store):
+    class Historic(Transient):
+        kind = "historic"
+        keep_history = 2
+
+    async with PersistentSupervisor(store=store, max_crashes=1) as sup:
+        ref = await sup.start(Historic, key="k")
+        for item in "abc":
+            await ref.call(("add", item))
+        await crash(ref)
+        with pytest.raises(ValueError, match="keeps 2 earlier"):
+            await sup.rollback(ref, steps=3)
+        await sup.rollback(ref, steps=2)
+        assert await ref.call("get") == ["a"]
+
+
+async def test_rollback_and_release_refuse_an_active_server(sup):
+    ref = await sup.start(Transient, key="k")
+    with pytest.raises(ValueError, match="active"):
+        await sup.release(ref)
+
+
+async def test_a_poison_message_cannot_spin_a_permanent_server(store, autojump_clock):
+    async with PersistentSupervisor(store=store, max_crashes=3) as sup:
+        ref = await sup.start(Permanent, key="k")
+        outcomes = []
+        for _ in range(10):
+            try:
+                await ref.call("crash")
+            except (ServerCrashed, ServerQuarantined) as exc:
+                outcomes.append(type(exc).__name__)
+        assert outcomes == ["ServerCrashed"] * 3 + ["ServerQuarantined"] * 7
+        assert sup.statistics().crashes == 3
+        await trio.testing.wait_all_tasks_blocked()
+        assert sup.statistics().active == 0
+
+
+# -- escalation --------------------------------------------------------------------------------
+
+
+async def test_too_many_crashes_escalate_out_of_the_supervisor(store, autojump_clock, lifecycle):
+    with pytest.raises(SupervisorEscalated, match=r"3 crashes within 10\.0s"):
+        async with PersistentSupervisor(
+            store=store, max_restarts=2, max_seconds=10, max_crashes=100
+        ) as sup:
+            good = await sup.start(TallyServer, key="good")
+            await good.call(("add", "kept"))
+            bad = await sup.start(Transient, key="bad")
+            for _ in range(3):
+                await crash(bad)
+            await trio.sleep_forever()  # the supervisor cancels the block
+    assert ("good", "shutdown") in lifecycle.terminations
+    assert (await store.load("tally", "good")).data == b'{"items":["kept"]}'
+
+
+async def test_crashes_slower_than_max_seconds_do_not_escalate(store, autojump_clock):
+    async with PersistentSupervisor(
+        store=store, max_restarts=2, max_seconds=10, max_crashes=100
+    ) as sup:
+        bad = await sup.start(Transient, key="bad")
+        for _ in range(6):
+            await crash(bad)
+            await trio.sleep(6)
+
+
+# -- recovery ----------------------------------------------------------------------------------
+
+
+async def test_permanent_servers_are_activated_at_startup(store, autojump_clock, lifecycle):
+    async with PersistentSupervisor(store=store, idle_timeout=1) as sup:
+        for key in "abc":
+            await sup.start(Permanent, key=key)
+        await sup.start(Transient, key="t")
+        await trio.sleep(2)  # all hibernate
+        assert sup.statistics().active == 0
+    async with PersistentSupervisor(store=store, servers=[Permanent, Transient]) as sup:
+        await trio.testing.wait_all_tasks_blocked()
+        assert sup.statistics().active == 3
+        assert sup.statistics().activations == 3
+
+
+async def test_quarantined_permanent_servers_stay_dormant_at_startup(store):
+    async with PersistentSupervisor(store=store, max_crashes=1) as sup:
+        await crash(await sup.start(Permanent, key="q"))
+    async with PersistentSupervisor(store=store, servers=[Permanent]) as sup:
+        await trio.testing.wait_all_tasks_blocked()
+        assert sup.statistics().active == 0
+
+
+async def test_records_of_unlisted_kinds_are_left_untouched(store):
+    async with PersistentSupervisor(store=store) as sup:
+        await sup.start(Permanent, "x", key="k")
+    before = await store.load("permanent", "k")
+    async with PersistentSupervisor(store=store, servers=[Transient]) as sup:
+        await trio.testing.wait_all_tasks_blocked()
+        assert sup.statistics().active == 0
+    assert await store.load("permanent", "k") == before
+
+
+# -- records that cannot be activated ------------------------------------------------------------
+
+
+async def test_an_undecodable_record_fails_activation_without_harming_others(sup, store):
+    await store.commit([Put(Record("tally", "bad", b'{"items": 42}'), 0)])
+    good = await sup.start(TallyServer, "x", key="good")
+    with pytest.raises(ActivationFailed, match="tally/bad") as info:
+        await sup.ref(TallyServer, "bad").call("get")
+    assert info.value.__cause__ is not None
+    assert sup.statistics().crashes == 1
+    assert await good.call("get") == ["x"]
+    assert (await store.load("tally", "bad")).data == b'{"items": 42}'  # never overwritten
+
+
+async def test_a_crash_while_100_others_work_loses_none_of_their_calls(store, autojump_clock):
+    async with PersistentSupervisor(store=store, max_crashes=1000) as sup:
+        refs = [await sup.start(TallyServer, key=str(i)) for i in range(100)]
+        victim = await sup.start(Transient, key="victim")
+
+        async def work(ref) -> None:
+            for n in range(10):
+                await ref.call(("add", str(n)))
+
+        async def crash_often() -> None:
+            for _ in range(20):
+                await crash(victim)
+
+        async with trio.open_nursery() as nursery:
+            for ref in refs:
+                nursery.start_soon(work, ref)
+            nursery.start_soon(crash_often)
+    async with PersistentSupervisor(store=store, servers=[TallyServer]) as sup:
+        for ref in refs:
+            assert await ref.call("get") == [str(n) for n in range(10)]
+
+
+async def test_state_carries_across_a_restart_between_every_step(tmp_path):
+    store = DiskCacheStore(tmp_path / "s")
+    steps = [("add", "a"), ("add", "b"), "crash", ("add", "c"), ("stop", "pause"), ("add", "d")]
+    async with PersistentSupervisor(store=store) as sup:
+        ref = await sup.start(Transient, key="k")
+    for step in steps:
+        async with PersistentSupervisor(store=store, servers=[Transient]):
+            try:
+                await ref.call(step)
+            except ServerCrashed:
+                pass
+    async with PersistentSupervisor(store=store, servers=[Transient]):
+        assert await ref.call("get") == ["a", "b", "c", "d"]
