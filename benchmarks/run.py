@@ -245,7 +245,8 @@ def main() -> None:
     widths = [max(len(str(row[i])) for row in [header, *lines]) for i in range(5)]
     print()
     for row in [header, *lines]:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)))
+        cells = zip(row, widths, strict=True)
+        print("  ".join(str(cell).ljust(width) for cell, width in cells))
     if args.markdown:
         with open(args.markdown, "w") as out:
             out.write("| " + " | ".join(header) + " |\n")
