@@ -9,24 +9,26 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 import attrs
 import cattrs
 import trio
 
-from ._calls import Handling, Kind, Message, ReplySlot, current_handling
+from ._calls import Kind, Message, ReplySlot, current_handling
+from ._deadlock import check_no_deadlock
 from ._encoding import Codec
 from ._entry import Entry, StartRequest, Status
 from ._errors import (
     AlreadyStarted,
-    CallCycleError,
     ServerNotFound,
     SupervisorEscalated,
     SupervisorNotRunning,
     UnknownKind,
 )
 from ._ref import ServerRef, check_key
+from ._registry import find_supervisor as find_supervisor
+from ._registry import open_supervisors
 from ._runtime import serve
 from ._server import (
     Options,
@@ -41,19 +43,6 @@ from ._writer import Writer
 logger = logging.getLogger("trio_pgs")
 T = TypeVar("T")
 ServerT = TypeVar("ServerT", bound=PersistentServer[Any])
-
-_open_supervisors: dict[str, PersistentSupervisor] = {}
-
-
-def find_supervisor(ref: ServerRef) -> PersistentSupervisor:
-    try:
-        return _open_supervisors[ref.supervisor]
-    except KeyError:
-        raise SupervisorNotRunning(
-            f"{ref}: no supervisor named {ref.supervisor!r} is open in this process; "
-            f"open PersistentSupervisor(name={ref.supervisor!r}, ...) to reach it"
-        ) from None
-
 
 @attrs.frozen
 class KindInfo:
@@ -198,16 +187,16 @@ class PersistentSupervisor:
 
     @asynccontextmanager
     async def _lifetime(self) -> AsyncIterator[PersistentSupervisor]:
-        if self.name in _open_supervisors:
+        if self.name in open_supervisors:
             raise ValueError(
                 f"a supervisor named {self.name!r} is already open in this process; "
                 "give this one another name="
             )
-        _open_supervisors[self.name] = self
+        open_supervisors[self.name] = self
         try:
             await self.store.open()
         except BaseException:
-            del _open_supervisors[self.name]
+            del open_supervisors[self.name]
             raise
         body_error: BaseException | None = None
         try:
@@ -225,7 +214,7 @@ class PersistentSupervisor:
                 nursery.cancel_scope.cancel()
         finally:
             self._closing = True
-            del _open_supervisors[self.name]
+            del open_supervisors[self.name]
             with trio.CancelScope(shield=True):
                 await self.store.close()
         if self._escalation is not None:
@@ -402,7 +391,7 @@ class PersistentSupervisor:
     async def deliver_call(self, ref: ServerRef, request: Any) -> Any:
         await trio.lowlevel.checkpoint_if_cancelled()
         handling = current_handling.get()
-        chain = () if handling is None else _check_no_deadlock(ref, handling)
+        chain = () if handling is None else check_no_deadlock(ref, handling)
         entry = self._entry(ref)
         slot = ReplySlot()
         message = Message(Kind.CALL, request, slot, chain)
@@ -439,7 +428,7 @@ class PersistentSupervisor:
     async def deliver_stop(self, ref: ServerRef, reason: str) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
         handling = current_handling.get()
-        chain = () if handling is None else _check_no_deadlock(ref, handling)
+        chain = () if handling is None else check_no_deadlock(ref, handling)
         entry = self._entry(ref)
         slot = ReplySlot()
         message = Message(Kind.STOP, reason, slot, chain)
@@ -522,48 +511,3 @@ class PersistentSupervisor:
 def _next(record: Record, **changes: Any) -> Record:
     """*record* with *changes*, as the next version."""
     return attrs.evolve(record, version=record.version + 1, updated_at=time.time(), **changes)
-
-
-def _check_no_deadlock(target: ServerRef, handling: Handling) -> tuple[ServerRef, ...]:
-    """Raise `CallCycleError` if waiting on *target* from this handler cannot end.
-
-    Two checks: *target* is already waiting in this call chain (A calls B calls A, or
-    a self-call), or *target* is waiting, through the servers it is calling now, on
-    this server (A calls B while B, handling another message, calls A). Returns the
-    chain the message carries.
-    """
-    chain = handling.chain
-    if target in chain:
-        _raise_cycle(target, (*chain, target))
-    path = _wait_path(target, chain[-1])
-    if path is not None:
-        _raise_cycle(target, path)
-    return chain
-
-
-def _wait_path(target: ServerRef, me: ServerRef) -> tuple[ServerRef, ...] | None:
-    """The servers from *target* to *me* along "is waiting on" edges, if any."""
-    stack: list[tuple[ServerRef, tuple[ServerRef, ...]]] = [(target, (me, target))]
-    seen: set[ServerRef] = set()
-    while stack:
-        ref, path = stack.pop()
-        if ref in seen:
-            continue
-        seen.add(ref)
-        sup = _open_supervisors.get(ref.supervisor)
-        entry = None if sup is None else sup._entries.get(ref)
-        if entry is None:
-            continue
-        for waited in entry.waiting_on:
-            if waited == me:
-                return (*path, me)
-            stack.append((waited, (*path, waited)))
-    return None
-
-
-def _raise_cycle(ref: ServerRef, path: tuple[ServerRef, ...]) -> NoReturn:
-    shown = " -> ".join(str(r) for r in path)
-    raise CallCycleError(
-        f"calling {ref} would deadlock: {shown} would wait on each other for ever; "
-        "use cast, or a deferred reply (current_caller())"
-    )

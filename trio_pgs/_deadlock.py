@@ -1,0 +1,57 @@
+"""Deadlock detection for calls: the call chain and the wait-for graph."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NoReturn
+
+from ._errors import CallCycleError
+from ._registry import open_supervisors
+
+if TYPE_CHECKING:
+    from ._calls import Handling
+    from ._ref import ServerRef
+
+
+def check_no_deadlock(target: ServerRef, handling: Handling) -> tuple[ServerRef, ...]:
+    """Raise `CallCycleError` if waiting on *target* from this handler cannot end.
+
+    Two checks: *target* is already waiting in this call chain (A calls B calls A, or
+    a self-call), or *target* is waiting, through the servers it is calling now, on
+    this server (A calls B while B, handling another message, calls A). Returns the
+    chain the message carries.
+    """
+    chain = handling.chain
+    if target in chain:
+        _raise_cycle(target, (*chain, target))
+    path = _wait_path(target, chain[-1])
+    if path is not None:
+        _raise_cycle(target, path)
+    return chain
+
+
+def _wait_path(target: ServerRef, me: ServerRef) -> tuple[ServerRef, ...] | None:
+    """The servers from *target* to *me* along "is waiting on" edges, if any."""
+    stack: list[tuple[ServerRef, tuple[ServerRef, ...]]] = [(target, (me, target))]
+    seen: set[ServerRef] = set()
+    while stack:
+        ref, path = stack.pop()
+        if ref in seen:
+            continue
+        seen.add(ref)
+        sup = open_supervisors.get(ref.supervisor)
+        entry = None if sup is None else sup._entries.get(ref)
+        if entry is None:
+            continue
+        for waited in entry.waiting_on:
+            if waited == me:
+                return (*path, me)
+            stack.append((waited, (*path, waited)))
+    return None
+
+
+def _raise_cycle(ref: ServerRef, path: tuple[ServerRef, ...]) -> NoReturn:
+    shown = " -> ".join(str(r) for r in path)
+    raise CallCycleError(
+        f"calling {ref} would deadlock: {shown} would wait on each other for ever; "
+        "use cast, or a deferred reply (current_caller())"
+    )
