@@ -7,7 +7,7 @@ import inspect
 import logging
 import math
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import attrs
@@ -222,6 +222,3 @@ def check_kind(kind: object) -> str:
         raise ValueError(f"a server kind must be non-empty and printable, not {kind!r}")
     return kind
 
-
-ServerClass = type[PersistentServer[Any]]
-Hook = Callable[..., Any]
