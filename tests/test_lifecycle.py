@@ -293,14 +293,26 @@ async def test_quarantined_permanent_servers_stay_dormant_at_startup(store):
         assert sup.statistics().active == 0
 
 
-async def test_records_of_unlisted_kinds_are_left_untouched(store):
+@pytest.mark.parametrize("on_disk", [False, True], ids=["memory", "diskcache"])
+async def test_records_of_unlisted_kinds_are_left_untouched_and_logged_once(
+    store, tmp_path, caplog, on_disk
+):
+    if on_disk:
+        store = DiskCacheStore(tmp_path / "s")
     async with PersistentSupervisor(store=store) as sup:
         await sup.start(Permanent, "x", key="k")
-    before = await store.load("permanent", "k")
+        await sup.start(Permanent, "y", key="j")
+    before = [await store.load("permanent", key) for key in "jk"] if not on_disk else None
+    caplog.clear()
     async with PersistentSupervisor(store=store, servers=[Transient]) as sup:
-        await trio.testing.wait_all_tasks_blocked()
+        with trio.fail_after(10):  # the startup scan runs on the store's thread
+            while not any("no class" in r.message for r in caplog.records):
+                await trio.sleep(0.01)
         assert sup.statistics().active == 0
-    assert await store.load("permanent", "k") == before
+    logged = [r.message for r in caplog.records if "no class" in r.message]
+    assert len(logged) == 1 and "permanent" in logged[0]
+    if before is not None:
+        assert [await store.load("permanent", key) for key in "jk"] == before
 
 
 # -- records that cannot be activated ------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -272,6 +273,16 @@ class DiskCacheStore:
             raise
         except Exception as exc:
             raise PersistenceError(f"the store could not commit: {exc}") from exc
+
+    async def kinds(self) -> set[str]:
+        """Every kind with a stored record (reads every key, on the store's thread)."""
+        keys: Iterator[Any] = await self._run(lambda: self._opened().iterkeys())
+        found: set[str] = set()
+        while True:
+            chunk = await self._run(lambda: list(itertools.islice(keys, _SCAN_CHUNK)))
+            found.update(ident[0] for ident in map(split_key, chunk) if ident is not None)
+            if len(chunk) < _SCAN_CHUNK:
+                return found
 
     async def scan(self, kind: str) -> AsyncIterator[Record]:
         keys: Iterator[Any] = await self._run(lambda: self._opened().iterkeys())

@@ -58,6 +58,10 @@ class MemoryStore:
                 await trio.lowlevel.checkpoint()
                 yield record
 
+    async def kinds(self) -> set[str]:
+        await trio.lowlevel.checkpoint()
+        return {kind for kind, _ in self._records}
+
     def __len__(self) -> int:
         return len(self._records)
 

@@ -79,6 +79,9 @@ class Store(Protocol):
     def scan(self, kind: str) -> AsyncIterator[Record]:
         """Iterate over every record of *kind*, in no particular order."""
 
+    # Optional: ``async def kinds(self) -> set[str]``, every kind with a stored record,
+    # used once at startup to log the kinds that no listed class serves.
+
 
 def check_operation(current: Record | None, operation: Operation) -> None:
     """Raise `ConflictError` unless *operation* may apply over *current*.

@@ -240,6 +240,15 @@ class PersistentSupervisor:
             if count:
                 logger.info("supervisor %r: activated %d %s server(s) at startup",
                             self.name, count, info.cls.kind)
+        kinds = getattr(self.store, "kinds", None)
+        if kinds is not None:
+            unserved = sorted(set(await kinds()) - set(self._kinds))
+            if unserved:
+                logger.warning(
+                    "supervisor %r: the store holds records of kind(s) %s that no class "
+                    "listed in servers= serves; they are left untouched",
+                    self.name, ", ".join(unserved),
+                )
 
     def note_crash(self, ref: ServerRef, quarantined: bool) -> None:
         """Count a crash; escalate when more than max_restarts fall within max_seconds."""
