@@ -1,30 +1,42 @@
-"""A game world on trio-pgs: 10,000 players, a few hundred online at any moment.
+"""A game world on trio-pgs: 10,000 players, a few hundred of them online at a time.
 
-Every player is a persistent server. Its score is committed to the store after each
-move, it hibernates when its player goes away (its task ends, its state stays on
-disk), and it wakes from the store when the player comes back. Run it twice: the
-second run continues every player's score from ``game-state/``.
+Every player is a persistent server. Each move is committed to the store before the
+player sees its new score; a player whose client goes away hibernates after
+``--idle`` seconds (its task ends, its state stays on disk) and wakes from the store
+when a client picks it again. All the servers' writes go through one writer, which
+groups them into shared transactions (the "mean batch" figure).
 
-    make demo                      # or: python examples/game.py
-    python examples/game.py --quick   # a short run
+Run it twice: the first run creates the players in ``game-state/``, the second one
+continues every player's score from there.
+
+    make demo                              # python examples/game.py
+    python examples/game.py --quick        # a short run: 500 players, 3 seconds
+    python examples/game.py --help         # players, clients, seconds, idle, store
 """
 
 from __future__ import annotations
 
 import argparse
 import random
-import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
 import trio
 
 import trio_pgs
-from trio_pgs import NoReply, PersistentServer, PersistentSupervisor, Reply
+from trio_pgs import NoReply, PersistentServer, PersistentSupervisor, Reply, Stop
+
+#: How many players are read or created at the same time at startup and at the end.
+WORKERS = 200
+#: Seconds between two progress lines.
+PROGRESS_EVERY = 2.0
 
 
 @attrs.frozen
 class Player:
+    """The state of one player: what the store keeps (as JSON)."""
+
     name: str
     score: int = 0
     games: int = 0
@@ -32,122 +44,178 @@ class Player:
 
 class PlayerServer(PersistentServer[Player]):
     kind = "player"
+    idle_timeout = 2.0  # seconds without messages before hibernating
 
     async def init(self, name: str) -> Player:
         return Player(name)
 
-    async def handle_call(self, request: Any, state: Player) -> Any:
+    async def handle_call(
+        self, request: Any, state: Player
+    ) -> Reply[Player] | NoReply[Player] | Stop[Player]:
         match request:
-            case ("score", points):
+            case ("score", int(points)):
                 state = attrs.evolve(state, score=state.score + points)
-                return Reply(state.score, state)
+                return Reply(state.score, state)  # committed before the caller sees it
             case "show":
-                return Reply(state, state, persist=False)
+                return Reply(state, state, persist=False)  # a read: nothing to write
         return await super().handle_call(request, state)
 
-    async def handle_cast(self, message: Any, state: Player) -> Any:
+    async def handle_cast(self, message: Any, state: Player) -> NoReply[Player] | Stop[Player]:
         match message:
             case "game-over":
                 return NoReply(attrs.evolve(state, games=state.games + 1))
         return await super().handle_cast(message, state)
 
 
+@attrs.define
+class Tally:
+    """What the clients did, for the progress lines."""
+
+    calls: int = 0
+    sessions: int = 0
+
+
 def player_key(number: int) -> str:
     return f"p{number:06d}"
 
 
-async def create_world(sup: PersistentSupervisor, players: int) -> int:
-    """Start the players that are not in the store yet; return how many existed."""
-    existing = 0
-    for number in range(players):
-        key = player_key(number)
+async def for_every_player(players: int, visit: Callable[[int], Awaitable[None]]) -> None:
+    """Await ``visit(number)`` for every player number, WORKERS at a time."""
+
+    async def worker(first: int) -> None:
+        for number in range(first, players, WORKERS):
+            await visit(number)
+
+    async with trio.open_nursery() as nursery:
+        for first in range(min(WORKERS, players)):
+            nursery.start_soon(worker, first)
+
+
+async def read_everyone(sup: PersistentSupervisor, players: int) -> list[Player]:
+    """Every player's state, read through calls (dormant players wake from the store)."""
+    everyone: list[Player] = []
+
+    async def read(number: int) -> None:
+        everyone.append(await sup.ref(PlayerServer, player_key(number)).call("show"))
+
+    await for_every_player(players, read)
+    return everyone
+
+
+async def open_world(sup: PersistentSupervisor, players: int) -> tuple[int, int]:
+    """Read every player, starting those the store does not have yet.
+
+    Returns how many players the store already had, and their total score.
+    """
+    existing = total_score = 0
+
+    async def open_player(number: int) -> None:
+        nonlocal existing, total_score
+        ref = sup.ref(PlayerServer, player_key(number))
         try:
-            await sup.start(PlayerServer, f"player {number}", key=key)
-        except trio_pgs.AlreadyStarted:
+            player = await ref.call("show")  # wakes the player from the store
+        except trio_pgs.ServerNotFound:
+            await sup.start(PlayerServer, f"player {number}", key=ref.key)  # a new player
+        else:
             existing += 1
-    return existing
+            total_score += player.score
+
+    await for_every_player(players, open_player)
+    return existing, total_score
 
 
-async def play_sessions(sup: PersistentSupervisor, players: int, deadline: float,
-                        counter: list[int]) -> None:
-    """One client: log in as a random player, play a few moves, leave, repeat."""
+async def play_sessions(
+    sup: PersistentSupervisor, players: int, deadline: float, tally: Tally
+) -> None:
+    """One client: log in as a random player, play a few moves, leave; repeat."""
     while trio.current_time() < deadline:
-        ref = sup.ref(PlayerServer, player_key(random.randrange(players)))
+        player = sup.ref(PlayerServer, player_key(random.randrange(players)))
         for _ in range(random.randint(3, 8)):
-            await ref.call(("score", random.randint(1, 10)))
-            counter[0] += 1
-            await trio.sleep(random.uniform(0.01, 0.05))  # thinking
-        await ref.cast("game-over")
-        await trio.sleep(random.uniform(0.1, 0.5))  # between sessions
+            await player.call(("score", random.randint(1, 10)))
+            tally.calls += 1
+            await trio.sleep(random.uniform(0.01, 0.05))  # thinking about the next move
+        await player.cast("game-over")
+        tally.sessions += 1
+        await trio.sleep(random.uniform(0.1, 0.5))  # away between two sessions
 
 
-async def report_progress(sup: PersistentSupervisor, started: float, counter: list[int]) -> None:
+async def report_progress(sup: PersistentSupervisor, tally: Tally) -> None:
+    """Print a progress line every PROGRESS_EVERY seconds, until cancelled."""
+    started = trio.current_time()
     while True:
-        await trio.sleep(2)
+        await trio.sleep(PROGRESS_EVERY)
+        elapsed = trio.current_time() - started
         stats = sup.statistics()
-        elapsed = time.monotonic() - started
         print(
-            f"  {elapsed:5.1f}s  moves {counter[0]:7d} ({counter[0] / elapsed:6.0f}/s)  "
-            f"online {stats.active:4d}  hibernations {stats.hibernations:6d}  "
-            f"commits {stats.commits:6d}  mean batch {stats.mean_batch_size:5.1f}"
+            f"  {elapsed:5.1f}s  {tally.calls:7,} calls ({tally.calls / elapsed:5,.0f}/s)"
+            f"  active {stats.active:5,}  hibernations {stats.hibernations:6,}"
+            f"  commits {stats.commits:6,}  mean batch {stats.mean_batch_size:4.1f}"
         )
 
 
-async def leaderboard(sup: PersistentSupervisor, players: int) -> tuple[int, list[Player]]:
-    """Read every player (waking the dormant ones) for the total and the top 3."""
-    everyone = []
-    for number in range(players):
-        everyone.append(await sup.ref(PlayerServer, player_key(number)).call("show"))
-    everyone.sort(key=lambda player: player.score, reverse=True)
-    return sum(player.score for player in everyone), everyone[:3]
+async def play(sup: PersistentSupervisor, players: int, clients: int, seconds: float) -> None:
+    """Run *clients* concurrent clients for *seconds*, with progress lines."""
+    tally = Tally()
+    deadline = trio.current_time() + seconds
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(report_progress, sup, tally)
+        async with trio.open_nursery() as clients_nursery:
+            for _ in range(clients):
+                clients_nursery.start_soon(play_sessions, sup, players, deadline, tally)
+        nursery.cancel_scope.cancel()  # the clients are done: stop the progress lines
+    print(f"Played {tally.calls:,} moves in {tally.sessions:,} sessions")
+
+
+def print_statistics(stats: trio_pgs.SupervisorStatistics) -> None:
+    print(
+        "Supervisor statistics:\n"
+        f"  active {stats.active:,}, hibernated {stats.hibernations:,}, "
+        f"activations {stats.activations:,}, crashes {stats.crashes:,}\n"
+        f"  messages {stats.messages:,}, commits {stats.commits:,}, "
+        f"records written {stats.records_written:,}, "
+        f"mean batch size {stats.mean_batch_size:.1f}"
+    )
 
 
 async def main(players: int, seconds: float, clients: int, idle: float, store: str) -> None:
-    print(f"A world of {players:,} players in {store!r}, {clients} online at a time")
+    print(f"A world of {players:,} players in {store!r}, {clients} clients online at a time")
     async with PersistentSupervisor(
         store=trio_pgs.DiskCacheStore(store), servers=[PlayerServer], idle_timeout=idle
     ) as sup:
-        existing = await create_world(sup, players)
+        existing, total_before = await open_world(sup, players)
         if existing:
             print(f"Continuing {existing:,} players from {store!r}")
-        total_before, _ = await leaderboard(sup, players)
+        if existing < players:
+            print(f"Created {players - existing:,} new players")
         print(f"Total score before playing: {total_before:,}")
-        started, counter = time.monotonic(), [0]
-        deadline = trio.current_time() + seconds
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(report_progress, sup, started, counter)
-            async with trio.open_nursery() as clients_nursery:
-                for _ in range(clients):
-                    clients_nursery.start_soon(play_sessions, sup, players, deadline, counter)
-            nursery.cancel_scope.cancel()
-        total, top = await leaderboard(sup, players)
+
+        await play(sup, players, clients, seconds)
+
+        everyone = await read_everyone(sup, players)
+        total = sum(player.score for player in everyone)
         print(f"Total score after playing: {total:,} (+{total - total_before:,})")
+        top = sorted(everyone, key=lambda player: player.score, reverse=True)[:3]
         for place, player in enumerate(top, 1):
             print(f"  #{place} {player.name}: {player.score} points in {player.games} games")
-        await trio.sleep(idle + 0.5)  # everyone logs off: the players hibernate
-        stats = sup.statistics()
-    print(
-        "Supervisor statistics:\n"
-        f"  active {stats.active}, hibernated {stats.hibernations}, "
-        f"activations {stats.activations}, crashes {stats.crashes}\n"
-        f"  messages {stats.messages}, commits {stats.commits}, "
-        f"records written {stats.records_written}, "
-        f"mean batch size {stats.mean_batch_size:.1f}"
-    )
+        await trio.sleep(idle + 0.5)  # everyone logs off: every player hibernates
+    print_statistics(sup.statistics())
     print("Run it again: every score continues from the store.")
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--players", type=int, default=10_000)
-    parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--clients", type=int, default=300)
-    parser.add_argument("--idle", type=float, default=2.0, help="idle_timeout of a player")
-    parser.add_argument("--store", default="game-state")
-    parser.add_argument("--quick", action="store_true", help="a short run (for the tests)")
+    parser.add_argument("--players", type=int, default=10_000, help="default: 10,000")
+    parser.add_argument("--clients", type=int, default=300,
+                        help="concurrent clients, each playing one session at a time")
+    parser.add_argument("--seconds", type=float, default=20.0, help="how long to play")
+    parser.add_argument("--idle", type=float, default=PlayerServer.idle_timeout,
+                        help="seconds before an idle player hibernates")
+    parser.add_argument("--store", default="game-state", help="the store's directory")
+    parser.add_argument("--quick", action="store_true",
+                        help="a short run: 500 players, 50 clients, 3 seconds, idle 0.5 s")
     args = parser.parse_args()
     if args.quick:
-        args.players, args.seconds, args.clients, args.idle = 500, 3.0, 50, 0.5
+        args.players, args.clients, args.seconds, args.idle = 500, 50, 3.0, 0.5
     return args
 
 
