@@ -25,6 +25,7 @@ from ._results import Stop as Stop
 from ._server import Persistence as Persistence
 from ._server import PersistentServer as PersistentServer
 from ._server import Restart as Restart
+from ._shaping import ephemeral as ephemeral
 from ._store import Delete as Delete
 from ._store import Put as Put
 from ._store import Record as Record

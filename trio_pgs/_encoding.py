@@ -1,14 +1,16 @@
-"""From a live state to stored bytes and back: cattrs, then JSON."""
+"""From a live state to stored bytes and back: transformation, cattrs, JSON, migrations."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import cattrs
 from cattrs.preconf.json import make_converter
 
 from ._errors import StateEncodingError
+from ._shaping import with_ephemeral_hooks
 
 _default_converter = make_converter()
 
@@ -18,21 +20,45 @@ def default_converter() -> cattrs.Converter:
     return _default_converter
 
 
-class Codec:
-    """Encodes and decodes one server class's state, as declared by its type."""
+class DecodingError(ValueError):
+    """A stored state could not be turned back into a live one (the message says where)."""
 
-    def __init__(self, state_type: Any, converter: cattrs.Converter | None = None) -> None:
-        self.state_type = state_type
-        self.converter = converter or _default_converter
+
+class Codec:
+    """Encodes and decodes one server class's state under one supervisor.
+
+    The live state is transformed (``to_persisted``) if the class declares a persisted
+    shape, unstructured by cattrs (ephemeral fields left out) and written as JSON.
+    Decoding runs the migrations from the stored ``state_version`` to the class's.
+    """
+
+    def __init__(
+        self,
+        state_type: Any,
+        converter: cattrs.Converter | None,
+        state_version: int,
+        migrations: Mapping[int, Callable[[Any], Any]],
+        persisted_type: Any = None,
+        to_persisted: Callable[[Any], Any] | None = None,
+        from_persisted: Callable[[Any], Any] | None = None,
+    ) -> None:
+        self.converter = with_ephemeral_hooks(converter or _default_converter)
+        self.stored_type = state_type if persisted_type is None else persisted_type
+        self.state_version = state_version
+        self.migrations = migrations
+        self.to_persisted = to_persisted
+        self.from_persisted = from_persisted
 
     def encode(self, state: Any, where: str) -> bytes:
         """Return the stored form of *state*; `StateEncodingError` names *where* and why."""
         try:
-            raw = self.converter.unstructure(state, unstructure_as=self.state_type)
+            if self.to_persisted is not None:
+                state = self.to_persisted(state)
+            raw = self.converter.unstructure(state, unstructure_as=self.stored_type)
         except Exception as exc:
             raise StateEncodingError(
-                f"{where}: the state could not be unstructured by cattrs: {exc!r}. "
-                "Give its type a cattrs hook (converter=...) or mark the field ephemeral."
+                f"{where}: the state could not be unstructured: {exc!r}. Give its type a "
+                "cattrs hook (converter=...) or mark the field ephemeral."
             ) from exc
         try:
             return json.dumps(raw, ensure_ascii=False, separators=(",", ":")).encode()
@@ -42,12 +68,56 @@ class Codec:
                 f"{where}: the state cannot be stored as JSON at {path}: {exc}. "
                 "Use a type cattrs converts (attrs classes, lists, dicts, str, numbers, "
                 "datetime, enums...), register a hook (converter=...), or keep the "
-                "value out of the stored state."
+                "value out of the stored state (trio_pgs.ephemeral)."
             ) from exc
 
-    def decode(self, data: bytes) -> Any:
-        """Return the live state stored as *data*; errors are cattrs' or JSON's."""
-        return self.converter.structure(json.loads(data), self.state_type)
+    def decode(self, data: bytes, stored_version: int, where: str) -> tuple[Any, bool]:
+        """Return the live state stored as *data*, and whether it was migrated.
+
+        Raises `DecodingError` naming *where*, the versions or the path of a bad field.
+        """
+        current = self.state_version
+        if stored_version > current:
+            raise DecodingError(
+                f"{where}: the record is at state_version {stored_version}, newer than "
+                f"this code's state_version {current}; run the newer code"
+            )
+        try:
+            raw = json.loads(data)
+        except ValueError as exc:
+            raise DecodingError(f"{where}: the stored state is not JSON: {exc}") from exc
+        for version in range(stored_version, current):
+            step = self.migrations.get(version)
+            if step is None:
+                raise DecodingError(
+                    f"{where}: the record is at state_version {stored_version}, the code at "
+                    f"{current}, and there is no migration from version {version}; add "
+                    f"migrations[{version}]"
+                )
+            try:
+                raw = step(raw)
+            except Exception as exc:
+                raise DecodingError(
+                    f"{where}: migration {version} -> {version + 1} raised {exc!r} "
+                    f"(record at state_version {stored_version}, code at {current})"
+                ) from exc
+        try:
+            state = self.converter.structure(raw, self.stored_type)
+        except Exception as exc:
+            details = "; ".join(cattrs.transform_error(exc))
+            raise DecodingError(
+                f"{where}: the stored state does not fit {_name(self.stored_type)}: {details}"
+            ) from exc
+        if self.from_persisted is not None:
+            try:
+                state = self.from_persisted(state)
+            except Exception as exc:
+                raise DecodingError(f"{where}: from_persisted raised {exc!r}") from exc
+        return state, stored_version < current
+
+
+def _name(cls: Any) -> str:
+    return getattr(cls, "__qualname__", None) or repr(cls)
 
 
 def _bad_path(value: Any, path: str) -> str:

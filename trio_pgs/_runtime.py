@@ -6,11 +6,13 @@ import logging
 import time
 from typing import Any
 
+import attrs
 import outcome
 import trio
 
 from ._activation import Activation, check_not_coroutine, persistence_error
 from ._calls import current_handling
+from ._encoding import DecodingError
 from ._entry import (
     Entry,
     Next,
@@ -109,7 +111,16 @@ async def activate(entry: Entry) -> Activation | None:
             entry.end(quarantined_error(ref))
             return None
         try:
-            state = info.codec.decode(record.data)
+            state, migrated = info.codec.decode(record.data, record.state_version, str(ref))
+            if migrated:  # commit the migrated state back, once
+                data = info.codec.encode(state, str(ref))
+                migrated_record = attrs.evolve(
+                    record, data=data, version=record.version + 1,
+                    state_version=info.options.state_version, updated_at=time.time(),
+                )
+                await sup.writer.commit(Put(migrated_record, record.version))
+                record = migrated_record
+                sup.counters.migrations += 1
         except Exception as exc:
             _activation_failed(entry, exc, None)
             return None
@@ -137,10 +148,12 @@ def _activation_failed(entry: Entry, exc: Exception, start: StartRequest | None)
     entry.sup.note_crash(ref, False)
     logger.error("%s: activation failed: %r", ref, exc, extra=entry.extra)
 
+    detail = str(exc) if isinstance(exc, DecodingError) else f"{ref}: {exc!r}"
+
     def error() -> BaseException:
         failure = ActivationFailed(
-            f"{ref}: the stored record could not be activated: {exc!r}. It is kept as "
-            "is; fix the cause (or the record) and call again"
+            f"{detail}. The record is kept as is; fix the cause (the code, a migration "
+            "or the record) and call again"
         )
         failure.__cause__ = exc
         return failure

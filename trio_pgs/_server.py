@@ -7,10 +7,11 @@ import inspect
 import logging
 import math
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import attrs
+import cattrs
 import trio
 
 from ._errors import UnknownRequest
@@ -120,6 +121,13 @@ class PersistentServer(Generic[S]):
     (the name stored in refs and records; the class name by default),
     ``idle_timeout``, ``mailbox_size``, ``restart``, ``persistence``, ``max_crashes``,
     ``crash_window``, ``state_version`` and ``keep_history``.
+
+    State shaping (class attributes only): ``migrations`` maps each ``state_version``
+    migrated from to a function of the unstructured state; ``converter`` is a cattrs
+    converter for this class (before the supervisor's); ``persisted_type`` with the
+    functions ``to_persisted`` (live state to persisted shape) and ``from_persisted``
+    (back) stores a different shape than the live state (write them as
+    ``staticmethod``).
     """
 
     kind: ClassVar[str]
@@ -132,6 +140,11 @@ class PersistentServer(Generic[S]):
     crash_window: ClassVar[float] = 5.0
     state_version: ClassVar[int] = 1
     keep_history: ClassVar[int] = 0
+    migrations: ClassVar[Mapping[int, Callable[[Any], Any]]] = {}
+    converter: ClassVar[cattrs.Converter | None] = None
+    persisted_type: ClassVar[Any] = None
+    to_persisted: ClassVar[Callable[[Any], Any] | None] = None
+    from_persisted: ClassVar[Callable[[Any], Any] | None] = None
 
     _activation: Activation
 
@@ -145,6 +158,7 @@ class PersistentServer(Generic[S]):
                 (argument,) = typing.get_args(base)
                 if not isinstance(argument, TypeVar):
                     cls.state_type = argument
+        check_shaping(cls)
         for name in _HOOKS:
             hook = getattr(cls, name)
             if not inspect.iscoroutinefunction(hook):
@@ -213,6 +227,25 @@ class PersistentServer(Generic[S]):
         """Called when the activation ends: ``"normal"`` or another stop reason,
         ``"hibernate"``, ``"shutdown"``, or the exception that crashed it."""
         await trio.lowlevel.checkpoint()
+
+
+def check_shaping(cls: type[PersistentServer[Any]]) -> None:
+    shaping = (cls.persisted_type, cls.to_persisted, cls.from_persisted)
+    if any(part is not None for part in shaping) and any(part is None for part in shaping):
+        raise TypeError(
+            f"{cls.__qualname__}: persisted_type, to_persisted and from_persisted go "
+            "together; define all three (or none)"
+        )
+    for name in ("to_persisted", "from_persisted"):
+        if inspect.isfunction(inspect.getattr_static(cls, name)):
+            raise TypeError(f"{cls.__qualname__}.{name} must be a @staticmethod")
+    if not isinstance(cls.migrations, Mapping) or not all(
+        isinstance(version, int) and callable(step) for version, step in cls.migrations.items()
+    ):
+        raise TypeError(
+            f"{cls.__qualname__}.migrations must map each version migrated from (an int) "
+            "to a function taking and returning the unstructured state"
+        )
 
 
 def check_kind(kind: object) -> str:

@@ -35,6 +35,7 @@ from ._server import (
     PersistentServer,
     Restart,
     check_option_names,
+    check_shaping,
     resolve_options,
 )
 from ._store import Put, Record, Store
@@ -69,6 +70,7 @@ class SupervisorStatistics:
         records_written: Records written (or wiped) in those transactions.
         failed_commits: Operations the store refused or failed.
         quarantined: Servers put in quarantine since the supervisor opened.
+        migrations: Records migrated to the class's state_version (and committed).
         unflushed: Servers still busy when shutdown_timeout ran out (their last
             messages were cancelled, not committed); empty until shutdown.
     """
@@ -84,6 +86,7 @@ class SupervisorStatistics:
     records_written: int
     failed_commits: int
     quarantined: int
+    migrations: int = 0
     unflushed: tuple[str, ...] = ()
 
     @property
@@ -93,11 +96,14 @@ class SupervisorStatistics:
 
 
 class Counters:
-    __slots__ = ("activations", "crashes", "hibernations", "messages", "quarantined", "stops")
+    __slots__ = (
+        "activations", "crashes", "hibernations", "messages", "migrations", "quarantined",
+        "stops",
+    )
 
     def __init__(self) -> None:
         self.activations = self.hibernations = self.crashes = self.stops = 0
-        self.messages = self.quarantined = 0
+        self.messages = self.quarantined = self.migrations = 0
 
 
 class PersistentSupervisor:
@@ -330,9 +336,18 @@ class PersistentSupervisor:
                     f"supervisor {self.name!r}; give {cls.__qualname__} another kind"
                 )
             return info
-        info = KindInfo(
-            cls, resolve_options(cls, self._defaults), Codec(cls.state_type, self._converter)
+        check_shaping(cls)  # again: class attributes may have been set after the class
+        options = resolve_options(cls, self._defaults)
+        codec = Codec(
+            cls.state_type,
+            cls.converter or self._converter,
+            options.state_version,
+            cls.migrations,
+            cls.persisted_type,
+            cls.to_persisted,
+            cls.from_persisted,
         )
+        info = KindInfo(cls, options, codec)
         self._kinds[kind] = info
         return info
 
@@ -513,6 +528,7 @@ class PersistentSupervisor:
             records_written=writer.records_written,
             failed_commits=writer.failed,
             quarantined=counters.quarantined,
+            migrations=counters.migrations,
             unflushed=self._unflushed,
         )
 
