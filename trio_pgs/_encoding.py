@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
+
+try:  # the `orjson` extra: about 3 x faster encoding, the same bytes
+    import orjson
+except ImportError:  # pragma: no cover - depends on the installation
+    orjson = None  # type: ignore[assignment]
 
 import cattrs
 from cattrs.preconf.json import make_converter
@@ -13,6 +19,41 @@ from ._errors import StateEncodingError
 from ._shaping import with_ephemeral_hooks
 
 _default_converter = make_converter()
+
+#: Which JSON library writes and reads states: "orjson" when installed, else "json".
+JSON_BACKEND = "json" if orjson is None else "orjson"
+
+
+def _dumps_json(raw: Any) -> bytes:
+    return json.dumps(raw, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _dumps_orjson(raw: Any) -> bytes:
+    data: bytes = orjson.dumps(raw, option=orjson.OPT_NON_STR_KEYS)
+    # orjson writes NaN and infinities as null; the json backend refuses them. Keep
+    # one behaviour: look for them only when a null was written.
+    if b"null" in data and _has_non_finite(raw):
+        raise ValueError("Out of range float values are not JSON compliant")
+    return data
+
+
+def dumps(raw: Any) -> bytes:
+    """The stored bytes of an unstructured state: compact JSON, UTF-8, no NaN."""
+    return _dumps_orjson(raw) if JSON_BACKEND == "orjson" else _dumps_json(raw)
+
+
+def loads(data: bytes) -> Any:
+    return orjson.loads(data) if JSON_BACKEND == "orjson" else json.loads(data)
+
+
+def _has_non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_has_non_finite(item) for item in value.values())
+    if isinstance(value, list | tuple):
+        return any(_has_non_finite(item) for item in value)
+    return False
 
 
 def default_converter() -> cattrs.Converter:
@@ -61,7 +102,7 @@ class Codec:
                 "cattrs hook (converter=...) or mark the field ephemeral."
             ) from exc
         try:
-            return json.dumps(raw, ensure_ascii=False, separators=(",", ":")).encode()
+            return dumps(raw)
         except (TypeError, ValueError) as exc:
             path = _bad_path(raw, "$") or "$"
             raise StateEncodingError(
@@ -83,7 +124,7 @@ class Codec:
                 f"this code's state_version {current}; run the newer code"
             )
         try:
-            raw = json.loads(data)
+            raw = loads(data)
         except ValueError as exc:
             raise DecodingError(f"{where}: the stored state is not JSON: {exc}") from exc
         for version in range(stored_version, current):
@@ -136,6 +177,8 @@ def _bad_path(value: Any, path: str) -> str:
             if found:
                 return found
         return ""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{path} ({value}: JSON has no NaN or infinity)"
     if value is None or isinstance(value, str | int | float | bool):
         return ""
     return f"{path} ({type(value).__name__})"
