@@ -24,7 +24,7 @@ from ._entry import (
 )
 from ._errors import PersistenceError, ServerCrashed, StateEncodingError
 from ._results import NO_REPLY, NoReply, Reply, Stop
-from ._server import PersistentServer, Restart
+from ._server import Persistence, PersistentServer, Restart
 from ._store import Delete, Put, Record
 
 if TYPE_CHECKING:
@@ -43,6 +43,16 @@ class Activation:
         self.server = server
         self.state = state
         self.record = record  # the last committed record
+        options = entry.info.options
+        #: WRITE_BEHIND and ON_STOP: the newest encoded state not committed yet, and
+        #: when it must be (never sooner than needed; inf for ON_STOP).
+        self.pending: bytes | None = None
+        self.flush_at = math.inf
+        self.lag = (
+            None if options.persistence is Persistence.EACH_MESSAGE
+            else options.max_lag if options.persistence is Persistence.WRITE_BEHIND
+            else math.inf
+        )
         self.last_activity = trio.current_time()
         self.handling = False
         self.gated: list[tuple[Caller, outcome.Outcome[Any]]] = []
@@ -63,6 +73,9 @@ class Activation:
                     return await self._shut_down()
                 got = await self._wait_for_message()
                 if got is None:
+                    if self.pending is not None and trio.current_time() >= self.flush_at:
+                        await self._flush()
+                        continue
                     if entry.shutting_down:
                         return await self._shut_down()
                     step = await self._hibernate()
@@ -73,15 +86,21 @@ class Activation:
             step = await self._handle(message)
             if step is not Next.CONTINUE:
                 return step
+            if self.pending is not None and trio.current_time() >= self.flush_at:
+                await self._flush()
 
     async def _wait_for_message(self) -> Message | None:
         """Wait until a message comes (returned), or until the idle deadline passes
         or shutdown begins (None). Cancelling a receive never loses a message."""
         timeout = self.entry.info.options.idle_timeout
+        if self.entry.hibernate_now and not self.owed:
+            return None
         if timeout is None or self.owed:
             deadline = math.inf
         else:
             deadline = self.last_activity + timeout
+        if self.pending is not None:
+            deadline = min(deadline, self.flush_at)
         with trio.CancelScope(deadline=deadline) as scope:
             self.entry.wait_scope = scope
             try:
@@ -123,7 +142,11 @@ class Activation:
                 data = entry.info.codec.encode(result.state, str(entry.ref))
             except StateEncodingError as exc:
                 return await self._crash(message, exc, exc)
-            if data != self.record.data:
+            if self.lag is not None:  # written later, the newest state only
+                self.pending = None if data == self.record.data else data
+                if self.pending is not None and self.flush_at == math.inf:
+                    self.flush_at = trio.current_time() + self.lag
+            elif data != self.record.data:
                 try:
                     await self._commit(data)
                 except Exception as exc:
@@ -131,6 +154,8 @@ class Activation:
         self.state = result.state
         if kind is not Kind.TIMER:
             self.last_activity = trio.current_time()
+            if entry.sup.max_active is not None:
+                entry.sup.touch(entry)
         if type(result) is Stop:
             return await self._stop(message, result)
         if caller is not None:
@@ -158,6 +183,23 @@ class Activation:
         record = attrs.evolve(record, version=old.version + 1, updated_at=time.time())
         await self.entry.sup.writer.commit(Put(record, old.version))
         self.record = record
+
+    async def _flush(self) -> bool:
+        """Commit the pending state (WRITE_BEHIND, ON_STOP); on failure keep it pending
+        and retry after max_lag. Returns whether nothing is left pending."""
+        data = self.pending
+        if data is None:
+            return True
+        try:
+            await self._commit(data)
+        except Exception:
+            logger.exception("%s: a deferred write failed; it stays pending and is retried",
+                             self.entry.ref, extra=self.entry.extra)
+            self.flush_at = trio.current_time() + self.entry.info.options.max_lag
+            return False
+        if self.pending is data:
+            self.pending, self.flush_at = None, math.inf
+        return self.pending is None
 
     # -- replies ----------------------------------------------------------------------
 
@@ -202,6 +244,7 @@ class Activation:
         the server restarted), and only then does the caller hear of it."""
         entry, ref, options = self.entry, self.entry.ref, self.entry.info.options
         logger.error("%s crashed: %r", ref, exc, exc_info=exc, extra=entry.extra)
+        await self._flush()  # deferred modes: the acknowledged state before the crash
         await self._terminate(exc)
         quarantined = False
         if options.restart is Restart.TEMPORARY:
@@ -279,6 +322,9 @@ class Activation:
             self.fail_owed(stopped)
             entry.end(not_found(ref))  # before the reply: a new start must not collide
             step = Next.END
+        elif not await self._flush():
+            self.fail_owed(stopped)
+            step = Next.REACTIVATE  # the stop's state could not be written: keep it alive
         elif restart is Restart.PERMANENT or not entry.mailbox_empty():
             self.fail_owed(stopped)
             step = Next.REACTIVATE
@@ -301,6 +347,9 @@ class Activation:
 
     async def _hibernate(self) -> Next:
         entry = self.entry
+        if not await self._flush():
+            self.last_activity = trio.current_time()  # never drop a state: stay active
+            return Next.CONTINUE
         entry.status = Status.HIBERNATING
         await self._terminate("hibernate")
         if entry.shutting_down and entry.mailbox_empty():
@@ -317,6 +366,8 @@ class Activation:
 
     async def _shut_down(self) -> Next:
         entry = self.entry
+        if not await self._flush():
+            entry.sup.note_unflushed(entry.ref)
         await self._terminate("shutdown")
         self.fail_owed(not_running(entry.ref))
         entry.end(not_running(entry.ref))

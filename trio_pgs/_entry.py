@@ -75,6 +75,8 @@ class Entry:
         self.activation_error: ErrorFactory | None = None
         self.start = start
         self.shutting_down = False
+        #: Set by the supervisor above max_active: hibernate at the next wait.
+        self.hibernate_now = False
         self.wait_scope: trio.CancelScope | None = None
         self.task_scope: trio.CancelScope | None = None
         self.activation: Activation | None = None

@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from ._registry import find_supervisor
+
 if TYPE_CHECKING:
     from ._supervisor import PersistentSupervisor
 
@@ -44,8 +46,6 @@ class ServerRef:
         return f"{self.kind}/{self.key}"
 
     def _supervisor(self) -> PersistentSupervisor:
-        from ._supervisor import find_supervisor
-
         return find_supervisor(self)
 
     async def call(self, request: Any) -> Any:

@@ -41,6 +41,11 @@ class Persistence(enum.Enum):
 
     #: Committed after every handled message, before the reply (the default).
     EACH_MESSAGE = "each_message"
+    #: Replies at once; the newest state is committed at most ``max_lag`` seconds later,
+    #: and always at hibernation, stop, crash (the state before it) and shutdown.
+    WRITE_BEHIND = "write_behind"
+    #: Committed only at hibernation, stop, crash (the state before it) and shutdown.
+    ON_STOP = "on_stop"
 
 
 _HOOKS = ("init", "on_activate", "handle_call", "handle_cast", "handle_info", "terminate")
@@ -74,6 +79,7 @@ class Options:
     crash_window: float = 5.0
     state_version: int = 1
     keep_history: int = 0
+    max_lag: float = 1.0
 
     def __attrs_post_init__(self) -> None:
         _check_positive_or_none("idle_timeout", self.idle_timeout)
@@ -87,6 +93,9 @@ class Options:
         _check_count("max_crashes", self.max_crashes)
         _check_positive_or_none("crash_window", self.crash_window)
         _check_count("state_version", self.state_version)
+        _check_positive_or_none("max_lag", self.max_lag)
+        if self.max_lag is None:
+            raise ValueError("max_lag must be a number of seconds (use ON_STOP for never)")
         if not isinstance(self.keep_history, int) or self.keep_history < 0:
             raise ValueError(f"keep_history must be an int >= 0, not {self.keep_history!r}")
 
@@ -120,7 +129,7 @@ class PersistentServer(Generic[S]):
     Class attributes are the options (a supervisor's options override them): ``kind``
     (the name stored in refs and records; the class name by default),
     ``idle_timeout``, ``mailbox_size``, ``restart``, ``persistence``, ``max_crashes``,
-    ``crash_window``, ``state_version`` and ``keep_history``.
+    ``crash_window``, ``state_version``, ``keep_history`` and ``max_lag``.
 
     State shaping (class attributes only): ``migrations`` maps each ``state_version``
     migrated from to a function of the unstructured state; ``converter`` is a cattrs
@@ -140,6 +149,7 @@ class PersistentServer(Generic[S]):
     crash_window: ClassVar[float] = 5.0
     state_version: ClassVar[int] = 1
     keep_history: ClassVar[int] = 0
+    max_lag: ClassVar[float] = 1.0
     migrations: ClassVar[Mapping[int, Callable[[Any], Any]]] = {}
     converter: ClassVar[cattrs.Converter | None] = None
     persisted_type: ClassVar[Any] = None

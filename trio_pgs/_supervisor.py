@@ -116,6 +116,8 @@ class PersistentSupervisor:
     handlers still running. ``max_restarts`` (off by default) escalates like OTP's
     supervisors: more than ``max_restarts`` crashes within ``max_seconds`` shut every
     server down cleanly and raise `SupervisorEscalated` out of the ``async with``.
+    ``max_active`` (off by default) caps the active servers: above it, the least
+    recently used idle servers hibernate early.
 
     On entry, every stored, non-quarantined server of a `Restart.PERMANENT` class
     listed in ``servers`` is activated (in the background); others wake on demand.
@@ -134,6 +136,7 @@ class PersistentSupervisor:
         shutdown_timeout: float = 5.0,
         max_restarts: int | None = None,
         max_seconds: float = 5.0,
+        max_active: int | None = None,
         converter: cattrs.Converter | None = None,
         **defaults: Any,
     ) -> None:
@@ -146,6 +149,8 @@ class PersistentSupervisor:
             raise ValueError(f"shutdown_timeout must be >= 0 seconds, not {shutdown_timeout!r}")
         if max_restarts is not None and (not isinstance(max_restarts, int) or max_restarts < 0):
             raise ValueError(f"max_restarts must be an int >= 0 or None, not {max_restarts!r}")
+        if max_active is not None and (not isinstance(max_active, int) or max_active < 1):
+            raise ValueError(f"max_active must be an int >= 1 or None, not {max_active!r}")
         if not (isinstance(max_seconds, int | float) and max_seconds > 0):
             raise ValueError(f"max_seconds must be > 0, not {max_seconds!r}")
         check_option_names(defaults)
@@ -155,6 +160,9 @@ class PersistentSupervisor:
         self.shutdown_timeout = float(shutdown_timeout)
         self.max_restarts = max_restarts
         self.max_seconds = float(max_seconds)
+        self.max_active = max_active
+        #: With max_active: active entries from least to most recently used.
+        self._recency: collections.OrderedDict[ServerRef, Entry] = collections.OrderedDict()
         self._recent_crashes: collections.deque[float] = collections.deque()
         self._escalation: SupervisorEscalated | None = None
         self._unflushed: tuple[str, ...] = ()
@@ -256,6 +264,12 @@ class PersistentSupervisor:
                     self.name, ", ".join(unserved),
                 )
 
+    def note_unflushed(self, ref: ServerRef) -> None:
+        """A server whose last state could not be written at shutdown."""
+        logger.error("%s: its last state could not be written at shutdown and is lost",
+                     ref, extra={"kind": ref.kind, "key": ref.key})
+        self._unflushed = (*self._unflushed, str(ref))
+
     def note_crash(self, ref: ServerRef, quarantined: bool) -> None:
         """Count a crash; escalate when more than max_restarts fall within max_seconds."""
         self.counters.crashes += 1
@@ -299,7 +313,7 @@ class PersistentSupervisor:
                 "cancelled; their last messages were not committed: %s",
                 self.name, len(late), self.shutdown_timeout, ", ".join(late[:20]),
             )
-            self._unflushed = tuple(late)
+            self._unflushed = (*self._unflushed, *late)
             for entry in list(self._entries.values()):
                 if entry.task_scope is not None:
                     entry.task_scope.cancel()
@@ -314,6 +328,7 @@ class PersistentSupervisor:
         """Called by an entry when it ends (synchronously, with an empty mailbox)."""
         if self._entries.get(entry.ref) is entry:
             del self._entries[entry.ref]
+            self._recency.pop(entry.ref, None)
             if not self._entries and self._all_ended is not None:
                 self._all_ended.set()
 
@@ -390,7 +405,34 @@ class PersistentSupervisor:
             raise self._unknown_kind(ref.kind)
         entry = self._entries[ref] = Entry(self, info, ref)
         nursery.start_soon(serve, entry)
+        if self.max_active is not None:
+            self.touch(entry)
+            self._hibernate_least_recently_used()
         return entry
+
+    def touch(self, entry: Entry) -> None:
+        """Mark *entry* as the most recently used (only kept with max_active)."""
+        self._recency[entry.ref] = entry
+        self._recency.move_to_end(entry.ref)
+
+    def _hibernate_least_recently_used(self) -> None:
+        """Above max_active, ask the least recently used idle servers to hibernate now.
+        Busy ones (handling, owing replies) are skipped; they hibernate later."""
+        assert self.max_active is not None
+        excess = len(self._entries) - self.max_active
+        for entry in list(self._recency.values()):
+            if excess <= 0:
+                break
+            activation = entry.activation
+            if (
+                entry.wait_scope is not None
+                and activation is not None
+                and not activation.owed
+                and not entry.hibernate_now
+            ):
+                entry.hibernate_now = True
+                entry.wait_scope.cancel()
+                excess -= 1
 
     async def start(
         self, cls: type[PersistentServer[Any]], *args: Any, key: str | None = None
