@@ -403,7 +403,11 @@ class PersistentSupervisor:
         info = self._kinds.get(ref.kind)
         if info is None:
             raise self._unknown_kind(ref.kind)
-        entry = self._entries[ref] = Entry(self, info, ref)
+        return self._add(nursery, Entry(self, info, ref))
+
+    def _add(self, nursery: trio.Nursery, entry: Entry) -> Entry:
+        """Register a new entry (synchronously: racing callers share it) and start it."""
+        self._entries[entry.ref] = entry
         nursery.start_soon(serve, entry)
         if self.max_active is not None:
             self.touch(entry)
@@ -449,8 +453,7 @@ class PersistentSupervisor:
             raise AlreadyStarted(f"{ref} is already started (it is active)", ref)
         nursery = self._check_open()
         slot = ReplySlot()
-        entry = self._entries[ref] = Entry(self, info, ref, StartRequest(args, slot))
-        nursery.start_soon(serve, entry)
+        self._add(nursery, Entry(self, info, ref, StartRequest(args, slot)))
         result: ServerRef = await slot.wait()
         return result
 

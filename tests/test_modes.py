@@ -1,0 +1,166 @@
+"""Persistence modes and the active-server cap (DESIGN.md sections 4 and 5)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import trio
+import trio.testing
+
+from trio_pgs import Persistence, PersistentSupervisor, ServerCrashed
+
+from .servers import FaultyStore, TallyServer
+
+
+class Behind(TallyServer):
+    kind = "behind"
+    persistence = Persistence.WRITE_BEHIND
+    max_lag = 2.0
+
+
+class OnStop(TallyServer):
+    kind = "onstop"
+    persistence = Persistence.ON_STOP
+
+
+async def stored(store, kind: str, key: str = "k") -> bytes:
+    return (await store.load(kind, key)).data
+
+
+async def test_write_behind_replies_before_the_commit(autojump_clock):
+    store = FaultyStore()
+    async with PersistentSupervisor(store=store) as sup:
+        ref = await sup.start(Behind, key="k")
+        store.gate = trio.Event()  # every commit now waits
+        with trio.fail_after(1):
+            assert await ref.call(("add", "x")) == 1  # no commit needed for the reply
+        store.gate.set()
+
+
+async def test_write_behind_coalesces_and_lags_at_most_max_lag(store, autojump_clock):
+    async with PersistentSupervisor(store=store) as sup:
+        ref = await sup.start(Behind, key="k")
+        written = sup.statistics().records_written
+        for item in "abcde":
+            await ref.call(("add", item))
+            await trio.sleep(0.1)
+        assert await stored(store, "behind") == b'{"items":[]}'  # not yet
+        await trio.sleep(2)
+        assert await stored(store, "behind") == b'{"items":["a","b","c","d","e"]}'
+        assert sup.statistics().records_written == written + 1  # five calls, one write
+
+
+async def test_write_behind_flushes_under_continuous_load(store, autojump_clock):
+    async with PersistentSupervisor(store=store) as sup:
+        ref = await sup.start(Behind, key="k")
+        for i in range(30):
+            await ref.call(("add", str(i)))
+            await trio.sleep(0.25)
+            items = json.loads(await stored(store, "behind"))["items"]
+            assert len(items) >= (i + 1) - 9  # max_lag is 2 s: 8 calls, and the one now
+
+
+@pytest.mark.parametrize("cls", [Behind, OnStop], ids=["write-behind", "on-stop"])
+async def test_deferred_modes_flush_on_hibernation(store, autojump_clock, cls):
+    async with PersistentSupervisor(store=store, idle_timeout=10) as sup:
+        ref = await sup.start(cls, key="k")
+        await ref.call(("add", "x"))
+        await trio.sleep(11)
+        assert sup.statistics().hibernations == 1
+        assert await stored(store, cls.kind) == b'{"items":["x"]}'
+
+
+@pytest.mark.parametrize("cls", [Behind, OnStop], ids=["write-behind", "on-stop"])
+async def test_deferred_modes_flush_on_shutdown(store, cls):
+    async with PersistentSupervisor(store=store) as sup:
+        ref = await sup.start(cls, key="k")
+        await ref.call(("add", "x"))
+    assert await stored(store, cls.kind) == b'{"items":["x"]}'
+
+
+@pytest.mark.parametrize("cls", [Behind, OnStop], ids=["write-behind", "on-stop"])
+async def test_deferred_modes_flush_on_a_stop_that_keeps_the_record(store, cls):
+    async with PersistentSupervisor(store=store) as sup:
+        ref = await sup.start(cls, key="k")
+        await ref.call(("add", "x"))
+        await ref.call(("stop", "pause"))
+        assert await stored(store, cls.kind) == b'{"items":["x"]}'
+
+
+@pytest.mark.parametrize("cls", [Behind, OnStop], ids=["write-behind", "on-stop"])
+async def test_a_crash_commits_the_state_before_it_not_the_crashing_one(store, cls):
+    async with PersistentSupervisor(store=store) as sup:
+        ref = await sup.start(cls, key="k")
+        await ref.call(("add", "x"))
+        with pytest.raises(ServerCrashed):
+            await ref.call(("mutate-then-crash", "y"))
+        assert await stored(store, cls.kind) == b'{"items":["x"]}'
+        assert await ref.call("get") == ["x"]
+
+
+async def test_on_stop_writes_nothing_while_active(store, autojump_clock):
+    async with PersistentSupervisor(store=store, idle_timeout=None) as sup:
+        ref = await sup.start(OnStop, key="k")
+        for item in "abc":
+            await ref.call(("add", item))
+            await trio.sleep(100)
+        assert await stored(store, "onstop") == b'{"items":[]}'
+
+
+async def test_a_failed_deferred_write_keeps_the_server_awake_and_retries(autojump_clock):
+    store = FaultyStore()
+    async with PersistentSupervisor(store=store, idle_timeout=5) as sup:
+        ref = await sup.start(Behind, key="k")
+        store.failing = True
+        await ref.call(("add", "x"))
+        await trio.sleep(20)
+        assert sup.statistics().active == 1  # it did not hibernate with a pending state
+        store.failing = False
+        await trio.sleep(10)
+        assert sup.statistics().active == 0
+        assert await stored(store.inner, "behind") == b'{"items":["x"]}'
+
+
+async def test_the_mode_is_overridable_per_supervisor(store):
+    async with PersistentSupervisor(store=store, persistence=Persistence.ON_STOP) as sup:
+        ref = await sup.start(TallyServer, key="k")
+        await ref.call(("add", "x"))
+        assert await stored(store, "tally") == b'{"items":[]}'
+
+
+# -- max_active ----------------------------------------------------------------------------
+
+
+async def test_max_active_hibernates_the_least_recently_used_idle_servers(
+    store, autojump_clock, lifecycle
+):
+    async with PersistentSupervisor(store=store, max_active=3, idle_timeout=1000) as sup:
+        refs = [await sup.start(TallyServer, key=str(i)) for i in range(3)]
+        await refs[0].call(("add", "x"))  # 0 is now the most recent; 1 is the oldest
+        await trio.testing.wait_all_tasks_blocked()
+        await sup.start(TallyServer, key="3")
+        await trio.testing.wait_all_tasks_blocked()
+        assert sup.statistics().active == 3
+        assert ("1", "hibernate") in lifecycle.terminations
+        assert await refs[1].call("get") == []  # wakes again from the store
+
+
+async def test_max_active_never_hibernates_a_busy_server(store, autojump_clock):
+    async with PersistentSupervisor(store=store, max_active=1, idle_timeout=1000) as sup:
+        busy = await sup.start(TallyServer, key="busy")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(busy.call, ("sleep", 5))
+            await trio.testing.wait_all_tasks_blocked()
+            await sup.start(TallyServer, key="other")
+            assert sup.statistics().active == 2  # over the cap until busy is idle
+        assert await busy.call("get") == []
+
+
+async def test_max_active_keeps_many_servers_within_the_cap(store, autojump_clock):
+    async with PersistentSupervisor(store=store, max_active=10, idle_timeout=1000) as sup:
+        for i in range(200):
+            ref = await sup.start(TallyServer, key=str(i))
+            await ref.call(("add", "x"))
+            await trio.testing.wait_all_tasks_blocked()
+            assert sup.statistics().active <= 10
