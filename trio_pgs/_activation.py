@@ -22,7 +22,7 @@ from ._entry import (
     not_running,
     quarantined_error,
 )
-from ._errors import PersistenceError, ServerCrashed, StateEncodingError
+from ._errors import PersistenceError, ServerCrashed, SimulatedCrash, StateEncodingError
 from ._results import NO_REPLY, NoReply, Reply, Stop
 from ._server import Persistence, PersistentServer, Restart
 from ._store import Delete, Put, Record
@@ -103,6 +103,7 @@ class Activation:
             deadline = min(deadline, self.flush_at)
         with trio.CancelScope(deadline=deadline) as scope:
             self.entry.wait_scope = scope
+            self.entry.sup.note_settled()
             try:
                 return await self.entry.receive_channel.receive()
             finally:
@@ -125,6 +126,8 @@ class Activation:
                 result = await server.handle_cast(message.payload, self.state)
             elif kind is Kind.STOP:
                 result = Stop(self.state, reason=message.payload, persist=False)
+            elif kind is Kind.CRASH:
+                raise SimulatedCrash(f"{entry.ref} crashed on purpose (trio_pgs.testing.crash)")
             else:
                 result = await server.handle_info(message.payload, self.state)
             _check_result(result, kind, entry.ref)
@@ -418,9 +421,10 @@ _ALLOWED = {
     Kind.INFO: (NoReply, Stop),
     Kind.TIMER: (NoReply, Stop),
     Kind.STOP: (Stop,),
+    Kind.CRASH: (),
 }
 _HOOK = {Kind.CALL: "handle_call", Kind.CAST: "handle_cast", Kind.INFO: "handle_info",
-         Kind.TIMER: "handle_info", Kind.STOP: "stop"}
+         Kind.TIMER: "handle_info", Kind.STOP: "stop", Kind.CRASH: "crash"}
 
 
 def _check_result(result: Any, kind: Kind, ref: ServerRef) -> None:

@@ -20,6 +20,7 @@ class Kind(enum.Enum):
     INFO = "info"
     TIMER = "timer"
     STOP = "stop"
+    CRASH = "crash"  # trio_pgs.testing.crash(): raise SimulatedCrash in the server
 
 
 class ReplySlot:

@@ -67,3 +67,7 @@ class SupervisorEscalated(TrioPGSError):
 
 class UnknownRequest(TrioPGSError):
     """The server does not handle this call or cast (OTP's bad_call)."""
+
+
+class SimulatedCrash(Exception):
+    """Raised inside a server by `trio_pgs.testing.crash`: a crash like any other."""

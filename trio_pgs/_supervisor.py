@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import time
 import uuid
@@ -24,6 +25,7 @@ from ._errors import (
     ServerNotFound,
     SupervisorEscalated,
     SupervisorNotRunning,
+    TrioPGSError,
     UnknownKind,
 )
 from ._ref import ServerRef, check_key
@@ -173,6 +175,7 @@ class PersistentSupervisor:
         self._nursery: trio.Nursery | None = None
         self._closing = False
         self._all_ended: trio.Event | None = None
+        self._settled: trio.Event | None = None
         self._writer_scope = trio.CancelScope(shield=True)
         self._context: Any = None
         self.writer = Writer(store)
@@ -331,6 +334,19 @@ class PersistentSupervisor:
             self._recency.pop(entry.ref, None)
             if not self._entries and self._all_ended is not None:
                 self._all_ended.set()
+        self.note_settled()
+
+    def note_settled(self) -> None:
+        """A server began waiting for a message, or ended: wake `wait_settled`."""
+        if self._settled is not None:
+            self._settled.set()
+            self._settled = None
+
+    async def wait_settled(self) -> None:
+        """Wait until some server begins waiting for a message or ends."""
+        if self._settled is None:
+            self._settled = trio.Event()
+        await self._settled.wait()
 
     def spawn_system_task(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
         if self._nursery is None:
@@ -493,6 +509,17 @@ class PersistentSupervisor:
             await entry.activated.wait()
         if entry.activation_error is not None:
             raise entry.activation_error()
+
+    async def deliver_crash(self, ref: ServerRef) -> None:
+        """Make the server crash at its next message (trio_pgs.testing.crash)."""
+        entry = self._entry(ref)
+        slot = ReplySlot()
+        try:
+            entry.send_channel.send_nowait(Message(Kind.CRASH, None, slot, ()))
+        except trio.WouldBlock:
+            await entry.send_channel.send(Message(Kind.CRASH, None, slot, ()))
+        with contextlib.suppress(TrioPGSError):
+            await slot.wait()
 
     async def deliver_stop(self, ref: ServerRef, reason: str) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()

@@ -36,6 +36,11 @@ class Writer:
         self.commits = 0
         self.records_written = 0
         self.failed = 0
+        self._busy = False
+
+    def idle(self) -> bool:
+        """Whether nothing is pending or being committed."""
+        return not self._pending.operations and not self._busy
 
     async def commit(self, operation: Operation) -> None:
         batch = self._pending
@@ -54,9 +59,11 @@ class Writer:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
             batch, self._pending = self._pending, _Batch()
+            self._busy = True
             try:
                 await self._commit(batch)
             finally:
+                self._busy = False
                 batch.done.set()
 
     async def _commit(self, batch: _Batch) -> None:

@@ -1,0 +1,50 @@
+"""Helpers for testing your own servers."""
+
+from __future__ import annotations
+
+import trio
+import trio.lowlevel
+import trio.testing
+
+from .._ref import ServerRef
+from .._registry import find_supervisor
+from .._supervisor import PersistentSupervisor
+
+
+async def crash(ref: ServerRef) -> None:
+    """Make *ref*'s server crash as if its next handler raised (`SimulatedCrash`).
+
+    Messages queued before are handled first. Returns once the crash was handled (the
+    restart strategy applied); the server is activated first if it was dormant.
+    """
+    await find_supervisor(ref).deliver_crash(ref)
+
+
+async def hibernate(ref: ServerRef) -> None:
+    """Make *ref*'s server hibernate now instead of after its idle timeout, and wait
+    until it has. A server that is busy or owes replies hibernates once idle; a
+    dormant one is left alone."""
+    sup = find_supervisor(ref)
+    entry = sup._entries.get(ref)
+    if entry is None:
+        await trio.lowlevel.checkpoint()
+        return
+    entry.hibernate_now = True
+    if entry.wait_scope is not None:
+        entry.wait_scope.cancel()
+    while sup._entries.get(ref) is entry:
+        await trio.lowlevel.checkpoint()  # a checkpoint per turn: the server task runs meanwhile
+
+
+async def wait_all_idle(sup: PersistentSupervisor) -> None:
+    """Wait until every active server of *sup* waits for a message with nothing
+    queued, and no commit is in flight."""
+    while True:
+        await trio.testing.wait_all_tasks_blocked()
+        if all(
+            entry.wait_scope is not None and entry.mailbox_empty()
+            for entry in sup._entries.values()
+        ) and sup.writer.idle():
+            return
+        # Sleep until a server settles (not a busy loop: time, virtual or not, passes).
+        await sup.wait_settled()
