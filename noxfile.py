@@ -28,3 +28,22 @@ def typecheck(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     session.install("-e", ".")
     session.run("python", "benchmarks/run.py", *session.posargs)
+
+
+@nox.session
+def race(session: nox.Session) -> None:
+    """The long race run: 5,000 random programs (RACE_EXAMPLES), seed printed first.
+
+    `nox -s race -- SEED` replays a run; `nox -s race -- SEED N` also sets the count.
+    """
+    import random
+
+    seed = session.posargs[0] if session.posargs else str(random.randrange(2**32))
+    examples = session.posargs[1] if len(session.posargs) > 1 else "5000"
+    session.install("-e", ".[dev]")
+    session.log(f"race seed: {seed} (replay: nox -s race -- {seed} {examples})")
+    session.run(
+        "pytest", "tests/test_races.py", "-q", f"--hypothesis-seed={seed}",
+        "--hypothesis-show-statistics", "-p", "no:cacheprovider",
+        env={"RACE_EXAMPLES": examples},
+    )
