@@ -418,4 +418,7 @@ def test_an_unreadable_row_is_reported_and_makes_an_export_incomplete(
     exported = tmp_path / "backup.jsonl"
     assert main(["export", str(store_dir), "-o", str(exported)]) == 1
     assert "the export is incomplete: 1 unreadable row(s)" in capsys.readouterr().err
+    assert main(["purge", str(store_dir), "tally", "junk", "--yes"]) == 0
+    assert "purged the unreadable row tally/junk" in capsys.readouterr().out
+    assert main(["export", str(store_dir), "-o", str(exported)]) == 0
     assert len(exported.read_text().splitlines()) == 3

@@ -183,3 +183,20 @@ def test_unpickling_is_not_reachable_from_safe_disk():
     with pytest.raises(PersistenceError):
         disk.fetch(diskcache.core.MODE_PICKLE, None, pickle.dumps(Exploit()), False)
     assert Exploit.ran is False
+
+
+async def test_an_unconditional_delete_removes_a_pickle_row_without_reading_it(tmp_path):
+    store = DiskCacheStore(tmp_path / "s")
+    await store.open()
+    await store.commit([Put(rec("a"), 0)])
+    await store.close()
+    raw = _open_raw(tmp_path / "s")
+    raw.set("k" + SEPARATOR + "a", Exploit())
+    raw.close()
+    await store.open()
+    with pytest.raises(PersistenceError, match="pickle"):
+        await store.commit([Delete("k", "a", 1)])  # a conditional delete must read it
+    await store.commit([Delete("k", "a")])
+    assert await store.load("k", "a") is None
+    await store.close()
+    assert Exploit.ran is False

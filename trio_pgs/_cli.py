@@ -397,19 +397,30 @@ def _release(args: argparse.Namespace) -> int:
 
 def _purge(args: argparse.Namespace) -> int:
     kind, key = args.kind, args.key
-    record = _load(args.directory, kind, key)
+    try:
+        record: Record | None = _load(args.directory, kind, key)
+    except CommandError as exc:
+        if exc.code != EXIT_NOT_FOUND or "no such record" in str(exc):
+            raise
+        record, unreadable = None, str(exc)  # a row that is not a valid record
+    if record is None:
+        question = f"Delete the unreadable row {_ident(kind, key)} ({unreadable})"
+    else:
+        question = (f"Delete {_ident(kind, key)} ({_status(record)}, version "
+                    f"{record.version}, {len(record.data)} bytes)")
     if not args.yes:
-        sys.stderr.write(
-            f"Delete {_ident(kind, key)} ({_status(record)}, version {record.version}, "
-            f"{len(record.data)} bytes) from {args.directory}? [y/N] "
-        )
+        sys.stderr.write(f"{question} from {args.directory}? [y/N] ")
         sys.stderr.flush()
         if sys.stdin.readline().strip().lower() not in ("y", "yes"):
             raise CommandError("nothing purged")
-    # Only the version that was shown is deleted: a newer one is a conflict.
-    delete = Delete(kind, key, record.version)
+    # Only the version that was shown is deleted: a newer one is a conflict. An
+    # unreadable row has no version: it is deleted unconditionally, without reading it.
+    delete = Delete(kind, key, None if record is None else record.version)
     _session(_store(args.directory, write=True), lambda store: store.commit([delete]))
-    print(f"purged {_ident(kind, key)} (it was at version {record.version})")
+    if record is None:
+        print(f"purged the unreadable row {_ident(kind, key)}")
+    else:
+        print(f"purged {_ident(kind, key)} (it was at version {record.version})")
     return EXIT_OK
 
 

@@ -257,11 +257,15 @@ class DiskCacheStore:
                         db_key = operation.record.kind + SEPARATOR + operation.record.key
                     else:
                         db_key = operation.kind + SEPARATOR + operation.key
-                    if db_key in seen:
-                        current = seen[db_key]
-                    else:
-                        current = self._load(*db_key.split(SEPARATOR, 1))
-                    check_operation(current, operation)
+                    unconditional = (
+                        not isinstance(operation, Put) and operation.expected_version is None
+                    )
+                    if not unconditional:  # an unconditional delete never reads the row
+                        if db_key in seen:
+                            current = seen[db_key]
+                        else:
+                            current = self._load(*db_key.split(SEPARATOR, 1))
+                        check_operation(current, operation)
                     seen[db_key] = operation.record if isinstance(operation, Put) else None
                 for operation in operations:
                     if isinstance(operation, Put):
