@@ -106,6 +106,11 @@ class TallyServer(PersistentServer[Tally]):
                     await caller.reply(item)
                 self.waiting.clear()
                 return Reply("released", new)
+            case ("release-and-stop", reason):
+                for caller in self.waiting:
+                    await caller.reply("bye")
+                self.waiting.clear()
+                return Stop(state, reason=reason, reply="stopping")
             case ("unencodable", value):
                 return Reply(None, Tally([*state.items, value]))
             case ("timer", delay, item):

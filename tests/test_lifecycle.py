@@ -16,6 +16,7 @@ from trio_pgs import (
     ServerCrashed,
     ServerNotFound,
     ServerQuarantined,
+    StateEncodingError,
     SupervisorEscalated,
 )
 
@@ -364,3 +365,28 @@ async def test_state_carries_across_a_restart_between_every_step(tmp_path):
                 pass
     async with PersistentSupervisor(store=store, servers=[Transient]):
         assert await ref.call("get") == ["a", "b", "c", "d"]
+
+
+async def test_an_unencodable_state_keeps_even_a_temporary_servers_record(sup, store):
+    ref = await sup.start(Temporary, key="t")
+    await ref.call(("add", "kept"))
+    with pytest.raises(StateEncodingError):
+        await ref.call(("unencodable", object()))
+    assert await ref.call("get") == ["kept"]
+    assert sup.statistics().crashes == 1
+
+
+class FailsToActivate(TallyServer):
+    kind = "fails"
+
+    async def on_activate(self, state):
+        raise RuntimeError("cannot activate")
+
+
+async def test_start_whose_on_activate_raises_stores_nothing(sup, store):
+    for _ in range(2):  # not AlreadyStarted the second time: nothing was kept
+        with pytest.raises(ActivationFailed, match="Nothing was stored") as info:
+            await sup.start(FailsToActivate, key="k")
+        assert isinstance(info.value.__cause__, RuntimeError)
+        assert await store.load("fails", "k") is None
+    assert await sup.start(TallyServer, key="k")  # the supervisor goes on

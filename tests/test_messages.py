@@ -283,6 +283,22 @@ async def test_deferred_reply_reaches_the_waiting_caller(sup):
     assert got == ["go", "go"]
 
 
+@pytest.mark.parametrize("reason", ["normal", "other"])
+async def test_deferred_replies_given_by_a_stopping_handler_are_delivered(sup, reason):
+    ref = await sup.start(TallyServer, key="a")
+    got = []
+
+    async def wait() -> None:
+        got.append(await ref.call("wait"))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait)
+        nursery.start_soon(wait)
+        await trio.testing.wait_all_tasks_blocked()
+        assert await ref.call(("release-and-stop", reason)) == "stopping"
+    assert got == ["bye", "bye"]
+
+
 async def test_current_caller_outside_handle_call_is_a_runtime_error():
     from trio_pgs import current_caller
 

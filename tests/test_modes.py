@@ -164,3 +164,41 @@ async def test_max_active_keeps_many_servers_within_the_cap(store, autojump_cloc
             await ref.call(("add", "x"))
             await trio.testing.wait_all_tasks_blocked()
             assert sup.statistics().active <= 10
+
+
+async def test_a_timer_firing_while_hibernation_flushes_never_reaches_the_next_activation(
+    autojump_clock, lifecycle
+):
+    from trio_pgs.testing import FaultyStore as SlowStore
+
+    store = SlowStore()
+    async with PersistentSupervisor(store=store, idle_timeout=5) as sup:
+        ref = await sup.start(OnStop, key="k")
+        await ref.call(("add", "x"))
+        await ref.call(("timer", 5.5, "stale"))  # fires while the flush at 5 takes 1 s
+        store.commit_delay = 1.0
+        await trio.sleep(10)
+        store.commit_delay = 0.0
+        assert await ref.call("get") == ["x"]
+    assert ("k", "hibernate") in lifecycle.terminations
+
+
+async def test_a_deferred_write_that_conflicts_is_dropped_and_the_server_reloads(
+    autojump_clock, lifecycle, caplog
+):
+    from trio_pgs import ConflictError, Put, Record
+
+    store = FaultyStore()
+    async with PersistentSupervisor(store=store) as sup:
+        ref = await sup.start(Behind, key="k")
+        await ref.call(("add", "mine"))  # pending for max_lag = 2 s
+        current = await store.load("behind", "k")
+        # Another writer (the CLI, another process) changes the record meanwhile.
+        await store.commit([Put(Record("behind", "k", b'{"items":["theirs"]}',
+                                       current.version + 1), current.version)])
+        await trio.sleep(3)
+        assert sup.statistics().active == 0  # not retrying forever
+        assert await ref.call("get") == ["theirs"]
+    reasons = [reason for _, reason in lifecycle.terminations]
+    assert isinstance(reasons[0], ConflictError)
+    assert "conflicts with the stored record" in caplog.text

@@ -192,23 +192,30 @@ async def test_cancellation_shuts_down_cleanly(store, autojump_clock, lifecycle)
 
 
 async def test_a_handler_past_shutdown_timeout_is_cancelled_and_not_committed(
-    store, autojump_clock, caplog
+    store, autojump_clock, caplog, lifecycle
 ):
-    async with PersistentSupervisor(store=store, shutdown_timeout=2) as sup:
-        ref = await sup.start(TallyServer, key="k")
-        failures = []
+    failures = []
+    async with trio.open_nursery() as callers:
+        async with PersistentSupervisor(store=store, shutdown_timeout=2) as sup:
+            ref = await sup.start(TallyServer, key="k")
+            await ref.call(("add", "x"))
 
-        async def stuck() -> None:
-            try:
-                await ref.call(("sleep", 100))
-            except SupervisorNotRunning as exc:
-                failures.append(exc)
+            async def stuck() -> None:
+                try:
+                    await ref.call(("sleep", 100))
+                except SupervisorNotRunning as exc:
+                    failures.append(exc)
 
-        sup.spawn_system_task(stuck)
-        await trio.testing.wait_all_tasks_blocked()
-        start = trio.current_time()
+            callers.start_soon(stuck)
+            await trio.testing.wait_all_tasks_blocked()
+            start = trio.current_time()
     assert trio.current_time() - start == pytest.approx(2)
     assert "still busy after shutdown_timeout" in caplog.text and "tally/k" in caplog.text
+    # The cut-off caller is answered, and terminate runs with the last committed state.
+    assert len(failures) == 1 and "shutdown_timeout" in str(failures[0])
+    assert lifecycle.terminations == [("k", "shutdown")]
+    assert sup.statistics().unflushed == ("tally/k",)
+    assert (await store.load("tally", "k")).data == b'{"items":["x"]}'
 
 
 async def test_an_unwritable_store_directory_fails_at_open(tmp_path):

@@ -22,7 +22,14 @@ from ._entry import (
     not_running,
     quarantined_error,
 )
-from ._errors import PersistenceError, ServerCrashed, SimulatedCrash, StateEncodingError
+from ._errors import (
+    ConflictError,
+    PersistenceError,
+    ServerCrashed,
+    SimulatedCrash,
+    StateEncodingError,
+    SupervisorNotRunning,
+)
 from ._results import NO_REPLY, NoReply, Reply, Stop
 from ._server import Persistence, PersistentServer, Restart
 from ._store import Delete, Put, Record
@@ -59,6 +66,11 @@ class Activation:
         self.owed: set[Caller] = set()
         self.timers: set[trio.CancelScope] = set()
         self.closed = False
+        #: A deferred write met this ConflictError: this activation's record is stale.
+        self.conflicted: ConflictError | None = None
+        #: The message being handled (or last handled): its caller is answered if the
+        #: handler is cut off at shutdown.
+        self.current: Message | None = None
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -75,6 +87,8 @@ class Activation:
                 if got is None:
                     if self.pending is not None and trio.current_time() >= self.flush_at:
                         await self._flush()
+                        if self.conflicted is not None:
+                            return await self._reload()
                         continue
                     if entry.shutting_down:
                         return await self._shut_down()
@@ -88,6 +102,8 @@ class Activation:
                 return step
             if self.pending is not None and trio.current_time() >= self.flush_at:
                 await self._flush()
+                if self.conflicted is not None:
+                    return await self._reload()
 
     async def _wait_for_message(self) -> Message | None:
         """Wait until a message comes (returned), or until the idle deadline passes
@@ -114,11 +130,19 @@ class Activation:
 
     async def _handle(self, message: Message) -> Next:
         entry, server, kind = self.entry, self.server, message.kind
+        if kind is Kind.TIMER:
+            origin, info = message.payload
+            if origin is not self:  # armed by an earlier activation: timers are volatile
+                logger.debug("%s: a timer of an earlier activation is dropped", entry.ref,
+                             extra=entry.extra)
+                return Next.CONTINUE
+            message = Message(kind, info, None, ())
         caller = Caller(self, message.slot) if kind is Kind.CALL else None  # type: ignore[arg-type]
         token = current_handling.set(
             Handling((*message.chain, entry.ref), caller, entry.waiting_on)
         )
         self.handling = True
+        self.current = message
         try:
             if kind is Kind.CALL:
                 result = await server.handle_call(message.payload, self.state)
@@ -195,6 +219,14 @@ class Activation:
             return True
         try:
             await self._commit(data)
+        except ConflictError as exc:
+            # Another writer changed the record (the CLI, a second process): retrying
+            # can never succeed. The unwritten state is dropped and the server reloads.
+            logger.error("%s: a deferred write conflicts with the stored record (%s); the "
+                         "unwritten state is dropped and the server reloads from the store",
+                         self.entry.ref, exc, extra=self.entry.extra)
+            self.pending, self.flush_at, self.conflicted = None, math.inf, exc
+            return True
         except Exception:
             logger.exception("%s: a deferred write failed; it stays pending and is retried",
                              self.entry.ref, extra=self.entry.extra)
@@ -250,7 +282,9 @@ class Activation:
         await self._flush()  # deferred modes: the acknowledged state before the crash
         await self._terminate(exc)
         quarantined = False
-        if options.restart is Restart.TEMPORARY:
+        # An unencodable state is a crash that keeps the record even for TEMPORARY
+        # servers: the server continues from its last committed state (DESIGN section 4).
+        if options.restart is Restart.TEMPORARY and not isinstance(exc, StateEncodingError):
             await self._wipe()
             entry.end(not_found(ref))
             step = Next.END
@@ -306,6 +340,16 @@ class Activation:
         self.fail_owed(lambda: persistence_error(ref, exc))
         return step
 
+    async def _reload(self) -> Next:
+        """The stored record changed under this activation (a deferred write met a
+        ConflictError): end it, and let the next activation load the stored record."""
+        entry = self.entry
+        await self._terminate(self.conflicted)
+        if entry.mailbox_empty() and entry.info.options.restart is not Restart.PERMANENT:
+            entry.end(not_found(entry.ref))
+            return Next.END
+        return Next.REACTIVATE
+
     async def _stop(self, message: Message, result: Stop[Any]) -> Next:
         entry, ref, reason = self.entry, self.entry.ref, result.reason
         restart = entry.info.options.restart
@@ -322,19 +366,21 @@ class Activation:
                     message.slot.set_error(persistence_error(ref, failure))
                 self.fail_owed(lambda: persistence_error(ref, failure))
                 return Next.REACTIVATE
+            self._release_gated()  # replies given by the stopping handler
             self.fail_owed(stopped)
             entry.end(not_found(ref))  # before the reply: a new start must not collide
             step = Next.END
-        elif not await self._flush():
-            self.fail_owed(stopped)
-            step = Next.REACTIVATE  # the stop's state could not be written: keep it alive
-        elif restart is Restart.PERMANENT or not entry.mailbox_empty():
-            self.fail_owed(stopped)
-            step = Next.REACTIVATE
         else:
+            # The stop's own state is committed already (EACH_MESSAGE) or flushed now.
+            self._release_gated()
             self.fail_owed(stopped)
-            entry.end(not_found(ref))
-            step = Next.END
+            if not await self._flush():
+                step = Next.REACTIVATE  # the stop's state could not be written: keep it
+            elif restart is Restart.PERMANENT or not entry.mailbox_empty():
+                step = Next.REACTIVATE
+            else:
+                entry.end(not_found(ref))
+                step = Next.END
         if message.slot is not None:
             message.slot.set(outcome.Value(reply))
         return step
@@ -376,6 +422,20 @@ class Activation:
         entry.end(not_running(entry.ref))
         return Next.END
 
+    async def cut_off(self) -> None:
+        """The task was cancelled (shutdown past its grace period): answer the caller of
+        the message being handled and everyone owed a reply, then run
+        `terminate("shutdown")` with the last committed state, in a shielded scope of
+        its own bounded by TERMINATE_GRACE seconds."""
+        ref = self.entry.ref
+        if self.current is not None and self.current.slot is not None:
+            self.current.slot.set_error(cut_off_error(ref))
+        self.fail_owed(lambda: cut_off_error(ref))
+        if self.closed:
+            return
+        with trio.move_on_after(TERMINATE_GRACE, shield=True):
+            await self._terminate("shutdown")
+
     def close(self) -> None:
         """Drop the volatile timers; idempotent."""
         self.closed = True
@@ -398,8 +458,22 @@ class Activation:
             await trio.sleep(delay)
             self.timers.discard(scope)
             if not self.closed:
-                message = Message(Kind.TIMER, info, None, ())
+                # Tagged with this activation: one that fired just before hibernation
+                # must not reach the next activation.
+                message = Message(Kind.TIMER, (self, info), None, ())
                 await self.entry.send_channel.send(message)
+
+
+#: Seconds `terminate("shutdown")` may take for a server cut off at shutdown.
+TERMINATE_GRACE = 1.0
+
+
+def cut_off_error(ref: ServerRef) -> SupervisorNotRunning:
+    return SupervisorNotRunning(
+        f"{ref}: the supervisor shut down while this message was being handled and the "
+        "handler did not finish within shutdown_timeout; its changes were not committed. "
+        "Open the supervisor again and retry"
+    )
 
 
 def _crashed_owing(ref: ServerRef, exc: BaseException) -> ErrorFactory:

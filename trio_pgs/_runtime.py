@@ -30,7 +30,7 @@ from ._errors import (
     StateEncodingError,
 )
 from ._ref import ServerRef
-from ._store import Put, Record
+from ._store import Delete, Put, Record
 
 logger = logging.getLogger("trio_pgs")
 
@@ -58,7 +58,7 @@ async def serve(entry: Entry) -> None:
             if entry.status is not Status.ENDED:
                 # Cancelled at shutdown past the grace period, or an internal error.
                 if entry.activation is not None:
-                    entry.activation.fail_owed(not_running(entry.ref))
+                    await entry.activation.cut_off()
                 entry.end(not_running(entry.ref))
 
 
@@ -74,6 +74,7 @@ async def activate(entry: Entry) -> Activation | None:
         return None
     server = info.cls()
     state: Any
+    created = False
     if record is None and start is not None:
         try:
             state = await server.init(*start.args)
@@ -90,6 +91,7 @@ async def activate(entry: Entry) -> Activation | None:
             return None
         record = Record(ref.kind, ref.key, data, 1, info.options.state_version,
                         updated_at=time.time())
+        created = True
         try:
             await sup.writer.commit(Put(record, 0))
         except ConflictError:
@@ -131,7 +133,14 @@ async def activate(entry: Entry) -> Activation | None:
         check_not_coroutine(state, ref, "on_activate")
     except Exception as exc:
         activation.close()
-        _activation_failed(entry, exc, start)
+        if created:
+            # start() is all or nothing: the record it just created is deleted again.
+            try:
+                await sup.writer.commit(Delete(ref.kind, ref.key, record.version))
+            except Exception:
+                logger.exception("%s: the record created by start() could not be "
+                                 "deleted after on_activate failed", ref, extra=entry.extra)
+        _activation_failed(entry, exc, start, created)
         return None
     activation.state = state
     sup.counters.activations += 1
@@ -143,18 +152,22 @@ async def activate(entry: Entry) -> Activation | None:
     return activation
 
 
-def _activation_failed(entry: Entry, exc: Exception, start: StartRequest | None) -> None:
+def _activation_failed(
+    entry: Entry, exc: Exception, start: StartRequest | None, created: bool = False
+) -> None:
     ref = entry.ref
     entry.sup.note_crash(ref, False)
     logger.error("%s: activation failed: %r", ref, exc, extra=entry.extra)
 
     detail = str(exc) if isinstance(exc, DecodingError) else f"{ref}: {exc!r}"
+    outcome_ = (
+        "Nothing was stored; fix on_activate and start it again" if created
+        else "The record is kept as is; fix the cause (the code, a migration or the "
+        "record) and call again"
+    )
 
     def error() -> BaseException:
-        failure = ActivationFailed(
-            f"{detail}. The record is kept as is; fix the cause (the code, a migration "
-            "or the record) and call again"
-        )
+        failure = ActivationFailed(f"{detail}. {outcome_}")
         failure.__cause__ = exc
         return failure
 
