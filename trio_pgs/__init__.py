@@ -17,6 +17,8 @@ from ._errors import SupervisorNotRunning as SupervisorNotRunning
 from ._errors import TrioPGSError as TrioPGSError
 from ._errors import UnknownKind as UnknownKind
 from ._errors import UnknownRequest as UnknownRequest
+from ._events import EventType as EventType
+from ._events import ServerEvent as ServerEvent
 from ._memory_store import MemoryStore as MemoryStore
 from ._ref import ServerRef as ServerRef
 from ._results import NoReply as NoReply

@@ -30,6 +30,7 @@ from ._errors import (
     StateEncodingError,
     SupervisorNotRunning,
 )
+from ._events import EventType
 from ._results import NO_REPLY, NoReply, Reply, Stop
 from ._server import Persistence, PersistentServer, Restart
 from ._store import Delete, Put, Record
@@ -298,7 +299,7 @@ class Activation:
             else:
                 entry.end(not_found(ref))  # the mailbox is empty: nothing is failed
                 step = Next.END
-        entry.sup.note_crash(ref, quarantined)
+        entry.sup.note_crash(ref, quarantined, exc)
         if message.slot is not None:
             message.slot.set_error(error)
         self.fail_owed(_crashed_owing(ref, exc))
@@ -355,6 +356,7 @@ class Activation:
         restart = entry.info.options.restart
         await self._terminate(reason)
         entry.sup.counters.stops += 1
+        entry.sup.emit(EventType.STOPPED, ref, reason=reason)
         reply = None if result.reply is NO_REPLY else result.reply
         stopped = _stopped_owing(ref, reason)
         if reason == "normal" or restart is Restart.TEMPORARY:
@@ -409,6 +411,7 @@ class Activation:
             entry.status = Status.ACTIVE
             return Next.REACTIVATE
         entry.sup.counters.hibernations += 1
+        entry.sup.emit(EventType.HIBERNATED, entry.ref)
         entry.end(not_found(entry.ref))  # nothing queued: nothing failed
         logger.debug("%s hibernated", entry.ref, extra=entry.extra)
         return Next.END

@@ -306,7 +306,8 @@ class DiskCacheStore:
             try:
                 record = self._load(*ident)
             except PersistenceError as exc:
-                logger.warning("scan skipped %s/%s: %s", ident[0], ident[1], exc)
+                logger.warning("scan skipped %s/%s: %s", ident[0], ident[1], exc,
+                               extra={"kind": ident[0], "key": ident[1]})
                 continue
             if record is not None:
                 found.append(record)

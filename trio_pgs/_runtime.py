@@ -29,6 +29,7 @@ from ._errors import (
     ServerCrashed,
     StateEncodingError,
 )
+from ._events import EventType
 from ._ref import ServerRef
 from ._store import Delete, Put, Record
 
@@ -80,7 +81,7 @@ async def activate(entry: Entry) -> Activation | None:
             state = await server.init(*start.args)
             data = info.codec.encode(state, str(ref))
         except Exception as exc:
-            sup.note_crash(ref, False)
+            sup.note_crash(ref, False, exc)
             error = exc if isinstance(exc, StateEncodingError) else ServerCrashed(
                 f"{ref}: init() raised {exc!r}; nothing was stored"
             )
@@ -144,6 +145,7 @@ async def activate(entry: Entry) -> Activation | None:
         return None
     activation.state = state
     sup.counters.activations += 1
+    sup.emit(EventType.ACTIVATED, ref)
     entry.status = Status.ACTIVE
     entry.activated.set()
     if start is not None:
@@ -156,7 +158,7 @@ def _activation_failed(
     entry: Entry, exc: Exception, start: StartRequest | None, created: bool = False
 ) -> None:
     ref = entry.ref
-    entry.sup.note_crash(ref, False)
+    entry.sup.note_crash(ref, False, exc)
     logger.error("%s: activation failed: %r", ref, exc, extra=entry.extra)
 
     detail = str(exc) if isinstance(exc, DecodingError) else f"{ref}: {exc!r}"

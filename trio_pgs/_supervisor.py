@@ -28,6 +28,7 @@ from ._errors import (
     TrioPGSError,
     UnknownKind,
 )
+from ._events import EventType, ServerEvent
 from ._ref import ServerRef, check_key
 from ._registry import find_supervisor as find_supervisor
 from ._registry import open_supervisors
@@ -119,7 +120,10 @@ class PersistentSupervisor:
     supervisors: more than ``max_restarts`` crashes within ``max_seconds`` shut every
     server down cleanly and raise `SupervisorEscalated` out of the ``async with``.
     ``max_active`` (off by default) caps the active servers: above it, the least
-    recently used idle servers hibernate early.
+    recently used idle servers hibernate early. ``on_event``, a plain callable, receives
+    a `ServerEvent` for every activation, hibernation, crash, quarantine, stop and
+    store transaction (for metrics; it runs on the trio thread and must not block; what
+    it raises is logged and ignored).
 
     On entry, every stored, non-quarantined server of a `Restart.PERMANENT` class
     listed in ``servers`` is activated (in the background); others wake on demand.
@@ -140,6 +144,7 @@ class PersistentSupervisor:
         max_seconds: float = 5.0,
         max_active: int | None = None,
         converter: cattrs.Converter | None = None,
+        on_event: Callable[[ServerEvent], None] | None = None,
         **defaults: Any,
     ) -> None:
         if not isinstance(name, str) or not name:
@@ -153,6 +158,8 @@ class PersistentSupervisor:
             raise ValueError(f"max_restarts must be an int >= 0 or None, not {max_restarts!r}")
         if max_active is not None and (not isinstance(max_active, int) or max_active < 1):
             raise ValueError(f"max_active must be an int >= 1 or None, not {max_active!r}")
+        if on_event is not None and not callable(on_event):
+            raise TypeError(f"on_event must be a callable taking a ServerEvent, not {on_event!r}")
         if not (isinstance(max_seconds, int | float) and max_seconds > 0):
             raise ValueError(f"max_seconds must be > 0, not {max_seconds!r}")
         check_option_names(defaults)
@@ -178,7 +185,8 @@ class PersistentSupervisor:
         self._settled: trio.Event | None = None
         self._writer_scope = trio.CancelScope(shield=True)
         self._context: Any = None
-        self.writer = Writer(store)
+        self.on_event = on_event
+        self.writer = Writer(store, self.emit if on_event is not None else None)
         self.counters = Counters()
         for cls in servers:
             self._register(cls)
@@ -273,11 +281,23 @@ class PersistentSupervisor:
                      ref, extra={"kind": ref.kind, "key": ref.key})
         self._unflushed = (*self._unflushed, str(ref))
 
-    def note_crash(self, ref: ServerRef, quarantined: bool) -> None:
+    def emit(self, type: EventType, ref: ServerRef | None, **fields: Any) -> None:
+        """Pass a `ServerEvent` to ``on_event``, if any; what it raises is logged."""
+        if self.on_event is None:
+            return
+        try:
+            self.on_event(ServerEvent(type, ref, trio.current_time(), **fields))
+        except Exception:
+            logger.exception("supervisor %r: on_event raised (event: %s); ignored",
+                             self.name, type.value)
+
+    def note_crash(self, ref: ServerRef, quarantined: bool, error: BaseException) -> None:
         """Count a crash; escalate when more than max_restarts fall within max_seconds."""
         self.counters.crashes += 1
+        self.emit(EventType.CRASHED, ref, error=error)
         if quarantined:
             self.counters.quarantined += 1
+            self.emit(EventType.QUARANTINED, ref, error=error)
         if self.max_restarts is None or self._escalation is not None:
             return
         now = trio.current_time()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import trio
 
+from ._events import EventType
 from ._store import Operation, Store
 
 logger = logging.getLogger("trio_pgs.writer")
@@ -29,8 +31,9 @@ class Writer:
     conflict does not fail the others' writes.
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, emit: Callable[..., None] | None = None) -> None:
         self._store = store
+        self._emit = emit  # the supervisor's, when it has an on_event hook
         self._pending = _Batch()
         self._wakeup = trio.Event()
         self.commits = 0
@@ -67,6 +70,7 @@ class Writer:
                 batch.done.set()
 
     async def _commit(self, batch: _Batch) -> None:
+        started = trio.current_time()
         try:
             await self._store.commit(batch.operations)
         except Exception as exc:
@@ -77,6 +81,7 @@ class Writer:
             logger.info("a batch of %d failed (%r); retrying one by one",
                         len(batch.operations), exc)
             for index, operation in enumerate(batch.operations):
+                started = trio.current_time()
                 try:
                     await self._store.commit([operation])
                 except Exception as one:
@@ -85,6 +90,12 @@ class Writer:
                 else:
                     self.commits += 1
                     self.records_written += 1
+                    if self._emit is not None:
+                        self._emit(EventType.COMMITTED, None, records=1,
+                                   seconds=trio.current_time() - started)
         else:
             self.commits += 1
             self.records_written += len(batch.operations)
+            if self._emit is not None:
+                self._emit(EventType.COMMITTED, None, records=len(batch.operations),
+                           seconds=trio.current_time() - started)
