@@ -61,7 +61,8 @@ class Activation:
             else options.max_lag if options.persistence is Persistence.WRITE_BEHIND
             else math.inf
         )
-        self.last_activity = trio.current_time()
+        self.idle_timeout = options.idle_timeout
+        self.reaper = entry.sup.reaper
         self.handling = False
         self.gated: list[tuple[Caller, outcome.Outcome[Any]]] = []
         self.owed: set[Caller] = set()
@@ -72,6 +73,7 @@ class Activation:
         #: The message being handled (or last handled): its caller is answered if the
         #: handler is cut off at shutdown.
         self.current: Message | None = None
+        self._touch()  # activated now: the idle deadline starts
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -93,6 +95,8 @@ class Activation:
                         continue
                     if entry.shutting_down:
                         return await self._shut_down()
+                    if not self._may_hibernate():
+                        continue  # woken early, or it owes replies
                     step = await self._hibernate()
                     if step is Next.CONTINUE:
                         continue
@@ -106,26 +110,48 @@ class Activation:
                 if self.conflicted is not None:
                     return await self._reload()
 
+    def _may_hibernate(self) -> bool:
+        if self.owed:
+            return False
+        if self.entry.hibernate_now:
+            return True
+        timeout = self.idle_timeout
+        return timeout is not None and trio.current_time() >= self.entry.last_activity + timeout
+
+    def _touch(self) -> None:
+        """A message was handled now: the idle deadline moves (timer infos excepted)."""
+        entry = self.entry
+        entry.last_activity = trio.current_time()
+        if self.idle_timeout is not None:
+            self.reaper.touch(entry, self.idle_timeout)
+        if entry.sup.max_active is not None:
+            entry.sup.touch(entry)
+
     async def _wait_for_message(self) -> Message | None:
-        """Wait until a message comes (returned), or until the idle deadline passes
-        or shutdown begins (None). Cancelling a receive never loses a message."""
-        timeout = self.entry.info.options.idle_timeout
-        if self.entry.hibernate_now and not self.owed:
-            return None
-        if timeout is None or self.owed:
-            deadline = math.inf
+        """Wait until a message comes (returned), or return None when the server may
+        have to hibernate, flush or shut down: woken by the supervisor's idle reaper
+        or at shutdown, or a deferred write is due. Nothing waits with a deadline per
+        message: the reaper keeps the idle deadlines (see _idle.py)."""
+        entry = self.entry
+        if self._may_hibernate():
+            return None  # asked to, or it was busy when its idle time ran out
+        if self.idle_timeout is not None and not self.owed and entry.idle_group is None:
+            # Not in the reaper's order of activity (its last owed reply was given by
+            # another task): a check at its own due time.
+            self.reaper.check_at(entry, entry.last_activity + self.idle_timeout)
+        entry.sup.note_settled()
+        if self.pending is None:
+            message = await entry.receive_channel.receive()
         else:
-            deadline = self.last_activity + timeout
-        if self.pending is not None:
-            deadline = min(deadline, self.flush_at)
-        with trio.CancelScope(deadline=deadline) as scope:
-            self.entry.wait_scope = scope
-            self.entry.sup.note_settled()
-            try:
-                return await self.entry.receive_channel.receive()
-            finally:
-                self.entry.wait_scope = None
-        return None
+            with trio.CancelScope(deadline=self.flush_at) as scope:
+                entry.wait_scope = scope
+                try:
+                    message = await entry.receive_channel.receive()
+                finally:
+                    entry.wait_scope = None
+            if scope.cancelled_caught:
+                return None
+        return None if message.kind is Kind.WAKE else message
 
     # -- one message ------------------------------------------------------------------
 
@@ -181,9 +207,7 @@ class Activation:
                     return await self._commit_failed(message, exc)
         self.state = result.state
         if kind is not Kind.TIMER:
-            self.last_activity = trio.current_time()
-            if entry.sup.max_active is not None:
-                entry.sup.touch(entry)
+            self._touch()
         if type(result) is Stop:
             return await self._stop(message, result)
         if caller is not None:
@@ -249,6 +273,8 @@ class Activation:
             self.gated.append((caller, result))
         else:
             caller._slot.set(result)
+            if not self.owed:
+                self.entry.wake()  # given by another task: it may hibernate now
 
     def _release_gated(self) -> None:
         if self.gated:
@@ -399,7 +425,7 @@ class Activation:
     async def _hibernate(self) -> Next:
         entry = self.entry
         if not await self._flush():
-            self.last_activity = trio.current_time()  # never drop a state: stay active
+            self._touch()  # never drop a state: stay active, and try again later
             return Next.CONTINUE
         entry.status = Status.HIBERNATING
         await self._terminate("hibernate")

@@ -21,6 +21,7 @@ class Kind(enum.Enum):
     TIMER = "timer"
     STOP = "stop"
     CRASH = "crash"  # trio_pgs.testing.crash(): raise SimulatedCrash in the server
+    WAKE = "wake"  # not a message: the idle reaper or the supervisor wakes the server
 
 
 class ReplySlot:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ._calls import Message, ReplySlot
+from ._calls import Kind, Message, ReplySlot
 from ._errors import (
     ServerNotFound,
     ServerQuarantined,
@@ -30,6 +31,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("trio_pgs")
 ErrorFactory = Callable[[], BaseException]
+
+
+#: Not a message: tells a waiting server to check its idle deadline and shutdown.
+WAKE = Message(Kind.WAKE, None, None, ())
 
 
 class Status(enum.Enum):
@@ -77,6 +82,13 @@ class Entry:
         self.shutting_down = False
         #: Set by the supervisor above max_active: hibernate at the next wait.
         self.hibernate_now = False
+        #: Kept by the supervisor's IdleReaper: the time of the last handled message
+        #: (timer infos excepted), the reaper's dict this entry is in, if any, and the
+        #: due time of an irregular check, if one is scheduled.
+        self.last_activity = 0.0
+        self.idle_group: OrderedDict[Entry, None] | None = None
+        self.check_due: float | None = None
+        #: While the server waits for a message with a deadline (a deferred write due).
         self.wait_scope: trio.CancelScope | None = None
         self.task_scope: trio.CancelScope | None = None
         self.activation: Activation | None = None
@@ -85,6 +97,16 @@ class Entry:
 
     def __repr__(self) -> str:
         return f"<Entry {self.ref} {self.status.value}>"
+
+    def waiting(self) -> bool:
+        """Whether the server is waiting for a message (so its mailbox is empty)."""
+        return self.receive_channel.statistics().tasks_waiting_receive > 0
+
+    def wake(self) -> None:
+        """Make the server re-check, now, whether to hibernate or shut down, if it is
+        waiting for a message (a busy server checks when it next waits)."""
+        if self.waiting():
+            self.send_channel.send_nowait(WAKE)  # handed straight to the waiting task
 
     def mailbox_empty(self) -> bool:
         return self.receive_channel.statistics().current_buffer_used == 0

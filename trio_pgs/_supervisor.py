@@ -29,6 +29,7 @@ from ._errors import (
     UnknownKind,
 )
 from ._events import EventType, ServerEvent
+from ._idle import IdleReaper
 from ._ref import ServerRef, check_key
 from ._registry import find_supervisor as find_supervisor
 from ._registry import open_supervisors
@@ -187,6 +188,7 @@ class PersistentSupervisor:
         self._context: Any = None
         self.on_event = on_event
         self.writer = Writer(store, self.emit if on_event is not None else None)
+        self.reaper = IdleReaper()
         self.counters = Counters()
         for cls in servers:
             self._register(cls)
@@ -228,6 +230,7 @@ class PersistentSupervisor:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._run_writer)
+                nursery.start_soon(self.reaper.run)
                 nursery.start_soon(self._recover_permanent_servers)
                 try:
                     yield self
@@ -325,8 +328,7 @@ class PersistentSupervisor:
         self._closing = True
         for entry in list(self._entries.values()):
             entry.shutting_down = True
-            if entry.wait_scope is not None:
-                entry.wait_scope.cancel()
+            entry.wake()
         with trio.move_on_after(self.shutdown_timeout):
             await self._wait_all_ended()
         if self._entries:
@@ -352,6 +354,7 @@ class PersistentSupervisor:
         if self._entries.get(entry.ref) is entry:
             del self._entries[entry.ref]
             self._recency.pop(entry.ref, None)
+            self.reaper.forget(entry)
             if not self._entries and self._all_ended is not None:
                 self._all_ended.set()
         self.note_settled()
@@ -465,13 +468,13 @@ class PersistentSupervisor:
                 break
             activation = entry.activation
             if (
-                entry.wait_scope is not None
+                entry.waiting()
                 and activation is not None
                 and not activation.owed
                 and not entry.hibernate_now
             ):
                 entry.hibernate_now = True
-                entry.wait_scope.cancel()
+                entry.wake()
                 excess -= 1
 
     async def start(

@@ -30,8 +30,7 @@ async def hibernate(ref: ServerRef) -> None:
         await trio.lowlevel.checkpoint()
         return
     entry.hibernate_now = True
-    if entry.wait_scope is not None:
-        entry.wait_scope.cancel()
+    entry.wake()
     while sup._entries.get(ref) is entry:
         await trio.lowlevel.checkpoint()  # a checkpoint per turn: the server task runs meanwhile
 
@@ -42,7 +41,7 @@ async def wait_all_idle(sup: PersistentSupervisor) -> None:
     while True:
         await trio.testing.wait_all_tasks_blocked()
         if all(
-            entry.wait_scope is not None and entry.mailbox_empty()
+            entry.waiting() and entry.mailbox_empty()
             for entry in sup._entries.values()
         ) and sup.writer.idle():
             return
