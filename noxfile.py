@@ -26,7 +26,12 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    session.install("-e", ".")
+    """Every benchmark section, each figure beside baselines of the same run.
+
+    `nox -s bench -- --only activation`, `-- --scale full`, `-- --markdown PATH`: see
+    `python benchmarks/run.py --help`.
+    """
+    session.install("-e", ".[bench]")
     session.run("python", "benchmarks/run.py", *session.posargs)
 
 
@@ -47,3 +52,10 @@ def race(session: nox.Session) -> None:
         "--hypothesis-show-statistics", "-p", "no:cacheprovider",
         env={"RACE_EXAMPLES": examples},
     )
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The documentation site, warnings as errors, in docs/_build/html."""
+    session.install("-e", ".[docs]")
+    session.run("sphinx-build", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html")

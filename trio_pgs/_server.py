@@ -28,7 +28,7 @@ logger = logging.getLogger("trio_pgs.server")
 class Restart(enum.Enum):
     """What a crash or a stop does to the stored record (OTP's restart strategies)."""
 
-    #: Never restarted: a crash or any stop wipes the record.
+    #: Never restarted. A crash or any stop wipes the record.
     TEMPORARY = "temporary"
     #: A crash keeps the record and the next message activates it; a normal stop wipes it.
     TRANSIENT = "transient"

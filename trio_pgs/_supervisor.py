@@ -95,7 +95,9 @@ class SupervisorStatistics:
 
     @property
     def mean_batch_size(self) -> float:
-        """Records per store transaction: how well group commit batches."""
+        """The mean number of records per store transaction (``records_written /
+        commits``, 0.0 before the first commit), which shows how well group commit
+        batches."""
         return self.records_written / self.commits if self.commits else 0.0
 
 

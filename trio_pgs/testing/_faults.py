@@ -79,11 +79,13 @@ class FaultyStore:
             self._gate = trio.Event()
 
     def release_commits(self) -> None:
+        """Let the commits held by `hold_commits` go on, and stop holding new ones."""
         if self._gate is not None:
             self._gate.set()
             self._gate = None
 
     def statistics(self) -> FaultStatistics:
+        """A snapshot of the calls passed to the inner store and the faults injected."""
         return FaultStatistics(
             self._loads, self._commits, self._failed_loads, self._failed_commits
         )

@@ -21,10 +21,12 @@ from ._faults import FaultyStore
 
 @pytest.fixture
 def pgs_store() -> FaultyStore:
+    """A new `FaultyStore` over a new `MemoryStore`, healthy until told otherwise."""
     return FaultyStore()
 
 
 @pytest.fixture
 async def pgs_supervisor(pgs_store: FaultyStore) -> AsyncIterator[PersistentSupervisor]:
+    """A `PersistentSupervisor` named ``"pgs-test"``, open on ``pgs_store`` for the test."""
     async with PersistentSupervisor(store=pgs_store, name="pgs-test") as supervisor:
         yield supervisor
