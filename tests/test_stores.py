@@ -7,6 +7,8 @@ import sqlite3
 
 import diskcache
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from trio_pgs import (
     ActivationFailed,
@@ -200,3 +202,21 @@ async def test_an_unconditional_delete_removes_a_pickle_row_without_reading_it(t
     assert await store.load("k", "a") is None
     await store.close()
     assert Exploit.ran is False
+
+
+@given(
+    version=st.integers(0, 2**53), state_version=st.integers(0, 1000),
+    epoch=st.integers(0, 2**31), updated_at=st.floats(allow_nan=False, allow_infinity=False),
+    data=st.binary(max_size=50),
+)
+def test_the_fast_record_header_is_the_json_one(version, state_version, epoch, updated_at, data):
+    import json
+
+    from trio_pgs._diskcache_store import decode_record, encode_record
+
+    record = Record("k", "a", data, version, state_version, epoch, updated_at)
+    header = {"v": version, "sv": state_version, "e": epoch, "t": updated_at,
+              "n": [len(data)]}
+    expected = json.dumps(header, separators=(",", ":")).encode() + b"\n" + data
+    assert encode_record(record) == expected
+    assert decode_record("k", "a", expected) == record
