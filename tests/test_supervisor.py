@@ -255,3 +255,20 @@ class Echo(PersistentServer[int]):
 async def test_a_server_with_a_plain_int_state(sup):
     ref = await sup.start(Echo, 7, key="e")
     assert await ref.call("hi") == "hi"
+
+
+async def test_an_internal_error_answers_every_waiting_caller(store, monkeypatch, caplog):
+    from trio_pgs import _runtime
+
+    async def broken(entry):
+        raise AttributeError("a bug in trio-pgs")
+
+    async with PersistentSupervisor(store=store) as sup:
+        monkeypatch.setattr(_runtime, "activate", broken)
+        with trio.fail_after(5), pytest.raises(ServerCrashed, match="internal error"):
+            await sup.start(TallyServer, key="k")
+        with trio.fail_after(5), pytest.raises(ServerCrashed, match="internal error"):
+            await sup.ref(TallyServer, "other").call("get")
+        monkeypatch.undo()
+        assert await sup.start(TallyServer, key="k")  # the supervisor goes on
+    assert "internal error in trio-pgs" in caplog.text

@@ -451,15 +451,17 @@ class Activation:
         entry.end(not_running(entry.ref))
         return Next.END
 
-    async def cut_off(self) -> None:
-        """The task was cancelled (shutdown past its grace period): answer the caller of
-        the message being handled and everyone owed a reply, then run
-        `terminate("shutdown")` with the last committed state, in a shielded scope of
-        its own bounded by TERMINATE_GRACE seconds."""
+    async def cut_off(self, error: ErrorFactory | None = None) -> None:
+        """The task was cancelled (shutdown past its grace period) or hit an internal
+        error: answer the caller of the message being handled and everyone owed a
+        reply, then run `terminate("shutdown")` with the last committed state, in a
+        shielded scope of its own bounded by TERMINATE_GRACE seconds."""
         ref = self.entry.ref
+        if error is None:  # cancelled at shutdown
+            error = lambda: cut_off_error(ref)  # noqa: E731
         if self.current is not None and self.current.slot is not None:
-            self.current.slot.set_error(cut_off_error(ref))
-        self.fail_owed(lambda: cut_off_error(ref))
+            self.current.slot.set_error(error())  # a no-op once it was answered
+        self.fail_owed(error)
         if self.closed:
             return
         with trio.move_on_after(TERMINATE_GRACE, shield=True):

@@ -15,6 +15,7 @@ from ._calls import current_handling
 from ._encoding import DecodingError
 from ._entry import (
     Entry,
+    ErrorFactory,
     Next,
     StartRequest,
     Status,
@@ -39,6 +40,8 @@ logger = logging.getLogger("trio_pgs")
 async def serve(entry: Entry) -> None:
     """The task of one entry: activations, one after the other, until it ends."""
     current_handling.set(None)  # the task inherited its spawner's context
+    start = entry.start  # answered by the first activation, or below
+    internal: ErrorFactory | None = None
     with trio.CancelScope(shield=True) as entry.task_scope:
         try:
             while True:
@@ -52,15 +55,32 @@ async def serve(entry: Entry) -> None:
                     return
         except trio.Cancelled:
             raise
-        except Exception:
+        except Exception as exc:
             logger.exception("%s: internal error in trio-pgs; the server is stopped "
                              "(its stored state is kept)", entry.ref, extra=entry.extra)
+            internal = _internal_error(entry.ref, exc)
         finally:
             if entry.status is not Status.ENDED:
-                # Cancelled at shutdown past the grace period, or an internal error.
+                # Cancelled at shutdown past the grace period, or an internal error:
+                # nobody waiting on this server may be left hanging.
+                ending = not_running(entry.ref) if internal is None else internal
+                if start is not None:
+                    start.slot.set_error(ending())  # a no-op once it was answered
                 if entry.activation is not None:
-                    await entry.activation.cut_off()
-                entry.end(not_running(entry.ref))
+                    await entry.activation.cut_off(internal)
+                entry.end(ending)
+
+
+def _internal_error(ref: ServerRef, exc: Exception) -> ErrorFactory:
+    def error() -> BaseException:
+        failure = ServerCrashed(
+            f"{ref}: internal error in trio-pgs ({exc!r}); the server was stopped and its "
+            "stored state kept. Please report it; the next message activates it again"
+        )
+        failure.__cause__ = exc
+        return failure
+
+    return error
 
 
 async def activate(entry: Entry) -> Activation | None:
