@@ -2,20 +2,45 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 ROOT = Path(__file__).parent.parent
 
 
-def run_game(store: Path) -> str:
+def run_example(name: str, *args: str | Path, timeout: float = 60) -> str:
+    """Run ``examples/<name>.py`` with *args* as a user would; return what it printed."""
     result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "game.py"), "--quick", "--store", str(store)],
-        capture_output=True, text=True, timeout=300, check=True,
+        [sys.executable, str(ROOT / "examples" / f"{name}.py"), *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, check=True,
     )
     assert result.stderr == ""
     return result.stdout
+
+
+def number(pattern: str, output: str) -> int:
+    """The number matched by the group of *pattern* in *output* (commas allowed)."""
+    match = re.search(pattern, output)
+    assert match is not None, f"{pattern!r} not in:\n{output}"
+    return int(match.group(1).replace(",", ""))
+
+
+def sent(output: str) -> int:
+    """Transfers sent by the bank's first account, in the last line reporting it."""
+    return number(r"(?s).*First account: .*?, ([\d,]+) transfers sent", output)
+
+
+def lines_after(heading: str, output: str, count: int) -> list[str]:
+    lines = output.splitlines()
+    start = lines.index(heading) + 1
+    return lines[start:start + count]
+
+
+def run_game(store: Path) -> str:
+    return run_example("game", "--quick", "--store", store, timeout=300)
 
 
 def test_game_demo_runs_and_a_second_run_continues_the_scores(tmp_path):
@@ -26,3 +51,91 @@ def test_game_demo_runs_and_a_second_run_continues_the_scores(tmp_path):
     assert "Continuing 500 players" in second
     assert f"Total score before playing: {after_first}\n" in second
     assert "mean batch size" in second
+
+
+BANK_SIZES = ("--accounts", "20", "--clients", "20", "--chaos", "0.02")
+PROGRESS_LINE = re.compile(r"\s+[\d.]+s\s+[\d,]+ transfers ")
+
+
+def test_bank_conserves_money_across_crashes_a_kill_and_runs(tmp_path):
+    store = tmp_path / "bank"
+    first = run_example("bank", *BANK_SIZES, "--seconds", "0.5", "--store", store)
+    assert "Opened 20 new accounts" in first
+    assert "Total balance before: 20,000 in 20 accounts (issued 20,000): conserved" in first
+    assert "Total balance after: 20,000 in 20 accounts (issued 20,000): conserved" in first
+    assert number(r"Transfers: ([\d,]+) done", first) > 0
+    first_account = re.findall(r"First account: .*", first)[-1]
+
+    # A second run, killed while transfers are in flight: nothing is lost either.
+    killed = subprocess.Popen(
+        [sys.executable, "-u", str(ROOT / "examples" / "bank.py"), *BANK_SIZES,
+         "--seconds", "30", "--store", str(store)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    assert killed.stdout is not None
+    watchdog = threading.Timer(60, killed.kill)  # a hung run fails the test, not hangs it
+    watchdog.start()
+    seen = []
+    try:
+        for line in killed.stdout:
+            seen.append(line)
+            if PROGRESS_LINE.match(line):  # the clients are busy transferring
+                break
+    finally:
+        watchdog.cancel()
+        killed.kill()  # SIGKILL: no shutdown, no last commit
+        killed.wait()
+        killed.stdout.close()
+    assert PROGRESS_LINE.match(seen[-1]), seen  # killed while it was transferring
+    assert "Continuing 20 accounts from" in "".join(seen)
+    assert first_account + "\n" in seen  # it continued where the first run ended
+
+    third = run_example("bank", *BANK_SIZES, "--seconds", "0.5", "--store", store)
+    assert "Continuing 20 accounts from" in third
+    assert "Opened" not in third
+    # What the killed run committed is kept; what it left in flight is completed.
+    assert sent(third.split("Total balance before")[0]) > sent(first_account)
+    assert "Total balance before: 20,000 in 20 accounts (issued 20,000): conserved" in third
+    assert "Total balance after: 20,000 in 20 accounts (issued 20,000): conserved" in third
+
+
+def test_chat_rooms_hibernate_and_wake_with_their_history(tmp_path):
+    store = tmp_path / "chat"
+    first = run_example("chat", "--quick", "--store", store)
+    assert lines_after("Rooms at start:", first, 3) == [
+        "  #general: 0 members, 0 messages",
+        "  #random: 0 members, 0 messages",
+        "  #trio: 0 members, 0 messages",
+    ]
+    assert "All rooms hibernated (active 0)" in first
+    assert "listener streams closed by their room: 24 of 24\n" in first  # 12 users x 2 rooms
+    woken = lines_after("Rooms after waking from the store:", first, 3)
+    assert sum(number(r" ([\d,]+) messages", line) for line in woken) == 12 * 5
+    assert all("; last [" in line for line in woken)  # the history survived hibernation
+
+    second = run_example("chat", "--quick", "--store", store)
+    assert lines_after("Rooms at start:", second, 3) == woken
+    woken_again = lines_after("Rooms after waking from the store:", second, 3)
+    assert sum(number(r" ([\d,]+) messages", line) for line in woken_again) == 2 * 12 * 5
+
+
+def test_cart_writes_behind_and_checkout_places_orders(tmp_path):
+    store = tmp_path / "cart"
+    first = run_example("cart", "--quick", "--store", store)
+    assert "Order book before: 0 orders" in first
+    orders = number(r"orders placed: ([\d,]+)", first)
+    abandoned = number(r"carts abandoned: ([\d,]+)", first)
+    assert orders + abandoned == 30
+    assert orders > 0
+    assert f"Order book after: {orders:,} orders" in first
+    messages = number(r"Write-behind: ([\d,]+) messages", first)
+    written = number(r"([\d,]+) records written in", first)
+    commits = number(r"written in ([\d,]+) commits", first)
+    assert messages >= 30 * 40
+    assert commits < written < messages / 4  # many edits, few writes
+
+    second = run_example("cart", "--quick", "--store", store)
+    assert f"Order book before: {orders:,} orders" in second
+    assert f"carts continued from the last run: {abandoned:,};" in second
+    orders_again = number(r"orders placed: ([\d,]+)", second)
+    assert f"Order book after: {orders + orders_again:,} orders" in second

@@ -1,0 +1,405 @@
+"""A bank on trio-pgs: concurrent transfers that never create or lose money, even when
+accounts crash half-way through.
+
+Every account is a persistent server. A transfer from A to B takes three steps, and
+each one is committed before the next starts:
+
+1. A debits itself and puts the transfer in its outbox, with a number from A's own
+   sequence (1, 2, 3, ...). The client's call returns only after step 3.
+2. A calls B's ``deposit``. B credits the amount unless it already has it: B keeps, for
+   each account that pays it, the highest transfer number it deposited. A sends its
+   outbox in order, oldest first, so any number not above that mark is a repeat.
+3. A removes the transfer from its outbox and answers the client.
+
+A crash between two steps leaves the transfer in A's outbox, because step 1 was
+committed. Every activation of A sends its outbox again, and B ignores the deposits it
+already has. So at every moment: balances + money in outboxes == money the bank issued.
+``--chaos`` crashes accounts at random between the steps to show it.
+
+Run it twice: the second run continues every balance from ``bank-state/``, and
+finishes any transfer that a killed first run left in flight.
+
+    python examples/bank.py                 # 200 accounts, 100 clients, 10 seconds
+    python examples/bank.py --quick         # a short run: 30 accounts, 2 seconds
+    python examples/bank.py --help          # accounts, clients, seconds, chaos, store
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import trio
+
+import trio_pgs
+from trio_pgs import NoReply, PersistentServer, PersistentSupervisor, Reply, ServerRef, Stop
+
+#: What every new account starts with: all the money in the bank comes from here.
+OPENING_BALANCE = 1_000
+#: Operations kept in an account's ledger, for people to read (newest last).
+LEDGER_SIZE = 5
+#: Probability that an account crashes at one of the injected points (set by --chaos).
+CHAOS = 0.0
+#: The delay of the timer that sends the outbox. It only has to be positive: a timer
+#: is handled as a message, so after the commit of the message that armed it.
+SOON = 0.001
+
+
+class ChaosCrash(Exception):
+    """A crash injected by --chaos."""
+
+
+def maybe_crash(where: str) -> None:
+    if random.random() < CHAOS:
+        raise ChaosCrash(where)
+
+
+@attrs.frozen
+class Transfer:
+    """Money that left this account and that the payee has not confirmed yet."""
+
+    number: int  # from the payer's own sequence: deposits arrive in this order
+    to: ServerRef  # a ref is plain data: states can hold one
+    amount: int
+
+
+@attrs.frozen
+class Account:
+    """The state of one account: what the store keeps (as JSON)."""
+
+    owner: str
+    balance: int
+    outbox: tuple[Transfer, ...] = ()  # debited here, not yet deposited there
+    next_number: int = 1
+    #: For each account that paid us: the highest transfer number deposited here.
+    deposited: dict[str, int] = attrs.field(factory=dict)
+    repeats: int = 0  # deposits received again after a crash, and ignored
+    ledger: tuple[str, ...] = ()  # the last LEDGER_SIZE operations
+
+    def logged(self, line: str) -> tuple[str, ...]:
+        return (*self.ledger, line)[-LEDGER_SIZE:]
+
+
+class AccountServer(PersistentServer[Account]):
+    kind = "bank.account"
+    idle_timeout = 5.0
+
+    def __init__(self) -> None:
+        # The clients waiting for their transfers, by number. Like every instance
+        # attribute this lives as long as one activation: if it crashes, they get
+        # ServerCrashed, and the next activation still completes their transfers.
+        self.waiting: dict[int, trio_pgs.Caller] = {}
+
+    async def init(self, owner: str, balance: int) -> Account:
+        return Account(owner, balance)
+
+    async def on_activate(self, state: Account) -> Account:
+        if state.outbox:
+            # A crash, a kill or a shutdown stopped transfers half-way: finish them.
+            self.send_after(SOON, "send-outbox")
+        return state
+
+    async def handle_call(
+        self, request: Any, state: Account
+    ) -> Reply[Account] | NoReply[Account] | Stop[Account]:
+        match request:
+            case ("transfer", ServerRef() as to, int(amount)) if amount > 0:
+                if amount > state.balance or to == self.ref:
+                    return Reply(False, state)  # refused; nothing changed, nothing written
+                transfer = Transfer(state.next_number, to, amount)
+                state = attrs.evolve(
+                    state,
+                    balance=state.balance - amount,
+                    outbox=(*state.outbox, transfer),
+                    next_number=transfer.number + 1,
+                    ledger=state.logged(f"-{amount} to {to.key} (#{transfer.number})"),
+                )
+                # Step 1. The deposit must not start before the debit is committed, and
+                # this handler's state is committed when it returns: so the outbox is
+                # sent by a timer, and the client is answered later.
+                self.waiting[transfer.number] = trio_pgs.current_caller()
+                if len(state.outbox) == 1:  # otherwise the outbox is being sent already
+                    self.send_after(SOON, "send-outbox")
+                return NoReply(state)
+            case ("deposit", str(payer), int(number), int(amount)):
+                if number <= state.deposited.get(payer, 0):
+                    # The payer crashed after we took it and sends it again: say yes,
+                    # credit nothing.
+                    return Reply(True, attrs.evolve(state, repeats=state.repeats + 1))
+                state = attrs.evolve(
+                    state,
+                    balance=state.balance + amount,
+                    deposited={**state.deposited, payer: number},
+                    ledger=state.logged(f"+{amount} from {payer} (#{number})"),
+                )
+                maybe_crash("during a deposit, before its commit")
+                return Reply(True, state)  # step 2, committed before the payer hears yes
+            case "show":
+                return Reply(state, state)
+        return await super().handle_call(request, state)
+
+    async def handle_info(self, message: Any, state: Account) -> NoReply[Account] | Stop[Account]:
+        match message:
+            case "send-outbox":
+                return await self.send_outbox(state)
+        return await super().handle_info(message, state)
+
+    async def send_outbox(self, state: Account) -> NoReply[Account]:
+        """Deposit the oldest transfer of the outbox, then arm the timer for the next."""
+        if not state.outbox:
+            return NoReply(state)  # a timer armed twice (after a crash): nothing left
+        transfer = state.outbox[0]
+        try:
+            await transfer.to.call(("deposit", self.ref.key, transfer.number, transfer.amount))
+        except trio_pgs.ServerNotFound:
+            # No such account (never opened, or closed): the money comes back.
+            state = attrs.evolve(
+                state,
+                balance=state.balance + transfer.amount,
+                outbox=state.outbox[1:],
+                ledger=state.logged(f"+{transfer.amount} returned (#{transfer.number})"),
+            )
+            return await self.transfer_done(transfer, state, ok=False)
+        except (
+            trio_pgs.CallCycleError,  # the payee is paying us now: waiting would deadlock
+            trio_pgs.ServerCrashed,  # it crashed before committing the deposit
+            trio_pgs.ServerQuarantined,
+            trio_pgs.SupervisorNotRunning,  # shutting down: the next run sends it
+        ):
+            # The transfer stays in the outbox; try again in a moment.
+            self.send_after(random.uniform(0.005, 0.05), "send-outbox")
+            return NoReply(state)
+        maybe_crash("after a deposit, before the outbox is updated")
+        return await self.transfer_done(transfer, attrs.evolve(state, outbox=state.outbox[1:]))
+
+    async def transfer_done(
+        self, transfer: Transfer, state: Account, ok: bool = True
+    ) -> NoReply[Account]:
+        """Step 3: the transfer leaves the outbox; its client hears of it after the commit."""
+        if state.outbox:
+            self.send_after(SOON, "send-outbox")
+        caller = self.waiting.pop(transfer.number, None)
+        if caller is not None:  # None: the client asked an activation that crashed
+            await caller.reply(ok)  # released only once this state is committed
+        return NoReply(state)
+
+
+class HideChaosCrashes(logging.Filter):
+    """The crashes --chaos injects are expected: count them, do not print them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], ChaosCrash))
+
+
+@attrs.define
+class Tally:
+    """What the clients saw, for the progress lines."""
+
+    transfers: int = 0
+    refused: int = 0  # not enough money
+    interrupted: int = 0  # the payer crashed; the transfer completes anyway
+    moved: int = 0
+
+
+def account_key(number: int) -> str:
+    return f"a{number:05d}"
+
+
+async def open_accounts(sup: PersistentSupervisor, accounts: int) -> tuple[list[ServerRef], int]:
+    """Open the accounts the store does not have yet; return every account and how many
+    the store already had."""
+    existing = 0
+
+    async def open_account(number: int) -> None:
+        nonlocal existing
+        try:
+            await sup.start(
+                AccountServer, f"owner {number}", OPENING_BALANCE, key=account_key(number)
+            )
+        except trio_pgs.AlreadyStarted:
+            existing += 1  # opened by an earlier run: it continues from the store
+
+    async with trio.open_nursery() as nursery:
+        for number in range(accounts):
+            nursery.start_soon(open_account, number)
+    # An earlier run with a larger --accounts opened more: count them, or the money
+    # they hold would look lost.
+    while True:
+        try:
+            await sup.ref(AccountServer, account_key(accounts)).call("show")
+        except trio_pgs.ServerNotFound:
+            break
+        accounts += 1
+        existing += 1
+    return [sup.ref(AccountServer, account_key(n)) for n in range(accounts)], existing
+
+
+async def read_all(refs: Sequence[ServerRef]) -> list[Account]:
+    """Every account's state (dormant accounts wake from the store to answer)."""
+    states: dict[ServerRef, Account] = {}
+
+    async def read(ref: ServerRef) -> None:
+        states[ref] = await ref.call("show")
+
+    async with trio.open_nursery() as nursery:
+        for ref in refs:
+            nursery.start_soon(read, ref)
+    return [states[ref] for ref in refs]
+
+
+def in_flight(states: Sequence[Account]) -> int:
+    return sum(transfer.amount for state in states for transfer in state.outbox)
+
+
+async def settle(refs: Sequence[ServerRef]) -> list[Account]:
+    """Wait until no money is in flight, and return every account's state.
+
+    Reading an account wakes it, and a woken account sends its outbox: this is how the
+    transfers that a crash (or a killed process) interrupted are completed.
+    """
+    states = await read_all(refs)
+    while in_flight(states):
+        await trio.sleep(0.05)
+        states = await read_all(refs)
+    return states
+
+
+def print_first_account(states: Sequence[Account]) -> None:
+    first = states[0]
+    print(f"First account: {first.owner}, balance {first.balance:,}, "
+          f"{first.next_number - 1:,} transfers sent")
+
+
+def check_total(when: str, states: Sequence[Account]) -> None:
+    total = sum(state.balance for state in states)
+    issued = len(states) * OPENING_BALANCE
+    verdict = "conserved" if total == issued else "NOT CONSERVED"
+    print(f"Total balance {when}: {total:,} in {len(states):,} accounts "
+          f"(issued {issued:,}): {verdict}")
+    if total != issued:
+        raise SystemExit(f"money was created or lost: {total - issued:+,}")
+
+
+async def client(refs: Sequence[ServerRef], deadline: float, tally: Tally) -> None:
+    """Transfer random amounts between random accounts until the deadline."""
+    while trio.current_time() < deadline:
+        payer, payee = random.sample(refs, 2)
+        amount = random.randint(1, 200)
+        try:
+            done = await payer.call(("transfer", payee, amount))
+        except trio_pgs.ServerCrashed:
+            tally.interrupted += 1  # the money is in the payer's outbox: it will arrive
+            continue
+        if done:
+            tally.transfers += 1
+            tally.moved += amount
+        else:
+            tally.refused += 1
+
+
+async def report_progress(sup: PersistentSupervisor, tally: Tally) -> None:
+    """Print a progress line every second, until cancelled."""
+    started = trio.current_time()
+    while True:
+        await trio.sleep(1.0)
+        stats = sup.statistics()
+        print(
+            f"  {trio.current_time() - started:4.1f}s  {tally.transfers:7,} transfers"
+            f"  {tally.refused:6,} refused  {tally.interrupted:5,} interrupted"
+            f"  crashes {stats.crashes:5,}  commits {stats.commits:6,}"
+            f"  mean batch {stats.mean_batch_size:4.1f}"
+        )
+
+
+async def run_clients(refs: Sequence[ServerRef], clients: int, seconds: float,
+                      sup: PersistentSupervisor) -> None:
+    tally = Tally()
+    deadline = trio.current_time() + seconds
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(report_progress, sup, tally)
+        async with trio.open_nursery() as clients_nursery:
+            for _ in range(clients):
+                clients_nursery.start_soon(client, refs, deadline, tally)
+        nursery.cancel_scope.cancel()  # the clients are done: stop the progress lines
+    print(f"Transfers: {tally.transfers:,} done ({tally.moved:,} moved), "
+          f"{tally.refused:,} refused, {tally.interrupted:,} interrupted by a crash")
+
+
+def print_statistics(stats: trio_pgs.SupervisorStatistics) -> None:
+    print(
+        "Supervisor statistics:\n"
+        f"  active {stats.active:,}, activations {stats.activations:,}, "
+        f"hibernated {stats.hibernations:,}, crashes {stats.crashes:,}\n"
+        f"  messages {stats.messages:,}, commits {stats.commits:,}, "
+        f"records written {stats.records_written:,}, "
+        f"mean batch size {stats.mean_batch_size:.1f}"
+    )
+
+
+async def main(accounts: int, clients: int, seconds: float, chaos: float, store: str) -> None:
+    global CHAOS
+    CHAOS = chaos
+    logging.getLogger("trio_pgs").addFilter(HideChaosCrashes())
+    print(f"A bank of {accounts:,} accounts in {store!r}, {clients} clients, "
+          f"crash probability {chaos:.1%}")
+    async with PersistentSupervisor(
+        store=trio_pgs.DiskCacheStore(store),
+        servers=[AccountServer],
+        # --chaos crashes the same accounts again and again, on purpose. Quarantine
+        # protects against a message that crashes a server every time; not needed here.
+        max_crashes=1_000_000,
+    ) as sup:
+        refs, existing = await open_accounts(sup, accounts)
+        if existing:
+            print(f"Continuing {existing:,} accounts from {store!r}")
+        if existing < len(refs):
+            print(f"Opened {len(refs) - existing:,} new accounts")
+        states = await read_all(refs)
+        if in_flight(states):
+            print(f"Finishing the transfers a killed run left in flight: {in_flight(states):,}")
+        states = await settle(refs)
+        print_first_account(states)
+        check_total("before", states)
+
+        await run_clients(refs, clients, seconds, sup)
+
+        states = await settle(refs)
+        print_first_account(states)
+        check_total("after", states)
+        print(f"Deposits repeated after a crash and ignored, all runs: "
+              f"{sum(state.repeats for state in states):,}")
+        richest = max(states, key=lambda state: state.balance)
+        print(f"Richest: {richest.owner} with {richest.balance:,}; last operations:")
+        for line in richest.ledger:
+            print(f"    {line}")
+    print_statistics(sup.statistics())
+    print("Run it again: every balance continues from the store.")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--accounts", type=int, default=200, help="default: 200")
+    parser.add_argument("--clients", type=int, default=100,
+                        help="concurrent clients, each making one transfer at a time")
+    parser.add_argument("--seconds", type=float, default=10.0, help="how long to transfer")
+    parser.add_argument("--chaos", type=float, default=0.01,
+                        help="probability of a crash at each injected point (default 0.01)")
+    parser.add_argument("--store", default="bank-state", help="the store's directory")
+    parser.add_argument("--quick", action="store_true",
+                        help="a short run: 30 accounts, 20 clients, 2 seconds")
+    args = parser.parse_args()
+    if args.quick:
+        args.accounts, args.clients, args.seconds = 30, 20, 2.0
+    if args.accounts < 2:
+        parser.error("--accounts: a transfer needs two accounts")
+    return args
+
+
+if __name__ == "__main__":
+    options = parse_args()
+    trio.run(main, options.accounts, options.clients, options.seconds, options.chaos,
+             options.store)

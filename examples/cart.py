@@ -1,0 +1,257 @@
+"""Shopping carts on trio-pgs, written behind: many edits, few writes.
+
+Every cart is a persistent server in ``Persistence.WRITE_BEHIND`` mode. An add or a
+remove is answered at once, and the cart's newest state is written at most
+``max_lag`` seconds after it changed: a burst of edits costs one write, and the
+writes of all carts share transactions. The price is that a process killed with
+changes pending loses up to ``max_lag`` seconds of them: acceptable for a cart, not for
+an order. So checkout places the order with the order book, a server in the default
+``EACH_MESSAGE`` mode (the order is committed before checkout returns), and then ends
+the cart with ``Stop(reason="normal")``, which wipes its record.
+
+Customers who do not check out leave their carts behind; the next run finds them.
+
+    python examples/cart.py                 # 200 customers, 100 edits each
+    python examples/cart.py --quick         # a short run: 30 customers, 40 edits
+    python examples/cart.py --help          # customers, edits, abandon, lag, store
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+import trio
+
+import trio_pgs
+from trio_pgs import NoReply, PersistentServer, PersistentSupervisor, Reply, ServerRef, Stop
+
+#: What the shop sells, with prices in cents.
+CATALOG = {"apple": 40, "bread": 250, "milk": 120, "tea": 450, "coffee": 899,
+           "socks": 700, "book": 1_500}
+#: Orders the order book keeps in full; older ones only count in the totals.
+RECENT_ORDERS = 1_000
+
+
+@attrs.frozen
+class Cart:
+    """The state of one cart: what the store keeps (as JSON)."""
+
+    customer: str
+    cart_id: str  # unique per cart: the order book recognises a checkout retried with it
+    orders: ServerRef  # where this cart checks out: a ref is plain data in a state
+    items: dict[str, int] = attrs.field(factory=dict)  # product -> quantity
+
+
+@attrs.frozen
+class Order:
+    number: int
+    cart_id: str
+    customer: str
+    items: dict[str, int]
+    total: int  # cents
+
+
+@attrs.frozen
+class OrderBook:
+    placed: int = 0
+    revenue: int = 0  # cents
+    recent: tuple[Order, ...] = ()  # the last RECENT_ORDERS orders
+
+
+class OrderBookServer(PersistentServer[OrderBook]):
+    kind = "shop.orders"
+    # The default persistence, EACH_MESSAGE: an order is committed before the cart that
+    # placed it hears of it.
+
+    async def handle_call(
+        self, request: Any, book: OrderBook
+    ) -> Reply[OrderBook] | NoReply[OrderBook] | Stop[OrderBook]:
+        match request:
+            case ("place", Cart() as cart):
+                for order in book.recent:
+                    if order.cart_id == cart.cart_id:
+                        # The cart placed it, then died before it could stop: the same
+                        # order again, not a second one.
+                        return Reply(order, book)
+                total = sum(CATALOG[product] * count for product, count in cart.items.items())
+                order = Order(book.placed + 1, cart.cart_id, cart.customer, cart.items, total)
+                book = OrderBook(
+                    placed=order.number,
+                    revenue=book.revenue + total,
+                    recent=(*book.recent, order)[-RECENT_ORDERS:],
+                )
+                return Reply(order, book)
+            case "show":
+                return Reply(book, book)
+        return await super().handle_call(request, book)
+
+
+class CartServer(PersistentServer[Cart]):
+    kind = "shop.cart"
+    persistence = trio_pgs.Persistence.WRITE_BEHIND
+    max_lag = 0.5  # seconds a change may wait before it is written
+    idle_timeout = 2.0  # an abandoned cart hibernates (and is written) after this
+
+    async def init(self, customer: str, orders: ServerRef) -> Cart:
+        return Cart(customer, uuid.uuid4().hex, orders)
+
+    async def handle_call(
+        self, request: Any, cart: Cart
+    ) -> Reply[Cart] | NoReply[Cart] | Stop[Cart]:
+        match request:
+            case ("add", str(product), int(count)) if product in CATALOG and count > 0:
+                cart = with_count(cart, product, cart.items.get(product, 0) + count)
+                return Reply(cart.items[product], cart)  # answered now, written later
+            case ("remove", str(product), int(count)) if count > 0:
+                cart = with_count(cart, product, cart.items.get(product, 0) - count)
+                return Reply(cart.items.get(product, 0), cart)
+            case "show":
+                return Reply(cart.items, cart)
+            case "checkout":
+                if not cart.items:
+                    return Reply(None, cart)
+                order = await cart.orders.call(("place", cart))  # committed when it returns
+                # The cart's job is done: a normal stop wipes its record. Nothing of it
+                # needs writing first, hence persist=False.
+                return Stop(cart, reason="normal", reply=order, persist=False)
+        return await super().handle_call(request, cart)
+
+
+def with_count(cart: Cart, product: str, count: int) -> Cart:
+    items = {name: n for name, n in cart.items.items() if name != product}
+    if count > 0:
+        items[product] = count
+    return attrs.evolve(cart, items=items)
+
+
+@attrs.define
+class Tally:
+    edits: int = 0
+    orders: int = 0
+    abandoned: int = 0
+    continued: int = 0  # carts left by an earlier run
+
+
+async def shop(sup: PersistentSupervisor, customer: str, orders: ServerRef, edits: int,
+               abandon: float, tally: Tally) -> None:
+    """One customer: fill a cart (or continue an old one), then check out or walk away."""
+    try:
+        cart = await sup.start(CartServer, customer, orders, key=f"cart-{customer}")
+    except trio_pgs.AlreadyStarted as exc:
+        cart = exc.ref  # left by an earlier run, with its items: continue it
+        tally.continued += 1
+    for _ in range(edits):
+        product = random.choice(list(CATALOG))
+        if random.random() < 0.7:
+            await cart.call(("add", product, random.randint(1, 3)))
+        else:
+            await cart.call(("remove", product, 1))
+        tally.edits += 1
+        await trio.sleep(random.uniform(0, 0.02))  # browsing
+    if random.random() < abandon:
+        tally.abandoned += 1  # the cart stays: written within max_lag, or at shutdown
+        return
+    if await cart.call("checkout") is not None:
+        tally.orders += 1
+
+
+async def report_progress(sup: PersistentSupervisor, tally: Tally) -> None:
+    """Print a progress line every half second, until cancelled."""
+    started = trio.current_time()
+    while True:
+        await trio.sleep(0.5)
+        stats = sup.statistics()
+        print(f"  {trio.current_time() - started:4.1f}s  {tally.edits:6,} edits"
+              f"  {tally.orders:4,} orders  messages {stats.messages:6,}"
+              f"  records written {stats.records_written:5,}  commits {stats.commits:4,}")
+
+
+def print_book(when: str, book: OrderBook) -> None:
+    print(f"Order book {when}: {book.placed:,} orders, revenue {book.revenue / 100:,.2f}")
+
+
+def print_orders(orders: tuple[Order, ...]) -> None:
+    for order in orders:
+        print(f"    #{order.number} {order.customer}: {format_items(order.items)}, "
+              f"{order.total / 100:,.2f}")
+
+
+def format_items(items: Mapping[str, int]) -> str:
+    return ", ".join(f"{count} {product}" for product, count in sorted(items.items()))
+
+
+def print_statistics(stats: trio_pgs.SupervisorStatistics) -> None:
+    print(
+        "Supervisor statistics:\n"
+        f"  active {stats.active:,}, activations {stats.activations:,}, "
+        f"hibernated {stats.hibernations:,}, stops {stats.stops:,}\n"
+        f"  messages {stats.messages:,}, commits {stats.commits:,}, "
+        f"records written {stats.records_written:,}, "
+        f"mean batch size {stats.mean_batch_size:.1f}"
+    )
+
+
+async def main(customers: int, edits: int, abandon: float, lag: float, store: str) -> None:
+    print(f"{customers:,} customers making {edits} edits each in {store!r}; "
+          f"carts written at most {lag} s after a change")
+    async with PersistentSupervisor(
+        store=trio_pgs.DiskCacheStore(store),
+        servers=[CartServer, OrderBookServer],
+        max_lag=lag,  # overrides the class's; only write-behind servers use it
+    ) as sup:
+        try:
+            orders = await sup.start(OrderBookServer, OrderBook(), key="orders")
+        except trio_pgs.AlreadyStarted as exc:
+            orders = exc.ref
+        print_book("before", await orders.call("show"))
+
+        tally = Tally()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(report_progress, sup, tally)
+            async with trio.open_nursery() as customers_nursery:
+                for number in range(customers):
+                    customers_nursery.start_soon(shop, sup, f"c{number:04d}", orders, edits,
+                                                 abandon, tally)
+            nursery.cancel_scope.cancel()
+
+        print(f"Edits: {tally.edits:,}; orders placed: {tally.orders:,}; carts continued "
+              f"from the last run: {tally.continued:,}; carts abandoned: {tally.abandoned:,}")
+        book = await orders.call("show")
+        print_book("after", book)
+        print_orders(book.recent[-3:])
+    stats = sup.statistics()
+    print_statistics(stats)
+    # Records written: the new carts, their coalesced changes, the orders, and the
+    # carts wiped at checkout.
+    print(f"Write-behind: {stats.messages:,} messages, {stats.records_written:,} records "
+          f"written in {stats.commits:,} commits")
+    print("Run it again: the abandoned carts are waiting, and the order book goes on.")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--customers", type=int, default=200, help="default: 200")
+    parser.add_argument("--edits", type=int, default=100,
+                        help="adds and removes per customer (default: 100)")
+    parser.add_argument("--abandon", type=float, default=0.2,
+                        help="share of customers who leave without checking out")
+    parser.add_argument("--lag", type=float, default=CartServer.max_lag,
+                        help="max_lag: seconds a cart's change may wait to be written")
+    parser.add_argument("--store", default="cart-state", help="the store's directory")
+    parser.add_argument("--quick", action="store_true",
+                        help="a short run: 30 customers, 40 edits each")
+    args = parser.parse_args()
+    if args.quick:
+        args.customers, args.edits = 30, 40
+    return args
+
+
+if __name__ == "__main__":
+    options = parse_args()
+    trio.run(main, options.customers, options.edits, options.abandon, options.lag,
+             options.store)
