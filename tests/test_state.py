@@ -369,3 +369,18 @@ def test_nan_and_infinity_are_refused_by_both_backends(backend, bad, monkeypatch
     codec = _encoding.Codec(list[float], None, 1, {})
     with pytest.raises(StateEncodingError, match=r"\$\[1\]"):
         codec.encode([1.0, bad], "k/key")
+
+
+def test_small_encoded_states_hold_no_spare_buffer():
+    import tracemalloc
+
+    from trio_pgs._encoding import dumps
+
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        kept = [dumps({"n": i}) for i in range(100)]
+        held = (tracemalloc.get_traced_memory()[0] - before) / len(kept)
+    finally:
+        tracemalloc.stop()
+    assert held < 512  # orjson's results keep a 4 KiB buffer unless copied
