@@ -166,6 +166,7 @@ class DiskCacheStore:
         self.directory = os.fspath(directory)
         self.durable = durable
         self._cache: diskcache.Cache | None = None
+        self._identity: tuple[int, int] | None = None
         self._thread: DedicatedThread | None = None
 
     def __repr__(self) -> str:
@@ -223,6 +224,24 @@ class DiskCacheStore:
             cache.close()
             raise
         self._cache = cache
+        self._identity = self._file_identity()
+
+    def _file_identity(self) -> tuple[int, int] | None:
+        try:
+            stat = os.stat(os.path.join(self.directory, diskcache.core.DBNAME))
+        except OSError:
+            return None
+        return stat.st_dev, stat.st_ino
+
+    def _check_file(self) -> None:
+        """SQLite goes on writing into a database file that was deleted: whatever it
+        acknowledged then would be lost. Refuse instead (one stat per load or batch)."""
+        if self._file_identity() != self._identity:
+            raise PersistenceError(
+                f"{self!r}: the store's database file was deleted or replaced while it "
+                "was open; nothing was read or written. Restore the directory (or start "
+                "afresh) and open the supervisor again"
+            )
 
     async def close(self) -> None:
         if self._thread is None:
@@ -247,6 +266,10 @@ class DiskCacheStore:
         return await self._run(lambda: self._load(kind, key))
 
     def _load(self, kind: str, key: str) -> Record | None:
+        self._check_file()
+        return self._read(kind, key)
+
+    def _read(self, kind: str, key: str) -> Record | None:
         try:
             value = self._opened().get(kind + SEPARATOR + key)
         except RefusedPickle as exc:
@@ -263,6 +286,7 @@ class DiskCacheStore:
 
     def _commit(self, operations: list[Operation]) -> None:
         cache = self._opened()
+        self._check_file()
         try:
             with cache.transact():
                 # Check every condition before the first write, so a conflict leaves
@@ -280,7 +304,7 @@ class DiskCacheStore:
                         if db_key in seen:
                             current = seen[db_key]
                         else:
-                            current = self._load(*db_key.split(SEPARATOR, 1))
+                            current = self._read(*db_key.split(SEPARATOR, 1))
                         check_operation(current, operation)
                     seen[db_key] = operation.record if isinstance(operation, Put) else None
                 for operation in operations:
@@ -320,7 +344,7 @@ class DiskCacheStore:
             if ident is None or ident[0] != kind:
                 continue
             try:
-                record = self._load(*ident)
+                record = self._read(*ident)
             except PersistenceError as exc:
                 logger.warning("scan skipped %s/%s: %s", ident[0], ident[1], exc,
                                extra={"kind": ident[0], "key": ident[1]})

@@ -99,6 +99,7 @@ async def activate(entry: Entry) -> Activation | None:
     if record is None and start is not None:
         try:
             state = await server.init(*start.args)
+            check_not_coroutine(state, ref, "init")
             data = info.codec.encode(state, str(ref))
         except Exception as exc:
             sup.note_crash(ref, False, exc)

@@ -107,7 +107,12 @@ def resolve_options(cls: type[PersistentServer[Any]], overrides: Mapping[str, An
     """The class's options, with the supervisor's *overrides* on top."""
     values = {name: getattr(cls, name) for name in OPTION_NAMES}
     values.update(overrides)
-    return Options(**values)
+    try:
+        return Options(**values)
+    except (TypeError, ValueError) as exc:
+        if cls is PersistentServer:  # the supervisor's own keyword arguments
+            raise
+        raise type(exc)(f"{cls.__qualname__} (kind {cls.kind!r}): {exc}") from None
 
 
 def check_option_names(names: typing.Iterable[str]) -> None:

@@ -188,6 +188,8 @@ class PersistentSupervisor:
         self._settled: trio.Event | None = None
         self._writer_scope = trio.CancelScope(shield=True)
         self._context: Any = None
+        #: The trio run the supervisor is open in: refs are usable from that run only.
+        self.trio_token: trio.lowlevel.TrioToken | None = None
         self.on_event = on_event
         self.writer = Writer(store, self.emit if on_event is not None else None)
         self.reaper = IdleReaper()
@@ -221,6 +223,7 @@ class PersistentSupervisor:
                 f"a supervisor named {self.name!r} is already open in this process; "
                 "give this one another name="
             )
+        self.trio_token = trio.lowlevel.current_trio_token()
         open_supervisors[self.name] = self
         try:
             await self.store.open()
