@@ -220,3 +220,32 @@ def test_the_fast_record_header_is_the_json_one(version, state_version, epoch, u
     expected = json.dumps(header, separators=(",", ":")).encode() + b"\n" + data
     assert encode_record(record) == expected
     assert decode_record("k", "a", expected) == record
+
+
+async def test_diskcache_scan_and_kinds_keep_kinds_that_share_a_prefix_apart(tmp_path):
+    store = DiskCacheStore(tmp_path / "s")
+    await store.open()
+    try:
+        kinds = ["a", "a b", "ab", "a.b"]
+        await store.commit([
+            Put(Record(kind, f"{kind}-{i}", b"1"), 0) for kind in kinds for i in range(3)
+        ])
+        assert await store.kinds() == set(kinds)
+        for kind in kinds:
+            keys = [record.key async for record in store.scan(kind)]
+            assert keys == [f"{kind}-{i}" for i in range(3)]
+    finally:
+        await store.close()
+
+
+async def test_diskcache_scan_pages_through_more_than_one_chunk(tmp_path, monkeypatch):
+    from trio_pgs import _diskcache_store
+
+    monkeypatch.setattr(_diskcache_store, "_SCAN_CHUNK", 7)
+    store = DiskCacheStore(tmp_path / "s")
+    await store.open()
+    try:
+        await store.commit([Put(Record("k", f"{i:03d}", b"1"), 0) for i in range(50)])
+        assert [r.key async for r in store.scan("k")] == [f"{i:03d}" for i in range(50)]
+    finally:
+        await store.close()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import itertools
+import functools
 import json
 import logging
 import math
 import os
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+import pathlib
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 
 import diskcache
@@ -26,6 +28,9 @@ SEPARATOR = "\x1f"
 FORMAT_KEY = SEPARATOR + "trio-pgs-format"
 FORMAT = "1"
 _SCAN_CHUNK = 1000
+#: The character right after SEPARATOR: kind + _AFTER_SEPARATOR sorts after every key
+#: of that kind.
+_AFTER_SEPARATOR = chr(ord(SEPARATOR) + 1)
 
 
 class RefusedPickle(PersistenceError):
@@ -167,6 +172,7 @@ class DiskCacheStore:
         self.durable = durable
         self._cache: diskcache.Cache | None = None
         self._identity: tuple[int, int] | None = None
+        self._keys: sqlite3.Connection | None = None  # see _index
         self._thread: DedicatedThread | None = None
 
     def __repr__(self) -> str:
@@ -253,6 +259,9 @@ class DiskCacheStore:
             self._thread = None
 
     def _close(self) -> None:
+        if self._keys is not None:
+            self._keys.close()
+            self._keys = None
         if self._cache is not None:
             self._cache.close()
             self._cache = None
@@ -319,29 +328,61 @@ class DiskCacheStore:
             raise PersistenceError(f"the store could not commit: {exc}") from exc
 
     async def kinds(self) -> set[str]:
-        """Every kind with a stored record (reads every key, on the store's thread)."""
-        keys: Iterator[Any] = await self._run(lambda: self._opened().iterkeys())
+        """Every kind with a stored record: one indexed query per kind, each a job of
+        its own on the store's thread (other work goes on in between)."""
         found: set[str] = set()
+        after = " "  # kinds are printable: they sort after the format row
         while True:
-            chunk = await self._run(lambda: list(itertools.islice(keys, _SCAN_CHUNK)))
-            found.update(ident[0] for ident in map(split_key, chunk) if ident is not None)
-            if len(chunk) < _SCAN_CHUNK:
+            db_key = await self._run(functools.partial(self._next_key_from, after))
+            if db_key is None:
                 return found
+            kind, separator, _ = db_key.partition(SEPARATOR)
+            if separator:
+                found.add(kind)
+                after = kind + _AFTER_SEPARATOR  # past every key of that kind
+            else:
+                after = db_key + "\x00"  # a row trio-pgs did not write: step over it
 
     async def scan(self, kind: str) -> AsyncIterator[Record]:
-        keys: Iterator[Any] = await self._run(lambda: self._opened().iterkeys())
+        """The records of *kind*, in key order, read in chunks through the key index
+        (each chunk a job of its own on the store's thread)."""
+        after, end = kind + SEPARATOR, kind + _AFTER_SEPARATOR
         while True:
-            chunk = await self._run(lambda: self._scan_chunk(keys, kind))
+            chunk, last = await self._run(functools.partial(self._scan_chunk, after, end))
             for record in chunk:
                 yield record
-            if len(chunk) < _SCAN_CHUNK:
+            if last is None:
                 break
+            after = last
 
-    def _scan_chunk(self, keys: Iterator[Any], kind: str) -> list[Record]:
+    def _index(self) -> sqlite3.Connection:
+        """A read-only connection to the cache's database, for range queries on its
+        key index: diskcache's own `iterkeys` pages with a query SQLite cannot answer
+        from the index, which is quadratic in the number of rows."""
+        if self._keys is None:
+            path = pathlib.Path(self.directory, diskcache.core.DBNAME).absolute()
+            self._keys = sqlite3.connect(path.as_uri() + "?mode=ro", uri=True)
+        return self._keys
+
+    def _next_key_from(self, lower: str) -> str | None:
+        self._check_file()
+        row = self._index().execute(
+            "SELECT key FROM Cache WHERE raw = 1 AND key >= ? ORDER BY key LIMIT 1", (lower,)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def _scan_chunk(self, after: str, end: str) -> tuple[list[Record], str | None]:
+        """Up to _SCAN_CHUNK records with keys in (after, end), and the last key read
+        (None when the range is exhausted)."""
+        self._check_file()
+        keys = [row[0] for row in self._index().execute(
+            "SELECT key FROM Cache WHERE raw = 1 AND key > ? AND key < ? ORDER BY key LIMIT ?",
+            (after, end, _SCAN_CHUNK),
+        )]
         found: list[Record] = []
         for db_key in keys:
             ident = split_key(db_key)
-            if ident is None or ident[0] != kind:
+            if ident is None:
                 continue
             try:
                 record = self._read(*ident)
@@ -351,6 +392,4 @@ class DiskCacheStore:
                 continue
             if record is not None:
                 found.append(record)
-                if len(found) == _SCAN_CHUNK:
-                    break
-        return found
+        return found, (keys[-1] if len(keys) == _SCAN_CHUNK else None)
