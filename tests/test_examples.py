@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -51,6 +52,29 @@ def test_game_demo_runs_and_a_second_run_continues_the_scores(tmp_path):
     assert "Continuing 500 players" in second
     assert f"Total score before playing: {after_first}\n" in second
     assert "mean batch size" in second
+
+    # The trio-pgs command on the store the demo wrote.
+    store = tmp_path / "game"
+    stats = trio_pgs_command("stats", store)
+    assert re.search(r"^player\s+500\s+0\s+\d+$", stats, re.MULTILINE), stats
+    listed = trio_pgs_command("list", store, "--kind", "player").splitlines()
+    assert len(listed) == 501 and listed[0].split()[:3] == ["KIND", "KEY", "STATUS"]
+    key = listed[1].split()[1]
+    shown = json.loads(trio_pgs_command("show", store, "player", key))
+    assert set(shown) == {"name", "score", "games"}
+    backup = tmp_path / "backup.jsonl"
+    trio_pgs_command("export", store, "-o", backup)
+    trio_pgs_command("import", tmp_path / "copy", backup)
+    assert trio_pgs_command("stats", tmp_path / "copy") == stats
+
+
+def trio_pgs_command(*args: str | Path) -> str:
+    """``python -m trio_pgs ARGS`` (the ``trio-pgs`` console script), piped."""
+    result = subprocess.run(
+        [sys.executable, "-m", "trio_pgs", *map(str, args)],
+        capture_output=True, text=True, timeout=120, check=True,
+    )
+    return result.stdout
 
 
 BANK_SIZES = ("--accounts", "20", "--clients", "20", "--chaos", "0.02")

@@ -44,6 +44,12 @@ logger = logging.getLogger("trio_pgs")
 class Activation:
     """A server instance running on an entry, from `on_activate` to its end."""
 
+    __slots__ = (
+        "closed", "conflicted", "current", "entry", "flush_at", "gated", "handling",
+        "idle_timeout", "lag", "owed", "pending", "reaper", "record", "server", "state",
+        "timers",
+    )
+
     def __init__(
         self, entry: Entry, server: PersistentServer[Any], state: Any, record: Record
     ) -> None:
@@ -65,8 +71,9 @@ class Activation:
         self.reaper = entry.sup.reaper
         self.handling = False
         self.gated: list[tuple[Caller, outcome.Outcome[Any]]] = []
-        self.owed: set[Caller] = set()
-        self.timers: set[trio.CancelScope] = set()
+        # Dicts used as ordered sets: an empty dict is a third of an empty set.
+        self.owed: dict[Caller, None] = {}
+        self.timers: dict[trio.CancelScope, None] = {}
         self.closed = False
         #: A deferred write met this ConflictError: this activation's record is stale.
         self.conflicted: ConflictError | None = None
@@ -214,7 +221,7 @@ class Activation:
             if type(result) is Reply:
                 message.slot.set(outcome.Value(result.value))  # type: ignore[union-attr]
             elif not caller.replied:
-                self.owed.add(caller)
+                self.owed[caller] = None
         self._release_gated()
         return Next.CONTINUE
 
@@ -268,7 +275,7 @@ class Activation:
         if caller._replied:
             return
         caller._replied = True
-        self.owed.discard(caller)
+        self.owed.pop(caller, None)
         if self.handling:
             self.gated.append((caller, result))
         else:
@@ -285,7 +292,7 @@ class Activation:
     def fail_owed(self, error: ErrorFactory) -> None:
         """Callers still owed a reply (given or not) get *error*."""
         gated, self.gated = self.gated, []
-        owed, self.owed = self.owed, set()
+        owed, self.owed = self.owed, {}
         for caller in [c for c, _ in gated] + list(owed):
             caller._replied = True
             caller._slot.set_error(error())
@@ -470,7 +477,7 @@ class Activation:
     def close(self) -> None:
         """Drop the volatile timers; idempotent."""
         self.closed = True
-        timers, self.timers = self.timers, set()
+        timers, self.timers = self.timers, {}
         for scope in timers:
             scope.cancel()
 
@@ -480,14 +487,14 @@ class Activation:
         if self.closed:
             return
         scope = trio.CancelScope()
-        self.timers.add(scope)
+        self.timers[scope] = None
         self.entry.sup.spawn_system_task(self._timer, scope, delay, info)
 
     async def _timer(self, scope: trio.CancelScope, delay: float, info: Any) -> None:
         current_handling.set(None)
         with scope:
             await trio.sleep(delay)
-            self.timers.discard(scope)
+            self.timers.pop(scope, None)
             if not self.closed:
                 # Tagged with this activation: one that fired just before hibernation
                 # must not reach the next activation.

@@ -37,6 +37,11 @@ ErrorFactory = Callable[[], BaseException]
 WAKE = Message(Kind.WAKE, None, None, ())
 
 
+#: What an entry's ``activated`` becomes once set: one shared Event, already set.
+_ACTIVATED = trio.Event()
+_ACTIVATED.set()
+
+
 class Status(enum.Enum):
     ACTIVATING = "activating"
     ACTIVE = "active"
@@ -61,6 +66,14 @@ class StartRequest:
 class Entry:
     """A server that is active or in transition, and its mailbox."""
 
+    # Slots: an active server's memory is mostly its entry, its activation and its task.
+    __slots__ = (
+        "activated", "activation", "activation_error", "check_due", "hibernate_now",
+        "idle_group", "info", "last_activity", "receive_channel", "ref", "send_channel",
+        "shutting_down", "start", "status", "sup", "task_scope", "wait_scope",
+        "waiting_on",
+    )
+
     def __init__(
         self,
         sup: PersistentSupervisor,
@@ -71,7 +84,6 @@ class Entry:
         self.sup = sup
         self.info = info
         self.ref = ref
-        self.extra = {"kind": ref.kind, "key": ref.key}
         self.send_channel, self.receive_channel = trio.open_memory_channel[Message](
             info.options.mailbox_size
         )
@@ -97,6 +109,16 @@ class Entry:
 
     def __repr__(self) -> str:
         return f"<Entry {self.ref} {self.status.value}>"
+
+    @property
+    def extra(self) -> dict[str, str]:
+        """For log records: the server's kind and key."""
+        return {"kind": self.ref.kind, "key": self.ref.key}
+
+    def mark_activated(self) -> None:
+        """Wake whoever waits for the activation, and drop the entry's own Event."""
+        event, self.activated = self.activated, _ACTIVATED
+        event.set()
 
     def waiting(self) -> bool:
         """Whether the server is waiting for a message (so its mailbox is empty)."""
@@ -131,7 +153,7 @@ class Entry:
         self.sup.forget(self)
         if not self.activated.is_set():
             self.activation_error = error
-            self.activated.set()
+            self.mark_activated()
 
 
 def not_running(ref: ServerRef) -> ErrorFactory:

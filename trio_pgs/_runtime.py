@@ -168,7 +168,7 @@ async def activate(entry: Entry) -> Activation | None:
     sup.counters.activations += 1
     sup.emit(EventType.ACTIVATED, ref)
     entry.status = Status.ACTIVE
-    entry.activated.set()
+    entry.mark_activated()
     if start is not None:
         start.slot.set(outcome.Value(ref))
     logger.debug("%s activated (version %d)", ref, record.version, extra=entry.extra)
