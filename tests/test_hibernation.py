@@ -5,7 +5,7 @@ from __future__ import annotations
 import trio
 import trio.testing
 
-from trio_pgs import PersistentSupervisor
+from trio_pgs import NoReply, PersistentSupervisor, Reply, current_caller
 
 from .servers import FaultyStore, TallyServer
 
@@ -156,3 +156,72 @@ async def test_one_senders_messages_keep_their_order_across_hibernation(
             await trio.sleep([0.1, 1.2, 1.6][i % 3])  # during and after hibernation
         assert await ref.call("get") == sent
         assert sup.statistics().hibernations >= 1
+
+
+# -- the idle reaper -------------------------------------------------------------------
+
+
+class Quick2(TallyServer):
+    kind = "quick2"
+    idle_timeout = 2.0
+
+
+class Napper(TallyServer):
+    kind = "napper"
+    idle_timeout = 5.0
+    waiting_callers: list = []
+
+    async def handle_call(self, request, state):
+        if request == "later":
+            Napper.waiting_callers.append(current_caller())
+            return NoReply(state)
+        if request == "nap at 3":
+            self.send_after(3, "nap")
+            return Reply("armed", state)
+        return await super().handle_call(request, state)
+
+    async def handle_info(self, message, state):
+        if message == "nap":
+            await trio.sleep(4)
+            return NoReply(state)
+        return await super().handle_info(message, state)
+
+
+async def test_each_idle_timeout_is_kept_on_time(store, autojump_clock):
+    async with PersistentSupervisor(store=store) as sup:
+        slow = await sup.start(TallyServer, key="slow")  # idle_timeout 10 (servers.py)
+        quick = await sup.start(Quick2, key="quick")
+        await trio.sleep(2.1)
+        assert [e.ref for e in sup._entries.values()] == [slow]
+        await quick.call("get")  # wakes it: its deadline starts again
+        await trio.sleep(1.9)
+        assert len(sup._entries) == 2
+        await trio.sleep(0.2)
+        assert [e.ref for e in sup._entries.values()] == [slow]
+
+
+async def test_a_server_busy_at_its_deadline_hibernates_once_idle(store, autojump_clock):
+    async with PersistentSupervisor(store=store) as sup:
+        ref = await sup.start(Napper, key="n")
+        await ref.call("nap at 3")  # busy from 3 to 7; the deadline is at 5
+        await trio.sleep(6.9)
+        assert sup.statistics().active == 1
+        await trio.sleep(0.2)  # a timer info does not move the deadline: due already
+        assert sup.statistics().active == 0
+
+
+async def test_a_server_hibernates_once_another_task_gives_its_last_owed_reply(
+    store, autojump_clock
+):
+    Napper.waiting_callers.clear()
+    async with PersistentSupervisor(store=store) as sup:
+        ref = await sup.start(Napper, key="n")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ref.call, "later")
+            await trio.sleep(10)  # past its deadline: it owes a reply, so it stays
+            assert sup.statistics().active == 1
+            await Napper.waiting_callers.pop().reply("done")  # from this task
+        await trio.sleep(0)
+        await trio.testing.wait_all_tasks_blocked()
+        assert sup.statistics().active == 0
+        assert sup.statistics().hibernations == 1

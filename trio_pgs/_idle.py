@@ -94,6 +94,8 @@ class IdleReaper:
             if irregular:
                 next_due = min(next_due, irregular[0][0])
             self._next = next_due
-            with trio.CancelScope(deadline=next_due) as self._scope:
-                await trio.sleep_forever()
-            self._scope = None
+            try:
+                with trio.CancelScope(deadline=next_due) as self._scope:
+                    await trio.sleep_forever()
+            finally:
+                self._scope = None  # also when cancelled: touch() must not reach it
