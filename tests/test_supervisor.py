@@ -42,12 +42,14 @@ async def test_start_of_an_existing_key_raises_already_started(sup):
     assert await ref.call("get") == ["first"]
 
 
-async def test_start_of_a_dormant_key_raises_already_started(store, autojump_clock):
+async def test_start_of_a_dormant_key_raises_already_started(store, autojump_clock, lifecycle):
     async with PersistentSupervisor(store=store, idle_timeout=1) as sup:
         await sup.start(TallyServer, "first", key="k")
         await trio.sleep(2)
         with pytest.raises(AlreadyStarted):
             await sup.start(TallyServer, "second", key="k")
+        assert sup.statistics().active == 0  # the refused start did not wake it
+        assert lifecycle.activations == {"k": 1}
         assert await sup.ref(TallyServer, "k").call("get") == ["first"]
 
 

@@ -131,6 +131,11 @@ async def activate(entry: Entry) -> Activation | None:
         if start is not None:
             start.slot.set_error(_already_started(ref))
             start = None
+            if entry.mailbox_empty():
+                # Nothing else asked for this server: a refused start leaves it dormant
+                # (no on_activate runs for it).
+                entry.end(not_found(ref))
+                return None
         if record.quarantined:
             entry.end(quarantined_error(ref))
             return None
