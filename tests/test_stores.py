@@ -249,3 +249,25 @@ async def test_diskcache_scan_pages_through_more_than_one_chunk(tmp_path, monkey
         assert [r.key async for r in store.scan("k")] == [f"{i:03d}" for i in range(50)]
     finally:
         await store.close()
+
+
+async def test_diskcache_scan_reports_rows_that_are_not_records(tmp_path, caplog):
+    store = DiskCacheStore(tmp_path / "s")
+    await store.open()
+    await store.commit([Put(rec("a"), 0), Put(rec("c"), 0)])
+    await store.close()
+    raw = _open_raw(tmp_path / "s")
+    raw.set("k" + SEPARATOR + "b", b"not a record")
+    raw.close()
+    await store.open()
+    try:
+        skipped = []
+        found = [r.key async for r in store.scan("k", on_skip=lambda *s: skipped.append(s))]
+        assert found == ["a", "c"]
+        assert [key for key, _ in skipped] == ["b"]
+        assert isinstance(skipped[0][1], PersistenceError)
+        assert "scan skipped" not in caplog.text
+        assert [r.key async for r in store.scan("k")] == ["a", "c"]
+        assert "scan skipped k/b" in caplog.text  # without on_skip: logged
+    finally:
+        await store.close()

@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import functools
 import json
-import logging
 import os
 import sys
 import time
@@ -99,31 +99,20 @@ def _session(store: DiskCacheStore, work: Callable[[DiskCacheStore], Awaitable[T
         raise CommandError(str(exc)) from None
 
 
-class _SkippedRows(logging.Handler):
-    """Prints and counts the rows a scan skipped (rows that are not valid records),
-    which the store reports only in its log."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.count = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.count += 1
-        print(f"trio-pgs: {record.getMessage()}", file=sys.stderr)
-
-
 async def _each(store: DiskCacheStore, kind: str | None, visit: Callable[[Record], None]) -> int:
-    """Call *visit* with every record (of *kind*), by kind then key; return how many
-    unreadable rows were skipped."""
-    skipped, log = _SkippedRows(), logging.getLogger("trio_pgs.store")
-    log.addHandler(skipped)
-    try:
-        for each in [kind] if kind is not None else sorted(await store.kinds()):
-            async for record in store.scan(each):
-                visit(record)
-    finally:
-        log.removeHandler(skipped)
-    return skipped.count
+    """Call *visit* with every record (of *kind*), by kind then key; print each row
+    that is not a valid record, and return how many were skipped."""
+    skipped = 0
+
+    def report(kind: str, key: str, error: PersistenceError) -> None:
+        nonlocal skipped
+        skipped += 1
+        print(f"trio-pgs: scan skipped {kind}/{key}: {error}", file=sys.stderr)
+
+    for each in [kind] if kind is not None else sorted(await store.kinds()):
+        async for record in store.scan(each, on_skip=functools.partial(report, each)):
+            visit(record)
+    return skipped
 
 
 def _load(directory: str, kind: str, key: str) -> Record:

@@ -343,12 +343,26 @@ class DiskCacheStore:
             else:
                 after = db_key + "\x00"  # a row trio-pgs did not write: step over it
 
-    async def scan(self, kind: str) -> AsyncIterator[Record]:
+    async def scan(
+        self, kind: str, *, on_skip: Callable[[str, PersistenceError], None] | None = None
+    ) -> AsyncIterator[Record]:
         """The records of *kind*, in key order, read in chunks through the key index
-        (each chunk a job of its own on the store's thread)."""
+        (each chunk a job of its own on the store's thread).
+
+        A row that is not a valid record is skipped: ``on_skip(key, error)`` is called
+        for it (on the trio thread) if given, else a warning is logged.
+        """
         after, end = kind + SEPARATOR, kind + _AFTER_SEPARATOR
         while True:
-            chunk, last = await self._run(functools.partial(self._scan_chunk, after, end))
+            chunk, skipped, last = await self._run(
+                functools.partial(self._scan_chunk, after, end)
+            )
+            for key, error in skipped:
+                if on_skip is not None:
+                    on_skip(key, error)
+                else:
+                    logger.warning("scan skipped %s/%s: %s", kind, key, error,
+                                   extra={"kind": kind, "key": key})
             for record in chunk:
                 yield record
             if last is None:
@@ -371,15 +385,19 @@ class DiskCacheStore:
         ).fetchone()
         return None if row is None else str(row[0])
 
-    def _scan_chunk(self, after: str, end: str) -> tuple[list[Record], str | None]:
-        """Up to _SCAN_CHUNK records with keys in (after, end), and the last key read
-        (None when the range is exhausted)."""
+    def _scan_chunk(
+        self, after: str, end: str
+    ) -> tuple[list[Record], list[tuple[str, PersistenceError]], str | None]:
+        """Up to _SCAN_CHUNK records with keys in (after, end), the keys of the rows
+        that are not valid records, and the last key read (None when the range is
+        exhausted)."""
         self._check_file()
         keys = [row[0] for row in self._index().execute(
             "SELECT key FROM Cache WHERE raw = 1 AND key > ? AND key < ? ORDER BY key LIMIT ?",
             (after, end, _SCAN_CHUNK),
         )]
         found: list[Record] = []
+        skipped: list[tuple[str, PersistenceError]] = []
         for db_key in keys:
             ident = split_key(db_key)
             if ident is None:
@@ -387,9 +405,8 @@ class DiskCacheStore:
             try:
                 record = self._read(*ident)
             except PersistenceError as exc:
-                logger.warning("scan skipped %s/%s: %s", ident[0], ident[1], exc,
-                               extra={"kind": ident[0], "key": ident[1]})
+                skipped.append((ident[1], exc))
                 continue
             if record is not None:
                 found.append(record)
-        return found, (keys[-1] if len(keys) == _SCAN_CHUNK else None)
+        return found, skipped, (keys[-1] if len(keys) == _SCAN_CHUNK else None)
