@@ -37,7 +37,11 @@ async def hibernate(ref: ServerRef) -> None:
 
 async def wait_all_idle(sup: PersistentSupervisor) -> None:
     """Wait until every active server of *sup* waits for a message with nothing
-    queued, and no commit is in flight."""
+    queued, and no commit is in flight.
+
+    Work scheduled for later is not waited for: timers (`send_after`), idle timeouts,
+    and the deferred writes of `WRITE_BEHIND` servers (due ``max_lag`` after the
+    change); `hibernate` a server to have its pending state written now."""
     while True:
         await trio.testing.wait_all_tasks_blocked()
         if all(
