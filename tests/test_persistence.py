@@ -191,3 +191,89 @@ async def test_crash_restarts_from_the_store_not_from_memory(autojump_clock, lif
         assert await ref.call("get") == ["x"]
         assert store.loads == loads + 1
         assert lifecycle.activations["a"] == 2
+
+
+async def test_a_failed_commit_fails_its_caller_and_the_next_message_sees_the_stored_state(
+    autojump_clock, lifecycle
+):
+    """The server does not wait for its commit before it takes its next message, but it
+    never handles that message before the commit's outcome is known."""
+    from trio_pgs.testing import FaultyStore as Faulty
+
+    store = Faulty()
+    async with PersistentSupervisor(store=store) as sup:
+        ref = await sup.start(TallyServer, key="a")
+        await ref.call(("add", "kept"))
+        store.hold_commits()
+        store.fail_next("commit")
+        results = {}
+
+        async def call(item: str) -> None:
+            try:
+                results[item] = await ref.call(("add", item))
+            except PersistenceError as exc:
+                results[item] = exc
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(call, "lost")
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(call, "next")  # queued while "lost" is being committed
+                await trio.testing.wait_all_tasks_blocked()
+                assert results == {}  # neither reply before the commit's outcome
+                store.release_commits()
+        assert isinstance(results["lost"], PersistenceError)
+        assert results["next"] == 2  # handled from the stored state: ["kept", "next"]
+        assert await ref.call("get") == ["kept", "next"]
+    assert (await store.load("tally", "a")).data == b'{"items":["kept","next"]}'
+    reasons = [reason for _, reason in lifecycle.terminations]
+    assert isinstance(reasons[0], PersistenceError)  # terminate ran with the failure
+
+
+async def test_a_server_waiting_for_messages_reloads_at_once_when_its_commit_fails(
+    autojump_clock, lifecycle
+):
+    from trio_pgs.testing import FaultyStore as Faulty
+
+    store = Faulty()
+    async with PersistentSupervisor(store=store) as sup:
+        ref = await sup.start(TallyServer, key="a")
+        await ref.call(("add", "kept"))
+        store.fail_next("commit")
+        with trio.fail_after(10), pytest.raises(PersistenceError):
+            await ref.call(("add", "lost"))
+        await trio.testing.wait_all_tasks_blocked()
+        assert sup.statistics().active == 0  # it went back to its stored record
+        assert isinstance(lifecycle.terminations[-1][1], PersistenceError)
+        assert await ref.call("get") == ["kept"]
+
+
+async def test_hibernation_and_shutdown_wait_for_the_commit_in_flight(autojump_clock, lifecycle):
+    from trio_pgs.testing import FaultyStore as Faulty
+
+    store = Faulty()
+    async with trio.open_nursery() as callers:
+        async with PersistentSupervisor(store=store, idle_timeout=1) as sup:
+            ref = await sup.start(TallyServer, key="a")
+            store.hold_commits()
+            callers.start_soon(ref.call, ("add", "x"))
+            await trio.sleep(5)  # well past the idle timeout: the commit is still held
+            assert lifecycle.terminations == []
+            store.release_commits()
+            await trio.sleep(0.5)
+            assert lifecycle.terminations == []  # idle time counts from the commit
+            await trio.sleep(1)
+            assert lifecycle.terminations == [("a", "hibernate")]
+            await ref.call(("add", "y"))
+            store.hold_commits()
+            callers.start_soon(ref.call, ("add", "z"))
+            await trio.testing.wait_all_tasks_blocked()
+            callers.start_soon(_release_later, store)
+    # Shutdown waited for the held commit: "z" is stored.
+    assert (await store.load("tally", "a")).data == b'{"items":["x","y","z"]}'
+    assert lifecycle.terminations[-1] == ("a", "shutdown")
+
+
+async def _release_later(store) -> None:
+    await trio.sleep(2)
+    store.release_commits()

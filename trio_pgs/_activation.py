@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import math
@@ -46,8 +47,8 @@ class Activation:
 
     __slots__ = (
         "closed", "conflicted", "current", "entry", "flush_at", "gated", "handling",
-        "idle_timeout", "lag", "owed", "pending", "reaper", "record", "server", "state",
-        "timers",
+        "idle_timeout", "inflight", "lag", "owed", "pending", "reaper", "record", "server",
+        "state", "timers",
     )
 
     def __init__(
@@ -80,6 +81,9 @@ class Activation:
         #: The message being handled (or last handled): its caller is answered if the
         #: handler is cut off at shutdown.
         self.current: Message | None = None
+        #: EACH_MESSAGE: the commit handed to the writer and not yet settled (see
+        #: _hand_off): its outcome is awaited before anything else happens.
+        self.inflight: _Inflight | None = None
         self._touch()  # activated now: the idle deadline starts
 
     # -- the loop ---------------------------------------------------------------------
@@ -87,6 +91,11 @@ class Activation:
     async def run(self) -> Next:
         entry = self.entry
         receive = entry.receive_channel
+        if entry.front is not None:  # left by the activation whose commit failed
+            message, entry.front = entry.front, None
+            step = await self._handle(message)
+            if step is not Next.CONTINUE:
+                return step
         while True:
             try:
                 message = receive.receive_nowait()
@@ -95,6 +104,10 @@ class Activation:
                     return await self._shut_down()
                 got = await self._wait_for_message()
                 if got is None:
+                    if self.inflight is not None:
+                        inflight = await self._settle()
+                        if inflight.error is not None:
+                            return await self._failed_later(inflight)
                     if self.pending is not None and trio.current_time() >= self.flush_at:
                         await self._flush()
                         if self.conflicted is not None:
@@ -164,6 +177,12 @@ class Activation:
 
     async def _handle(self, message: Message) -> Next:
         entry, server, kind = self.entry, self.server, message.kind
+        if self.inflight is not None:
+            # The output gate: the previous message's commit settles first.
+            inflight = await self._settle()
+            if inflight.error is not None:
+                entry.front = message  # the next activation handles it, first
+                return await self._failed_later(inflight)
         if kind is Kind.TIMER:
             origin, info = message.payload
             if origin is not self:  # armed by an earlier activation: timers are volatile
@@ -208,6 +227,8 @@ class Activation:
                 if self.pending is not None and self.flush_at == math.inf:
                     self.flush_at = trio.current_time() + self.lag
             elif data != self.record.data:
+                if type(result) is not Stop:
+                    return self._hand_off(data, message, caller, result)
                 try:
                     await self._commit(data)
                 except Exception as exc:
@@ -225,16 +246,94 @@ class Activation:
         self._release_gated()
         return Next.CONTINUE
 
-    async def _commit(self, data: bytes) -> None:
+    def _next_record(self, data: bytes) -> Record:
         # The hot path: one Record built directly (attrs.evolve costs twice as much).
         old, options = self.record, self.entry.info.options
         history = (old.data, *old.history)[: options.keep_history] if options.keep_history else ()
-        record = Record(
+        return Record(
             old.kind, old.key, data, old.version + 1, options.state_version, old.epoch,
             time.time(), old.crashes, old.quarantined, history,
         )
-        await self.entry.sup.writer.commit(Put(record, old.version))
+
+    async def _commit(self, data: bytes) -> None:
+        record = self._next_record(data)
+        await self.entry.sup.writer.commit(Put(record, self.record.version))
         self.record = record
+
+    def _hand_off(
+        self, data: bytes, message: Message, caller: Caller | None, result: Any
+    ) -> Next:
+        """EACH_MESSAGE, the hot path: hand the new state to the writer and go on
+        without waiting. The writer releases the reply (and the deferred replies given
+        meanwhile) once the state is durable, or fails them; this server settles that
+        commit before it handles anything else (its next message, hibernation, a
+        stop, shutdown). So the output gate holds, and the server is not resumed just
+        to pass a reply on."""
+        inflight = _Inflight(self.state)
+        record = self._next_record(data)
+        put = Put(record, self.record.version)
+        self.record = record
+        self.state = result.state
+        # The idle time counts from the commit (as when the server waits for it).
+        inflight.touch = message.kind is not Kind.TIMER
+        if caller is not None:
+            if type(result) is Reply:
+                inflight.reply = (message.slot, outcome.Value(result.value))
+            elif not caller.replied:
+                self.owed[caller] = None
+        inflight.gated, self.gated = self.gated, []
+        self.inflight = inflight
+        self.current = None  # its caller is answered by the writer, whatever happens
+        self.entry.sup.writer.submit(put, functools.partial(self._committed, inflight))
+        return Next.CONTINUE
+
+    def _committed(self, inflight: _Inflight, error: BaseException | None) -> None:
+        """The writer's callback: release or fail the replies of a handed-off commit."""
+        inflight.done, inflight.error = True, error
+        ref = self.entry.ref
+        if error is None and inflight.touch and not self.closed:
+            self._touch()
+        if inflight.reply is not None:
+            slot, result = inflight.reply
+            slot.set(result if error is None else outcome.Error(persistence_error(ref, error)))
+        for caller, given in inflight.gated:
+            caller._slot.set(
+                given if error is None else outcome.Error(persistence_error(ref, error))
+            )
+        if inflight.waiter is not None:
+            task, inflight.waiter = inflight.waiter, None
+            trio.lowlevel.reschedule(task)
+        elif error is not None:
+            self.entry.wake()  # waiting for a message: go back to the stored record now
+
+    async def _settle(self) -> _Inflight:
+        """Wait for the handed-off commit's outcome (usually known already)."""
+        inflight = self.inflight
+        assert inflight is not None
+        if not inflight.done:
+            inflight.waiter = trio.lowlevel.current_task()
+
+            def abort(_: Any) -> trio.lowlevel.Abort:
+                inflight.waiter = None
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort)
+        self.inflight = None
+        return inflight
+
+    async def _failed_later(self, inflight: _Inflight) -> Next:
+        """A handed-off commit failed (its callers have their PersistenceError): the
+        server goes back to its last committed record, as in _commit_failed."""
+        entry, ref, error = self.entry, self.entry.ref, inflight.error
+        assert error is not None
+        logger.error("%s: commit failed: %r", ref, error, extra=entry.extra)
+        self.state = inflight.previous_state  # never the uncommitted one
+        await self._terminate(error)
+        self.fail_owed(lambda: persistence_error(ref, error))
+        if entry.mailbox_empty() and entry.info.options.restart is not Restart.PERMANENT:
+            entry.end(not_found(ref))
+            return Next.END
+        return Next.REACTIVATE
 
     async def _write(self, record: Record) -> None:
         """Commit *record* as the next version of the server's record."""
@@ -451,6 +550,10 @@ class Activation:
 
     async def _shut_down(self) -> Next:
         entry = self.entry
+        if self.inflight is not None:
+            inflight = await self._settle()
+            if inflight.error is not None:
+                return await self._failed_later(inflight)
         if not await self._flush():
             entry.sup.note_unflushed(entry.ref)
         await self._terminate("shutdown")
@@ -500,6 +603,21 @@ class Activation:
                 # must not reach the next activation.
                 message = Message(Kind.TIMER, (self, info), None, ())
                 await self.entry.send_channel.send(message)
+
+
+class _Inflight:
+    """A commit handed to the writer by `Activation._hand_off`."""
+
+    __slots__ = ("done", "error", "gated", "previous_state", "reply", "touch", "waiter")
+
+    def __init__(self, previous_state: Any) -> None:
+        self.previous_state = previous_state
+        self.touch = False
+        self.done = False
+        self.error: BaseException | None = None
+        self.reply: tuple[Any, outcome.Outcome[Any]] | None = None
+        self.gated: list[tuple[Caller, outcome.Outcome[Any]]] = []
+        self.waiter: trio.lowlevel.Task | None = None
 
 
 #: Seconds `terminate("shutdown")` may take for a server cut off at shutdown.

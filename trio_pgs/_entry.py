@@ -68,7 +68,7 @@ class Entry:
 
     # Slots: an active server's memory is mostly its entry, its activation and its task.
     __slots__ = (
-        "activated", "activation", "activation_error", "check_due", "hibernate_now",
+        "activated", "activation", "activation_error", "check_due", "front", "hibernate_now",
         "idle_group", "info", "last_activity", "receive_channel", "ref", "send_channel",
         "shutting_down", "start", "status", "sup", "task_scope", "wait_scope",
         "waiting_on",
@@ -106,6 +106,9 @@ class Entry:
         self.activation: Activation | None = None
         #: Servers this one's handler is calling now: the edges of the wait-for graph.
         self.waiting_on: list[ServerRef] = []
+        #: A message taken from the mailbox but not handled (the commit before it
+        #: failed): the next activation handles it first.
+        self.front: Message | None = None
 
     def __repr__(self) -> str:
         return f"<Entry {self.ref} {self.status.value}>"
@@ -131,17 +134,22 @@ class Entry:
             self.send_channel.send_nowait(WAKE)  # handed straight to the waiting task
 
     def mailbox_empty(self) -> bool:
-        return self.receive_channel.statistics().current_buffer_used == 0
+        return (
+            self.front is None and self.receive_channel.statistics().current_buffer_used == 0
+        )
 
     def end(self, error: ErrorFactory) -> None:
         """Fail what is still queued with *error* and forget the entry. Synchronous,
         so no message can slip in between the last check and the removal."""
         dropped = 0
         while True:
-            try:
-                message = self.receive_channel.receive_nowait()
-            except trio.WouldBlock:
-                break
+            if self.front is not None:
+                message, self.front = self.front, None
+            else:
+                try:
+                    message = self.receive_channel.receive_nowait()
+                except trio.WouldBlock:
+                    break
             if message.slot is not None:
                 message.slot.set_error(error())
             else:

@@ -7,18 +7,25 @@ from collections.abc import Callable
 
 import trio
 
+from ._errors import PersistenceError
 from ._events import EventType
 from ._store import Operation, Store
 
 logger = logging.getLogger("trio_pgs.writer")
 
 
+#: Called in the writer's task once an operation handed to `Writer.submit` is durable
+#: (with None) or failed (with the store's error). It must not block or raise.
+Callback = Callable[[BaseException | None], None]
+
+
 class _Batch:
-    __slots__ = ("done", "errors", "operations")
+    __slots__ = ("callbacks", "done", "errors", "operations")
 
     def __init__(self) -> None:
         self.operations: list[Operation] = []
         self.errors: dict[int, BaseException] = {}
+        self.callbacks: list[tuple[int, Callback]] = []
         self.done = trio.Event()
 
 
@@ -56,6 +63,15 @@ class Writer:
             if error is not None:
                 raise error
 
+    def submit(self, operation: Operation, callback: Callback) -> None:
+        """Queue *operation* for the next transaction without waiting for it: the
+        writer calls *callback* with its outcome (the output gate of a server that
+        does not resume until its next message)."""
+        batch = self._pending
+        batch.callbacks.append((len(batch.operations), callback))
+        batch.operations.append(operation)
+        self._wakeup.set()
+
     async def run(self) -> None:
         """Serve commits until cancelled; cancel it only once no server is left."""
         while True:
@@ -63,10 +79,20 @@ class Writer:
             self._wakeup = trio.Event()
             batch, self._pending = self._pending, _Batch()
             self._busy = True
+            completed = False
             try:
                 await self._commit(batch)
+                completed = True
             finally:
                 self._busy = False
+                unknown = None if completed else PersistenceError(
+                    "the writer stopped before this transaction's outcome was known"
+                )
+                for index, callback in batch.callbacks:
+                    try:
+                        callback(unknown or batch.errors.get(index))
+                    except Exception:  # a bug of ours: never let it stop the writer
+                        logger.exception("a commit callback raised")
                 batch.done.set()
 
     async def _commit(self, batch: _Batch) -> None:
