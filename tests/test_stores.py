@@ -271,3 +271,25 @@ async def test_diskcache_scan_reports_rows_that_are_not_records(tmp_path, caplog
         assert "scan skipped k/b" in caplog.text  # without on_skip: logged
     finally:
         await store.close()
+
+
+async def test_diskcache_conditional_writes_see_another_connections_commits(tmp_path):
+    """The store skips re-reading versions it wrote itself, but never past a commit made
+    through another connection (another store object, the CLI, another process)."""
+    mine, theirs = DiskCacheStore(tmp_path / "s"), DiskCacheStore(tmp_path / "s")
+    await mine.open()
+    await theirs.open()
+    try:
+        await mine.commit([Put(rec("a", b"1", 1), 0)])
+        await mine.commit([Put(rec("a", b"2", 2), 1)])  # from what it knows: no read
+        await theirs.commit([Put(rec("a", b"3", 3), 2)])
+        with pytest.raises(ConflictError, match="expected stored version 2, found 3"):
+            await mine.commit([Put(rec("a", b"4", 3), 2)])
+        await mine.commit([Put(rec("a", b"4", 4), 3)])
+        await theirs.commit([Delete("k", "a", 4)])
+        with pytest.raises(ConflictError, match="found 0"):
+            await mine.commit([Put(rec("a", b"5", 5), 4)])
+        assert await theirs.load("k", "a") is None
+    finally:
+        await mine.close()
+        await theirs.close()

@@ -88,19 +88,24 @@ def check_operation(current: Record | None, operation: Operation) -> None:
 
     Shared by the embedded stores, which check versions in-process.
     """
+    check_version(None if current is None else (current.version, current.epoch), operation)
+
+
+def check_version(current: tuple[int, int] | None, operation: Operation) -> None:
+    """`check_operation`, given only the stored (version, epoch), or None if absent."""
     if isinstance(operation, Put):
         kind, key = operation.record.kind, operation.record.key
         expected: int | None = operation.expected_version
-        found = 0 if current is None else current.version
-        if current is not None and operation.record.epoch < current.epoch:
+        found = 0 if current is None else current[0]
+        if current is not None and operation.record.epoch < current[1]:
             raise ConflictError(
                 f"{kind}/{key}: write fenced off (epoch {operation.record.epoch} is older "
-                f"than the stored epoch {current.epoch}); another activation owns it"
+                f"than the stored epoch {current[1]}); another activation owns it"
             )
     else:
         kind, key = operation.kind, operation.key
         expected = operation.expected_version
-        found = 0 if current is None else current.version
+        found = 0 if current is None else current[0]
     if expected is not None and expected != found:
         raise ConflictError(
             f"{kind}/{key}: expected stored version {expected}, found {found}; "
