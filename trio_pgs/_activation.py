@@ -324,14 +324,21 @@ class Activation:
     async def _failed_later(self, inflight: _Inflight) -> Next:
         """A handed-off commit failed (its callers have their PersistenceError): the
         server goes back to its last committed record, as in _commit_failed."""
-        entry, ref, error = self.entry, self.entry.ref, inflight.error
+        ref, error = self.entry.ref, inflight.error
         assert error is not None
-        logger.error("%s: commit failed: %r", ref, error, extra=entry.extra)
+        logger.error("%s: commit failed: %r", ref, error, extra=self.entry.extra)
         self.state = inflight.previous_state  # never the uncommitted one
-        await self._terminate(error)
+        step = await self._back_to_stored(error)
         self.fail_owed(lambda: persistence_error(ref, error))
+        return step
+
+    async def _back_to_stored(self, reason: BaseException) -> Next:
+        """End this activation (``terminate(reason)``); the next one loads the stored
+        record: at once if messages wait or the server is PERMANENT, else on demand."""
+        entry = self.entry
+        await self._terminate(reason)
         if entry.mailbox_empty() and entry.info.options.restart is not Restart.PERMANENT:
-            entry.end(not_found(ref))
+            entry.end(not_found(entry.ref))
             return Next.END
         return Next.REACTIVATE
 
@@ -460,14 +467,9 @@ class Activation:
     async def _commit_failed(self, message: Message, exc: Exception) -> Next:
         """The store refused the new state: the server goes back to its last committed
         record (reloaded by the next activation), then the caller hears of it."""
-        entry, ref = self.entry, self.entry.ref
-        logger.error("%s: commit failed: %r", ref, exc, extra=entry.extra)
-        await self._terminate(exc)
-        if entry.mailbox_empty() and entry.info.options.restart is not Restart.PERMANENT:
-            entry.end(not_found(ref))
-            step = Next.END
-        else:
-            step = Next.REACTIVATE
+        ref = self.entry.ref
+        logger.error("%s: commit failed: %r", ref, exc, extra=self.entry.extra)
+        step = await self._back_to_stored(exc)
         if message.slot is not None:
             message.slot.set_error(persistence_error(ref, exc))
         self.fail_owed(lambda: persistence_error(ref, exc))
@@ -476,12 +478,8 @@ class Activation:
     async def _reload(self) -> Next:
         """The stored record changed under this activation (a deferred write met a
         ConflictError): end it, and let the next activation load the stored record."""
-        entry = self.entry
-        await self._terminate(self.conflicted)
-        if entry.mailbox_empty() and entry.info.options.restart is not Restart.PERMANENT:
-            entry.end(not_found(entry.ref))
-            return Next.END
-        return Next.REACTIVATE
+        assert self.conflicted is not None
+        return await self._back_to_stored(self.conflicted)
 
     async def _stop(self, message: Message, result: Stop[Any]) -> Next:
         entry, ref, reason = self.entry, self.entry.ref, result.reason
