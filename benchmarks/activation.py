@@ -20,7 +20,6 @@ Section ``scale``:
 
 from __future__ import annotations
 
-import functools
 import statistics
 import tempfile
 import time
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 import trio
 from common import (
     Counter,
+    HandGroupCommit,
     Latencies,
     Row,
     Section,
@@ -193,34 +193,14 @@ async def hand_wave(directory: str, servers: int, idle_timeout: float) -> Wave:
     on its own memory channel for *idle_timeout* seconds and ends."""
     thread = StoreThread()
     cache = await thread.run(lambda: open_cache(directory))
-    pending: list[tuple[str, bytes]] = []
-    pending_done = trio.Event()
-    wakeup = trio.Event()
+    group = HandGroupCommit(thread, cache)
     started = 0
     all_started = trio.Event()
-
-    def commit(batch: list[tuple[str, bytes]]) -> None:
-        with cache.transact():
-            for key, value in batch:
-                cache.set(key, value)
-
-    async def writer() -> None:
-        nonlocal pending, pending_done, wakeup
-        while True:
-            await wakeup.wait()
-            wakeup = trio.Event()
-            batch, done = pending, pending_done
-            pending, pending_done = [], trio.Event()
-            await thread.run(functools.partial(commit, batch))
-            done.set()
 
     async def server(i: int) -> None:
         nonlocal started
         _send, receive = trio.open_memory_channel[int](1024)
-        pending.append((f"c{i}", b"0"))
-        done = pending_done
-        wakeup.set()
-        await done.wait()
+        await group.write(f"c{i}", b"0")
         started += 1
         if started == servers:
             all_started.set()
@@ -230,7 +210,7 @@ async def hand_wave(directory: str, servers: int, idle_timeout: float) -> Wave:
 
     try:
         async with trio.open_nursery() as outer:
-            outer.start_soon(writer)
+            outer.start_soon(group.run)
             began = time.perf_counter()
             async with trio.open_nursery() as nursery:
                 for i in range(servers):

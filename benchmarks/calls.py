@@ -18,7 +18,6 @@ add up to the number of calls made.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +25,7 @@ import trio
 from common import (
     Counter,
     Figure,
+    HandGroupCommit,
     Request,
     Row,
     Section,
@@ -113,39 +113,16 @@ async def group_commit_by_hand(directory: str, servers: int, seconds: float) -> 
     thread = StoreThread()
     cache = await thread.run(lambda: open_cache(directory))
     states = [0] * servers
-    pending: list[tuple[str, int]] = []
-    pending_done = trio.Event()
-    wakeup = trio.Event()
-    commits = records = 0
-
-    def commit(batch: list[tuple[str, int]]) -> None:
-        with cache.transact():
-            for key, value in batch:
-                cache.set(key, value)
-
-    async def writer() -> None:
-        nonlocal pending, pending_done, wakeup, commits, records
-        while True:
-            await wakeup.wait()
-            wakeup = trio.Event()
-            batch, done = pending, pending_done
-            pending, pending_done = [], trio.Event()
-            await thread.run(functools.partial(commit, batch))
-            commits += 1
-            records += len(batch)
-            done.set()
+    group = HandGroupCommit(thread, cache)
 
     async def call(i: int) -> int:
         states[i] += 1
-        pending.append((f"c{i}", states[i]))
-        done = pending_done
-        wakeup.set()
-        await done.wait()
+        await group.write(f"c{i}", states[i])
         return states[i]
 
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(writer)
+            nursery.start_soon(group.run)
             result = await drive(servers, seconds, call)
             nursery.cancel_scope.cancel()
         stored = await thread.run(lambda: [cache[f"c{i}"] for i in range(servers)])
@@ -153,6 +130,7 @@ async def group_commit_by_hand(directory: str, servers: int, seconds: float) -> 
     finally:
         await thread.run(cache.close)
         await thread.stop()
+    commits, records = group.commits, group.records
     return Figure(result.rate, records / commits if commits else None,
                   commits / records if records else None)
 
