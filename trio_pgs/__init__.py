@@ -7,7 +7,9 @@ from ._errors import ActivationFailed as ActivationFailed
 from ._errors import AlreadyStarted as AlreadyStarted
 from ._errors import CallCycleError as CallCycleError
 from ._errors import ConflictError as ConflictError
+from ._errors import OutcomeUnknown as OutcomeUnknown
 from ._errors import PersistenceError as PersistenceError
+from ._errors import RequestError as RequestError
 from ._errors import ServerCrashed as ServerCrashed
 from ._errors import ServerNotFound as ServerNotFound
 from ._errors import ServerQuarantined as ServerQuarantined

@@ -37,7 +37,20 @@ class ActivationFailed(TrioPGSError):
 
 
 class PersistenceError(TrioPGSError):
-    """The store failed: a state could not be committed, or a store could not open."""
+    """The store failed: a state could not be committed, or a store could not open.
+
+    Raised for a call, the change was not committed: the server went back to its last
+    committed state, and retrying is safe. The one exception is `OutcomeUnknown`.
+    """
+
+
+class OutcomeUnknown(PersistenceError):
+    """The change was handed to the store, but its outcome was never learned.
+
+    It may or may not be stored: a shutdown stopped waiting for a slow store, or the
+    connection was lost mid-commit. Read the server's state (or make the request
+    idempotent) before retrying, or it may be applied twice.
+    """
 
 
 class ConflictError(PersistenceError):
@@ -65,8 +78,19 @@ class SupervisorEscalated(TrioPGSError):
     every server down (states kept) and raised this out of its ``async with``."""
 
 
-class UnknownRequest(TrioPGSError):
-    """The server does not handle this call or cast (OTP's bad_call)."""
+class RequestError(TrioPGSError):
+    """Raised by a handler to refuse a request: not a crash.
+
+    Subclass it for business errors (insufficient funds, a move out of turn). The
+    caller of a `handle_call` that raises it gets the exception itself; the state is
+    unchanged, nothing is committed, and no crash is counted (so a client sending bad
+    requests cannot quarantine a server). Raised by `handle_cast` or `handle_info`,
+    it is logged and the message dropped.
+    """
+
+
+class UnknownRequest(RequestError):
+    """The server does not handle this call or cast (OTP's bad_call): a refusal."""
 
 
 class SimulatedCrash(Exception):
