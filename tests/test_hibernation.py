@@ -134,8 +134,8 @@ async def test_dormant_servers_cost_nothing_in_memory(store, autojump_clock):
         assert sup._entries == {}
         # nothing per dormant server is left: no task, no timer, no idle deadline
         assert len(sup._nursery.child_tasks) == 2  # the writer and the idle reaper
-        assert all(not group for group in sup.reaper._groups.values())
-        assert sup.reaper._irregular == []
+        assert all(not group for group in sup._reaper._groups.values())
+        assert sup._reaper._irregular == []
 
 
 async def test_one_senders_messages_keep_their_order_across_hibernation(

@@ -8,6 +8,7 @@ import pytest
 import trio
 import trio.testing
 
+import trio_pgs.testing
 from trio_pgs import Persistence, PersistentSupervisor, ServerCrashed
 
 from .servers import FaultyStore, TallyServer
@@ -146,15 +147,20 @@ async def test_max_active_hibernates_the_least_recently_used_idle_servers(
         assert await refs[1].call("get") == []  # wakes again from the store
 
 
-async def test_max_active_never_hibernates_a_busy_server(store, autojump_clock):
+async def test_max_active_never_hibernates_a_busy_server(store, autojump_clock, lifecycle):
     async with PersistentSupervisor(store=store, max_active=1, idle_timeout=1000) as sup:
         busy = await sup.start(TallyServer, key="busy")
         async with trio.open_nursery() as nursery:
             nursery.start_soon(busy.call, ("sleep", 5))
             await trio.testing.wait_all_tasks_blocked()
             await sup.start(TallyServer, key="other")
-            assert sup.statistics().active == 2  # over the cap until busy is idle
+            await trio.testing.wait_all_tasks_blocked()
+            # Over the cap: the idle newcomer goes, never the busy server.
+            assert ("busy", "hibernate") not in lifecycle.terminations
+            assert ("other", "hibernate") in lifecycle.terminations
         assert await busy.call("get") == []
+        await trio_pgs.testing.wait_all_idle(sup)
+        assert sup.statistics().active == 1
 
 
 async def test_max_active_keeps_many_servers_within_the_cap(store, autojump_clock):

@@ -169,7 +169,7 @@ async def test_leaving_the_block_shuts_servers_down_and_keeps_their_state(store,
 async def test_queued_messages_are_handled_at_shutdown(store, autojump_clock):
     async with PersistentSupervisor(store=store) as sup:
         ref = await sup.start(TallyServer, key="k")
-        sup.spawn_system_task(ref.call, ("sleep", 1))
+        sup._spawn(ref.call, ("sleep", 1))
         await trio.testing.wait_all_tasks_blocked()
         await ref.cast(("add", "queued"))
     assert (await store.load("tally", "k")).data == b'{"items":["queued"]}'

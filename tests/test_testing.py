@@ -97,7 +97,7 @@ async def test_hibernate_helper_hibernates_now(pgs_supervisor, lifecycle):  # no
 
 async def test_wait_all_idle_waits_for_queued_work(pgs_supervisor, autojump_clock):  # noqa: F811
     ref = await pgs_supervisor.start(TallyServer, key="k")
-    pgs_supervisor.spawn_system_task(ref.call, ("sleep", 3))
+    pgs_supervisor._spawn(ref.call, ("sleep", 3))
     await trio.testing.wait_all_tasks_blocked()
     await ref.cast(("add", "x"))
     start = trio.current_time()

@@ -1,6 +1,5 @@
 """trio-pgs: persistent servers for trio, after Elixir's PersistentGenServer."""
 
-from ._calls import Caller as Caller
 from ._calls import current_caller as current_caller
 from ._diskcache_store import DiskCacheStore as DiskCacheStore
 from ._errors import ActivationFailed as ActivationFailed
@@ -21,6 +20,7 @@ from ._errors import UnknownKind as UnknownKind
 from ._errors import UnknownRequest as UnknownRequest
 from ._events import EventType as EventType
 from ._events import ServerEvent as ServerEvent
+from ._ledger import Caller as Caller
 from ._memory_store import MemoryStore as MemoryStore
 from ._ref import ServerRef as ServerRef
 from ._results import NoReply as NoReply

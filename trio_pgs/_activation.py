@@ -1,40 +1,39 @@
-"""One activation of a server: its message loop, commits, crashes, stops, hibernation."""
+"""One activation of a server: its message loop, and how it ends.
+
+Rule of this module: the activation decides what happens next (handle, hibernate,
+stop, crash, shut down); it never answers a caller or writes a state itself. Replies
+go through its `ReplyLedger`, states through its persistence policy (`_policy.py`),
+and everything it needs from the supervisor through the entry's `Host`.
+"""
 
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 import math
 import time
 from typing import TYPE_CHECKING, Any
 
-import attrs
 import outcome
 import trio
 
-from ._calls import Caller, Handling, Kind, Message, current_handling
-from ._entry import (
-    Entry,
-    ErrorFactory,
-    Next,
-    Status,
-    not_found,
-    not_running,
-    quarantined_error,
-)
+from ._calls import Handling, Kind, Message, current_handling
+from ._entry import Entry, Next, Status, not_found, not_running, quarantined_error
 from ._errors import (
-    ConflictError,
+    OutcomeUnknown,
     PersistenceError,
+    RequestError,
     ServerCrashed,
     SimulatedCrash,
     StateEncodingError,
     SupervisorNotRunning,
 )
 from ._events import EventType
+from ._ledger import Caller, ErrorFactory, ReplyLedger
+from ._policy import Deferred, EachMessage, Policy
 from ._results import NO_REPLY, NoReply, Reply, Stop
 from ._server import Persistence, PersistentServer, Restart
-from ._store import Delete, Put, Record
+from ._store import Delete, Put, Record, next_record, next_version
 
 if TYPE_CHECKING:
     from ._ref import ServerRef
@@ -42,13 +41,20 @@ if TYPE_CHECKING:
 logger = logging.getLogger("trio_pgs")
 
 
+def make_policy(entry: Entry) -> Policy:
+    options = entry.info.options
+    if options.persistence is Persistence.EACH_MESSAGE:
+        return EachMessage(entry.host.writer, options.state_version, options.keep_history)
+    lag = options.max_lag if options.persistence is Persistence.WRITE_BEHIND else math.inf
+    return Deferred(lag, options.max_lag, str(entry.ref))
+
+
 class Activation:
     """A server instance running on an entry, from `on_activate` to its end."""
 
     __slots__ = (
-        "closed", "conflicted", "current", "entry", "flush_at", "gated", "handling",
-        "idle_timeout", "inflight", "lag", "owed", "pending", "reaper", "record", "server",
-        "state", "timers",
+        "closed", "committing", "current", "entry", "idle_timeout", "ledger", "policy",
+        "record", "server", "state", "timers",
     )
 
     def __init__(
@@ -57,40 +63,24 @@ class Activation:
         self.entry = entry
         self.server = server
         self.state = state
-        self.record = record  # the last committed record
-        options = entry.info.options
-        #: WRITE_BEHIND and ON_STOP: the newest encoded state not committed yet, and
-        #: when it must be (never sooner than needed; inf for ON_STOP).
-        self.pending: bytes | None = None
-        self.flush_at = math.inf
-        self.lag = (
-            None if options.persistence is Persistence.EACH_MESSAGE
-            else options.max_lag if options.persistence is Persistence.WRITE_BEHIND
-            else math.inf
-        )
-        self.idle_timeout = options.idle_timeout
-        self.reaper = entry.sup.reaper
-        self.handling = False
-        self.gated: list[tuple[Caller, outcome.Outcome[Any]]] = []
-        # Dicts used as ordered sets: an empty dict is a third of an empty set.
-        self.owed: dict[Caller, None] = {}
+        self.record = record  # the last record handed to the store
+        self.idle_timeout = entry.info.options.idle_timeout
+        self.ledger = ReplyLedger(entry.wake)
+        self.policy = make_policy(entry)
+        # A dict used as an ordered set: an empty dict is a third of an empty set.
         self.timers: dict[trio.CancelScope, None] = {}
         self.closed = False
-        #: A deferred write met this ConflictError: this activation's record is stale.
-        self.conflicted: ConflictError | None = None
-        #: The message being handled (or last handled): its caller is answered if the
-        #: handler is cut off at shutdown.
+        #: The message being handled: its caller is answered if the handler is cut off.
         self.current: Message | None = None
-        #: EACH_MESSAGE: the commit handed to the writer and not yet settled (see
-        #: _hand_off): its outcome is awaited before anything else happens.
-        self.inflight: _Inflight | None = None
+        #: A commit of this activation's own (a stop, the crash bookkeeping) is awaited:
+        #: cut off now, its outcome is unknown.
+        self.committing = False
         self._touch()  # activated now: the idle deadline starts
 
     # -- the loop ---------------------------------------------------------------------
 
     async def run(self) -> Next:
         entry = self.entry
-        receive = entry.receive_channel
         if entry.front is not None:  # left by the activation whose commit failed
             message, entry.front = entry.front, None
             step = await self._handle(message)
@@ -98,26 +88,11 @@ class Activation:
                 return step
         while True:
             try:
-                message = receive.receive_nowait()
+                message = entry.receive_channel.receive_nowait()
             except trio.WouldBlock:
-                if entry.shutting_down:
-                    return await self._shut_down()
                 got = await self._wait_for_message()
                 if got is None:
-                    if self.inflight is not None:
-                        inflight = await self._settle()
-                        if inflight.error is not None:
-                            return await self._failed_later(inflight)
-                    if self.pending is not None and trio.current_time() >= self.flush_at:
-                        await self._flush()
-                        if self.conflicted is not None:
-                            return await self._reload()
-                        continue
-                    if entry.shutting_down:
-                        return await self._shut_down()
-                    if not self._may_hibernate():
-                        continue  # woken early, or it owes replies
-                    step = await self._hibernate()
+                    step = await self._idle_step()
                     if step is Next.CONTINUE:
                         continue
                     return step
@@ -125,13 +100,46 @@ class Activation:
             step = await self._handle(message)
             if step is not Next.CONTINUE:
                 return step
-            if self.pending is not None and trio.current_time() >= self.flush_at:
-                await self._flush()
-                if self.conflicted is not None:
-                    return await self._reload()
+            if trio.current_time() >= self.policy.due:
+                step = await self._flush_due()
+                if step is not Next.CONTINUE:
+                    return step
+
+    async def _idle_step(self) -> Next:
+        """Nothing to handle: settle the commit in flight, write what is due, then
+        shut down or hibernate if it is time to."""
+        inflight = await self.policy.settle()
+        if inflight is not None and inflight.error is not None:
+            return await self._failed_later(inflight.error, inflight.previous_state)
+        if trio.current_time() >= self.policy.due:
+            return await self._flush_due()
+        if self.entry.shutting_down:
+            return await self._shut_down()
+        if not self._may_hibernate():
+            return Next.CONTINUE  # woken early, or it owes replies
+        return await self._hibernate()
+
+    async def _flush_due(self) -> Next:
+        await self.policy.flush(self._commit)
+        if self.policy.conflicted is not None:
+            return await self._back_to_stored(self.policy.conflicted)
+        return Next.CONTINUE
+
+    @property
+    def ref(self) -> ServerRef:
+        return self.entry.ref
+
+    def idle(self) -> bool:
+        """Whether nothing holds the server awake: no handler running, no reply owed,
+        no commit in flight (what ``max_active`` picks from)."""
+        inflight = self.policy.inflight
+        return (
+            self.current is None and not self.ledger.owed
+            and (inflight is None or inflight.done)
+        )
 
     def _may_hibernate(self) -> bool:
-        if self.owed:
+        if self.ledger.owed or self.policy.inflight is not None:
             return False
         if self.entry.hibernate_now:
             return True
@@ -142,10 +150,7 @@ class Activation:
         """A message was handled now: the idle deadline moves (timer infos excepted)."""
         entry = self.entry
         entry.last_activity = trio.current_time()
-        if self.idle_timeout is not None:
-            self.reaper.touch(entry, self.idle_timeout)
-        if entry.sup.max_active is not None:
-            entry.sup.touch(entry)
+        entry.host.touch(entry, self.idle_timeout)
 
     async def _wait_for_message(self) -> Message | None:
         """Wait until a message comes (returned), or return None when the server may
@@ -153,36 +158,34 @@ class Activation:
         or at shutdown, or a deferred write is due. Nothing waits with a deadline per
         message: the reaper keeps the idle deadlines (see _idle.py)."""
         entry = self.entry
-        if self._may_hibernate():
-            return None  # asked to, or it was busy when its idle time ran out
-        if self.idle_timeout is not None and not self.owed and entry.idle_group is None:
+        entry.host.note_settled(entry)  # may ask it to hibernate (max_active)
+        if entry.shutting_down or self._may_hibernate():
+            return None
+        if (
+            self.idle_timeout is not None and not self.ledger.owed
+            and entry.idle_group is None
+        ):
             # Not in the reaper's order of activity (its last owed reply was given by
             # another task): a check at its own due time.
-            self.reaper.check_at(entry, entry.last_activity + self.idle_timeout)
-        entry.sup.note_settled()
-        if self.pending is None:
+            entry.host.check_idle_at(entry, entry.last_activity + self.idle_timeout)
+        due = self.policy.due
+        if due == math.inf:
             message = await entry.receive_channel.receive()
         else:
-            with trio.CancelScope(deadline=self.flush_at) as scope:
-                entry.wait_scope = scope
-                try:
-                    message = await entry.receive_channel.receive()
-                finally:
-                    entry.wait_scope = None
-            if scope.cancelled_caught:
-                return None
+            with trio.move_on_at(due):
+                message = await entry.receive_channel.receive()
+                return None if message.kind is Kind.WAKE else message
+            return None
         return None if message.kind is Kind.WAKE else message
 
     # -- one message ------------------------------------------------------------------
 
     async def _handle(self, message: Message) -> Next:
-        entry, server, kind = self.entry, self.server, message.kind
-        if self.inflight is not None:
-            # The output gate: the previous message's commit settles first.
-            inflight = await self._settle()
-            if inflight.error is not None:
-                entry.front = message  # the next activation handles it, first
-                return await self._failed_later(inflight)
+        entry, kind = self.entry, message.kind
+        inflight = await self.policy.settle()  # the output gate: the previous commit
+        if inflight is not None and inflight.error is not None:
+            entry.front = message  # the next activation handles it, first
+            return await self._failed_later(inflight.error, inflight.previous_state)
         if kind is Kind.TIMER:
             origin, info = message.payload
             if origin is not self:  # armed by an earlier activation: timers are volatile
@@ -190,146 +193,124 @@ class Activation:
                              extra=entry.extra)
                 return Next.CONTINUE
             message = Message(kind, info, None, ())
-        caller = Caller(self, message.slot) if kind is Kind.CALL else None  # type: ignore[arg-type]
-        token = current_handling.set(
-            Handling((*message.chain, entry.ref), caller, entry.waiting_on)
-        )
-        self.handling = True
+        caller = Caller(self.ledger, message.slot) if kind is Kind.CALL else None  # type: ignore[arg-type]
+        handling = Handling((*message.chain, entry.ref), caller, entry.waiting_on)
+        token = current_handling.set(handling)
+        self.ledger.hold()
         self.current = message
         try:
-            if kind is Kind.CALL:
-                result = await server.handle_call(message.payload, self.state)
-            elif kind is Kind.CAST:
-                result = await server.handle_cast(message.payload, self.state)
-            elif kind is Kind.STOP:
-                result = Stop(self.state, reason=message.payload, persist=False)
-            elif kind is Kind.CRASH:
-                raise SimulatedCrash(f"{entry.ref} crashed on purpose (trio_pgs.testing.crash)")
-            else:
-                result = await server.handle_info(message.payload, self.state)
+            result = await self._dispatch(message)
             _check_result(result, kind, entry.ref)
+        except RequestError as exc:
+            return self._refused(message, exc)
+        except (KeyboardInterrupt, SystemExit) as exc:
+            return await self._interrupted(message, exc)
         except Exception as exc:
             crash = ServerCrashed(f"{entry.ref} crashed handling a {kind.value}: {exc!r}")
             crash.__cause__ = exc
             return await self._crash(message, crash, exc)
         finally:
-            self.handling = False
+            handling.live = False
             current_handling.reset(token)
-        entry.sup.counters.messages += 1
+        entry.host.counters.messages += 1
+        return await self._handled(message, caller, result)
 
+    async def _dispatch(self, message: Message) -> Any:
+        server, kind = self.server, message.kind
+        if kind is Kind.CALL:
+            return await server.handle_call(message.payload, self.state)
+        if kind is Kind.CAST:
+            return await server.handle_cast(message.payload, self.state)
+        if kind is Kind.STOP:
+            return Stop(self.state, reason=message.payload, persist=False)
+        if kind is Kind.CRASH:
+            raise SimulatedCrash(f"{self.entry.ref} crashed on purpose (trio_pgs.testing.crash)")
+        return await server.handle_info(message.payload, self.state)
+
+    async def _handled(self, message: Message, caller: Caller | None, result: Any) -> Next:
+        entry, ledger = self.entry, self.ledger
+        previous = self.state
         if result.persist:
             try:
                 data = entry.info.codec.encode(result.state, str(entry.ref))
             except StateEncodingError as exc:
                 return await self._crash(message, exc, exc)
-            if self.lag is not None:  # written later, the newest state only
-                self.pending = None if data == self.record.data else data
-                if self.pending is not None and self.flush_at == math.inf:
-                    self.flush_at = trio.current_time() + self.lag
-            elif data != self.record.data:
-                if type(result) is not Stop:
-                    return self._hand_off(data, message, caller, result)
-                try:
-                    await self._commit(data)
-                except Exception as exc:
-                    return await self._commit_failed(message, exc)
+            if type(result) is Stop and type(self.policy) is EachMessage:
+                if data != self.record.data:  # committed before the server ends
+                    try:
+                        await self._commit(data)
+                    except Exception as exc:
+                        return await self._commit_failed(message, exc)
+            elif data != self.record.data or self.policy.pending is not None:
+                self.policy.changed(self, data, previous, message.kind is not Kind.TIMER)
         self.state = result.state
-        if kind is not Kind.TIMER:
+        self.current = None
+        if message.kind is not Kind.TIMER:
             self._touch()
         if type(result) is Stop:
             return await self._stop(message, result)
         if caller is not None:
             if type(result) is Reply:
-                message.slot.set(outcome.Value(result.value))  # type: ignore[union-attr]
-            elif not caller.replied:
-                self.owed[caller] = None
-        self._release_gated()
+                ledger.answer(caller._slot, outcome.Value(result.value))
+                caller._replied = True
+            else:
+                ledger.owe(caller)
+        if self.policy.inflight is None:
+            ledger.release()  # nothing to wait for
         return Next.CONTINUE
 
-    def _next_record(self, data: bytes) -> Record:
-        # The hot path: one Record built directly (attrs.evolve costs twice as much).
-        old, options = self.record, self.entry.info.options
-        history = (old.data, *old.history)[: options.keep_history] if options.keep_history else ()
-        return Record(
-            old.kind, old.key, data, old.version + 1, options.state_version, old.epoch,
-            time.time(), old.crashes, old.quarantined, history,
-        )
-
-    async def _commit(self, data: bytes) -> None:
-        record = self._next_record(data)
-        await self.entry.sup.writer.commit(Put(record, self.record.version))
-        self.record = record
-
-    def _hand_off(
-        self, data: bytes, message: Message, caller: Caller | None, result: Any
-    ) -> Next:
-        """EACH_MESSAGE, the hot path: hand the new state to the writer and go on
-        without waiting. The writer releases the reply (and the deferred replies given
-        meanwhile) once the state is durable, or fails them; this server settles that
-        commit before it handles anything else (its next message, hibernation, a
-        stop, shutdown). So the output gate holds, and the server is not resumed just
-        to pass a reply on."""
-        inflight = _Inflight(self.state)
-        record = self._next_record(data)
-        put = Put(record, self.record.version)
-        self.record = record
-        self.state = result.state
-        # The idle time counts from the commit (as when the server waits for it).
-        inflight.touch = message.kind is not Kind.TIMER
-        if caller is not None:
-            if type(result) is Reply:
-                inflight.reply = (message.slot, outcome.Value(result.value))
-            elif not caller.replied:
-                self.owed[caller] = None
-        inflight.gated, self.gated = self.gated, []
-        self.inflight = inflight
-        self.current = None  # its caller is answered by the writer, whatever happens
-        self.entry.sup.writer.submit(put, functools.partial(self._committed, inflight))
-        return Next.CONTINUE
-
-    def _committed(self, inflight: _Inflight, error: BaseException | None) -> None:
-        """The writer's callback: release or fail the replies of a handed-off commit."""
-        inflight.done, inflight.error = True, error
-        ref = self.entry.ref
-        if error is None and inflight.touch and not self.closed:
-            self._touch()
-        if inflight.reply is not None:
-            slot, result = inflight.reply
-            slot.set(result if error is None else outcome.Error(persistence_error(ref, error)))
-        for caller, given in inflight.gated:
-            caller._slot.set(
-                given if error is None else outcome.Error(persistence_error(ref, error))
-            )
-        if inflight.waiter is not None:
-            task, inflight.waiter = inflight.waiter, None
-            trio.lowlevel.reschedule(task)
-        elif error is not None:
+    def commit_settled(self, error: BaseException | None, touch: bool) -> None:
+        """The writer's callback for a handed-off commit: the held replies go out, or
+        fail with the commit's error (and a waiting server goes back to its record)."""
+        if error is None:
+            self.ledger.release()
+            if touch and not self.closed:
+                self._touch()  # the idle time counts from the commit
+        else:
+            ref = self.entry.ref
+            self.ledger.fail_held(lambda: persistence_error(ref, error))
             self.entry.wake()  # waiting for a message: go back to the stored record now
 
-    async def _settle(self) -> _Inflight:
-        """Wait for the handed-off commit's outcome (usually known already)."""
-        inflight = self.inflight
-        assert inflight is not None
-        if not inflight.done:
-            inflight.waiter = trio.lowlevel.current_task()
+    def _refused(self, message: Message, error: RequestError) -> Next:
+        """A `RequestError`: the request is refused, the state stays, not a crash."""
+        entry = self.entry
+        entry.host.counters.refusals += 1
+        self.current = None
+        if message.slot is not None:
+            self.ledger.answer(message.slot, outcome.Error(error))
+        else:
+            logger.warning("%s refused a %s: %s", entry.ref, message.kind.value, error,
+                           extra=entry.extra)
+        self.ledger.release()
+        if message.kind is not Kind.TIMER:
+            self._touch()
+        return Next.CONTINUE
 
-            def abort(_: Any) -> trio.lowlevel.Abort:
-                inflight.waiter = None
-                return trio.lowlevel.Abort.SUCCEEDED
+    async def _commit(self, data: bytes) -> None:
+        options = self.entry.info.options
+        await self._write(
+            next_record(self.record, data, options.state_version, options.keep_history)
+        )
 
-            await trio.lowlevel.wait_task_rescheduled(abort)
-        self.inflight = None
-        return inflight
+    async def _write(self, record: Record) -> None:
+        """Commit *record* (the next version) and wait for it."""
+        self.committing = True
+        try:
+            await self.entry.host.writer.commit(Put(record, self.record.version))
+        finally:
+            self.committing = False
+        self.record = record
 
-    async def _failed_later(self, inflight: _Inflight) -> Next:
-        """A handed-off commit failed (its callers have their PersistenceError): the
-        server goes back to its last committed record, as in _commit_failed."""
-        ref, error = self.entry.ref, inflight.error
-        assert error is not None
+    # -- endings ----------------------------------------------------------------------
+
+    async def _failed_later(self, error: BaseException, previous_state: Any) -> Next:
+        """A handed-off commit failed (its held replies have failed already): the
+        server goes back to its last committed record, as in `_commit_failed`."""
+        ref = self.entry.ref
         logger.error("%s: commit failed: %r", ref, error, extra=self.entry.extra)
-        self.state = inflight.previous_state  # never the uncommitted one
+        self.state = previous_state  # never the uncommitted one
         step = await self._back_to_stored(error)
-        self.fail_owed(lambda: persistence_error(ref, error))
+        self.ledger.fail(lambda: persistence_error(ref, error))
         return step
 
     async def _back_to_stored(self, reason: BaseException) -> Next:
@@ -337,73 +318,26 @@ class Activation:
         record: at once if messages wait or the server is PERMANENT, else on demand."""
         entry = self.entry
         await self._terminate(reason)
-        if entry.mailbox_empty() and entry.info.options.restart is not Restart.PERMANENT:
-            entry.end(not_found(entry.ref))
-            return Next.END
-        return Next.REACTIVATE
+        if entry.info.options.restart is Restart.PERMANENT or not entry.mailbox_empty():
+            return Next.REACTIVATE
+        entry.end(not_found(entry.ref))  # nothing queued: nothing failed
+        return Next.END
 
-    async def _write(self, record: Record) -> None:
-        """Commit *record* as the next version of the server's record."""
-        old = self.record
-        record = attrs.evolve(record, version=old.version + 1, updated_at=time.time())
-        await self.entry.sup.writer.commit(Put(record, old.version))
-        self.record = record
+    async def _commit_failed(self, message: Message, exc: Exception) -> Next:
+        """The store refused the new state: the server goes back to its last committed
+        record (reloaded by the next activation), then the caller hears of it."""
+        ref = self.entry.ref
+        logger.error("%s: commit failed: %r", ref, exc, extra=self.entry.extra)
+        step = await self._back_to_stored(exc)
+        self.ledger.fail(lambda: persistence_error(ref, exc))
+        self._answer_current(lambda: persistence_error(ref, exc))
+        return step
 
-    async def _flush(self) -> bool:
-        """Commit the pending state (WRITE_BEHIND, ON_STOP); on failure keep it pending
-        and retry after max_lag. Returns whether nothing is left pending."""
-        data = self.pending
-        if data is None:
-            return True
-        try:
-            await self._commit(data)
-        except ConflictError as exc:
-            # Another writer changed the record (the CLI, a second process): retrying
-            # can never succeed. The unwritten state is dropped and the server reloads.
-            logger.error("%s: a deferred write conflicts with the stored record (%s); the "
-                         "unwritten state is dropped and the server reloads from the store",
-                         self.entry.ref, exc, extra=self.entry.extra)
-            self.pending, self.flush_at, self.conflicted = None, math.inf, exc
-            return True
-        except Exception:
-            logger.exception("%s: a deferred write failed; it stays pending and is retried",
-                             self.entry.ref, extra=self.entry.extra)
-            self.flush_at = trio.current_time() + self.entry.info.options.max_lag
-            return False
-        if self.pending is data:
-            self.pending, self.flush_at = None, math.inf
-        return self.pending is None
-
-    # -- replies ----------------------------------------------------------------------
-
-    def release(self, caller: Caller, result: outcome.Outcome[Any]) -> None:
-        """A deferred reply: held until the current message's commit, if any."""
-        if caller._replied:
-            return
-        caller._replied = True
-        self.owed.pop(caller, None)
-        if self.handling:
-            self.gated.append((caller, result))
-        else:
-            caller._slot.set(result)
-            if not self.owed:
-                self.entry.wake()  # given by another task: it may hibernate now
-
-    def _release_gated(self) -> None:
-        if self.gated:
-            gated, self.gated = self.gated, []
-            for caller, result in gated:
-                caller._slot.set(result)
-
-    def fail_owed(self, error: ErrorFactory) -> None:
-        """Callers still owed a reply (given or not) get *error*."""
-        gated, self.gated = self.gated, []
-        owed, self.owed = self.owed, {}
-        for caller in [c for c, _ in gated] + list(owed):
-            caller._replied = True
-            caller._slot.set_error(error())
-
-    # -- endings ----------------------------------------------------------------------
+    def _answer_current(self, error: ErrorFactory) -> None:
+        """The caller of the message being handled gets *error* (if not answered)."""
+        message, self.current = self.current, None
+        if message is not None and message.slot is not None:
+            message.slot.set_error(error())  # a no-op once it was answered
 
     async def _terminate(self, reason: Any) -> None:
         self.close()
@@ -419,7 +353,7 @@ class Activation:
         the server restarted), and only then does the caller hear of it."""
         entry, ref, options = self.entry, self.entry.ref, self.entry.info.options
         logger.error("%s crashed: %r", ref, exc, exc_info=exc, extra=entry.extra)
-        await self._flush()  # deferred modes: the acknowledged state before the crash
+        await self.policy.flush(self._commit)  # deferred modes: the acknowledged state
         await self._terminate(exc)
         quarantined = False
         # An unencodable state is a crash that keeps the record even for TEMPORARY
@@ -438,10 +372,9 @@ class Activation:
             else:
                 entry.end(not_found(ref))  # the mailbox is empty: nothing is failed
                 step = Next.END
-        entry.sup.note_crash(ref, quarantined, exc)
-        if message.slot is not None:
-            message.slot.set_error(error)
-        self.fail_owed(_crashed_owing(ref, exc))
+        entry.host.note_crash(ref, quarantined, exc)
+        self._answer_current(lambda: error)
+        self.ledger.fail(_crashed_owing(ref, exc))
         return step
 
     async def _record_crash(self) -> bool:
@@ -452,7 +385,7 @@ class Activation:
         crashes = (*recent, now)[-options.max_crashes :]
         quarantined = len(crashes) >= options.max_crashes
         try:
-            await self._write(attrs.evolve(self.record, crashes=crashes, quarantined=quarantined))
+            await self._write(next_version(self.record, crashes=crashes, quarantined=quarantined))
         except Exception:
             logger.exception("%s: the crash could not be recorded in the store",
                              self.entry.ref, extra=self.entry.extra)
@@ -464,71 +397,63 @@ class Activation:
             )
         return quarantined
 
-    async def _commit_failed(self, message: Message, exc: Exception) -> Next:
-        """The store refused the new state: the server goes back to its last committed
-        record (reloaded by the next activation), then the caller hears of it."""
-        ref = self.entry.ref
-        logger.error("%s: commit failed: %r", ref, exc, extra=self.entry.extra)
-        step = await self._back_to_stored(exc)
-        if message.slot is not None:
-            message.slot.set_error(persistence_error(ref, exc))
-        self.fail_owed(lambda: persistence_error(ref, exc))
-        return step
-
-    async def _reload(self) -> Next:
-        """The stored record changed under this activation (a deferred write met a
-        ConflictError): end it, and let the next activation load the stored record."""
-        assert self.conflicted is not None
-        return await self._back_to_stored(self.conflicted)
+    async def _interrupted(self, message: Message, exc: BaseException) -> Next:
+        """A KeyboardInterrupt or SystemExit out of a handler: the message is not
+        committed, and the whole supervisor shuts down (then raises it as itself)."""
+        logger.error("%s: %r raised in a handler; shutting the supervisor down",
+                     self.entry.ref, exc, extra=self.entry.extra)
+        self._answer_current(_interrupted_error(self.entry.ref, exc))
+        self.entry.host.interrupt(exc)
+        self.entry.shutting_down = True
+        return await self._shut_down()
 
     async def _stop(self, message: Message, result: Stop[Any]) -> Next:
         entry, ref, reason = self.entry, self.entry.ref, result.reason
         restart = entry.info.options.restart
         await self._terminate(reason)
-        entry.sup.counters.stops += 1
-        entry.sup.emit(EventType.STOPPED, ref, reason=reason)
-        reply = None if result.reply is NO_REPLY else result.reply
-        stopped = _stopped_owing(ref, reason)
+        entry.host.counters.stops += 1
+        entry.host.emit(EventType.STOPPED, ref, reason=reason)
+        reply = outcome.Value(None if result.reply is NO_REPLY else result.reply)
+        self.current = message  # answered below, or cut off with its outcome unknown
         if reason == "normal" or restart is Restart.TEMPORARY:
             try:
                 await self._wipe(raising=True)
             except Exception as exc:
                 failure = exc
-                if message.slot is not None:
-                    message.slot.set_error(persistence_error(ref, failure))
-                self.fail_owed(lambda: persistence_error(ref, failure))
+                self.ledger.fail(lambda: persistence_error(ref, failure))
+                self._answer_current(lambda: persistence_error(ref, failure))
                 return Next.REACTIVATE
-            self._release_gated()  # replies given by the stopping handler
-            self.fail_owed(stopped)
-            entry.end(not_found(ref))  # before the reply: a new start must not collide
             step = Next.END
+        elif not await self.policy.flush(self._commit):
+            step = Next.REACTIVATE  # the stop's state could not be written: keep it
+        elif restart is Restart.PERMANENT or not entry.mailbox_empty():
+            step = Next.REACTIVATE
         else:
-            # The stop's own state is committed already (EACH_MESSAGE) or flushed now.
-            self._release_gated()
-            self.fail_owed(stopped)
-            if not await self._flush():
-                step = Next.REACTIVATE  # the stop's state could not be written: keep it
-            elif restart is Restart.PERMANENT or not entry.mailbox_empty():
-                step = Next.REACTIVATE
-            else:
-                entry.end(not_found(ref))
-                step = Next.END
+            step = Next.END
+        self.ledger.release()  # replies given by the stopping handler
+        self.ledger.fail(_stopped_owing(ref, reason))
+        if step is Next.END:
+            entry.end(not_found(ref))  # before the reply: a new start must not collide
+        self.current = None
         if message.slot is not None:
-            message.slot.set(outcome.Value(reply))
+            message.slot.set(reply)
         return step
 
     async def _wipe(self, raising: bool = False) -> None:
         ref = self.entry.ref
+        self.committing = True
         try:
-            await self.entry.sup.writer.commit(Delete(ref.kind, ref.key, self.record.version))
+            await self.entry.host.writer.commit(Delete(ref.kind, ref.key, self.record.version))
         except Exception:
             if raising:
                 raise
             logger.exception("%s: the record could not be wiped", ref, extra=self.entry.extra)
+        finally:
+            self.committing = False
 
     async def _hibernate(self) -> Next:
         entry = self.entry
-        if not await self._flush():
+        if not await self.policy.flush(self._commit):
             self._touch()  # never drop a state: stay active, and try again later
             return Next.CONTINUE
         entry.status = Status.HIBERNATING
@@ -540,36 +465,46 @@ class Activation:
             # A message came while terminate ran: serve it from a fresh activation.
             entry.status = Status.ACTIVE
             return Next.REACTIVATE
-        entry.sup.counters.hibernations += 1
-        entry.sup.emit(EventType.HIBERNATED, entry.ref)
+        entry.host.counters.hibernations += 1
+        entry.host.emit(EventType.HIBERNATED, entry.ref)
         entry.end(not_found(entry.ref))  # nothing queued: nothing failed
         logger.debug("%s hibernated", entry.ref, extra=entry.extra)
         return Next.END
 
     async def _shut_down(self) -> Next:
         entry = self.entry
-        if self.inflight is not None:
-            inflight = await self._settle()
-            if inflight.error is not None:
-                return await self._failed_later(inflight)
-        if not await self._flush():
-            entry.sup.note_unflushed(entry.ref)
+        inflight = await self.policy.settle()
+        if inflight is not None and inflight.error is not None:
+            self.state = inflight.previous_state
+        if not await self.policy.flush(self._commit):
+            entry.host.note_unflushed(entry.ref)
         await self._terminate("shutdown")
-        self.fail_owed(not_running(entry.ref))
+        self.ledger.fail(not_running(entry.ref))
         entry.end(not_running(entry.ref))
         return Next.END
 
     async def cut_off(self, error: ErrorFactory | None = None) -> None:
-        """The task was cancelled (shutdown past its grace period) or hit an internal
+        """The task was cancelled (shutdown past its deadline) or hit an internal
         error: answer the caller of the message being handled and everyone owed a
         reply, then run `terminate("shutdown")` with the last committed state, in a
-        shielded scope of its own bounded by TERMINATE_GRACE seconds."""
+        shielded scope of its own bounded by TERMINATE_GRACE seconds.
+
+        A commit handed to the writer is not this activation's to answer: the writer
+        tells its callers its outcome (committed, failed, or unknown)."""
         ref = self.entry.ref
-        if error is None:  # cancelled at shutdown
-            error = lambda: cut_off_error(ref)  # noqa: E731
-        if self.current is not None and self.current.slot is not None:
-            self.current.slot.set_error(error())  # a no-op once it was answered
-        self.fail_owed(error)
+        if self.committing:  # cancelled while its own commit was awaited
+            unknown = _outcome_unknown(ref)
+            self._answer_current(unknown)
+            self.ledger.fail(unknown)
+        elif error is None:  # cancelled at shutdown
+            self._answer_current(lambda: cut_off_error(ref))
+            if self.policy.inflight is None:
+                self.ledger.fail(not_running(ref))
+            else:  # the held replies are the writer's to answer
+                self.ledger.fail_owed(not_running(ref))
+        else:
+            self._answer_current(error)
+            self.ledger.fail(error)
         if self.closed:
             return
         with trio.move_on_after(TERMINATE_GRACE, shield=True):
@@ -589,7 +524,7 @@ class Activation:
             return
         scope = trio.CancelScope()
         self.timers[scope] = None
-        self.entry.sup.spawn_system_task(self._timer, scope, delay, info)
+        self.entry.host.spawn(self._timer, scope, delay, info)
 
     async def _timer(self, scope: trio.CancelScope, delay: float, info: Any) -> None:
         current_handling.set(None)
@@ -603,21 +538,6 @@ class Activation:
                 await self.entry.send_channel.send(message)
 
 
-class _Inflight:
-    """A commit handed to the writer by `Activation._hand_off`."""
-
-    __slots__ = ("done", "error", "gated", "previous_state", "reply", "touch", "waiter")
-
-    def __init__(self, previous_state: Any) -> None:
-        self.previous_state = previous_state
-        self.touch = False
-        self.done = False
-        self.error: BaseException | None = None
-        self.reply: tuple[Any, outcome.Outcome[Any]] | None = None
-        self.gated: list[tuple[Caller, outcome.Outcome[Any]]] = []
-        self.waiter: trio.lowlevel.Task | None = None
-
-
 #: Seconds `terminate("shutdown")` may take for a server cut off at shutdown.
 TERMINATE_GRACE = 1.0
 
@@ -627,6 +547,20 @@ def cut_off_error(ref: ServerRef) -> SupervisorNotRunning:
         f"{ref}: the supervisor shut down while this message was being handled and the "
         "handler did not finish within shutdown_timeout; its changes were not committed. "
         "Open the supervisor again and retry"
+    )
+
+
+def _outcome_unknown(ref: ServerRef) -> ErrorFactory:
+    return lambda: OutcomeUnknown(
+        f"{ref}: the supervisor shut down while this message's commit was with the "
+        "store; it may or may not be stored. Read the server's state before retrying"
+    )
+
+
+def _interrupted_error(ref: ServerRef, exc: BaseException) -> ErrorFactory:
+    return lambda: SupervisorNotRunning(
+        f"{ref}: the handler raised {type(exc).__name__}, which shuts the supervisor "
+        "down; this message's changes were not committed"
     )
 
 
@@ -676,7 +610,12 @@ def check_not_coroutine(value: Any, ref: ServerRef, hook: str) -> None:
 
 def persistence_error(ref: ServerRef, exc: BaseException) -> PersistenceError:
     cls = type(exc) if isinstance(exc, PersistenceError) else PersistenceError
-    error = cls(f"{ref}: the state could not be committed: {exc}. The server went back "
+    if issubclass(cls, OutcomeUnknown):
+        text = (f"{ref}: the outcome of the commit is unknown ({exc}); it may or may not "
+                "be stored. Read the server's state before retrying")
+    else:
+        text = (f"{ref}: the state could not be committed: {exc}. The server went back "
                 "to its last committed state; retry once the store is healthy")
+    error = cls(text)
     error.__cause__ = exc
     return error

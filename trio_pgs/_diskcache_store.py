@@ -273,13 +273,16 @@ class DiskCacheStore:
             )
 
     async def close(self) -> None:
-        if self._thread is None:
+        """Close the database on its thread. Cancelled (a store still busy with an
+        abandoned commit at shutdown), the thread closes it once that is done."""
+        thread = self._thread
+        if thread is None:
             return
         try:
-            await self._run(self._close)
+            await thread.run(self._close)
         finally:
-            await self._thread.stop()
             self._thread = None
+            await thread.stop()
 
     def _close(self) -> None:
         self._versions.clear()

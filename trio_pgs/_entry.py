@@ -12,25 +12,88 @@ from __future__ import annotations
 import enum
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
+import attrs
 import trio
 
-from ._calls import Kind, Message, ReplySlot
+from ._calls import Kind, Message
+from ._encoding import Codec
 from ._errors import (
     ServerNotFound,
     ServerQuarantined,
     SupervisorNotRunning,
 )
+from ._events import EventType
+from ._ledger import ErrorFactory, ReplySlot
+from ._server import Options, PersistentServer
+from ._store import Store
+from ._writer import Writer
 
 if TYPE_CHECKING:
-    from ._activation import Activation
     from ._ref import ServerRef
-    from ._supervisor import KindInfo, PersistentSupervisor
 
 logger = logging.getLogger("trio_pgs")
-ErrorFactory = Callable[[], BaseException]
+
+
+@attrs.frozen
+class KindInfo:
+    """A registered server class, with its options and codec under one supervisor."""
+
+    cls: type[PersistentServer[Any]]
+    options: Options
+    codec: Codec
+
+
+class Counters:
+    """What `PersistentSupervisor.statistics` reports, counted where it happens."""
+
+    __slots__ = (
+        "activations", "crashes", "hibernations", "messages", "migrations", "quarantined",
+        "refusals", "stops",
+    )
+
+    def __init__(self) -> None:
+        self.activations = self.hibernations = self.crashes = self.stops = 0
+        self.messages = self.quarantined = self.migrations = self.refusals = 0
+
+
+class Host(Protocol):
+    """What a server's entry and activation need from the supervisor they run in:
+    the small surface between the runtime and `PersistentSupervisor`."""
+
+    store: Store
+    writer: Writer
+    counters: Counters
+    max_active: int | None
+
+    def touch(self, entry: Entry, idle_timeout: float | None) -> None:
+        """*entry* handled a message now: its idle deadline and recency move."""
+
+    def check_idle_at(self, entry: Entry, due: float) -> None:
+        """Wake *entry* at *due* to check its idle deadline (out of activity order)."""
+
+    def note_settled(self, entry: Entry | None = None) -> None:
+        """*entry* began waiting for a message (None: one ended)."""
+
+    def forget(self, entry: Entry) -> None:
+        """*entry* ended (synchronously, with an empty mailbox)."""
+
+    def emit(self, type: EventType, ref: ServerRef | None, **fields: Any) -> None:
+        """Pass a `ServerEvent` to the ``on_event`` hook, if any."""
+
+    def note_crash(self, ref: ServerRef, quarantined: bool, error: BaseException) -> None:
+        """Count a crash (and escalate, if asked to)."""
+
+    def note_unflushed(self, ref: ServerRef) -> None:
+        """*ref*'s last state could not be committed at shutdown."""
+
+    def interrupt(self, error: BaseException) -> None:
+        """A KeyboardInterrupt or SystemExit: shut everything down, then raise it."""
+
+    def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Run *fn* in the supervisor's nursery."""
 
 
 #: Not a message: tells a waiting server to check its idle deadline and shutdown.
@@ -68,20 +131,34 @@ class Entry:
 
     # Slots: an active server's memory is mostly its entry, its activation and its task.
     __slots__ = (
-        "activated", "activation", "activation_error", "check_due", "front", "hibernate_now",
-        "idle_group", "info", "last_activity", "receive_channel", "ref", "send_channel",
-        "shutting_down", "start", "status", "sup", "task_scope", "wait_scope",
+        "activated",
+        "activation",
+        "activation_error",
+        "check_due",
+        "front",
+        "hibernate_now",
+        "host",
+        "idle_group",
+        "info",
+        "last_activity",
+        "receive_channel",
+        "ref",
+        "send_channel",
+        "shutting_down",
+        "start",
+        "status",
+        "task_scope",
         "waiting_on",
     )
 
     def __init__(
         self,
-        sup: PersistentSupervisor,
+        host: Host,
         info: KindInfo,
         ref: ServerRef,
         start: StartRequest | None = None,
     ) -> None:
-        self.sup = sup
+        self.host = host
         self.info = info
         self.ref = ref
         self.send_channel, self.receive_channel = trio.open_memory_channel[Message](
@@ -100,10 +177,9 @@ class Entry:
         self.last_activity = 0.0
         self.idle_group: OrderedDict[Entry, None] | None = None
         self.check_due: float | None = None
-        #: While the server waits for a message with a deadline (a deferred write due).
-        self.wait_scope: trio.CancelScope | None = None
         self.task_scope: trio.CancelScope | None = None
-        self.activation: Activation | None = None
+        #: The running activation (an `Activation`), if any.
+        self.activation: Any = None
         #: Servers this one's handler is calling now: the edges of the wait-for graph.
         self.waiting_on: list[ServerRef] = []
         #: A message taken from the mailbox but not handled (the commit before it
@@ -158,7 +234,7 @@ class Entry:
             logger.warning("%s: %d queued cast/info message(s) dropped: %s",
                            self.ref, dropped, error(), extra=self.extra)
         self.status = Status.ENDED
-        self.sup.forget(self)
+        self.host.forget(self)
         if not self.activated.is_set():
             self.activation_error = error
             self.mark_activated()

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 
-from ._registry import find_supervisor
-
-if TYPE_CHECKING:
-    from ._supervisor import PersistentSupervisor
+from ._registry import Reachable, find_supervisor
 
 #: Longest key accepted; keys are identities written into every record.
 MAX_KEY_LENGTH = 1024
@@ -45,7 +42,7 @@ class ServerRef:
     def __str__(self) -> str:
         return f"{self.kind}/{self.key}"
 
-    def _supervisor(self) -> PersistentSupervisor:
+    def _supervisor(self) -> Reachable:
         return find_supervisor(self)
 
     async def call(self, request: Any) -> Any:
@@ -55,16 +52,16 @@ class ServerRef:
         `CallCycleError`, `SupervisorNotRunning` (see the docs of each). Use
         `trio.fail_after` for a timeout; a cancelled call is still handled.
         """
-        return await self._supervisor().deliver_call(self, request)
+        return await self._supervisor()._deliver_call(self, request)
 
     async def cast(self, message: Any) -> None:
         """Send *message* to `handle_cast`; returns once the server accepted it."""
-        await self._supervisor().deliver_async(self, "cast", message)
+        await self._supervisor()._deliver_async(self, "cast", message)
 
     async def send(self, info: Any) -> None:
         """Send *info* to `handle_info`; returns once the server accepted it."""
-        await self._supervisor().deliver_async(self, "info", info)
+        await self._supervisor()._deliver_async(self, "info", info)
 
     async def stop(self, reason: str = "normal") -> None:
         """Stop the server after the messages already queued; ``"normal"`` wipes it."""
-        await self._supervisor().deliver_stop(self, reason)
+        await self._supervisor()._deliver_stop(self, reason)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -10,12 +10,27 @@ from ._errors import SupervisorNotRunning
 
 if TYPE_CHECKING:
     from ._ref import ServerRef
-    from ._supervisor import PersistentSupervisor
-
-open_supervisors: dict[str, PersistentSupervisor] = {}
 
 
-def find_supervisor(ref: ServerRef) -> PersistentSupervisor:
+class Reachable(Protocol):
+    """What a ref needs from the supervisor it names (`PersistentSupervisor`)."""
+
+    _trio_token: trio.lowlevel.TrioToken | None
+    _entries: dict[ServerRef, Any]
+
+    async def _deliver_call(self, ref: ServerRef, request: Any) -> Any: ...
+
+    async def _deliver_async(self, ref: ServerRef, kind: str, payload: Any) -> None: ...
+
+    async def _deliver_stop(self, ref: ServerRef, reason: str) -> None: ...
+
+    async def _deliver_crash(self, ref: ServerRef) -> None: ...
+
+
+open_supervisors: dict[str, Reachable] = {}
+
+
+def find_supervisor(ref: ServerRef) -> Reachable:
     try:
         sup = open_supervisors[ref.supervisor]
     except KeyError:
@@ -30,7 +45,7 @@ def find_supervisor(ref: ServerRef) -> PersistentSupervisor:
             f"{ref}: not in a trio run; await ref.call() and the like inside the trio "
             "run the supervisor is open in (from a thread: trio.from_thread.run)"
         ) from None
-    if token is not sup.trio_token:
+    if token is not sup._trio_token:
         raise RuntimeError(
             f"{ref}: its supervisor {ref.supervisor!r} runs in another trio run; a ref is "
             "usable only from the trio run its supervisor is open in. From another "

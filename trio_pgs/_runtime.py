@@ -1,4 +1,9 @@
-"""A server's task: activations one after the other, until its entry ends."""
+"""A server's task: activations one after the other, until its entry ends.
+
+Rule of this module: an activation begins here, in one of four ways (created by
+`start`, refused, restored from its record, or failed), and only a restored or
+created server runs; every way out answers whoever waits on the entry.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +11,14 @@ import logging
 import time
 from typing import Any
 
-import attrs
 import outcome
 import trio
 
 from ._activation import Activation, check_not_coroutine, persistence_error
-from ._calls import current_handling
+from ._calls import Handling, current_handling
 from ._encoding import DecodingError
 from ._entry import (
     Entry,
-    ErrorFactory,
     Next,
     StartRequest,
     Status,
@@ -27,12 +30,15 @@ from ._errors import (
     ActivationFailed,
     AlreadyStarted,
     ConflictError,
+    RequestError,
     ServerCrashed,
     StateEncodingError,
 )
 from ._events import EventType
+from ._ledger import ErrorFactory
 from ._ref import ServerRef
-from ._store import Delete, Put, Record
+from ._server import PersistentServer
+from ._store import Delete, Put, Record, next_version
 
 logger = logging.getLogger("trio_pgs")
 
@@ -55,13 +61,17 @@ async def serve(entry: Entry) -> None:
                     return
         except trio.Cancelled:
             raise
+        except (KeyboardInterrupt, SystemExit) as exc:
+            # Outside a handler (a real Ctrl-C landing in library code): the whole
+            # supervisor shuts down, this server as if cut off.
+            entry.host.interrupt(exc)
         except Exception as exc:
             logger.exception("%s: internal error in trio-pgs; the server is stopped "
                              "(its stored state is kept)", entry.ref, extra=entry.extra)
             internal = _internal_error(entry.ref, exc)
         finally:
             if entry.status is not Status.ENDED:
-                # Cancelled at shutdown past the grace period, or an internal error:
+                # Cancelled at shutdown past the deadline, or an internal error:
                 # nobody waiting on this server may be left hanging.
                 ending = not_running(entry.ref) if internal is None else internal
                 if start is not None:
@@ -84,94 +94,137 @@ def _internal_error(ref: ServerRef, exc: Exception) -> ErrorFactory:
 
 
 async def activate(entry: Entry) -> Activation | None:
-    """Load (or create, for `start`) the server's record and run `on_activate`."""
-    sup, info, ref = entry.sup, entry.info, entry.ref
+    """Load (or create, for `start`) the server's record and run `on_activate`;
+    None when there is nothing to run (the entry has ended)."""
     start, entry.start = entry.start, None
     entry.status = Status.ACTIVATING
     try:
-        record = await sup.store.load(ref.kind, ref.key)
+        record = await entry.host.store.load(entry.ref.kind, entry.ref.key)
     except Exception as exc:
         _activation_failed(entry, exc, start)
         return None
-    server = info.cls()
-    state: Any
-    created = False
+    server = entry.info.cls()
     if record is None and start is not None:
-        try:
-            state = await server.init(*start.args)
-            check_not_coroutine(state, ref, "init")
-            data = info.codec.encode(state, str(ref))
-        except Exception as exc:
-            sup.note_crash(ref, False, exc)
-            error = exc if isinstance(exc, StateEncodingError) else ServerCrashed(
-                f"{ref}: init() raised {exc!r}; nothing was stored"
-            )
-            if error is not exc:
-                error.__cause__ = exc
-            start.slot.set_error(error)
-            entry.end(not_found(ref))
+        created = await _create(entry, server, start)
+        if created is None:
             return None
-        record = Record(ref.kind, ref.key, data, 1, info.options.state_version,
-                        updated_at=time.time())
-        created = True
-        try:
-            await sup.writer.commit(Put(record, 0))
-        except ConflictError:
-            start.slot.set_error(_already_started(ref))
-            start = None
+        if created is _TAKEN:  # another start won the race: a plain activation
             return await activate(entry)
-        except Exception as exc:
-            start.slot.set_error(persistence_error(ref, exc))
-            entry.end(not_found(ref))
-            return None
-    elif record is None:
+        return await _run_on_activate(entry, server, *created, start)
+    if record is None:
+        entry.end(not_found(entry.ref))
+        return None
+    if start is not None and _refuse_start(entry, start):
+        return None
+    restored = await _restore(entry, record)
+    if restored is None:
+        return None
+    return await _run_on_activate(entry, server, *restored, None, created=False)
+
+
+#: `_create` lost the race to another start: the record exists now.
+_TAKEN: Any = object()
+
+
+async def _create(
+    entry: Entry, server: PersistentServer[Any], start: StartRequest
+) -> tuple[Any, Record] | None:
+    """`start()`: run `init`, commit the first record. None: the start failed (its
+    caller has been answered and the entry ended)."""
+    ref, info = entry.ref, entry.info
+    try:
+        state = await _in_chain(entry, server.init(*start.args))
+        check_not_coroutine(state, ref, "init")
+        data = info.codec.encode(state, str(ref))
+    except RequestError as exc:
+        start.slot.set_error(exc)  # refused: nothing stored, not a crash
         entry.end(not_found(ref))
         return None
-    else:
-        if start is not None:
-            start.slot.set_error(_already_started(ref))
-            start = None
-            if entry.mailbox_empty():
-                # Nothing else asked for this server: a refused start leaves it dormant
-                # (no on_activate runs for it).
-                entry.end(not_found(ref))
-                return None
-        if record.quarantined:
-            entry.end(quarantined_error(ref))
-            return None
-        try:
-            state, migrated = info.codec.decode(record.data, record.state_version, str(ref))
-            if migrated:  # commit the migrated state back, once
-                data = info.codec.encode(state, str(ref))
-                migrated_record = attrs.evolve(
-                    record, data=data, version=record.version + 1,
-                    state_version=info.options.state_version, updated_at=time.time(),
-                )
-                await sup.writer.commit(Put(migrated_record, record.version))
-                record = migrated_record
-                sup.counters.migrations += 1
-        except Exception as exc:
-            _activation_failed(entry, exc, None)
-            return None
+    except Exception as exc:
+        entry.host.note_crash(ref, False, exc)
+        error = exc if isinstance(exc, StateEncodingError) else ServerCrashed(
+            f"{ref}: init() raised {exc!r}; nothing was stored"
+        )
+        if error is not exc:
+            error.__cause__ = exc
+        start.slot.set_error(error)
+        entry.end(not_found(ref))
+        return None
+    record = Record(ref.kind, ref.key, data, 1, info.options.state_version,
+                    updated_at=time.time())
+    try:
+        await entry.host.writer.commit(Put(record, 0))
+    except ConflictError:
+        start.slot.set_error(_already_started(ref))
+        return _TAKEN  # type: ignore[no-any-return]
+    except Exception as exc:
+        start.slot.set_error(persistence_error(ref, exc))
+        entry.end(not_found(ref))
+        return None
+    return state, record
+
+
+def _refuse_start(entry: Entry, start: StartRequest) -> bool:
+    """`start()` of a key that has a record: refused. Returns whether the entry
+    ended (nothing else asked for the server, so it stays dormant: no
+    `on_activate` runs for a call that fails)."""
+    start.slot.set_error(_already_started(entry.ref))
+    if entry.mailbox_empty():
+        entry.end(not_found(entry.ref))
+        return True
+    return False
+
+
+async def _restore(entry: Entry, record: Record) -> tuple[Any, Record] | None:
+    """Decode (and migrate, committing the migrated state once) a stored record."""
+    ref, info = entry.ref, entry.info
+    if record.quarantined:
+        entry.end(quarantined_error(ref))
+        return None
+    try:
+        state, migrated = info.codec.decode(record.data, record.state_version, str(ref))
+        if migrated:
+            data = info.codec.encode(state, str(ref))
+            migrated_record = next_version(
+                record, data=data, state_version=info.options.state_version
+            )
+            await entry.host.writer.commit(Put(migrated_record, record.version))
+            record = migrated_record
+            entry.host.counters.migrations += 1
+    except Exception as exc:
+        _activation_failed(entry, exc, None)
+        return None
+    return state, record
+
+
+async def _run_on_activate(
+    entry: Entry,
+    server: PersistentServer[Any],
+    state: Any,
+    record: Record,
+    start: StartRequest | None,
+    created: bool = True,
+) -> Activation | None:
+    ref = entry.ref
     activation = Activation(entry, server, state, record)
     server._activation = activation
     try:
-        state = await server.on_activate(state)
+        state = await _in_chain(entry, server.on_activate(state))
         check_not_coroutine(state, ref, "on_activate")
     except Exception as exc:
         activation.close()
         if created:
             # start() is all or nothing: the record it just created is deleted again.
             try:
-                await sup.writer.commit(Delete(ref.kind, ref.key, record.version))
+                await entry.host.writer.commit(Delete(ref.kind, ref.key, record.version))
             except Exception:
                 logger.exception("%s: the record created by start() could not be "
                                  "deleted after on_activate failed", ref, extra=entry.extra)
         _activation_failed(entry, exc, start, created)
         return None
     activation.state = state
-    sup.counters.activations += 1
-    sup.emit(EventType.ACTIVATED, ref)
+    entry.host.counters.activations += 1
+    entry.host.emit(EventType.ACTIVATED, ref)
     entry.status = Status.ACTIVE
     entry.mark_activated()
     if start is not None:
@@ -180,11 +233,23 @@ async def activate(entry: Entry) -> Activation | None:
     return activation
 
 
+async def _in_chain(entry: Entry, hook: Any) -> Any:
+    """Await the coroutine of `init` or `on_activate` as part of the call chain: a
+    server it calls that calls back is a cycle (`CallCycleError`), not a deadlock."""
+    handling = Handling((entry.ref,), None, entry.waiting_on)
+    token = current_handling.set(handling)
+    try:
+        return await hook
+    finally:
+        handling.live = False
+        current_handling.reset(token)
+
+
 def _activation_failed(
     entry: Entry, exc: Exception, start: StartRequest | None, created: bool = False
 ) -> None:
     ref = entry.ref
-    entry.sup.note_crash(ref, False, exc)
+    entry.host.note_crash(ref, False, exc)
     logger.error("%s: activation failed: %r", ref, exc, extra=entry.extra)
 
     detail = str(exc) if isinstance(exc, DecodingError) else f"{ref}: {exc!r}"

@@ -8,7 +8,7 @@ import logging
 import math
 import typing
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 import attrs
 import cattrs
@@ -18,8 +18,16 @@ from ._errors import UnknownRequest
 from ._results import NoReply, Reply, Stop
 
 if TYPE_CHECKING:
-    from ._activation import Activation
     from ._ref import ServerRef
+
+
+class _Running(Protocol):
+    """What a server instance reaches of the activation it runs in."""
+
+    @property
+    def ref(self) -> ServerRef: ...
+
+    def send_after(self, delay: float, info: Any) -> None: ...
 
 S = TypeVar("S")
 logger = logging.getLogger("trio_pgs.server")
@@ -161,7 +169,7 @@ class PersistentServer(Generic[S]):
     to_persisted: ClassVar[Callable[[Any], Any] | None] = None
     from_persisted: ClassVar[Callable[[Any], Any] | None] = None
 
-    _activation: Activation
+    _activation: _Running
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -185,7 +193,7 @@ class PersistentServer(Generic[S]):
     @property
     def ref(self) -> ServerRef:
         """This server's own ref."""
-        return self._activation.entry.ref
+        return self._activation.ref
 
     def send_after(self, delay: float, info: Any) -> None:
         """Deliver *info* to `handle_info` after *delay* seconds, if still active.

@@ -5,21 +5,21 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 import attrs
 import cattrs
 import trio
 
-from ._calls import Kind, Message, ReplySlot, current_handling
+from ._activation import TERMINATE_GRACE
+from ._calls import Handling, Kind, Message, current_handling, live_handling
 from ._deadlock import check_no_deadlock
 from ._encoding import Codec
-from ._entry import Entry, StartRequest, Status
+from ._entry import Counters, Entry, KindInfo, StartRequest, Status
 from ._errors import (
     AlreadyStarted,
     ServerNotFound,
@@ -30,32 +30,21 @@ from ._errors import (
 )
 from ._events import EventType, ServerEvent
 from ._idle import IdleReaper
+from ._ledger import ReplySlot
 from ._ref import ServerRef, check_key
-from ._registry import find_supervisor as find_supervisor
 from ._registry import open_supervisors
 from ._runtime import serve
 from ._server import (
-    Options,
     PersistentServer,
     Restart,
     check_option_names,
     check_shaping,
     resolve_options,
 )
-from ._store import Put, Record, Store
+from ._store import Put, Record, Store, next_version
 from ._writer import Writer
 
 logger = logging.getLogger("trio_pgs")
-T = TypeVar("T")
-ServerT = TypeVar("ServerT", bound=PersistentServer[Any])
-
-@attrs.frozen
-class KindInfo:
-    """A registered server class, with its options and codec under this supervisor."""
-
-    cls: type[PersistentServer[Any]]
-    options: Options
-    codec: Codec
 
 
 @attrs.frozen
@@ -75,8 +64,10 @@ class SupervisorStatistics:
         failed_commits: Operations the store refused or failed.
         quarantined: Servers put in quarantine since the supervisor opened.
         migrations: Records migrated to the class's state_version (and committed).
-        unflushed: Servers still busy when shutdown_timeout ran out (their last
-            messages were cancelled, not committed); empty until shutdown.
+        refusals: Requests refused by a handler raising a `RequestError` (not crashes).
+        unflushed: Servers whose last change was not committed at shutdown: a handler
+            cut off at ``shutdown_timeout``, or a deferred (``WRITE_BEHIND``,
+            ``ON_STOP``) state the store refused; empty until shutdown.
     """
 
     name: str
@@ -91,6 +82,7 @@ class SupervisorStatistics:
     failed_commits: int
     quarantined: int
     migrations: int = 0
+    refusals: int = 0
     unflushed: tuple[str, ...] = ()
 
     @property
@@ -99,17 +91,6 @@ class SupervisorStatistics:
         commits``, 0.0 before the first commit), which shows how well group commit
         batches."""
         return self.records_written / self.commits if self.commits else 0.0
-
-
-class Counters:
-    __slots__ = (
-        "activations", "crashes", "hibernations", "messages", "migrations", "quarantined",
-        "stops",
-    )
-
-    def __init__(self) -> None:
-        self.activations = self.hibernations = self.crashes = self.stops = 0
-        self.messages = self.quarantined = self.migrations = 0
 
 
 class PersistentSupervisor:
@@ -188,12 +169,16 @@ class PersistentSupervisor:
         self._settled: trio.Event | None = None
         self._writer_scope = trio.CancelScope(shield=True)
         self._context: Any = None
+        #: A KeyboardInterrupt or SystemExit met by a server or a hook: raised out of
+        #: the ``async with`` once everything is shut down.
+        self._interruption: BaseException | None = None
         #: The trio run the supervisor is open in: refs are usable from that run only.
-        self.trio_token: trio.lowlevel.TrioToken | None = None
+        self._trio_token: trio.lowlevel.TrioToken | None = None
         self.on_event = on_event
-        self.writer = Writer(store, self.emit if on_event is not None else None)
-        self.reaper = IdleReaper()
-        self.counters = Counters()
+        self._writer = Writer(store, self._emit if on_event is not None else None)
+        self._reaper = IdleReaper()
+        self._counters = Counters()
+        self._host = _Host(self)
         for cls in servers:
             self._register(cls)
 
@@ -223,7 +208,7 @@ class PersistentSupervisor:
                 f"a supervisor named {self.name!r} is already open in this process; "
                 "give this one another name="
             )
-        self.trio_token = trio.lowlevel.current_trio_token()
+        self._trio_token = trio.lowlevel.current_trio_token()
         open_supervisors[self.name] = self
         try:
             await self.store.open()
@@ -235,7 +220,7 @@ class PersistentSupervisor:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._run_writer)
-                nursery.start_soon(self.reaper.run)
+                nursery.start_soon(self._reaper.run)
                 nursery.start_soon(self._recover_permanent_servers)
                 try:
                     yield self
@@ -243,13 +228,13 @@ class PersistentSupervisor:
                     body_error = exc
                 with trio.CancelScope(shield=True):
                     await self._shut_down()
-                self._writer_scope.cancel()
                 nursery.cancel_scope.cancel()
         finally:
             self._closing = True
             del open_supervisors[self.name]
-            with trio.CancelScope(shield=True):
-                await self.store.close()
+            await self._close_store()
+        if self._interruption is not None and self._interruption is not body_error:
+            raise self._interruption from None
         if self._escalation is not None:
             raise self._escalation from (
                 None if isinstance(body_error, trio.Cancelled) else body_error
@@ -257,6 +242,18 @@ class PersistentSupervisor:
         if body_error is not None:
             raise body_error
 
+    async def _close_store(self) -> None:
+        """Close the store, waiting at most TERMINATE_GRACE seconds: a store still
+        busy with a commit abandoned at shutdown closes in its own time."""
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(TERMINATE_GRACE):
+                await self.store.close()
+                return
+            logger.warning("supervisor %r: the store did not close within %ss (still "
+                           "busy); it finishes closing in the background",
+                           self.name, TERMINATE_GRACE)
+
+    @trio.lowlevel.enable_ki_protection
     async def _recover_permanent_servers(self) -> None:
         """Activate every stored server of the PERMANENT classes listed in servers=."""
         current_handling.set(None)
@@ -283,14 +280,16 @@ class PersistentSupervisor:
                     self.name, ", ".join(unserved),
                 )
 
-    def note_unflushed(self, ref: ServerRef) -> None:
+    def _note_unflushed(self, ref: ServerRef) -> None:
         """A server whose last state could not be written at shutdown."""
         logger.error("%s: its last state could not be written at shutdown and is lost",
                      ref, extra={"kind": ref.kind, "key": ref.key})
         self._unflushed = (*self._unflushed, str(ref))
 
-    def emit(self, type: EventType, ref: ServerRef | None, **fields: Any) -> None:
-        """Pass a `ServerEvent` to ``on_event``, if any; what it raises is logged."""
+    def _emit(self, type: EventType, ref: ServerRef | None, **fields: Any) -> None:
+        """Pass a `ServerEvent` to ``on_event``, if any. What it raises never reaches
+        the caller (the writer, a server): an Exception is logged and ignored, a
+        KeyboardInterrupt or SystemExit shuts the supervisor down."""
         if self.on_event is None:
             return
         try:
@@ -298,14 +297,25 @@ class PersistentSupervisor:
         except Exception:
             logger.exception("supervisor %r: on_event raised (event: %s); ignored",
                              self.name, type.value)
+        except BaseException as exc:  # KeyboardInterrupt, SystemExit
+            self._interrupt(exc)
 
-    def note_crash(self, ref: ServerRef, quarantined: bool, error: BaseException) -> None:
+    def _interrupt(self, exc: BaseException) -> None:
+        """A KeyboardInterrupt or SystemExit: shut down as for leaving the block,
+        then raise it as itself."""
+        if self._interruption is None:
+            self._interruption = exc
+            logger.error("supervisor %r: %r; shutting down", self.name, exc)
+            if self._nursery is not None:
+                self._nursery.cancel_scope.cancel()
+
+    def _note_crash(self, ref: ServerRef, quarantined: bool, error: BaseException) -> None:
         """Count a crash; escalate when more than max_restarts fall within max_seconds."""
-        self.counters.crashes += 1
-        self.emit(EventType.CRASHED, ref, error=error)
+        self._counters.crashes += 1
+        self._emit(EventType.CRASHED, ref, error=error)
         if quarantined:
-            self.counters.quarantined += 1
-            self.emit(EventType.QUARANTINED, ref, error=error)
+            self._counters.quarantined += 1
+            self._emit(EventType.QUARANTINED, ref, error=error)
         if self.max_restarts is None or self._escalation is not None:
             return
         now = trio.current_time()
@@ -324,59 +334,91 @@ class PersistentSupervisor:
             if self._nursery is not None:
                 self._nursery.cancel_scope.cancel()
 
+    @trio.lowlevel.enable_ki_protection
     async def _run_writer(self) -> None:
         current_handling.set(None)
         with self._writer_scope:
-            await self.writer.run()
+            await self._writer.run()
 
     async def _shut_down(self) -> None:
+        """Every server shuts down within one deadline, ``shutdown_timeout`` from now.
+
+        Past it, handlers still running are cancelled (their callers are told nothing
+        was committed), and the writer stops waiting for the store: callers whose
+        commit was with the store are told its outcome is unknown. Cut-off servers'
+        ``terminate`` hooks then get at most TERMINATE_GRACE seconds."""
         self._closing = True
+        deadline = trio.current_time() + self.shutdown_timeout
         for entry in list(self._entries.values()):
             entry.shutting_down = True
             entry.wake()
-        with trio.move_on_after(self.shutdown_timeout):
+        with trio.move_on_at(deadline):
             await self._wait_all_ended()
+            await self._writer.wait_idle()  # release(), rollback(): their commits
         if self._entries:
-            late = sorted(str(ref) for ref in self._entries)
+            self._cut_off_late_servers()
+        self._writer_scope.cancel()
+        with trio.move_on_after(TERMINATE_GRACE):
+            await self._wait_all_ended()
+
+    def _cut_off_late_servers(self) -> None:
+        cut, waiting = [], []
+        for entry in self._entries.values():
+            activation = entry.activation
+            if activation is not None and activation.current is None and (
+                activation.policy.inflight is not None or activation.committing
+            ):
+                waiting.append(str(entry.ref))
+            else:
+                cut.append(str(entry.ref))
+            if entry.task_scope is not None:
+                entry.task_scope.cancel()
+        if cut:
             logger.error(
                 "supervisor %r: %d server(s) still busy after shutdown_timeout=%ss were "
                 "cancelled; their last messages were not committed: %s",
-                self.name, len(late), self.shutdown_timeout, ", ".join(late[:20]),
+                self.name, len(cut), self.shutdown_timeout, ", ".join(sorted(cut)[:20]),
             )
-            self._unflushed = (*self._unflushed, *late)
-            for entry in list(self._entries.values()):
-                if entry.task_scope is not None:
-                    entry.task_scope.cancel()
-            await self._wait_all_ended()
+            self._unflushed = (*self._unflushed, *sorted(cut))
+        if waiting:
+            logger.error(
+                "supervisor %r: %d server(s) were still waiting for the store after "
+                "shutdown_timeout=%ss; their callers are told the outcome is unknown: %s",
+                self.name, len(waiting), self.shutdown_timeout,
+                ", ".join(sorted(waiting)[:20]),
+            )
 
     async def _wait_all_ended(self) -> None:
         while self._entries:
             self._all_ended = trio.Event()
             await self._all_ended.wait()
 
-    def forget(self, entry: Entry) -> None:
+    def _forget(self, entry: Entry) -> None:
         """Called by an entry when it ends (synchronously, with an empty mailbox)."""
         if self._entries.get(entry.ref) is entry:
             del self._entries[entry.ref]
             self._recency.pop(entry.ref, None)
-            self.reaper.forget(entry)
+            self._reaper.forget(entry)
             if not self._entries and self._all_ended is not None:
                 self._all_ended.set()
-        self.note_settled()
+        self._note_settled(None)
 
-    def note_settled(self) -> None:
-        """A server began waiting for a message, or ended: wake `wait_settled`."""
+    def _note_settled(self, entry: Entry | None) -> None:
+        """A server began waiting for a message (or one ended): wake `_wait_settled`,
+        and keep ``max_active`` as a bound once activity settles."""
         if self._settled is not None:
             self._settled.set()
             self._settled = None
+        if self.max_active is not None and len(self._entries) > self.max_active:
+            self._hibernate_least_recently_used(entry)
 
-    async def wait_settled(self) -> None:
+    async def _wait_settled(self) -> None:
         """Wait until some server begins waiting for a message or ends."""
         if self._settled is None:
             self._settled = trio.Event()
         await self._settled.wait()
 
-    def spawn_system_task(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+    def _spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
         if self._nursery is None:
             raise SupervisorNotRunning(f"{self!r} is not open")
         self._nursery.start_soon(fn, *args)
@@ -447,36 +489,36 @@ class PersistentSupervisor:
         info = self._kinds.get(ref.kind)
         if info is None:
             raise self._unknown_kind(ref.kind)
-        return self._add(nursery, Entry(self, info, ref))
+        return self._add(nursery, Entry(self._host, info, ref))
 
     def _add(self, nursery: trio.Nursery, entry: Entry) -> Entry:
         """Register a new entry (synchronously: racing callers share it) and start it."""
         self._entries[entry.ref] = entry
         nursery.start_soon(serve, entry)
         if self.max_active is not None:
-            self.touch(entry)
+            self._touch_recency(entry)
             self._hibernate_least_recently_used()
         return entry
 
-    def touch(self, entry: Entry) -> None:
+    def _touch_recency(self, entry: Entry) -> None:
         """Mark *entry* as the most recently used (only kept with max_active)."""
         self._recency[entry.ref] = entry
         self._recency.move_to_end(entry.ref)
 
-    def _hibernate_least_recently_used(self) -> None:
+    def _hibernate_least_recently_used(self, settling: Entry | None = None) -> None:
         """Above max_active, ask the least recently used idle servers to hibernate now.
-        Busy ones (handling, owing replies) are skipped; they hibernate later."""
+        Busy ones (handling, owing replies, committing) are skipped; they are asked
+        again when a server next waits for a message. *settling* is about to wait."""
         assert self.max_active is not None
         excess = len(self._entries) - self.max_active
-        for entry in list(self._recency.values()):
+        for entry in self._recency.values():
             if excess <= 0:
                 break
-            activation = entry.activation
-            if (
-                entry.waiting()
-                and activation is not None
-                and not activation.owed
-                and not entry.hibernate_now
+            if entry.hibernate_now:
+                excess -= 1  # asked already
+            elif (
+                (entry is settling or entry.waiting())
+                and entry.activation is not None and entry.activation.idle()
             ):
                 entry.hibernate_now = True
                 entry.wake()
@@ -497,21 +539,54 @@ class PersistentSupervisor:
             raise AlreadyStarted(f"{ref} is already started (it is active)", ref)
         nursery = self._check_open()
         slot = ReplySlot()
-        self._add(nursery, Entry(self, info, ref, StartRequest(args, slot)))
+        self._add(nursery, Entry(self._host, info, ref, StartRequest(args, slot)))
         result: ServerRef = await slot.wait()
         return result
 
-    async def deliver_call(self, ref: ServerRef, request: Any) -> Any:
+    async def _send(self, ref: ServerRef, kind: Kind, payload: Any) -> tuple[Entry, Message]:
+        """Put a message in *ref*'s mailbox, waiting while it is full (backpressure).
+
+        From inside a handler, a message that would wait on a server that waits on
+        this one (through calls, or casts blocked on full mailboxes) raises
+        `CallCycleError` instead: a call always, a cast only when it would block. While
+        it waits, the wait is an edge of the wait-for graph."""
         await trio.lowlevel.checkpoint_if_cancelled()
-        handling = current_handling.get()
-        chain = () if handling is None else check_no_deadlock(ref, handling)
+        handling = live_handling()
+        waits = kind is Kind.CALL or kind is Kind.STOP
+        chain: tuple[ServerRef, ...] = ()
+        if handling is not None:
+            chain = check_no_deadlock(ref, handling) if waits else handling.chain
         entry = self._entry(ref)
-        slot = ReplySlot()
-        message = Message(Kind.CALL, request, slot, chain)
+        slot = ReplySlot() if waits or kind is Kind.CRASH else None
+        message = Message(kind, payload, slot, chain)
         try:
             entry.send_channel.send_nowait(message)
         except trio.WouldBlock:
+            if handling is None:
+                await entry.send_channel.send(message)
+            else:
+                await self._send_blocked(entry, message, handling)
+        else:
+            if not waits:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+        return entry, message
+
+    async def _send_blocked(self, entry: Entry, message: Message, handling: Handling) -> None:
+        if message.kind is not Kind.CALL and message.kind is not Kind.STOP:
+            check_no_deadlock(entry.ref, handling)  # a cast about to block on a cycle
+        handling.waiting_on.append(entry.ref)
+        try:
             await entry.send_channel.send(message)
+        finally:
+            handling.waiting_on.remove(entry.ref)
+
+    async def _deliver_call(self, ref: ServerRef, request: Any) -> Any:
+        return await self._wait_reply(ref, *await self._send(ref, Kind.CALL, request))
+
+    async def _wait_reply(self, ref: ServerRef, entry: Entry, message: Message) -> Any:
+        slot = message.slot
+        assert slot is not None
+        handling = live_handling()
         if handling is None:
             return await slot.wait()
         handling.waiting_on.append(ref)
@@ -521,46 +596,22 @@ class PersistentSupervisor:
         finally:
             slot.drop_edge()  # cancelled: this server no longer waits
 
-    async def deliver_async(self, ref: ServerRef, kind: str, payload: Any) -> None:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        handling = current_handling.get()
-        chain = () if handling is None else handling.chain
-        entry = self._entry(ref)
-        message = Message(Kind.CAST if kind == "cast" else Kind.INFO, payload, None, chain)
-        try:
-            entry.send_channel.send_nowait(message)
-        except trio.WouldBlock:
-            await entry.send_channel.send(message)
-        else:
-            await trio.lowlevel.cancel_shielded_checkpoint()
+    async def _deliver_async(self, ref: ServerRef, kind: str, payload: Any) -> None:
+        entry, _ = await self._send(ref, Kind.CAST if kind == "cast" else Kind.INFO, payload)
         if not entry.activated.is_set():
             await entry.activated.wait()
         if entry.activation_error is not None:
             raise entry.activation_error()
 
-    async def deliver_crash(self, ref: ServerRef) -> None:
+    async def _deliver_crash(self, ref: ServerRef) -> None:
         """Make the server crash at its next message (trio_pgs.testing.crash)."""
-        entry = self._entry(ref)
-        slot = ReplySlot()
-        try:
-            entry.send_channel.send_nowait(Message(Kind.CRASH, None, slot, ()))
-        except trio.WouldBlock:
-            await entry.send_channel.send(Message(Kind.CRASH, None, slot, ()))
+        _, message = await self._send(ref, Kind.CRASH, None)
+        assert message.slot is not None
         with contextlib.suppress(TrioPGSError):
-            await slot.wait()
+            await message.slot.wait()
 
-    async def deliver_stop(self, ref: ServerRef, reason: str) -> None:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        handling = current_handling.get()
-        chain = () if handling is None else check_no_deadlock(ref, handling)
-        entry = self._entry(ref)
-        slot = ReplySlot()
-        message = Message(Kind.STOP, reason, slot, chain)
-        try:
-            entry.send_channel.send_nowait(message)
-        except trio.WouldBlock:
-            await entry.send_channel.send(message)
-        await slot.wait()
+    async def _deliver_stop(self, ref: ServerRef, reason: str) -> None:
+        await self._wait_reply(ref, *await self._send(ref, Kind.STOP, reason))
 
     # -- quarantine ---------------------------------------------------------------------
 
@@ -568,8 +619,8 @@ class PersistentSupervisor:
         """Lift *ref*'s quarantine and forget its recent crashes; the next message
         activates it from its last committed state."""
         record = await self._load_for_repair(ref)
-        await self.writer.commit(
-            Put(_next(record, quarantined=False, crashes=()), record.version)
+        await self._writer.commit(
+            Put(next_version(record, quarantined=False, crashes=()), record.version)
         )
         logger.info("%s released from quarantine", ref, extra={"kind": ref.kind, "key": ref.key})
 
@@ -585,14 +636,14 @@ class PersistentSupervisor:
                 f"{ref} keeps {len(record.history)} earlier state(s), cannot roll back "
                 f"{steps}; set keep_history on {self._kinds[ref.kind].cls.__qualname__}"
             )
-        rolled = _next(
+        rolled = next_version(
             record,
             data=record.history[steps - 1],
             history=record.history[steps:],
             quarantined=False,
             crashes=(),
         )
-        await self.writer.commit(Put(rolled, record.version))
+        await self._writer.commit(Put(rolled, record.version))
         logger.info("%s rolled back %d step(s)", ref, steps,
                     extra={"kind": ref.kind, "key": ref.key})
 
@@ -615,7 +666,7 @@ class PersistentSupervisor:
 
     def statistics(self) -> SupervisorStatistics:
         """A snapshot of the counters; cheap (no I/O)."""
-        counters, writer = self.counters, self.writer
+        counters, writer = self._counters, self._writer
         return SupervisorStatistics(
             name=self.name,
             active=len(self._entries),
@@ -629,10 +680,49 @@ class PersistentSupervisor:
             failed_commits=writer.failed,
             quarantined=counters.quarantined,
             migrations=counters.migrations,
+            refusals=counters.refusals,
             unflushed=self._unflushed,
         )
 
 
-def _next(record: Record, **changes: Any) -> Record:
-    """*record* with *changes*, as the next version."""
-    return attrs.evolve(record, version=record.version + 1, updated_at=time.time(), **changes)
+class _Host:
+    """The supervisor as its servers' entries and activations see it (`Host`)."""
+
+    __slots__ = ("counters", "max_active", "store", "sup", "writer")
+
+    def __init__(self, sup: PersistentSupervisor) -> None:
+        self.sup = sup
+        self.store = sup.store
+        self.writer = sup._writer
+        self.counters = sup._counters
+        self.max_active = sup.max_active
+
+    def touch(self, entry: Entry, idle_timeout: float | None) -> None:
+        if idle_timeout is not None:
+            self.sup._reaper.touch(entry, idle_timeout)
+        if self.max_active is not None:
+            self.sup._touch_recency(entry)
+
+    def check_idle_at(self, entry: Entry, due: float) -> None:
+        self.sup._reaper.check_at(entry, due)
+
+    def note_settled(self, entry: Entry | None = None) -> None:
+        self.sup._note_settled(entry)
+
+    def forget(self, entry: Entry) -> None:
+        self.sup._forget(entry)
+
+    def emit(self, type: EventType, ref: ServerRef | None, **fields: Any) -> None:
+        self.sup._emit(type, ref, **fields)
+
+    def note_crash(self, ref: ServerRef, quarantined: bool, error: BaseException) -> None:
+        self.sup._note_crash(ref, quarantined, error)
+
+    def note_unflushed(self, ref: ServerRef) -> None:
+        self.sup._note_unflushed(ref)
+
+    def interrupt(self, error: BaseException) -> None:
+        self.sup._interrupt(error)
+
+    def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        self.sup._spawn(fn, *args)

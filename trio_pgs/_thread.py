@@ -37,28 +37,44 @@ class DedicatedThread:
             job()
 
     async def run(self, fn: Callable[[], T]) -> T:
-        """Run *fn* on the thread and return its result. Not cancellable once queued:
-        the caller must learn whether a store operation happened."""
+        """Run *fn* on the thread and return its result.
+
+        Cancelled while *fn* is queued or running, the caller stops waiting (it gets
+        `trio.Cancelled`) but *fn* still runs, in order with the other jobs, and its
+        result is dropped: so a caller that must know whether a store operation
+        happened treats a cancelled call as one whose outcome is unknown."""
         if self._thread is None:
             raise RuntimeError(f"{self._name} is not running")
         task = trio.lowlevel.current_task()
         token = trio.lowlevel.current_trio_token()
+        abandoned = False
+
+        def deliver(result: outcome.Outcome[T]) -> None:  # on the trio thread
+            if not abandoned:
+                trio.lowlevel.reschedule(task, result)
 
         def job() -> None:
             result = outcome.capture(fn)
-            token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+            try:
+                token.run_sync_soon(deliver, result)
+            except trio.RunFinishedError:
+                pass  # abandoned, and the trio run is over
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            nonlocal abandoned
+            abandoned = True
+            return trio.lowlevel.Abort.SUCCEEDED
 
         await trio.lowlevel.checkpoint_if_cancelled()
         self._jobs.put(job)
-        result: T = await trio.lowlevel.wait_task_rescheduled(
-            lambda _: trio.lowlevel.Abort.FAILED
-        )
+        result: T = await trio.lowlevel.wait_task_rescheduled(abort)
         return result
 
     async def stop(self) -> None:
-        """Let the queued jobs finish, then end the thread."""
+        """Let the queued jobs finish, then end the thread. Cancelled, it stops
+        waiting: the thread (a daemon) ends once its jobs are done."""
         thread, self._thread = self._thread, None
         if thread is None:
             return
         self._jobs.put(_STOP)
-        await trio.to_thread.run_sync(thread.join)
+        await trio.to_thread.run_sync(thread.join, abandon_on_cancel=True)

@@ -1,4 +1,10 @@
-"""The group-commit writer: every server's writes, one store transaction at a time."""
+"""The group-commit writer: every server's writes, one store transaction at a time.
+
+Rule of this module: every operation handed to the writer gets exactly one outcome,
+told to whoever handed it: committed, failed (with the store's error), not committed
+(the writer stopped before sending it to the store), or unknown (the writer stopped
+waiting for the store while it had it: `OutcomeUnknown`).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ from collections.abc import Callable
 
 import trio
 
-from ._errors import PersistenceError
+from ._errors import OutcomeUnknown, SupervisorNotRunning
 from ._events import EventType
 from ._store import Operation, Store
 
@@ -28,6 +34,24 @@ class _Batch:
         self.callbacks: list[tuple[int, Callback]] = []
         self.done = trio.Event()
 
+    def fail(self, error: BaseException) -> None:
+        for index in range(len(self.operations)):
+            self.errors[index] = error
+
+
+def _not_committed() -> SupervisorNotRunning:
+    return SupervisorNotRunning(
+        "the supervisor shut down before this change was sent to the store; it was not "
+        "committed. Open the supervisor again and retry"
+    )
+
+
+def _outcome_unknown() -> OutcomeUnknown:
+    return OutcomeUnknown(
+        "the supervisor shut down while the store had this change (shutdown_timeout "
+        "ran out); it may or may not be stored"
+    )
+
 
 class Writer:
     """Commits what servers hand it, batching whatever is pending while the store is
@@ -35,7 +59,8 @@ class Writer:
 
     `commit` returns once the operation is durable, or raises the store's error for
     it. A failed batch is retried one operation at a time, so that one server's
-    conflict does not fail the others' writes.
+    conflict does not fail the others' writes. Once stopped (`run` cancelled), it
+    commits nothing more: what it holds and what it is given fail at once.
     """
 
     def __init__(self, store: Store, emit: Callable[..., None] | None = None) -> None:
@@ -43,6 +68,8 @@ class Writer:
         self._emit = emit  # the supervisor's, when it has an on_event hook
         self._pending = _Batch()
         self._wakeup = trio.Event()
+        self._idle: trio.Event | None = None
+        self._stopped = False
         self.commits = 0
         self.records_written = 0
         self.failed = 0
@@ -52,7 +79,15 @@ class Writer:
         """Whether nothing is pending or being committed."""
         return not self._pending.operations and not self._busy
 
+    async def wait_idle(self) -> None:
+        while not self.idle():
+            self._idle = trio.Event()
+            await self._idle.wait()
+
     async def commit(self, operation: Operation) -> None:
+        if self._stopped:
+            await trio.lowlevel.checkpoint()
+            raise _not_committed()
         batch = self._pending
         index = len(batch.operations)
         batch.operations.append(operation)
@@ -67,33 +102,49 @@ class Writer:
         """Queue *operation* for the next transaction without waiting for it: the
         writer calls *callback* with its outcome (the output gate of a server that
         does not resume until its next message)."""
+        if self._stopped:
+            callback(_not_committed())
+            return
         batch = self._pending
         batch.callbacks.append((len(batch.operations), callback))
         batch.operations.append(operation)
         self._wakeup.set()
 
     async def run(self) -> None:
-        """Serve commits until cancelled; cancel it only once no server is left."""
-        while True:
-            await self._wakeup.wait()
-            self._wakeup = trio.Event()
+        """Serve commits until cancelled; then fail what is left (see the module)."""
+        try:
+            while True:
+                await self._wakeup.wait()
+                self._wakeup = trio.Event()
+                batch, self._pending = self._pending, _Batch()
+                await self._run(batch)  # a method: no reference to it is kept here
+        finally:
+            self._stopped = True
             batch, self._pending = self._pending, _Batch()
-            self._busy = True
-            completed = False
+            batch.fail(_not_committed())
+            self._finish(batch)
+
+    async def _run(self, batch: _Batch) -> None:
+        self._busy = True
+        try:
+            await self._commit(batch)
+        except trio.Cancelled:
+            batch.fail(_outcome_unknown())
+            raise
+        finally:
+            self._busy = False
+            self._finish(batch)
+
+    def _finish(self, batch: _Batch) -> None:
+        for index, callback in batch.callbacks:
             try:
-                await self._commit(batch)
-                completed = True
-            finally:
-                self._busy = False
-                unknown = None if completed else PersistenceError(
-                    "the writer stopped before this transaction's outcome was known"
-                )
-                for index, callback in batch.callbacks:
-                    try:
-                        callback(unknown or batch.errors.get(index))
-                    except Exception:  # a bug of ours: never let it stop the writer
-                        logger.exception("a commit callback raised")
-                batch.done.set()
+                callback(batch.errors.get(index))
+            except Exception:  # a bug of ours: never let it stop the writer
+                logger.exception("a commit callback raised")
+        batch.done.set()
+        if self._idle is not None and self.idle():
+            self._idle.set()
+            self._idle = None
 
     async def _commit(self, batch: _Batch) -> None:
         started = trio.current_time()
@@ -114,14 +165,13 @@ class Writer:
                     batch.errors[index] = one
                     self.failed += 1
                 else:
-                    self.commits += 1
-                    self.records_written += 1
-                    if self._emit is not None:
-                        self._emit(EventType.COMMITTED, None, records=1,
-                                   seconds=trio.current_time() - started)
+                    self._committed(1, started)
         else:
-            self.commits += 1
-            self.records_written += len(batch.operations)
-            if self._emit is not None:
-                self._emit(EventType.COMMITTED, None, records=len(batch.operations),
-                           seconds=trio.current_time() - started)
+            self._committed(len(batch.operations), started)
+
+    def _committed(self, records: int, started: float) -> None:
+        self.commits += 1
+        self.records_written += records
+        if self._emit is not None:
+            self._emit(EventType.COMMITTED, None, records=records,
+                       seconds=trio.current_time() - started)

@@ -17,7 +17,7 @@ async def crash(ref: ServerRef) -> None:
     Messages queued before are handled first. Returns once the crash was handled (the
     restart strategy applied); the server is activated first if it was dormant.
     """
-    await find_supervisor(ref).deliver_crash(ref)
+    await find_supervisor(ref)._deliver_crash(ref)
 
 
 async def hibernate(ref: ServerRef) -> None:
@@ -47,7 +47,7 @@ async def wait_all_idle(sup: PersistentSupervisor) -> None:
         if all(
             entry.waiting() and entry.mailbox_empty()
             for entry in sup._entries.values()
-        ) and sup.writer.idle():
+        ) and sup._writer.idle():
             return
         # Sleep until a server settles (not a busy loop: time, virtual or not, passes).
-        await sup.wait_settled()
+        await sup._wait_settled()

@@ -1,0 +1,182 @@
+"""The reply ledger: the one place where an activation's callers are answered.
+
+Rule of this module: no reply leaves a server before the states it may depend on are
+committed (the output gate). A reply, whether the handler's own `Reply` or a deferred
+one given through `Caller.reply` by any task, is *held* while the server is handling
+a message or while a commit it handed to the writer is in flight, and released when
+that commit succeeds (or when the handled message needed no commit); if the commit
+fails, every held reply becomes that failure instead. With nothing handling and
+nothing in flight, a reply goes out at once.
+
+The ledger also keeps the callers owed a deferred reply, so that whatever ends the
+activation (a crash, a stop, shutdown, a lost commit) answers each of them exactly
+once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import outcome
+import trio
+
+if TYPE_CHECKING:
+    from ._ref import ServerRef
+
+ErrorFactory = Callable[[], BaseException]
+
+
+class ReplySlot:
+    """Where one call's outcome goes. The caller may stop waiting (cancelled): the
+    server still handles the request and the outcome is dropped."""
+
+    __slots__ = ("_done", "_result", "_task", "edge")
+
+    def __init__(self) -> None:
+        self._task: trio.lowlevel.Task | None = None
+        self._result: outcome.Outcome[Any] | None = None
+        self._done = False
+        #: The wait-for edge (the calling server's list, the callee) this call adds;
+        #: removed as soon as the outcome is known, before the caller even resumes.
+        self.edge: tuple[list[ServerRef], ServerRef] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def set(self, result: outcome.Outcome[Any]) -> None:
+        if self._done:
+            return
+        self._done = True
+        self.drop_edge()
+        if self._task is not None:
+            task, self._task = self._task, None
+            trio.lowlevel.reschedule(task, result)
+        else:
+            self._result = result
+
+    def drop_edge(self) -> None:
+        if self.edge is not None:
+            waiting_on, target = self.edge
+            self.edge = None
+            waiting_on.remove(target)
+
+    def set_error(self, error: BaseException) -> None:
+        self.set(outcome.Error(error))
+
+    async def wait(self) -> Any:
+        if self._result is not None:
+            await trio.lowlevel.checkpoint()
+            return self._result.unwrap()
+        self._task = trio.lowlevel.current_task()
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self._task = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        return await trio.lowlevel.wait_task_rescheduled(abort)
+
+
+class Caller:
+    """Token for a call whose reply is deferred; see `current_caller`.
+
+    ``await caller.reply(value)`` delivers the reply. A reply given while the server
+    handles a message, or while a state it produced is being committed, is released
+    only after that state is committed (and fails with the commit's error if not).
+    """
+
+    __slots__ = ("_ledger", "_replied", "_slot")
+
+    def __init__(self, ledger: ReplyLedger, slot: ReplySlot) -> None:
+        self._ledger = ledger
+        self._slot = slot
+        self._replied = False
+
+    @property
+    def replied(self) -> bool:
+        """Whether a reply (or an error) was given to this caller."""
+        return self._replied
+
+    async def reply(self, value: Any) -> None:
+        """Deliver *value* to the caller (once; later replies are ignored)."""
+        await trio.lowlevel.checkpoint()
+        self._ledger.give(self, outcome.Value(value))
+
+
+class ReplyLedger:
+    """Every reply of one activation: held, released or failed here and nowhere else."""
+
+    __slots__ = ("_held", "_on_idle", "owed")
+
+    def __init__(self, on_idle: Callable[[], None]) -> None:
+        #: Replies waiting for the outcome of the message being handled and of the
+        #: commit in flight; None when a reply may go out at once.
+        self._held: list[tuple[ReplySlot, outcome.Outcome[Any]]] | None = None
+        # Dicts used as ordered sets: an empty dict is a third of an empty set.
+        self.owed: dict[Caller, None] = {}
+        #: Called when the last owed reply was given outside a handler: the server
+        #: may hibernate now.
+        self._on_idle = on_idle
+
+    @property
+    def holding(self) -> bool:
+        return self._held is not None
+
+    def hold(self) -> None:
+        """From now on, replies wait for `release` or `fail` (a message is being
+        handled, or its commit is in flight). Idempotent."""
+        if self._held is None:
+            self._held = []
+
+    def answer(self, slot: ReplySlot, result: outcome.Outcome[Any]) -> None:
+        """The handler's own answer to the caller of its message: held like any reply."""
+        if self._held is None:
+            slot.set(result)
+        else:
+            self._held.append((slot, result))
+
+    def owe(self, caller: Caller) -> None:
+        """The handler deferred its reply (`NoReply` without replying yet)."""
+        if not caller._replied:
+            self.owed[caller] = None
+
+    def give(self, caller: Caller, result: outcome.Outcome[Any]) -> None:
+        """A deferred reply, from any task: once per caller, held while holding."""
+        if caller._replied:
+            return
+        caller._replied = True
+        self.owed.pop(caller, None)
+        if self._held is None:
+            caller._slot.set(result)
+            if not self.owed:
+                self._on_idle()
+        else:
+            self._held.append((caller._slot, result))
+
+    def release(self) -> None:
+        """What was held is committed (or needed no commit): deliver it."""
+        held, self._held = self._held, None
+        if held:
+            for slot, result in held:
+                slot.set(result)
+
+    def fail_held(self, error: ErrorFactory) -> None:
+        """What was held was not committed: its callers get *error* instead."""
+        held, self._held = self._held, None
+        if held:
+            for slot, _ in held:
+                slot.set_error(error())
+
+    def fail(self, error: ErrorFactory) -> None:
+        """The activation ends: held replies and owed callers all get *error*."""
+        self.fail_held(error)
+        self.fail_owed(error)
+
+    def fail_owed(self, error: ErrorFactory) -> None:
+        """The activation ends with a commit in flight: the callers still owed a reply
+        get *error*; the held replies are left to that commit's outcome."""
+        owed, self.owed = self.owed, {}
+        for caller in owed:
+            caller._replied = True
+            caller._slot.set_error(error())
