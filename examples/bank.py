@@ -16,6 +16,11 @@ committed. Every activation of A sends its outbox again, and B ignores the depos
 already has. So at every moment: balances + money in outboxes == money the bank issued.
 ``--chaos`` crashes accounts at random between the steps to show it.
 
+A transfer larger than the balance is refused, not crashed: the account raises
+``InsufficientFunds``, a ``trio_pgs.RequestError``. The client gets that exception
+itself, the account is untouched (nothing is written, no crash is counted), and the
+account goes on serving.
+
 Run it twice: the second run continues every balance from ``bank-state/``, and
 finishes any transfer that a killed first run left in flight.
 
@@ -51,6 +56,15 @@ SOON = 0.001
 
 class ChaosCrash(Exception):
     """A crash injected by --chaos."""
+
+
+class InsufficientFunds(trio_pgs.RequestError):
+    """A transfer larger than the payer's balance.
+
+    A `trio_pgs.RequestError` refuses the request: the caller gets this exception, the
+    account's state is unchanged, nothing is committed, and it is not a crash (a client
+    asking for too much must not get an account quarantined).
+    """
 
 
 def maybe_crash(where: str) -> None:
@@ -108,8 +122,14 @@ class AccountServer(PersistentServer[Account]):
     ) -> Reply[Account] | NoReply[Account] | Stop[Account]:
         match request:
             case ("transfer", ServerRef() as to, int(amount)) if amount > 0:
-                if amount > state.balance or to == self.ref:
-                    return Reply(False, state)  # refused; nothing changed, nothing written
+                if to == self.ref:
+                    raise trio_pgs.RequestError(f"{self.ref}: cannot transfer to itself")
+                if amount > state.balance:
+                    # A refusal: checked before anything changes, and raised rather than
+                    # returned, so the client cannot mistake it for a transfer.
+                    raise InsufficientFunds(
+                        f"{self.ref}: balance {state.balance:,}, cannot pay {amount:,}"
+                    )
                 transfer = Transfer(state.next_number, to, amount)
                 state = attrs.evolve(
                     state,
@@ -200,7 +220,7 @@ class Tally:
     """What the clients saw, for the progress lines."""
 
     transfers: int = 0
-    refused: int = 0  # not enough money
+    refused: int = 0  # not enough money (InsufficientFunds), or no such payee
     interrupted: int = 0  # the payer crashed; the transfer completes anyway
     moved: int = 0
 
@@ -284,6 +304,25 @@ def check_total(when: str, states: Sequence[Account]) -> None:
         raise SystemExit(f"money was created or lost: {total - issued:+,}")
 
 
+async def show_a_refusal(payer: ServerRef, payee: ServerRef) -> None:
+    """Ask an account for more than it holds: it refuses, and nothing changes."""
+    before: Account = await payer.call("show")
+    amount = before.balance + 1
+    try:
+        await payer.call(("transfer", payee, amount))
+    except InsufficientFunds as exc:  # the exception the handler raised, not ServerCrashed
+        after: Account = await payer.call("show")
+        untouched = after == before
+        print(f"A transfer of {amount:,} from {before.owner}: refused with "
+              f"{type(exc).__name__} ({exc}); the account is "
+              f"{'untouched' if untouched else 'CHANGED'}")
+        if not untouched:
+            raise SystemExit("a refused transfer changed the account") from None
+    else:
+        raise SystemExit(f"a transfer of {amount:,} from a balance of "
+                         f"{before.balance:,} was accepted")
+
+
 async def client(refs: Sequence[ServerRef], deadline: float, tally: Tally) -> None:
     """Transfer random amounts between random accounts until the deadline."""
     while trio.current_time() < deadline:
@@ -291,6 +330,9 @@ async def client(refs: Sequence[ServerRef], deadline: float, tally: Tally) -> No
         amount = random.randint(1, 200)
         try:
             done = await payer.call(("transfer", payee, amount))
+        except InsufficientFunds:
+            tally.refused += 1  # a refusal: the payer's account is as it was
+            continue
         except trio_pgs.ServerCrashed:
             tally.interrupted += 1  # the money is in the payer's outbox: it will arrive
             continue
@@ -298,7 +340,7 @@ async def client(refs: Sequence[ServerRef], deadline: float, tally: Tally) -> No
             tally.transfers += 1
             tally.moved += amount
         else:
-            tally.refused += 1
+            tally.refused += 1  # no such payee: the money came back
 
 
 async def report_progress(sup: PersistentSupervisor, tally: Tally) -> None:
@@ -364,6 +406,7 @@ async def main(accounts: int, clients: int, seconds: float, chaos: float, store:
         states = await settle(refs)
         print_first_account(states)
         check_total("before", states)
+        await show_a_refusal(refs[0], refs[1])
 
         await run_clients(refs, clients, seconds, sup)
 

@@ -86,6 +86,12 @@ def test_bank_conserves_money_across_crashes_a_kill_and_runs(tmp_path):
     first = run_example("bank", *BANK_SIZES, "--seconds", "0.5", "--store", store)
     assert "Opened 20 new accounts" in first
     assert "Total balance before: 20,000 in 20 accounts (issued 20,000): conserved" in first
+    # A transfer above the balance is refused with the handler's own RequestError
+    # subclass, not a crash, and leaves the account as it was.
+    assert re.search(
+        r"A transfer of 1,001 from owner 0: refused with InsufficientFunds \(.*\); "
+        r"the account is untouched\n", first
+    ), first
     assert "Total balance after: 20,000 in 20 accounts (issued 20,000): conserved" in first
     assert number(r"Transfers: ([\d,]+) done", first) > 0
     first_account = re.findall(r"First account: .*", first)[-1]
