@@ -16,6 +16,8 @@ def tests(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     session.install("ruff")
     session.run("ruff", "check", "trio_pgs", "tests", "examples", "benchmarks")
+    session.install("-e", ".", "import-linter")
+    session.run("lint-imports")
 
 
 @nox.session

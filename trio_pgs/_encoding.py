@@ -60,11 +60,6 @@ def _has_non_finite(value: Any) -> bool:
     return False
 
 
-def default_converter() -> cattrs.Converter:
-    """The converter used when none is given: cattrs' JSON preconf converter."""
-    return _default_converter
-
-
 class DecodingError(ValueError):
     """A stored state could not be turned back into a live one (the message says where)."""
 

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from ._ref import ServerRef
+from typing import Any
 
 
 class TrioPGSError(Exception):
@@ -17,9 +14,13 @@ class ServerNotFound(TrioPGSError):
 
 
 class AlreadyStarted(TrioPGSError):
-    """`start` was given a key that already has a record; `.ref` reaches that server."""
+    """`start` was given a key that already has a record; `.ref` reaches that server.
 
-    def __init__(self, message: str, ref: ServerRef) -> None:
+    ``ref`` is that server's `ServerRef` (typed `Any` here: errors are the lowest
+    layer and know nothing of refs).
+    """
+
+    def __init__(self, message: str, ref: Any) -> None:
         super().__init__(message)
         self.ref = ref
 

@@ -2,35 +2,40 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import trio
 
 from ._errors import SupervisorNotRunning
 
-if TYPE_CHECKING:
-    from ._ref import ServerRef
+# Below refs in the layers: a ref is anything with a supervisor name (`Named`), and
+# the supervisor is what a ref needs of it (`Reachable`).
+
+
+class Named(Protocol):
+    @property
+    def supervisor(self) -> str: ...
 
 
 class Reachable(Protocol):
     """What a ref needs from the supervisor it names (`PersistentSupervisor`)."""
 
     _trio_token: trio.lowlevel.TrioToken | None
-    _entries: dict[ServerRef, Any]
+    _entries: dict[Any, Any]
 
-    async def _deliver_call(self, ref: ServerRef, request: Any) -> Any: ...
+    async def _deliver_call(self, ref: Any, request: Any) -> Any: ...
 
-    async def _deliver_async(self, ref: ServerRef, kind: str, payload: Any) -> None: ...
+    async def _deliver_async(self, ref: Any, kind: str, payload: Any) -> None: ...
 
-    async def _deliver_stop(self, ref: ServerRef, reason: str) -> None: ...
+    async def _deliver_stop(self, ref: Any, reason: str) -> None: ...
 
-    async def _deliver_crash(self, ref: ServerRef) -> None: ...
+    async def _deliver_crash(self, ref: Any) -> None: ...
 
 
 open_supervisors: dict[str, Reachable] = {}
 
 
-def find_supervisor(ref: ServerRef) -> Reachable:
+def find_supervisor(ref: Named) -> Reachable:
     try:
         sup = open_supervisors[ref.supervisor]
     except KeyError:

@@ -55,5 +55,3 @@ class Stop(Generic[S]):
     reply: Any = attrs.field(default=NO_REPLY, kw_only=True)
     persist: bool = attrs.field(default=True, kw_only=True)
 
-
-Result = Reply[S] | NoReply[S] | Stop[S]

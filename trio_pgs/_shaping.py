@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import attrs
 import cattrs
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
-
-T = TypeVar("T")
 
 #: The attrs metadata key that marks a field as never persisted.
 EPHEMERAL = "trio_pgs.ephemeral"
