@@ -54,7 +54,7 @@ class Activation:
 
     __slots__ = (
         "closed", "committing", "current", "entry", "idle_timeout", "ledger", "policy",
-        "record", "server", "state", "timers",
+        "record", "server", "state", "timers", "volatile",
     )
 
     def __init__(
@@ -75,6 +75,8 @@ class Activation:
         #: A commit of this activation's own (a stop, the crash bookkeeping) is awaited:
         #: cut off now, its outcome is unknown.
         self.committing = False
+        #: The state has changes made under ``persist=False`` (never encoded).
+        self.volatile = False
         self._touch()  # activated now: the idle deadline starts
 
     # -- the loop ---------------------------------------------------------------------
@@ -129,6 +131,18 @@ class Activation:
     def ref(self) -> ServerRef:
         return self.entry.ref
 
+    def late_at_shutdown(self) -> str:
+        """What a server still running at the shutdown deadline was doing:
+        ``"handling"`` (its message is lost: not committed), ``"committing"`` (the
+        store has its change: the outcome is unknown), or ``"ending"`` (terminate or
+        the like; nothing is lost)."""
+        inflight = self.policy.inflight
+        if self.committing or (inflight is not None and not inflight.done):
+            return "committing"
+        if self.current is not None or self.policy.pending is not None:
+            return "handling"
+        return "ending"
+
     def idle(self) -> bool:
         """Whether nothing holds the server awake: no handler running, no reply owed,
         no commit in flight (what ``max_active`` picks from)."""
@@ -182,10 +196,13 @@ class Activation:
 
     async def _handle(self, message: Message) -> Next:
         entry, kind = self.entry, message.kind
-        inflight = await self.policy.settle()  # the output gate: the previous commit
-        if inflight is not None and inflight.error is not None:
-            entry.front = message  # the next activation handles it, first
-            return await self._failed_later(inflight.error, inflight.previous_state)
+        if self.policy.inflight is not None:  # the output gate: the previous commit
+            entry.front = message  # cut off meanwhile, it is answered from there
+            inflight = await self.policy.settle()
+            if inflight is not None and inflight.error is not None:
+                # The next activation handles the message first, from the stored record.
+                return await self._failed_later(inflight.error, inflight.previous_state)
+            entry.front = None
         if kind is Kind.TIMER:
             origin, info = message.payload
             if origin is not self:  # armed by an earlier activation: timers are volatile
@@ -202,7 +219,7 @@ class Activation:
             result = await self._dispatch(message)
             _check_result(result, kind, entry.ref)
         except RequestError as exc:
-            return self._refused(message, exc)
+            return await self._refused(message, exc)
         except (KeyboardInterrupt, SystemExit) as exc:
             return await self._interrupted(message, exc)
         except Exception as exc:
@@ -230,6 +247,7 @@ class Activation:
     async def _handled(self, message: Message, caller: Caller | None, result: Any) -> Next:
         entry, ledger = self.entry, self.ledger
         previous = self.state
+        self.volatile = not result.persist
         if result.persist:
             try:
                 data = entry.info.codec.encode(result.state, str(entry.ref))
@@ -271,8 +289,14 @@ class Activation:
             self.ledger.fail_held(lambda: persistence_error(ref, error))
             self.entry.wake()  # waiting for a message: go back to the stored record now
 
-    def _refused(self, message: Message, error: RequestError) -> Next:
-        """A `RequestError`: the request is refused, the state stays, not a crash."""
+    async def _refused(self, message: Message, error: RequestError) -> Next:
+        """A `RequestError`: the request is refused, the state stays, not a crash.
+
+        A handler that changed the state in place before refusing would leave it
+        changed: that is detected (the state no longer encodes as it was last
+        written) and the server goes back to its stored state, as after a crash but
+        without counting one. After a ``persist=False`` change the state's encoding
+        is not known, and the state is kept as it is."""
         entry = self.entry
         entry.host.counters.refusals += 1
         self.current = None
@@ -284,7 +308,20 @@ class Activation:
         self.ledger.release()
         if message.kind is not Kind.TIMER:
             self._touch()
+        if not self.volatile and self._changed_in_place():
+            logger.warning("%s changed its state in place before refusing a %s; it goes "
+                           "back to its stored state", entry.ref, message.kind.value,
+                           extra=entry.extra)
+            await self.policy.flush(self._commit)  # the acknowledged state, if deferred
+            return await self._back_to_stored(error)
         return Next.CONTINUE
+
+    def _changed_in_place(self) -> bool:
+        written = self.policy.pending or self.record.data
+        try:
+            return self.entry.info.codec.encode(self.state, str(self.entry.ref)) != written
+        except StateEncodingError:
+            return True
 
     async def _commit(self, data: bytes) -> None:
         options = self.entry.info.options
@@ -294,11 +331,13 @@ class Activation:
 
     async def _write(self, record: Record) -> None:
         """Commit *record* (the next version) and wait for it."""
-        self.committing = True
+        self.committing = True  # stays set if cancelled: cut_off says "unknown"
         try:
             await self.entry.host.writer.commit(Put(record, self.record.version))
-        finally:
+        except Exception:
             self.committing = False
+            raise
+        self.committing = False
         self.record = record
 
     # -- endings ----------------------------------------------------------------------
@@ -441,15 +480,15 @@ class Activation:
 
     async def _wipe(self, raising: bool = False) -> None:
         ref = self.entry.ref
-        self.committing = True
+        self.committing = True  # stays set if cancelled: cut_off says "unknown"
         try:
             await self.entry.host.writer.commit(Delete(ref.kind, ref.key, self.record.version))
         except Exception:
+            self.committing = False
             if raising:
                 raise
             logger.exception("%s: the record could not be wiped", ref, extra=self.entry.extra)
-        finally:
-            self.committing = False
+        self.committing = False
 
     async def _hibernate(self) -> Next:
         entry = self.entry
@@ -479,7 +518,7 @@ class Activation:
         if not await self.policy.flush(self._commit):
             entry.host.note_unflushed(entry.ref)
         await self._terminate("shutdown")
-        self.ledger.fail(not_running(entry.ref))
+        self.ledger.fail(_owed_at_shutdown(entry.ref))
         entry.end(not_running(entry.ref))
         return Next.END
 
@@ -499,9 +538,9 @@ class Activation:
         elif error is None:  # cancelled at shutdown
             self._answer_current(lambda: cut_off_error(ref))
             if self.policy.inflight is None:
-                self.ledger.fail(not_running(ref))
+                self.ledger.fail(_owed_at_shutdown(ref))
             else:  # the held replies are the writer's to answer
-                self.ledger.fail_owed(not_running(ref))
+                self.ledger.fail_owed(_owed_at_shutdown(ref))
         else:
             self._answer_current(error)
             self.ledger.fail(error)
@@ -554,6 +593,14 @@ def _outcome_unknown(ref: ServerRef) -> ErrorFactory:
     return lambda: OutcomeUnknown(
         f"{ref}: the supervisor shut down while this message's commit was with the "
         "store; it may or may not be stored. Read the server's state before retrying"
+    )
+
+
+def _owed_at_shutdown(ref: ServerRef) -> ErrorFactory:
+    return lambda: OutcomeUnknown(
+        f"{ref}: the supervisor shut down before this call's deferred reply was given. "
+        "The request was handled, and its changes committed or with the store; read "
+        "the server's state before retrying"
     )
 
 

@@ -30,6 +30,7 @@ from ._errors import (
     ActivationFailed,
     AlreadyStarted,
     ConflictError,
+    OutcomeUnknown,
     RequestError,
     ServerCrashed,
     StateEncodingError,
@@ -154,6 +155,13 @@ async def _create(
                     updated_at=time.time())
     try:
         await entry.host.writer.commit(Put(record, 0))
+    except trio.Cancelled:  # cut off at shutdown while the store had it
+        start.slot.set_error(OutcomeUnknown(
+            f"{ref}: the supervisor shut down while start()'s first commit was with the "
+            "store; the server may or may not exist. Call it (or start it again, which "
+            "raises AlreadyStarted if it exists) to find out"
+        ))
+        raise
     except ConflictError:
         start.slot.set_error(_already_started(ref))
         return _TAKEN  # type: ignore[no-any-return]

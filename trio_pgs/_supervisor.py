@@ -362,30 +362,32 @@ class PersistentSupervisor:
             await self._wait_all_ended()
 
     def _cut_off_late_servers(self) -> None:
-        cut, waiting = [], []
+        late: dict[str, list[str]] = {"handling": [], "committing": [], "ending": []}
         for entry in self._entries.values():
             activation = entry.activation
-            if activation is not None and activation.current is None and (
-                activation.policy.inflight is not None or activation.committing
-            ):
-                waiting.append(str(entry.ref))
-            else:
-                cut.append(str(entry.ref))
+            doing = "ending" if activation is None else activation.late_at_shutdown()
+            late[doing].append(str(entry.ref))
             if entry.task_scope is not None:
                 entry.task_scope.cancel()
+        cut, waiting = sorted(late["handling"]), sorted(late["committing"])
         if cut:
             logger.error(
                 "supervisor %r: %d server(s) still busy after shutdown_timeout=%ss were "
-                "cancelled; their last messages were not committed: %s",
-                self.name, len(cut), self.shutdown_timeout, ", ".join(sorted(cut)[:20]),
+                "cancelled; their last changes were not committed: %s",
+                self.name, len(cut), self.shutdown_timeout, ", ".join(cut[:20]),
             )
-            self._unflushed = (*self._unflushed, *sorted(cut))
+            self._unflushed = (*self._unflushed, *cut)
         if waiting:
             logger.error(
                 "supervisor %r: %d server(s) were still waiting for the store after "
                 "shutdown_timeout=%ss; their callers are told the outcome is unknown: %s",
-                self.name, len(waiting), self.shutdown_timeout,
-                ", ".join(sorted(waiting)[:20]),
+                self.name, len(waiting), self.shutdown_timeout, ", ".join(waiting[:20]),
+            )
+        if late["ending"]:
+            logger.warning(
+                "supervisor %r: %d server(s) were still starting or ending after "
+                "shutdown_timeout=%ss and were cancelled (nothing of theirs was lost)",
+                self.name, len(late["ending"]), self.shutdown_timeout,
             )
 
     async def _wait_all_ended(self) -> None:

@@ -116,15 +116,17 @@ class Writer:
             while True:
                 await self._wakeup.wait()
                 self._wakeup = trio.Event()
-                batch, self._pending = self._pending, _Batch()
-                await self._run(batch)  # a method: no reference to it is kept here
+                # The batch lives in _run's frame only: once committed, nothing here
+                # keeps its records, and the states behind them, alive.
+                await self._run()
         finally:
             self._stopped = True
             batch, self._pending = self._pending, _Batch()
             batch.fail(_not_committed())
             self._finish(batch)
 
-    async def _run(self, batch: _Batch) -> None:
+    async def _run(self) -> None:
+        batch, self._pending = self._pending, _Batch()
         self._busy = True
         try:
             await self._commit(batch)
