@@ -30,7 +30,7 @@ from ._encoding import dumps, loads
 from ._errors import ConflictError, PersistenceError
 from ._ref import check_key
 from ._server import check_kind
-from ._store import Delete, Put, Record
+from ._store import Delete, Put, Record, next_version
 
 T = TypeVar("T")
 
@@ -365,10 +365,7 @@ def _release(args: argparse.Namespace) -> int:
         record = await store.load(kind, key)
         if record is None or not record.quarantined:
             return record, False
-        released = attrs.evolve(
-            record, version=record.version + 1, updated_at=time.time(), quarantined=False,
-            crashes=(),
-        )
+        released = next_version(record, quarantined=False, crashes=())
         await store.commit([Put(released, record.version)])
         return released, True
 
