@@ -565,6 +565,7 @@ class Activation:
         self.timers[scope] = None
         self.entry.host.spawn(self._timer, scope, delay, info)
 
+    @trio.lowlevel.enable_ki_protection
     async def _timer(self, scope: trio.CancelScope, delay: float, info: Any) -> None:
         current_handling.set(None)
         with scope:

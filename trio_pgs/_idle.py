@@ -72,6 +72,7 @@ class IdleReaper:
             if self._scope is not None:
                 self._scope.deadline = due
 
+    @trio.lowlevel.enable_ki_protection
     async def run(self) -> None:
         while True:
             now = trio.current_time()

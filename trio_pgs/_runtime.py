@@ -44,8 +44,13 @@ from ._store import Delete, Put, Record, next_version
 logger = logging.getLogger("trio_pgs")
 
 
+@trio.lowlevel.enable_ki_protection
 async def serve(entry: Entry) -> None:
-    """The task of one entry: activations, one after the other, until it ends."""
+    """The task of one entry: activations, one after the other, until it ends.
+
+    Protected from KeyboardInterrupt (handlers included): trio delivers a Ctrl-C to the
+    main task instead, whose exit from the supervisor's block shuts every server down
+    in order. One raised by a handler itself is handled in `Activation._handle`."""
     current_handling.set(None)  # the task inherited its spawner's context
     start = entry.start  # answered by the first activation, or below
     internal: ErrorFactory | None = None
