@@ -1,4 +1,4 @@
-"""Hard-kill durability (DESIGN.md sections 4 and 10): a real workload on a DiskCacheStore,
+"""Hard-kill durability: a real workload on a DiskCacheStore,
 killed with SIGKILL at random moments, restarted, and checked after the last kill.
 
 Every call acknowledged by any run (written by tests/durability_worker.py after `call`

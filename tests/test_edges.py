@@ -1,6 +1,6 @@
 """Edge cases of the runtime: deferred replies and the output gate, shutdown with a slow
 store, BaseExceptions, deadlocks nothing else detects, the max_active cap, memory
-kept after a commit, and refusals (DESIGN.md sections 2-6, 9 and 11).
+kept after a commit, and refusals.
 
 Every test here is bounded in time: under ``autojump_clock`` a hang fails with
 `trio.TooSlowError` after a few virtual seconds instead of blocking the suite.

@@ -1,4 +1,4 @@
-"""Hibernation and activation (DESIGN.md section 5)."""
+"""Hibernation and activation."""
 
 from __future__ import annotations
 

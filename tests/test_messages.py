@@ -1,4 +1,4 @@
-"""Calls, casts, infos and stops: what a caller observes (DESIGN.md section 3)."""
+"""Calls, casts, infos and stops: what a caller observes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Persistence modes and the active-server cap (DESIGN.md sections 4 and 5)."""
+"""Persistence modes and the active-server cap."""
 
 from __future__ import annotations
 

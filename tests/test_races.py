@@ -1,6 +1,6 @@
 """Random interleavings against a model: calls, casts, infos, crashes, stops (normal and
 not), restarts of wiped keys, idle time across the hibernation deadline, concurrent and
-cross-server callers, and supervisor restarts (DESIGN.md sections 3, 5, 6 and 10).
+cross-server callers, and supervisor restarts.
 
 Each example draws a restart strategy and a program of steps started at chosen moments
 (many of them just before, at and after the idle deadline), overlapping each other. The

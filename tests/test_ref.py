@@ -1,4 +1,4 @@
-"""ServerRef: plain, serialisable data (DESIGN.md section 2)."""
+"""ServerRef: plain, serialisable data."""
 
 from __future__ import annotations
 

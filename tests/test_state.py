@@ -1,5 +1,4 @@
-"""State shaping: types, ephemeral fields, transformations, converters, migrations
-(DESIGN.md section 7)."""
+"""State shaping: types, ephemeral fields, transformations, converters, migrations."""
 
 from __future__ import annotations
 

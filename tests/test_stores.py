@@ -1,4 +1,4 @@
-"""The store protocol, on both embedded stores (DESIGN.md section 8)."""
+"""The store protocol, on both embedded stores."""
 
 from __future__ import annotations
 

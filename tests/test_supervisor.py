@@ -1,4 +1,4 @@
-"""The supervisor: names, kinds, options, statistics, shutdown (DESIGN.md section 2)."""
+"""The supervisor: names, kinds, options, statistics, shutdown."""
 
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """One activation of a server: its message loop, and how it ends.
 
 Rule of this module: the activation decides what happens next (handle, hibernate,
-stop, crash, shut down); it never answers a caller or writes a state itself. Replies
-go through its `ReplyLedger`, states through its persistence policy (`_policy.py`),
-and everything it needs from the supervisor through the entry's `Host`.
+stop, crash, shut down). Every reply goes through its `ReplyLedger`; new states go
+through its persistence policy (`_policy.py`), and the writes that end an activation
+(a stop's state, a wipe, the crash bookkeeping) through `_write` and `_wipe`, here;
+everything it needs from the supervisor goes through the entry's `Host`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ._errors import (
     SimulatedCrash,
     StateEncodingError,
     SupervisorNotRunning,
+    TrioPGSError,
 )
 from ._events import EventType
 from ._ledger import Caller, ErrorFactory, ReplyLedger
@@ -245,37 +247,51 @@ class Activation:
         return await server.handle_info(message.payload, self.state)
 
     async def _handled(self, message: Message, caller: Caller | None, result: Any) -> Next:
-        entry, ledger = self.entry, self.ledger
         previous = self.state
         self.volatile = not result.persist
-        if result.persist:
-            try:
-                data = entry.info.codec.encode(result.state, str(entry.ref))
-            except StateEncodingError as exc:
-                return await self._crash(message, exc, exc)
-            if type(result) is Stop and type(self.policy) is EachMessage:
-                if data != self.record.data:  # committed before the server ends
-                    try:
-                        await self._commit(data)
-                    except Exception as exc:
-                        return await self._commit_failed(message, exc)
-            elif data != self.record.data or self.policy.pending is not None:
-                self.policy.changed(self, data, previous, message.kind is not Kind.TIMER)
+        data = await self._to_write(message, result) if result.persist else None
+        if isinstance(data, Next):  # a crash or a failed commit ended the message
+            return data
         self.state = result.state
         self.current = None
-        if message.kind is not Kind.TIMER:
+        timer = message.kind is Kind.TIMER
+        if not timer:
             self._touch()
         if type(result) is Stop:
+            if data is not None:
+                self.policy.changed(self, data, previous, not timer)  # flushed by _stop
             return await self._stop(message, result)
         if caller is not None:
             if type(result) is Reply:
-                ledger.answer(caller._slot, outcome.Value(result.value))
-                caller._replied = True
+                self.ledger.reply(caller, outcome.Value(result.value))
             else:
-                ledger.owe(caller)
+                self.ledger.owe(caller)
+        if data is not None:
+            # After the replies are in the ledger: a commit that fails at once (the
+            # writer stopped) fails them too.
+            self.policy.changed(self, data, previous, not timer)
         if self.policy.inflight is None:
-            ledger.release()  # nothing to wait for
+            self.ledger.release()  # nothing to wait for
         return Next.CONTINUE
+
+    async def _to_write(self, message: Message, result: Any) -> bytes | Next | None:
+        """The encoded new state for the policy, None if there is nothing new to
+        write, or how the activation goes on if it could not be encoded or (a stop)
+        committed."""
+        try:
+            data = self.entry.info.codec.encode(result.state, str(self.entry.ref))
+        except StateEncodingError as exc:
+            return await self._crash(message, exc, exc)
+        if type(result) is Stop and type(self.policy) is EachMessage:
+            if data != self.record.data:  # committed before the server ends
+                try:
+                    await self._commit(data)
+                except Exception as exc:
+                    return await self._commit_failed(message, exc)
+            return None
+        if data == self.record.data and self.policy.pending is None:
+            return None
+        return data
 
     def commit_settled(self, error: BaseException | None, touch: bool) -> None:
         """The writer's callback for a handed-off commit: the held replies go out, or
@@ -324,14 +340,27 @@ class Activation:
             return True
 
     async def _commit(self, data: bytes) -> None:
+        """Commit the state *data*, a change of the message being handled (or an
+        acknowledged deferred state), and wait for it."""
         options = self.entry.info.options
         await self._write(
             next_record(self.record, data, options.state_version, options.keep_history)
         )
 
-    async def _write(self, record: Record) -> None:
-        """Commit *record* (the next version) and wait for it."""
-        self.committing = True  # stays set if cancelled: cut_off says "unknown"
+    async def _commit_acknowledged(self, data: bytes) -> None:
+        """Commit a deferred state already acknowledged to its callers (at a crash:
+        not the crashing message's)."""
+        options = self.entry.info.options
+        await self._write(
+            next_record(self.record, data, options.state_version, options.keep_history),
+            own=False,
+        )
+
+    async def _write(self, record: Record, *, own: bool = True) -> None:
+        """Commit *record* (the next version) and wait for it. *own*: a change its
+        callers wait on, whose outcome is unknown if this is cut off (the crash
+        bookkeeping is not: the crashing message is not committed either way)."""
+        self.committing = own  # stays set if cancelled: cut_off says "unknown"
         try:
             await self.entry.host.writer.commit(Put(record, self.record.version))
         except Exception:
@@ -376,7 +405,7 @@ class Activation:
         """The caller of the message being handled gets *error* (if not answered)."""
         message, self.current = self.current, None
         if message is not None and message.slot is not None:
-            message.slot.set_error(error())  # a no-op once it was answered
+            self.ledger.fail_now(message.slot, error)
 
     async def _terminate(self, reason: Any) -> None:
         self.close()
@@ -392,11 +421,11 @@ class Activation:
         the server restarted), and only then does the caller hear of it."""
         entry, ref, options = self.entry, self.entry.ref, self.entry.info.options
         logger.error("%s crashed: %r", ref, exc, exc_info=exc, extra=entry.extra)
-        await self.policy.flush(self._commit)  # deferred modes: the acknowledged state
+        await self.policy.flush(self._commit_acknowledged)  # deferred modes
         await self._terminate(exc)
         quarantined = False
         # An unencodable state is a crash that keeps the record even for TEMPORARY
-        # servers: the server continues from its last committed state (DESIGN section 4).
+        # servers: the server continues from its last committed state (docs/lifecycle.md).
         if options.restart is Restart.TEMPORARY and not isinstance(exc, StateEncodingError):
             await self._wipe()
             entry.end(not_found(ref))
@@ -424,7 +453,9 @@ class Activation:
         crashes = (*recent, now)[-options.max_crashes :]
         quarantined = len(crashes) >= options.max_crashes
         try:
-            await self._write(next_version(self.record, crashes=crashes, quarantined=quarantined))
+            await self._write(
+                next_version(self.record, crashes=crashes, quarantined=quarantined), own=False
+            )
         except Exception:
             logger.exception("%s: the crash could not be recorded in the store",
                              self.entry.ref, extra=self.entry.extra)
@@ -475,12 +506,13 @@ class Activation:
             entry.end(not_found(ref))  # before the reply: a new start must not collide
         self.current = None
         if message.slot is not None:
-            message.slot.set(reply)
+            self.ledger.answer(message.slot, reply)  # released above: goes out now
         return step
 
     async def _wipe(self, raising: bool = False) -> None:
+        """Delete the record: a stop's (*raising*), or a TEMPORARY server's crash."""
         ref = self.entry.ref
-        self.committing = True  # stays set if cancelled: cut_off says "unknown"
+        self.committing = raising  # a stop's: if cancelled, cut_off says "unknown"
         try:
             await self.entry.host.writer.commit(Delete(ref.kind, ref.key, self.record.version))
         except Exception:
@@ -492,17 +524,20 @@ class Activation:
 
     async def _hibernate(self) -> Next:
         entry = self.entry
+        entry.status = Status.HIBERNATING  # from now on, its timers fire into nothing
         if not await self.policy.flush(self._commit):
+            entry.status = Status.ACTIVE
             self._touch()  # never drop a state: stay active, and try again later
             return Next.CONTINUE
-        entry.status = Status.HIBERNATING
         await self._terminate("hibernate")
         if entry.shutting_down and entry.mailbox_empty():
             entry.end(not_running(entry.ref))
             return Next.END
         if not entry.mailbox_empty():
-            # A message came while terminate ran: serve it from a fresh activation.
+            # A message came while it hibernated: serve it from a fresh activation.
+            # It is in use: an early hibernation (max_active) is not asked any more.
             entry.status = Status.ACTIVE
+            entry.hibernate_now = False
             return Next.REACTIVATE
         entry.host.counters.hibernations += 1
         entry.host.emit(EventType.HIBERNATED, entry.ref)
@@ -529,21 +564,20 @@ class Activation:
         shielded scope of its own bounded by TERMINATE_GRACE seconds.
 
         A commit handed to the writer is not this activation's to answer: the writer
-        tells its callers its outcome (committed, failed, or unknown)."""
+        tells the replies it holds the commit's outcome (committed, failed, or
+        unknown)."""
         ref = self.entry.ref
-        if self.committing:  # cancelled while its own commit was awaited
-            unknown = _outcome_unknown(ref)
-            self._answer_current(unknown)
-            self.ledger.fail(unknown)
-        elif error is None:  # cancelled at shutdown
-            self._answer_current(lambda: cut_off_error(ref))
-            if self.policy.inflight is None:
-                self.ledger.fail(_owed_at_shutdown(ref))
-            else:  # the held replies are the writer's to answer
-                self.ledger.fail_owed(_owed_at_shutdown(ref))
+        inflight = self.policy.inflight
+        if self.committing:  # cancelled while the store had its own message's change
+            self._answer_current(_outcome_unknown(ref))
+            self.ledger.fail(_outcome_unknown(ref))
         else:
-            self._answer_current(error)
-            self.ledger.fail(error)
+            self._answer_current(error or (lambda: cut_off_error(ref)))
+            owed = error or _owed_at_shutdown(ref)
+            if inflight is not None and not inflight.done:
+                self.ledger.fail_owed(owed)  # the held replies are the writer's
+            else:
+                self.ledger.fail(owed)
         if self.closed:
             return
         with trio.move_on_after(TERMINATE_GRACE, shield=True):
@@ -571,7 +605,7 @@ class Activation:
         with scope:
             await trio.sleep(delay)
             self.timers.pop(scope, None)
-            if not self.closed:
+            if not self.closed and self.entry.status is Status.ACTIVE:
                 # Tagged with this activation: one that fired just before hibernation
                 # must not reach the next activation.
                 message = Message(Kind.TIMER, (self, info), None, ())
@@ -656,7 +690,12 @@ def check_not_coroutine(value: Any, ref: ServerRef, hook: str) -> None:
         )
 
 
-def persistence_error(ref: ServerRef, exc: BaseException) -> PersistenceError:
+def persistence_error(ref: ServerRef, exc: BaseException) -> TrioPGSError:
+    """What a caller is told of a commit that failed with *exc*."""
+    if isinstance(exc, SupervisorNotRunning):  # the writer stopped before sending it
+        stopped = SupervisorNotRunning(f"{ref}: {exc}")
+        stopped.__cause__ = exc
+        return stopped
     cls = type(exc) if isinstance(exc, PersistenceError) else PersistenceError
     if issubclass(cls, OutcomeUnknown):
         text = (f"{ref}: the outcome of the commit is unknown ({exc}); it may or may not "

@@ -254,8 +254,6 @@ def not_found(ref: ServerRef) -> ErrorFactory:
     )
 
 
-
-
 def quarantined_error(ref: ServerRef) -> ErrorFactory:
     return lambda: ServerQuarantined(
         f"{ref} is quarantined: it crashed too often (max_crashes within crash_window). "

@@ -136,6 +136,11 @@ class ReplyLedger:
         else:
             self._held.append((slot, result))
 
+    def reply(self, caller: Caller, result: outcome.Outcome[Any]) -> None:
+        """The handler's `Reply` to its caller: held like any reply."""
+        caller._replied = True
+        self.answer(caller._slot, result)
+
     def owe(self, caller: Caller) -> None:
         """The handler deferred its reply (`NoReply` without replying yet)."""
         if not caller._replied:
@@ -153,6 +158,12 @@ class ReplyLedger:
                 self._on_idle()
         else:
             self._held.append((caller._slot, result))
+
+    def fail_now(self, slot: ReplySlot, error: ErrorFactory) -> None:
+        """The caller of the message being handled gets *error*, held or not: its
+        message ended the activation (crash, failed commit, cut off)."""
+        if not slot.done:
+            slot.set_error(error())
 
     def release(self) -> None:
         """What was held is committed (or needed no commit): deliver it."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import trio
 import trio.lowlevel
 import trio.testing
@@ -25,13 +27,14 @@ async def hibernate(ref: ServerRef) -> None:
     until it has. A server that is busy or owes replies hibernates once idle; a
     dormant one is left alone."""
     sup = find_supervisor(ref)
-    entry = sup._entries.get(ref)
+    entry: Any = sup._entries.get(ref)
     if entry is None:
         await trio.lowlevel.checkpoint()
         return
-    entry.hibernate_now = True
-    entry.wake()
-    while sup._entries.get(ref) is entry:
+    while sup._entries.get(ref) is entry is not None:
+        if not entry.hibernate_now:  # asked again after a message kept it awake
+            entry.hibernate_now = True
+            entry.wake()
         await trio.lowlevel.checkpoint()  # a checkpoint per turn: the server task runs meanwhile
 
 
