@@ -12,7 +12,9 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import sys
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import outcome
@@ -36,6 +38,9 @@ from ._policy import Deferred, EachMessage, Policy
 from ._results import NO_REPLY, NoReply, Reply, Stop
 from ._server import Persistence, PersistentServer, Restart
 from ._store import Delete, Put, Record, next_record, next_version
+
+if sys.version_info < (3, 11):  # trio depends on the backport there
+    from exceptiongroup import BaseExceptionGroup
 
 if TYPE_CHECKING:
     from ._ref import ServerRef
@@ -222,12 +227,17 @@ class Activation:
             _check_result(result, kind, entry.ref)
         except RequestError as exc:
             return await self._refused(message, exc)
-        except (KeyboardInterrupt, SystemExit) as exc:
-            return await self._interrupted(message, exc)
+        except SupervisorNotRunning as exc:
+            if not entry.shutting_down:
+                return await self._crash(message, _crashed(entry.ref, kind, exc), exc)
+            return self._not_served(message, exc)
         except Exception as exc:
-            crash = ServerCrashed(f"{entry.ref} crashed handling a {kind.value}: {exc!r}")
-            crash.__cause__ = exc
-            return await self._crash(message, crash, exc)
+            return await self._crash(message, _crashed(entry.ref, kind, exc), exc)
+        except BaseException as exc:
+            interruption = interruption_in(exc)
+            if interruption is None:
+                raise  # cancelled: the task's scope takes it
+            return await self._interrupted(message, interruption)
         finally:
             handling.live = False
             current_handling.reset(token)
@@ -300,6 +310,7 @@ class Activation:
             self.ledger.release()
             if touch and not self.closed:
                 self._touch()  # the idle time counts from the commit
+            self.entry.host.note_settled(None)  # idle now: max_active, wait_all_idle
         else:
             ref = self.entry.ref
             self.ledger.fail_held(lambda: persistence_error(ref, error))
@@ -466,6 +477,16 @@ class Activation:
                 self.entry.ref, len(crashes), options.crash_window, extra=self.entry.extra,
             )
         return quarantined
+
+    def _not_served(self, message: Message, error: SupervisorNotRunning) -> Next:
+        """The handler met the shutdown (a call to a server that cannot activate any
+        more): its message is not committed, and it is not a crash."""
+        ref = self.entry.ref
+        logger.info("%s: %s raised during the shutdown; its message is not committed",
+                    ref, error, extra=self.entry.extra)
+        self._answer_current(lambda: error)
+        self.ledger.fail_held(lambda: error)
+        return Next.CONTINUE  # the loop goes on to shut down
 
     async def _interrupted(self, message: Message, exc: BaseException) -> Next:
         """A KeyboardInterrupt or SystemExit out of a handler: the message is not
@@ -644,6 +665,35 @@ def _interrupted_error(ref: ServerRef, exc: BaseException) -> ErrorFactory:
         f"{ref}: the handler raised {type(exc).__name__}, which shuts the supervisor "
         "down; this message's changes were not committed"
     )
+
+
+def _crashed(ref: ServerRef, kind: Kind, exc: Exception) -> ServerCrashed:
+    crash = ServerCrashed(f"{ref} crashed handling a {kind.value}: {exc!r}")
+    crash.__cause__ = exc
+    return crash
+
+
+def interruption_in(error: BaseException) -> BaseException | None:
+    """What to shut the supervisor down for and re-raise, out of a BaseException that
+    is not an Exception: a KeyboardInterrupt or SystemExit (found inside exception
+    groups too: a handler's own nursery wraps a Ctrl-C its child task got), else the
+    first other leaf that is not a cancellation; None if all is cancellation."""
+    leaves = list(_leaves(error))
+    for leaf in leaves:
+        if isinstance(leaf, KeyboardInterrupt | SystemExit):
+            return leaf
+    for leaf in leaves:
+        if not isinstance(leaf, trio.Cancelled | Exception):
+            return leaf
+    return None
+
+
+def _leaves(error: BaseException) -> Iterator[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield error
 
 
 def _crashed_owing(ref: ServerRef, exc: BaseException) -> ErrorFactory:

@@ -29,6 +29,12 @@ def check_no_deadlock(target: ServerRef, handling: Handling) -> tuple[ServerRef,
     return chain
 
 
+def would_deadlock(target: ServerRef, handling: Handling) -> bool:
+    """Whether waiting on *target* from this handler could never end (the checks of
+    `check_no_deadlock`, as a question)."""
+    return target in handling.chain or _wait_path(target, handling.chain[-1]) is not None
+
+
 def _wait_path(target: ServerRef, me: ServerRef) -> tuple[ServerRef, ...] | None:
     """The servers from *target* to *me* along "is waiting on" edges, if any."""
     stack: list[tuple[ServerRef, tuple[ServerRef, ...]]] = [(target, (me, target))]

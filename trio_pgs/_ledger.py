@@ -65,17 +65,27 @@ class ReplySlot:
     def set_error(self, error: BaseException) -> None:
         self.set(outcome.Error(error))
 
+    @trio.lowlevel.enable_ki_protection
     async def wait(self) -> Any:
+        """Wait for the outcome. KI-protected, and the task is forgotten however the
+        wait ends: a task that left (a Ctrl-C landing just before it blocked) must
+        never be rescheduled by a late `set`."""
         if self._result is not None:
             await trio.lowlevel.checkpoint()
             return self._result.unwrap()
-        self._task = trio.lowlevel.current_task()
+        task = trio.lowlevel.current_task()
 
         def abort(_: Any) -> trio.lowlevel.Abort:
             self._task = None
             return trio.lowlevel.Abort.SUCCEEDED
 
-        return await trio.lowlevel.wait_task_rescheduled(abort)
+        try:
+            self._task = task
+            return await trio.lowlevel.wait_task_rescheduled(abort)
+        except BaseException:
+            if self._task is task:  # it never blocked: nobody may reschedule it
+                self._task = None
+            raise
 
 
 class Caller:

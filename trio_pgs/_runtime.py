@@ -14,7 +14,7 @@ from typing import Any
 import outcome
 import trio
 
-from ._activation import Activation, check_not_coroutine, persistence_error
+from ._activation import Activation, check_not_coroutine, interruption_in, persistence_error
 from ._calls import Handling, current_handling
 from ._encoding import DecodingError
 from ._entry import (
@@ -67,14 +67,17 @@ async def serve(entry: Entry) -> None:
                     return
         except trio.Cancelled:
             raise
-        except (KeyboardInterrupt, SystemExit) as exc:
-            # Outside a handler (a real Ctrl-C landing in library code): the whole
-            # supervisor shuts down, this server as if cut off.
-            entry.host.interrupt(exc)
         except Exception as exc:
             logger.exception("%s: internal error in trio-pgs; the server is stopped "
                              "(its stored state is kept)", entry.ref, extra=entry.extra)
             internal = _internal_error(entry.ref, exc)
+        except BaseException as exc:
+            # From init, on_activate or terminate (a handler's is handled by its
+            # activation): the whole supervisor shuts down, this server as if cut off.
+            interruption = interruption_in(exc)
+            if interruption is None:
+                raise
+            entry.host.interrupt(interruption)
         finally:
             if entry.status is not Status.ENDED:
                 # Cancelled at shutdown past the deadline, or an internal error:

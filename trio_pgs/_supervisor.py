@@ -17,7 +17,7 @@ import trio
 
 from ._activation import TERMINATE_GRACE
 from ._calls import Handling, Kind, Message, current_handling, live_handling
-from ._deadlock import check_no_deadlock
+from ._deadlock import check_no_deadlock, would_deadlock
 from ._encoding import Codec
 from ._entry import Counters, Entry, KindInfo, StartRequest, Status
 from ._errors import (
@@ -175,7 +175,9 @@ class PersistentSupervisor:
         #: The trio run the supervisor is open in: refs are usable from that run only.
         self._trio_token: trio.lowlevel.TrioToken | None = None
         self.on_event = on_event
-        self._writer = Writer(store, self._emit if on_event is not None else None)
+        self._writer = Writer(
+            store, self._emit if on_event is not None else None, self._interrupt
+        )
         self._reaper = IdleReaper()
         self._counters = Counters()
         self._host = _Host(self)
@@ -599,11 +601,32 @@ class PersistentSupervisor:
             slot.drop_edge()  # cancelled: this server no longer waits
 
     async def _deliver_async(self, ref: ServerRef, kind: str, payload: Any) -> None:
+        """A cast or an info: accepted once queued and the server activated (a key
+        with no record raises `ServerNotFound`)."""
         entry, _ = await self._send(ref, Kind.CAST if kind == "cast" else Kind.INFO, payload)
-        if not entry.activated.is_set():
-            await entry.activated.wait()
+        if not entry.activated.is_set() and not await self._wait_activated(entry):
+            return
         if entry.activation_error is not None:
             raise entry.activation_error()
+
+    async def _wait_activated(self, entry: Entry) -> bool:
+        """Wait for *entry*'s activation, unless the sender is a hook that the
+        activation may be waiting on (its own `on_activate` casting to itself, or a
+        server that `on_activate` calls): then the cast is accepted as queued, and
+        False is returned. While it waits, the wait is an edge of the wait-for graph."""
+        handling = live_handling()
+        if handling is None:
+            await entry.activated.wait()
+            return True
+        if would_deadlock(entry.ref, handling):
+            await trio.lowlevel.checkpoint()
+            return False
+        handling.waiting_on.append(entry.ref)
+        try:
+            await entry.activated.wait()
+        finally:
+            handling.waiting_on.remove(entry.ref)
+        return True
 
     async def _deliver_crash(self, ref: ServerRef) -> None:
         """Make the server crash at its next message (trio_pgs.testing.crash)."""

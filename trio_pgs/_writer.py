@@ -46,11 +46,11 @@ def _not_committed() -> SupervisorNotRunning:
     )
 
 
-def _outcome_unknown() -> OutcomeUnknown:
-    return OutcomeUnknown(
-        "the supervisor shut down while the store had this change (shutdown_timeout "
-        "ran out); it may or may not be stored"
-    )
+def _outcome_unknown(
+    why: str = "the supervisor shut down while the store had this change "
+    "(shutdown_timeout ran out)",
+) -> OutcomeUnknown:
+    return OutcomeUnknown(f"{why}; it may or may not be stored")
 
 
 class Writer:
@@ -63,9 +63,17 @@ class Writer:
     commits nothing more: what it holds and what it is given fail at once.
     """
 
-    def __init__(self, store: Store, emit: Callable[..., None] | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        emit: Callable[..., None] | None = None,
+        interrupt: Callable[[BaseException], None] | None = None,
+    ) -> None:
         self._store = store
         self._emit = emit  # the supervisor's, when it has an on_event hook
+        #: Told of a KeyboardInterrupt, SystemExit (or another BaseException) that a
+        #: store raised: the supervisor shuts down, then raises it.
+        self._interrupt = interrupt
         self._pending = _Batch()
         self._wakeup = trio.Event()
         self._idle: trio.Event | None = None
@@ -133,6 +141,13 @@ class Writer:
         except trio.Cancelled:
             batch.fail(_outcome_unknown())
             raise
+        except BaseException as exc:  # KeyboardInterrupt, SystemExit... out of the store
+            unknown = _outcome_unknown(f"the store raised {exc!r} while it had this change")
+            unknown.__cause__ = exc
+            batch.fail(unknown)
+            if self._interrupt is None:
+                raise
+            self._interrupt(exc)
         finally:
             self._busy = False
             self._finish(batch)
