@@ -848,3 +848,31 @@ async def test_shutdown_with_sqlite_locked_by_another_connection_is_bounded_and_
     assert len(got) == 1
     assert isinstance(got[0], OutcomeUnknown), repr(got[0])
     assert elapsed < 1 + 1 + 1  # shutdown_timeout, the store's close grace, slack
+
+
+class SlowToClose(MemoryStore):
+    async def close(self) -> None:
+        await trio.sleep(10)
+        await super().close()
+
+
+class SlowEverywhere(PersistentServer[int]):
+    kind = "edges.slow-everywhere"
+
+    async def handle_call(self, request: Any, n: int) -> Any:
+        await trio.sleep(100)  # cut off at the deadline
+        return Reply(n, n)
+
+    async def terminate(self, reason: Any, n: int) -> None:
+        await trio.sleep(100)  # cut off by the grace
+
+
+async def test_the_whole_exit_is_bounded_by_shutdown_timeout_plus_one_second(autojump_clock):
+    async with trio.open_nursery() as callers:
+        async with PersistentSupervisor(store=SlowToClose(), shutdown_timeout=1) as sup:
+            ref = await sup.start(SlowEverywhere, 0, key="s")
+            callers.start_soon(capture, [], ref.call, "go")
+            await trio.testing.wait_all_tasks_blocked()
+            started = trio.current_time()
+        elapsed = trio.current_time() - started
+    assert elapsed <= 1 + 1 + 0.1

@@ -172,6 +172,8 @@ class PersistentSupervisor:
         #: A KeyboardInterrupt or SystemExit met by a server or a hook: raised out of
         #: the ``async with`` once everything is shut down.
         self._interruption: BaseException | None = None
+        #: The end of the shutdown: its deadline plus TERMINATE_GRACE.
+        self._grace_end: float | None = None
         #: The trio run the supervisor is open in: refs are usable from that run only.
         self._trio_token: trio.lowlevel.TrioToken | None = None
         self.on_event = on_event
@@ -245,15 +247,20 @@ class PersistentSupervisor:
             raise body_error
 
     async def _close_store(self) -> None:
-        """Close the store, waiting at most TERMINATE_GRACE seconds: a store still
-        busy with a commit abandoned at shutdown closes in its own time."""
+        """Close the store by the end of the shutdown's grace (TERMINATE_GRACE after
+        its deadline; TERMINATE_GRACE from now if the supervisor never ran). A store
+        still busy with a commit abandoned at shutdown closes in its own time."""
+        end = self._grace_end if self._grace_end is not None else (
+            trio.current_time() + TERMINATE_GRACE
+        )
         with trio.CancelScope(shield=True):
-            with trio.move_on_after(TERMINATE_GRACE):
+            # Never less than a moment: a healthy store closes in far less.
+            with trio.move_on_at(max(end, trio.current_time() + 0.05)):
                 await self.store.close()
                 return
-            logger.warning("supervisor %r: the store did not close within %ss (still "
-                           "busy); it finishes closing in the background",
-                           self.name, TERMINATE_GRACE)
+            logger.warning("supervisor %r: the store did not close by the end of the "
+                           "shutdown (still busy); it finishes closing in the background",
+                           self.name)
 
     @trio.lowlevel.enable_ki_protection
     async def _recover_permanent_servers(self) -> None:
@@ -348,9 +355,11 @@ class PersistentSupervisor:
         Past it, handlers still running are cancelled (their callers are told nothing
         was committed), and the writer stops waiting for the store: callers whose
         commit was with the store are told its outcome is unknown. Cut-off servers'
-        ``terminate`` hooks then get at most TERMINATE_GRACE seconds."""
+        ``terminate`` hooks and closing the store then share TERMINATE_GRACE
+        seconds."""
         self._closing = True
         deadline = trio.current_time() + self.shutdown_timeout
+        self._grace_end = deadline + TERMINATE_GRACE
         for entry in list(self._entries.values()):
             entry.shutting_down = True
             entry.wake()
@@ -360,7 +369,7 @@ class PersistentSupervisor:
         if self._entries:
             self._cut_off_late_servers()
         self._writer_scope.cancel()
-        with trio.move_on_after(TERMINATE_GRACE):
+        with trio.move_on_at(self._grace_end):
             await self._wait_all_ended()
 
     def _cut_off_late_servers(self) -> None:
