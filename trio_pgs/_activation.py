@@ -14,7 +14,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from typing import TYPE_CHECKING, Any
 
 import outcome
@@ -109,7 +109,7 @@ class Activation:
             step = await self._handle(message)
             if step is not Next.CONTINUE:
                 return step
-            if trio.current_time() >= self.policy.due:
+            if self.policy.pending is not None and trio.current_time() >= self.policy.due:
                 step = await self._flush_due()
                 if step is not Next.CONTINUE:
                     return step
@@ -220,10 +220,10 @@ class Activation:
         caller = Caller(self.ledger, message.slot) if kind is Kind.CALL else None  # type: ignore[arg-type]
         handling = Handling((*message.chain, entry.ref), caller, entry.waiting_on)
         token = current_handling.set(handling)
-        self.ledger.hold()
+        self.ledger.holding = True  # replies wait for this message's outcome (hold())
         self.current = message
         try:
-            result = await self._dispatch(message)
+            result = await self._hook(message)  # the hook's own coroutine: no extra frame
             _check_result(result, kind, entry.ref)
         except RequestError as exc:
             return await self._refused(message, exc)
@@ -242,66 +242,80 @@ class Activation:
             handling.live = False
             current_handling.reset(token)
         entry.host.counters.messages += 1
-        return await self._handled(message, caller, result)
+        step = self._handled(message, caller, result)
+        return step if type(step) is Next else await step  # type: ignore[misc]
 
-    async def _dispatch(self, message: Message) -> Any:
+    def _hook(self, message: Message) -> Coroutine[Any, Any, Any]:
+        """The coroutine of the hook that handles *message*."""
         server, kind = self.server, message.kind
         if kind is Kind.CALL:
-            return await server.handle_call(message.payload, self.state)
+            return server.handle_call(message.payload, self.state)
         if kind is Kind.CAST:
-            return await server.handle_cast(message.payload, self.state)
-        if kind is Kind.STOP:
-            return Stop(self.state, reason=message.payload, persist=False)
-        if kind is Kind.CRASH:
-            raise SimulatedCrash(f"{self.entry.ref} crashed on purpose (trio_pgs.testing.crash)")
-        return await server.handle_info(message.payload, self.state)
+            return server.handle_cast(message.payload, self.state)
+        if kind is Kind.STOP or kind is Kind.CRASH:
+            return self._internal_hook(message)
+        return server.handle_info(message.payload, self.state)
 
-    async def _handled(self, message: Message, caller: Caller | None, result: Any) -> Next:
-        previous = self.state
+    async def _internal_hook(self, message: Message) -> Any:
+        """A stop asked through the ref, or `trio_pgs.testing.crash`."""
+        await trio.lowlevel.checkpoint()
+        if message.kind is Kind.CRASH:
+            raise SimulatedCrash(f"{self.entry.ref} crashed on purpose (trio_pgs.testing.crash)")
+        return Stop(self.state, reason=message.payload, persist=False)
+
+    def _handled(
+        self, message: Message, caller: Caller | None, result: Any
+    ) -> Next | Coroutine[Any, Any, Next]:
+        """The handler returned *result*: hand its state to the policy and answer.
+        Synchronous on the hot path; a coroutine to await where it must wait (a
+        crash, a stop)."""
         self.volatile = not result.persist
-        data = await self._to_write(message, result) if result.persist else None
-        if isinstance(data, Next):  # a crash or a failed commit ended the message
-            return data
-        self.state = result.state
+        data = None
+        if result.persist:
+            try:
+                data = self.entry.info.codec.encode(result.state, str(self.entry.ref))
+            except StateEncodingError as exc:
+                return self._crash(message, exc, exc)
+            if data == self.record.data and self.policy.pending is None:
+                data = None  # nothing new to write
+        if type(result) is Stop:
+            return self._stopping(message, result, data)
+        previous, self.state = self.state, result.state
         self.current = None
         timer = message.kind is Kind.TIMER
         if not timer:
             self._touch()
-        if type(result) is Stop:
-            if data is not None:
-                self.policy.changed(self, data, previous, not timer)  # flushed by _stop
-            return await self._stop(message, result)
+        if data is None and self.policy.inflight is None:
+            self.ledger.release()  # nothing to wait for: the reply goes out at once
         if caller is not None:
             if type(result) is Reply:
                 self.ledger.reply(caller, outcome.Value(result.value))
             else:
                 self.ledger.owe(caller)
         if data is not None:
-            # After the replies are in the ledger: a commit that fails at once (the
-            # writer stopped) fails them too.
+            # After the reply is in the ledger: a commit that fails at once (the
+            # writer stopped) fails it too.
             self.policy.changed(self, data, previous, not timer)
-        if self.policy.inflight is None:
-            self.ledger.release()  # nothing to wait for
+            if self.policy.inflight is None:
+                self.ledger.release()  # a deferred policy: replies go out now
         return Next.CONTINUE
 
-    async def _to_write(self, message: Message, result: Any) -> bytes | Next | None:
-        """The encoded new state for the policy, None if there is nothing new to
-        write, or how the activation goes on if it could not be encoded or (a stop)
-        committed."""
-        try:
-            data = self.entry.info.codec.encode(result.state, str(self.entry.ref))
-        except StateEncodingError as exc:
-            return await self._crash(message, exc, exc)
-        if type(result) is Stop and type(self.policy) is EachMessage:
-            if data != self.record.data:  # committed before the server ends
+    async def _stopping(self, message: Message, result: Stop[Any], data: bytes | None) -> Next:
+        """A `Stop`: its state is committed first (EACH_MESSAGE) or handed to the
+        deferred policy, which `_stop` flushes."""
+        if data is not None:
+            if type(self.policy) is EachMessage:
                 try:
                     await self._commit(data)
                 except Exception as exc:
                     return await self._commit_failed(message, exc)
-            return None
-        if data == self.record.data and self.policy.pending is None:
-            return None
-        return data
+            else:
+                self.policy.changed(self, data, self.state, message.kind is not Kind.TIMER)
+        self.state = result.state
+        self.current = None
+        if message.kind is not Kind.TIMER:
+            self._touch()
+        return await self._stop(message, result)
 
     def commit_settled(self, error: BaseException | None, touch: bool) -> None:
         """The writer's callback for a handed-off commit: the held replies go out, or

@@ -40,8 +40,11 @@ class IdleReaper:
         self._scope: trio.CancelScope | None = None
         self._next = math.inf
 
-    def touch(self, entry: Entry, timeout: float) -> None:
-        """*entry* handled a message now (its ``last_activity``): the hot path."""
+    def touch(self, entry: Entry, timeout: float | None) -> None:
+        """*entry* handled a message now (its ``last_activity``): the hot path. A
+        server that never hibernates (*timeout* None) has no deadline."""
+        if timeout is None:
+            return
         group = entry.idle_group
         if group is not None:
             group.move_to_end(entry)

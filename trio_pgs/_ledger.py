@@ -117,11 +117,13 @@ class Caller:
 class ReplyLedger:
     """Every reply of one activation: held, released or failed here and nowhere else."""
 
-    __slots__ = ("_held", "_on_idle", "owed")
+    __slots__ = ("_held", "_on_idle", "holding", "owed")
 
     def __init__(self, on_idle: Callable[[], None]) -> None:
-        #: Replies waiting for the outcome of the message being handled and of the
-        #: commit in flight; None when a reply may go out at once.
+        #: Whether replies wait for the outcome of the message being handled and of
+        #: the commit in flight (False: a reply goes out at once).
+        self.holding = False
+        #: The replies waiting (made on the first one: most messages hold none).
         self._held: list[tuple[ReplySlot, outcome.Outcome[Any]]] | None = None
         # Dicts used as ordered sets: an empty dict is a third of an empty set.
         self.owed: dict[Caller, None] = {}
@@ -129,27 +131,27 @@ class ReplyLedger:
         #: may hibernate now.
         self._on_idle = on_idle
 
-    @property
-    def holding(self) -> bool:
-        return self._held is not None
-
     def hold(self) -> None:
         """From now on, replies wait for `release` or `fail` (a message is being
         handled, or its commit is in flight). Idempotent."""
-        if self._held is None:
-            self._held = []
+        self.holding = True
 
     def answer(self, slot: ReplySlot, result: outcome.Outcome[Any]) -> None:
         """The handler's own answer to the caller of its message: held like any reply."""
-        if self._held is None:
+        if not self.holding:
             slot.set(result)
+        elif self._held is None:
+            self._held = [(slot, result)]
         else:
             self._held.append((slot, result))
 
     def reply(self, caller: Caller, result: outcome.Outcome[Any]) -> None:
         """The handler's `Reply` to its caller: held like any reply."""
         caller._replied = True
-        self.answer(caller._slot, result)
+        if self.holding:
+            self.answer(caller._slot, result)
+        else:
+            caller._slot.set(result)  # the hot path
 
     def owe(self, caller: Caller) -> None:
         """The handler deferred its reply (`NoReply` without replying yet)."""
@@ -162,12 +164,12 @@ class ReplyLedger:
             return
         caller._replied = True
         self.owed.pop(caller, None)
-        if self._held is None:
+        if self.holding:
+            self.answer(caller._slot, result)
+        else:
             caller._slot.set(result)
             if not self.owed:
                 self._on_idle()
-        else:
-            self._held.append((caller._slot, result))
 
     def fail_now(self, slot: ReplySlot, error: ErrorFactory) -> None:
         """The caller of the message being handled gets *error*, held or not: its
@@ -177,6 +179,7 @@ class ReplyLedger:
 
     def release(self) -> None:
         """What was held is committed (or needed no commit): deliver it."""
+        self.holding = False
         held, self._held = self._held, None
         if held:
             for slot, result in held:
@@ -184,6 +187,7 @@ class ReplyLedger:
 
     def fail_held(self, error: ErrorFactory) -> None:
         """What was held was not committed: its callers get *error* instead."""
+        self.holding = False
         held, self._held = self._held, None
         if held:
             for slot, _ in held:

@@ -594,7 +594,25 @@ class PersistentSupervisor:
             handling.waiting_on.remove(entry.ref)
 
     async def _deliver_call(self, ref: ServerRef, request: Any) -> Any:
-        return await self._wait_reply(ref, *await self._send(ref, Kind.CALL, request))
+        # The hot path: `_send` and `_wait_reply` for a call, inlined.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        handling = current_handling.get()  # live_handling(), inlined
+        if handling is not None and not handling.live:
+            handling = None
+        chain = () if handling is None else check_no_deadlock(ref, handling)
+        entry = self._entries.get(ref) or self._entry(ref)
+        slot = ReplySlot()
+        message = Message(Kind.CALL, request, slot, chain)
+        try:
+            entry.send_channel.send_nowait(message)
+        except trio.WouldBlock:
+            if handling is None:
+                await entry.send_channel.send(message)
+            else:
+                await self._send_blocked(entry, message, handling)
+        if handling is None:
+            return await slot.wait()
+        return await self._wait_reply(ref, entry, message)
 
     async def _wait_reply(self, ref: ServerRef, entry: Entry, message: Message) -> Any:
         slot = message.slot
@@ -722,7 +740,7 @@ class PersistentSupervisor:
 class _Host:
     """The supervisor as its servers' entries and activations see it (`Host`)."""
 
-    __slots__ = ("counters", "max_active", "store", "sup", "writer")
+    __slots__ = ("counters", "max_active", "reaper", "store", "sup", "touch", "writer")
 
     def __init__(self, sup: PersistentSupervisor) -> None:
         self.sup = sup
@@ -730,18 +748,23 @@ class _Host:
         self.writer = sup._writer
         self.counters = sup._counters
         self.max_active = sup.max_active
+        self.reaper = sup._reaper
+        # touch runs for every message: without max_active, it is the reaper's own.
+        self.touch: Callable[[Entry, float | None], None] = (
+            self.reaper.touch if self.max_active is None else self._touch_with_recency
+        )
 
-    def touch(self, entry: Entry, idle_timeout: float | None) -> None:
-        if idle_timeout is not None:
-            self.sup._reaper.touch(entry, idle_timeout)
-        if self.max_active is not None:
-            self.sup._touch_recency(entry)
+    def _touch_with_recency(self, entry: Entry, idle_timeout: float | None) -> None:
+        self.reaper.touch(entry, idle_timeout)
+        self.sup._touch_recency(entry)
 
     def check_idle_at(self, entry: Entry, due: float) -> None:
-        self.sup._reaper.check_at(entry, due)
+        self.reaper.check_at(entry, due)
 
     def note_settled(self, entry: Entry | None = None) -> None:
-        self.sup._note_settled(entry)
+        sup = self.sup
+        if sup._settled is not None or self.max_active is not None:
+            sup._note_settled(entry)
 
     def forget(self, entry: Entry) -> None:
         self.sup._forget(entry)
