@@ -575,16 +575,19 @@ class PersistentSupervisor:
         try:
             entry.send_channel.send_nowait(message)
         except trio.WouldBlock:
-            if handling is None:
-                await entry.send_channel.send(message)
-            else:
-                await self._send_blocked(entry, message, handling)
+            await self._send_blocked(entry, message, handling)
         else:
             if not waits:
                 await trio.lowlevel.cancel_shielded_checkpoint()
         return entry, message
 
-    async def _send_blocked(self, entry: Entry, message: Message, handling: Handling) -> None:
+    async def _send_blocked(
+        self, entry: Entry, message: Message, handling: Handling | None
+    ) -> None:
+        """The mailbox is full: wait for room (the one fallback of every send)."""
+        if handling is None:
+            await entry.send_channel.send(message)
+            return
         if message.kind is not Kind.CALL and message.kind is not Kind.STOP:
             check_no_deadlock(entry.ref, handling)  # a cast about to block on a cycle
         handling.waiting_on.append(entry.ref)
@@ -606,10 +609,7 @@ class PersistentSupervisor:
         try:
             entry.send_channel.send_nowait(message)
         except trio.WouldBlock:
-            if handling is None:
-                await entry.send_channel.send(message)
-            else:
-                await self._send_blocked(entry, message, handling)
+            await self._send_blocked(entry, message, handling)
         if handling is None:
             return await slot.wait()
         return await self._wait_reply(ref, entry, message)
