@@ -72,7 +72,7 @@ class Activation:
         self.state = state
         self.record = record  # the last record handed to the store
         self.idle_timeout = entry.info.options.idle_timeout
-        self.ledger = ReplyLedger(entry.wake)
+        self.ledger = ReplyLedger(entry)
         self.policy = make_policy(entry)
         # A dict used as an ordered set: an empty dict is a third of an empty set.
         self.timers: dict[trio.CancelScope, None] = {}

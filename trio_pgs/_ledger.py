@@ -16,7 +16,7 @@ once.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import outcome
 import trio
@@ -114,12 +114,16 @@ class Caller:
         self._ledger.give(self, outcome.Value(value))
 
 
+class Waker(Protocol):
+    def wake(self) -> None: ...
+
+
 class ReplyLedger:
     """Every reply of one activation: held, released or failed here and nowhere else."""
 
-    __slots__ = ("_held", "_on_idle", "holding", "owed")
+    __slots__ = ("_held", "_waker", "holding", "owed")
 
-    def __init__(self, on_idle: Callable[[], None]) -> None:
+    def __init__(self, waker: Waker) -> None:
         #: Whether replies wait for the outcome of the message being handled and of
         #: the commit in flight (False: a reply goes out at once).
         self.holding = False
@@ -127,9 +131,10 @@ class ReplyLedger:
         self._held: list[tuple[ReplySlot, outcome.Outcome[Any]]] | None = None
         # Dicts used as ordered sets: an empty dict is a third of an empty set.
         self.owed: dict[Caller, None] = {}
-        #: Called when the last owed reply was given outside a handler: the server
-        #: may hibernate now.
-        self._on_idle = on_idle
+        #: Woken when the last owed reply was given outside a handler: the server
+        #: may hibernate now. (The entry itself: a bound method would cost an object
+        #: per active server.)
+        self._waker = waker
 
     def hold(self) -> None:
         """From now on, replies wait for `release` or `fail` (a message is being
@@ -169,7 +174,7 @@ class ReplyLedger:
         else:
             caller._slot.set(result)
             if not self.owed:
-                self._on_idle()
+                self._waker.wake()
 
     def fail_now(self, slot: ReplySlot, error: ErrorFactory) -> None:
         """The caller of the message being handled gets *error*, held or not: its
