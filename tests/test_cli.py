@@ -17,84 +17,20 @@ from trio_pgs import (
     ConflictError,
     DiskCacheStore,
     PersistentSupervisor,
-    Put,
     Record,
-    ServerCrashed,
     ServerNotFound,
     ServerQuarantined,
 )
 from trio_pgs._cli import main
 from trio_pgs._diskcache_store import SEPARATOR
 
+from .cli_support import FragileServer, call, filled_store, put, records, rows
 from .servers import TallyServer
-
-
-class FragileServer(TallyServer):
-    """Quarantined by its first crash; keeps one earlier state."""
-
-    kind = "fragile"
-    max_crashes = 1
-    keep_history = 1
-
-
-async def _fill(directory: Path) -> None:
-    async with PersistentSupervisor(
-        store=DiskCacheStore(directory), servers=[TallyServer, FragileServer]
-    ) as sup:
-        alice = await sup.start(TallyServer, "apple", key="alice")
-        await alice.call(("add", "pear"))
-        await sup.start(TallyServer, key="bob")
-        fragile = await sup.start(FragileServer, key="bad")
-        await fragile.call(("add", "one"))
-        with pytest.raises(ServerCrashed):
-            await fragile.call("crash")
 
 
 @pytest.fixture
 def store_dir(tmp_path: Path) -> Path:
-    directory = tmp_path / "store"
-    trio.run(_fill, directory)
-    return directory
-
-
-def records(directory: Path) -> dict[tuple[str, str], Record]:
-    async def scan() -> dict[tuple[str, str], Record]:
-        store = DiskCacheStore(directory)
-        await store.open()
-        try:
-            return {
-                (record.kind, record.key): record
-                for kind in await store.kinds()
-                async for record in store.scan(kind)
-            }
-        finally:
-            await store.close()
-
-    return trio.run(scan)
-
-
-def put(directory: Path, record: Record, expected_version: int) -> None:
-    async def write() -> None:
-        store = DiskCacheStore(directory)
-        await store.open()
-        try:
-            await store.commit([Put(record, expected_version)])
-        finally:
-            await store.close()
-
-    trio.run(write)
-
-
-def call(directory: Path, key: str, request: Any, cls: type[TallyServer] = TallyServer) -> Any:
-    async def run() -> Any:
-        async with PersistentSupervisor(store=DiskCacheStore(directory), servers=[cls]) as sup:
-            return await sup.ref(cls, key).call(request)
-
-    return trio.run(run)
-
-
-def rows(out: str) -> list[list[str]]:
-    return [line.split("\t") for line in out.splitlines()]
+    return filled_store(tmp_path / "store")
 
 
 # -- the command ------------------------------------------------------------------------

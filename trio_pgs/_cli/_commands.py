@@ -1,0 +1,255 @@
+"""The commands of ``trio-pgs``: list, show, stats, release, purge, export, import."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+import attrs
+
+from .._diskcache_store import DiskCacheStore
+from .._errors import PersistenceError
+from .._store import Delete, Put, Record, next_version
+from ._exchange import read_records, record_to_json
+from ._exit import EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE, CommandError
+from ._opener import session, store_at
+from ._output import Progress, ident, iso, status, table
+
+#: Records per transaction on import: small, so a running application's writes are
+#: never held up for long.
+IMPORT_BATCH = 500
+
+
+async def _each(store: DiskCacheStore, kind: str | None, visit: Callable[[Record], None]) -> int:
+    """Call *visit* with every record (of *kind*), by kind then key; print each row
+    that is not a valid record, and return how many were skipped."""
+    skipped = 0
+
+    def report(kind: str, key: str, error: PersistenceError) -> None:
+        nonlocal skipped
+        skipped += 1
+        print(f"trio-pgs: scan skipped {kind}/{key}: {error}", file=sys.stderr)
+
+    for each in [kind] if kind is not None else sorted(await store.kinds()):
+        async for record in store.scan(each, on_skip=functools.partial(report, each)):
+            visit(record)
+    return skipped
+
+
+def _load(directory: str, kind: str, key: str) -> Record:
+    record = session(store_at(directory), lambda store: store.load(kind, key))
+    if record is None:
+        raise CommandError(f"{ident(kind, key)}: no such record in {directory}")
+    return record
+
+
+def list_command(args: argparse.Namespace) -> int:
+    rows: list[tuple[object, ...]] = []
+
+    def visit(r: Record) -> None:
+        rows.append((r.kind, r.key, status(r), r.version, r.state_version,
+                     iso(r.updated_at), len(r.data)))
+
+    session(store_at(args.directory), lambda store: _each(store, args.kind, visit))
+    header = ("KIND", "KEY", "STATUS", "VERSION", "STATE_VERSION", "UPDATED", "SIZE")
+    table(header, rows, numeric={3, 4, 6})
+    return EXIT_OK
+
+
+def show_command(args: argparse.Namespace) -> int:
+    record = _load(args.directory, args.kind, args.key)
+    exported = record_to_json(record)
+    if args.meta:
+        print(json.dumps(exported, indent=2, ensure_ascii=False))
+        return EXIT_OK
+    crashes = ", ".join(map(iso, record.crashes))
+    for name, value in [
+        ("record", ident(record.kind, record.key)),
+        ("status", status(record)),
+        ("version", record.version),
+        ("state_version", record.state_version),
+        ("epoch", record.epoch),
+        ("updated", iso(record.updated_at)),
+        ("crashes", f"{len(record.crashes)}" + (f" ({crashes})" if crashes else "")),
+        ("history", f"{len(record.history)} earlier state(s)"),
+        ("size", f"{len(record.data)} bytes"),
+    ]:
+        print(f"{name + ':':<15}{value}", file=sys.stderr)
+    if "data" in exported:
+        print(json.dumps(exported["data"], indent=2, ensure_ascii=False))
+    else:
+        print("the state is not JSON; here are its bytes in base64:", file=sys.stderr)
+        print(exported["data_base64"])
+    return EXIT_OK
+
+
+def stats_command(args: argparse.Namespace) -> int:
+    kinds: dict[str, list[int]] = {}
+
+    def visit(record: Record) -> None:
+        counts = kinds.setdefault(record.kind, [0, 0, 0])
+        counts[0] += 1
+        counts[1] += record.quarantined
+        counts[2] += len(record.data) + sum(map(len, record.history))
+
+    session(store_at(args.directory), lambda store: _each(store, None, visit))
+    total = [sum(counts[column] for counts in kinds.values()) for column in range(3)]
+    rows = [(kind, *counts) for kind, counts in sorted(kinds.items())]
+    table(("KIND", "RECORDS", "QUARANTINED", "BYTES"), [*rows, ("(total)", *total)],
+           numeric={1, 2, 3})
+    return EXIT_OK
+
+
+def release_command(args: argparse.Namespace) -> int:
+    kind, key = args.kind, args.key
+
+    async def release(store: DiskCacheStore) -> tuple[Record | None, bool]:
+        record = await store.load(kind, key)
+        if record is None or not record.quarantined:
+            return record, False
+        released = next_version(record, quarantined=False, crashes=())
+        await store.commit([Put(released, record.version)])
+        return released, True
+
+    record, released = session(store_at(args.directory, write=True), release)
+    if record is None:
+        raise CommandError(f"{ident(kind, key)}: no such record in {args.directory}")
+    if released:
+        print(f"released {ident(kind, key)} (now at version {record.version})")
+    else:
+        # Left alone: a server that is not quarantined may be active in an application,
+        # whose next write would then fail on the changed version.
+        print(f"{ident(kind, key)} is not quarantined; nothing changed", file=sys.stderr)
+    return EXIT_OK
+
+
+def purge_command(args: argparse.Namespace) -> int:
+    kind, key = args.kind, args.key
+    try:
+        record: Record | None = _load(args.directory, kind, key)
+    except CommandError as exc:
+        if exc.code != EXIT_NOT_FOUND or "no such record" in str(exc):
+            raise
+        record, unreadable = None, str(exc)  # a row that is not a valid record
+    if record is None:
+        question = f"Delete the unreadable row {ident(kind, key)} ({unreadable})"
+    else:
+        question = (f"Delete {ident(kind, key)} ({status(record)}, version "
+                    f"{record.version}, {len(record.data)} bytes)")
+    if not args.yes:
+        sys.stderr.write(f"{question} from {args.directory}? [y/N] ")
+        sys.stderr.flush()
+        if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+            raise CommandError("nothing purged")
+    # Only the version that was shown is deleted: a newer one is a conflict. An
+    # unreadable row has no version: it is deleted unconditionally, without reading it.
+    delete = Delete(kind, key, None if record is None else record.version)
+    session(store_at(args.directory, write=True), lambda store: store.commit([delete]))
+    if record is None:
+        print(f"purged the unreadable row {ident(kind, key)}")
+    else:
+        print(f"purged {ident(kind, key)} (it was at version {record.version})")
+    return EXIT_OK
+
+
+def export_command(args: argparse.Namespace) -> int:
+    store = store_at(args.directory)
+
+    def export(out: IO[str], quiet: bool) -> tuple[int, int]:
+        progress = Progress("exported", quiet=quiet)
+
+        def visit(record: Record) -> None:
+            out.write(json.dumps(record_to_json(record)) + "\n")
+            progress.step()
+
+        skipped = session(store, lambda opened: _each(opened, None, visit))
+        progress.done()
+        return progress.count, skipped
+
+    if args.output is None:
+        count, skipped = export(sys.stdout, quiet=sys.stdout.isatty())
+    else:
+        # Written aside and renamed at the end: a failed export leaves no partial file.
+        path = Path(args.output)
+        partial = path.with_name(path.name + ".part")
+        try:
+            with partial.open("w", encoding="utf-8") as out:
+                count, skipped = export(out, quiet=False)
+            os.replace(partial, path)
+        except OSError as exc:
+            partial.unlink(missing_ok=True)
+            raise CommandError(f"cannot write {args.output}: {exc}") from None
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+    if skipped:
+        raise CommandError(
+            f"the export is incomplete: {skipped} unreadable row(s) skipped (see above); "
+            f"{count} record(s) exported"
+        )
+    print(f"exported {count} record(s) from {args.directory}", file=sys.stderr)
+    return EXIT_OK
+
+
+def import_command(args: argparse.Namespace) -> int:
+    store = store_at(args.directory, create=True, write=True)
+    if args.file in (None, "-"):
+        records = read_records(sys.stdin, "<stdin>")
+    else:
+        try:
+            with open(args.file, encoding="utf-8") as lines:
+                records = read_records(lines, args.file)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CommandError(f"cannot read {args.file}: {exc}", EXIT_USAGE) from None
+    replace, written = args.replace, 0
+
+    async def import_(opened: DiskCacheStore) -> None:
+        nonlocal written
+        operations: list[Put] = []
+        existing: list[str] = []
+        progress = Progress("checked", len(records))
+        for record in records:
+            current = await opened.load(record.kind, record.key)
+            if current is None:
+                operations.append(Put(record, 0))
+            elif not replace:
+                existing.append(ident(record.kind, record.key))
+            else:
+                # Above the stored version, so that a running server holding the old
+                # one fails its next write and reloads, instead of overwriting this.
+                replacement = attrs.evolve(
+                    record, version=max(record.version, current.version + 1),
+                    epoch=max(record.epoch, current.epoch),
+                )
+                operations.append(Put(replacement, current.version))
+            progress.step()
+        progress.done()
+        if existing:
+            raise CommandError(
+                f"{len(existing)} record(s) already in {args.directory} "
+                f"({', '.join(existing[:3])}{', ...' if len(existing) > 3 else ''}); "
+                "nothing was imported. Pass --replace to overwrite them."
+            )
+        progress = Progress("imported", len(operations))
+        for start in range(0, len(operations), IMPORT_BATCH):
+            batch = operations[start : start + IMPORT_BATCH]
+            await opened.commit(batch)
+            written += len(batch)
+            progress.step(len(batch))
+        progress.done()
+
+    try:
+        session(store, import_)
+    except CommandError:
+        if written:
+            print(f"{written} of {len(records)} record(s) were imported before that",
+                  file=sys.stderr)
+        raise
+    print(f"imported {len(records)} record(s) into {args.directory}")
+    return EXIT_OK

@@ -1,0 +1,81 @@
+"""The ``trio-pgs`` command line: its parser and ``main``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from .. import __version__
+from . import _commands as run
+from ._exit import EXIT_INTERRUPTED, EXIT_NOT_FOUND, EXIT_USAGE, CommandError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trio-pgs",
+        description="Inspect and repair the servers stored in a trio-pgs DiskCacheStore "
+        "directory. Safe while an application has the store open (see docs/cli.md).",
+        epilog="Exit status: 0 ok; 1 no such record, refused, or a conflict with another "
+        "writer; 2 bad usage, or not a trio-pgs store.",
+    )
+    parser.add_argument("--version", action="version", version=f"trio-pgs {__version__}")
+    commands = parser.add_subparsers(metavar="COMMAND", required=True)
+
+    def command(name: str, run: Callable[[argparse.Namespace], int], help: str,
+                ident: bool = False) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.add_argument("directory", metavar="DIRECTORY", help="the store's directory")
+        if ident:
+            sub.add_argument("kind", metavar="KIND", help="the server's kind")
+            sub.add_argument("key", metavar="KEY", help="the server's key")
+        sub.set_defaults(run=run)
+        return sub
+
+    command("list", run.list_command, "One row per stored server.").add_argument(
+        "--kind", help="only the servers of this kind"
+    )
+    command("show", run.show_command, "Print a server's stored state as JSON (its metadata "
+            "on stderr).", ident=True).add_argument(
+        "--meta", action="store_true",
+        help="print the whole record as JSON on stdout instead (as export writes it)",
+    )
+    command("stats", run.stats_command, "Records, quarantined servers and bytes, per kind.")
+    command("release", run.release_command, "Lift a server's quarantine (and forget its "
+            "crashes), like PersistentSupervisor.release.", ident=True)
+    command("purge", run.purge_command, "Delete a server's record.", ident=True).add_argument(
+        "--yes", "-y", action="store_true", help="do not ask for confirmation"
+    )
+    command("export", run.export_command, "Write every record as JSON lines.").add_argument(
+        "--output", "-o", metavar="FILE", help="write to FILE instead of stdout"
+    )
+    importer = command("import", run.import_command, "Add the records of an export to the "
+                       "store (which is created if DIRECTORY is new or empty).")
+    importer.add_argument("file", metavar="FILE", nargs="?",
+                          help="the export to read (default: stdin)")
+    importer.add_argument("--replace", action="store_true",
+                          help="overwrite records that already exist")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``trio-pgs`` command with *argv* (default: ``sys.argv[1:]``); return
+    its exit status."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error (already printed)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        status: int = args.run(args)
+    except CommandError as exc:
+        print(f"trio-pgs: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # e.g. `trio-pgs export DIR | head`: the output is cut short
+        # Python would fail again flushing stdout at exit; point it at /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_NOT_FOUND
+    return status
