@@ -13,12 +13,10 @@ from typing import IO
 
 import attrs
 
-from .._diskcache_store import DiskCacheStore
-from .._errors import PersistenceError
 from .._store import Delete, Put, Record, next_version
 from ._exchange import read_records, record_to_json
 from ._exit import EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE, CommandError
-from ._opener import session, store_at
+from ._opener import CommandStore, session, store_from_spec
 from ._output import Progress, ident, iso, status, table
 
 #: Records per transaction on import: small, so a running application's writes are
@@ -26,12 +24,12 @@ from ._output import Progress, ident, iso, status, table
 IMPORT_BATCH = 500
 
 
-async def _each(store: DiskCacheStore, kind: str | None, visit: Callable[[Record], None]) -> int:
+async def _each(store: CommandStore, kind: str | None, visit: Callable[[Record], None]) -> int:
     """Call *visit* with every record (of *kind*), by kind then key; print each row
     that is not a valid record, and return how many were skipped."""
     skipped = 0
 
-    def report(kind: str, key: str, error: PersistenceError) -> None:
+    def report(kind: str, key: str, error: Exception) -> None:
         nonlocal skipped
         skipped += 1
         print(f"trio-pgs: scan skipped {kind}/{key}: {error}", file=sys.stderr)
@@ -42,10 +40,10 @@ async def _each(store: DiskCacheStore, kind: str | None, visit: Callable[[Record
     return skipped
 
 
-def _load(directory: str, kind: str, key: str) -> Record:
-    record = session(store_at(directory), lambda store: store.load(kind, key))
+def _load(spec: str, kind: str, key: str) -> Record:
+    record = session(store_from_spec(spec, write=False), lambda store: store.load(kind, key))
     if record is None:
-        raise CommandError(f"{ident(kind, key)}: no such record in {directory}")
+        raise CommandError(f"{ident(kind, key)}: no such record in {spec}")
     return record
 
 
@@ -56,14 +54,15 @@ def list_command(args: argparse.Namespace) -> int:
         rows.append((r.kind, r.key, status(r), r.version, r.state_version,
                      iso(r.updated_at), len(r.data)))
 
-    session(store_at(args.directory), lambda store: _each(store, args.kind, visit))
+    session(store_from_spec(args.store, write=False),
+            lambda store: _each(store, args.kind, visit))
     header = ("KIND", "KEY", "STATUS", "VERSION", "STATE_VERSION", "UPDATED", "SIZE")
     table(header, rows, numeric={3, 4, 6})
     return EXIT_OK
 
 
 def show_command(args: argparse.Namespace) -> int:
-    record = _load(args.directory, args.kind, args.key)
+    record = _load(args.store, args.kind, args.key)
     exported = record_to_json(record)
     if args.meta:
         print(json.dumps(exported, indent=2, ensure_ascii=False))
@@ -98,7 +97,7 @@ def stats_command(args: argparse.Namespace) -> int:
         counts[1] += record.quarantined
         counts[2] += len(record.data) + sum(map(len, record.history))
 
-    session(store_at(args.directory), lambda store: _each(store, None, visit))
+    session(store_from_spec(args.store, write=False), lambda store: _each(store, None, visit))
     total = [sum(counts[column] for counts in kinds.values()) for column in range(3)]
     rows = [(kind, *counts) for kind, counts in sorted(kinds.items())]
     table(("KIND", "RECORDS", "QUARANTINED", "BYTES"), [*rows, ("(total)", *total)],
@@ -109,7 +108,7 @@ def stats_command(args: argparse.Namespace) -> int:
 def release_command(args: argparse.Namespace) -> int:
     kind, key = args.kind, args.key
 
-    async def release(store: DiskCacheStore) -> tuple[Record | None, bool]:
+    async def release(store: CommandStore) -> tuple[Record | None, bool]:
         record = await store.load(kind, key)
         if record is None or not record.quarantined:
             return record, False
@@ -117,9 +116,9 @@ def release_command(args: argparse.Namespace) -> int:
         await store.commit([Put(released, record.version)])
         return released, True
 
-    record, released = session(store_at(args.directory, write=True), release)
+    record, released = session(store_from_spec(args.store, write=True), release)
     if record is None:
-        raise CommandError(f"{ident(kind, key)}: no such record in {args.directory}")
+        raise CommandError(f"{ident(kind, key)}: no such record in {args.store}")
     if released:
         print(f"released {ident(kind, key)} (now at version {record.version})")
     else:
@@ -132,7 +131,7 @@ def release_command(args: argparse.Namespace) -> int:
 def purge_command(args: argparse.Namespace) -> int:
     kind, key = args.kind, args.key
     try:
-        record: Record | None = _load(args.directory, kind, key)
+        record: Record | None = _load(args.store, kind, key)
     except CommandError as exc:
         if exc.code != EXIT_NOT_FOUND or "no such record" in str(exc):
             raise
@@ -143,14 +142,14 @@ def purge_command(args: argparse.Namespace) -> int:
         question = (f"Delete {ident(kind, key)} ({status(record)}, version "
                     f"{record.version}, {len(record.data)} bytes)")
     if not args.yes:
-        sys.stderr.write(f"{question} from {args.directory}? [y/N] ")
+        sys.stderr.write(f"{question} from {args.store}? [y/N] ")
         sys.stderr.flush()
         if sys.stdin.readline().strip().lower() not in ("y", "yes"):
             raise CommandError("nothing purged")
     # Only the version that was shown is deleted: a newer one is a conflict. An
     # unreadable row has no version: it is deleted unconditionally, without reading it.
     delete = Delete(kind, key, None if record is None else record.version)
-    session(store_at(args.directory, write=True), lambda store: store.commit([delete]))
+    session(store_from_spec(args.store, write=True), lambda store: store.commit([delete]))
     if record is None:
         print(f"purged the unreadable row {ident(kind, key)}")
     else:
@@ -159,7 +158,7 @@ def purge_command(args: argparse.Namespace) -> int:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    store = store_at(args.directory)
+    store = store_from_spec(args.store, write=False)
 
     def export(out: IO[str], quiet: bool) -> tuple[int, int]:
         progress = Progress("exported", quiet=quiet)
@@ -193,12 +192,12 @@ def export_command(args: argparse.Namespace) -> int:
             f"the export is incomplete: {skipped} unreadable row(s) skipped (see above); "
             f"{count} record(s) exported"
         )
-    print(f"exported {count} record(s) from {args.directory}", file=sys.stderr)
+    print(f"exported {count} record(s) from {args.store}", file=sys.stderr)
     return EXIT_OK
 
 
 def import_command(args: argparse.Namespace) -> int:
-    store = store_at(args.directory, create=True, write=True)
+    store = store_from_spec(args.store, write=True, create=True)
     if args.file in (None, "-"):
         records = read_records(sys.stdin, "<stdin>")
     else:
@@ -209,7 +208,7 @@ def import_command(args: argparse.Namespace) -> int:
             raise CommandError(f"cannot read {args.file}: {exc}", EXIT_USAGE) from None
     replace, written = args.replace, 0
 
-    async def import_(opened: DiskCacheStore) -> None:
+    async def import_(opened: CommandStore) -> None:
         nonlocal written
         operations: list[Put] = []
         existing: list[str] = []
@@ -232,7 +231,7 @@ def import_command(args: argparse.Namespace) -> int:
         progress.done()
         if existing:
             raise CommandError(
-                f"{len(existing)} record(s) already in {args.directory} "
+                f"{len(existing)} record(s) already in {args.store} "
                 f"({', '.join(existing[:3])}{', ...' if len(existing) > 3 else ''}); "
                 "nothing was imported. Pass --replace to overwrite them."
             )
@@ -251,5 +250,5 @@ def import_command(args: argparse.Namespace) -> int:
             print(f"{written} of {len(records)} record(s) were imported before that",
                   file=sys.stderr)
         raise
-    print(f"imported {len(records)} record(s) into {args.directory}")
+    print(f"imported {len(records)} record(s) into {args.store}")
     return EXIT_OK

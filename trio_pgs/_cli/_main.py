@@ -15,8 +15,9 @@ from ._exit import EXIT_INTERRUPTED, EXIT_NOT_FOUND, EXIT_USAGE, CommandError
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trio-pgs",
-        description="Inspect and repair the servers stored in a trio-pgs DiskCacheStore "
-        "directory. Safe while an application has the store open (see docs/cli.md).",
+        description="Inspect and repair the servers stored in a trio-pgs store. STORE is "
+        "its directory, or a store URL: diskcache:PATH, diskcache:///absolute/path. Safe "
+        "while an application has the store open (see docs/cli.md).",
         epilog="Exit status: 0 ok; 1 no such record, refused, or a conflict with another "
         "writer; 2 bad usage, or not a trio-pgs store.",
     )
@@ -26,7 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     def command(name: str, run: Callable[[argparse.Namespace], int], help: str,
                 ident: bool = False) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help)
-        sub.add_argument("directory", metavar="DIRECTORY", help="the store's directory")
+        sub.add_argument("store", metavar="STORE",
+                         help="the store: its directory, or a URL (diskcache:PATH)")
         if ident:
             sub.add_argument("kind", metavar="KIND", help="the server's kind")
             sub.add_argument("key", metavar="KEY", help="the server's key")
@@ -51,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
         "--output", "-o", metavar="FILE", help="write to FILE instead of stdout"
     )
     importer = command("import", run.import_command, "Add the records of an export to the "
-                       "store (which is created if DIRECTORY is new or empty).")
+                       "store (which is created in a new or empty directory).")
     importer.add_argument("file", metavar="FILE", nargs="?",
                           help="the export to read (default: stdin)")
     importer.add_argument("--replace", action="store_true",

@@ -1,47 +1,82 @@
-"""From the store named on the command line to an open store."""
+"""From the store named on the command line to an open store.
+
+Every command names its store with a spec: a directory, or a store URL. `store_from_spec`
+is the one place that reads a spec; a new kind of store is a row of `_SCHEMES` (and a
+function that makes it), and every command takes it at once.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import re
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import trio
 
 from .._diskcache_store import DiskCacheStore
 from .._errors import ConflictError, PersistenceError
-from ._exit import EXIT_USAGE, CommandError
+from .._store import Operation, Record
+from ._exit import EXIT_NOT_FOUND, EXIT_USAGE, CommandError
 
 T = TypeVar("T")
 _DATABASE = "cache.db"  # the SQLite file of a diskcache directory
+_SQLITE_MAGIC = b"SQLite format 3\x00"  # how every SQLite database file begins
+#: A URL's scheme; two characters at least, so that ``C:\store`` stays a path.
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):")
+_PASSWORD = re.compile(r"^([^:/]+://[^/@:]*:)[^/@]*@")
 
 
-def store_at(directory: str, *, create: bool = False, write: bool = False) -> DiskCacheStore:
-    """The store in *directory*, checked before opening: opening creates a store, which
-    only import may do (in a new or empty directory)."""
-    path = Path(directory)
-    if path.is_dir():
-        if not (path / _DATABASE).is_file() and not (create and not any(path.iterdir())):
-            where = "; import into a new or empty directory" if create else ""
-            raise CommandError(
-                f"{directory} is not a trio-pgs store (it has no {_DATABASE}){where}", EXIT_USAGE
-            )
-    elif path.exists():
-        raise CommandError(f"{directory} is not a directory", EXIT_USAGE)
-    elif not create:
-        raise CommandError(f"{directory}: no such directory", EXIT_USAGE)
-    # Writes are few and a user was told they happened: make them survive a power cut.
-    return DiskCacheStore(path, durable=write)
+class CommandStore(Protocol):
+    """What the commands use of a store: the `Store` protocol, the kinds, and scans
+    that report the rows they cannot read."""
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def load(self, kind: str, key: str) -> Record | None: ...
+    async def commit(self, operations: Sequence[Operation]) -> None: ...
+    async def kinds(self) -> set[str]: ...
+
+    def scan(
+        self, kind: str, *, on_skip: Callable[[str, Exception], None] | None = None
+    ) -> AsyncIterator[Record]: ...
 
 
-def session(store: DiskCacheStore, work: Callable[[DiskCacheStore], Awaitable[T]]) -> T:
-    """Open *store*, run *work* on it under `trio.run`, close it."""
+#: Makes the store a spec names: (spec, the location after the scheme, write, create).
+_Maker = Callable[[str, str, bool, bool], CommandStore]
+
+
+def store_from_spec(spec: str, *, write: bool, create: bool = False) -> CommandStore:
+    """The store *spec* names, checked but not opened. *write*: the command writes
+    (else the store is opened read-only, and a read-only store never writes).
+    *create*: a new store may be made (only import does, in a new or empty directory).
+
+    Raises `CommandError` (exit status 2) saying what is wrong with *spec*.
+    """
+    scheme = _SCHEME.match(spec)
+    if scheme is None:
+        return _diskcache(spec, spec, write, create)
+    maker = _SCHEMES.get(scheme.group(1).lower())
+    if maker is None:
+        raise CommandError(
+            f"{_shown(spec)}: unknown store scheme {scheme.group(1)!r}. Give a directory, "
+            f"diskcache:PATH or diskcache:///absolute/path (a directory whose name holds a "
+            "colon: ./NAME)",
+            EXIT_USAGE,
+        )
+    return maker(spec, spec[scheme.end() :], write, create)
+
+
+def session(store: CommandStore, work: Callable[[CommandStore], Awaitable[T]]) -> T:
+    """Open *store*, run *work* on it under `trio.run`, close it. A store that cannot
+    be opened exits with status 2; a conflict or a failed operation with status 1."""
 
     async def run() -> T:
         try:
             await store.open()
         except PersistenceError as exc:
-            raise CommandError(str(exc), EXIT_USAGE) from None
+            raise CommandError(_not_opened(store, exc), EXIT_USAGE) from None
         try:
             return await work(store)
         finally:
@@ -52,4 +87,98 @@ def session(store: DiskCacheStore, work: Callable[[DiskCacheStore], Awaitable[T]
     except ConflictError as exc:
         raise CommandError(f"{exc}. That change was not made; look again, then retry.") from None
     except PersistenceError as exc:
-        raise CommandError(str(exc)) from None
+        raise CommandError(str(exc), EXIT_NOT_FOUND) from None
+
+
+def _shown(spec: str) -> str:
+    """*spec* fit for a message: a URL's password hidden."""
+    return _PASSWORD.sub(r"\1***@", spec)
+
+
+# -- diskcache directories ----------------------------------------------------------------
+
+
+def _diskcache_url(spec: str, location: str, write: bool, create: bool) -> CommandStore:
+    """``diskcache:PATH`` (PATH as written, relative or absolute) or
+    ``diskcache://[localhost]/absolute/path``."""
+    if location.startswith("//"):
+        host, slash, path = location[2:].partition("/")
+        if host not in ("", "localhost"):
+            raise CommandError(
+                f"{spec} names a host ({host}); a diskcache store is a local directory: "
+                f"diskcache:///absolute/path or diskcache:relative/path",
+                EXIT_USAGE,
+            )
+        location = slash + path
+    if not location:
+        raise CommandError(f"{spec} names no directory", EXIT_USAGE)
+    return _diskcache(spec, location, write, create)
+
+
+def _diskcache(spec: str, directory: str, write: bool, create: bool) -> CommandStore:
+    """The store in *directory*, checked before opening: opening creates a store, which
+    only import may do (in a new or empty directory)."""
+    path = Path(directory)
+    if path.is_dir():
+        database = path / _DATABASE
+        if database.is_file():
+            _check_database(spec, database)
+        elif not (create and not any(path.iterdir())):
+            where = "; import into a new or empty directory" if create else ""
+            raise CommandError(
+                f"{spec} is not a trio-pgs store (it has no {_DATABASE}){where}", EXIT_USAGE
+            )
+    elif path.exists():
+        raise CommandError(f"{spec} is not a directory", EXIT_USAGE)
+    elif not create:
+        raise CommandError(f"{spec}: no such directory", EXIT_USAGE)
+    # Writes are few and a user was told they happened: make them survive a power cut.
+    return DiskCacheStore(path, durable=write)
+
+
+def _check_database(spec: str, database: Path) -> None:
+    """Refuse a database file that SQLite would take for an empty database (and a
+    writable opening would turn into a store) or that is no database at all."""
+    try:
+        with database.open("rb") as file:
+            header = file.read(len(_SQLITE_MAGIC))
+    except OSError as exc:
+        raise CommandError(f"{spec}: cannot read its {_DATABASE}: {exc}", EXIT_USAGE) from None
+    if not header:
+        reason = "its database file is empty"
+    elif header != _SQLITE_MAGIC:
+        reason = "its database file is not an SQLite database"
+    else:
+        return
+    raise CommandError(f"{spec} is not a valid trio-pgs store: {reason} ({database})", EXIT_USAGE)
+
+
+def _not_opened(store: CommandStore, error: PersistenceError) -> str:
+    """Why *store* could not be opened. SQLite's own verdict on a damaged database
+    file (diskcache raises it as `sqlite3.DatabaseError` itself, not a subclass) is not
+    a matter of permissions, whatever the store's message suggests."""
+    cause = error.__cause__
+    if isinstance(store, DiskCacheStore) and type(cause) is sqlite3.DatabaseError:
+        return (
+            f"{store.directory} is not a valid trio-pgs store: its database file is damaged "
+            f"(SQLite says: {cause})"
+        )
+    return str(error)
+
+
+# -- PostgreSQL ----------------------------------------------------------------------------
+
+
+def _postgres(spec: str, location: str, write: bool, create: bool) -> CommandStore:
+    raise CommandError(
+        "PostgresStore is not available in this version; it needs the trio-pgs[postgres] "
+        "extra",
+        EXIT_USAGE,
+    )
+
+
+_SCHEMES: dict[str, _Maker] = {
+    "diskcache": _diskcache_url,
+    "postgresql": _postgres,
+    "postgres": _postgres,
+}

@@ -1,0 +1,131 @@
+"""What the ``trio-pgs`` command opens: store specs (a directory or a store URL), read-only
+opening for the commands that only read, and database files that are not stores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from trio_pgs._cli import main
+
+from .cli_support import filled_store, records, rows
+
+#: One invocation of each command, given the store spec first.
+EVERY_COMMAND = [
+    ["list"], ["stats"], ["export"], ["show", "tally", "alice"],
+    ["release", "tally", "alice"], ["purge", "tally", "alice", "--yes"], ["import"],
+]
+
+
+@pytest.fixture
+def store_dir(tmp_path: Path) -> Path:
+    return filled_store(tmp_path / "store")
+
+
+def files(directory: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
+
+
+# -- store specs ------------------------------------------------------------------------
+
+
+def test_a_diskcache_url_names_the_same_store_as_its_directory(
+    store_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert main(["list", str(store_dir)]) == 0
+    by_path = capsys.readouterr().out
+    monkeypatch.chdir(store_dir.parent)
+    assert store_dir.is_absolute()
+    for spec in (f"diskcache://{store_dir}", f"diskcache:{store_dir}", "diskcache:store"):
+        assert main(["list", spec]) == 0, spec
+        assert capsys.readouterr().out == by_path, spec
+
+
+def test_a_write_command_takes_a_diskcache_url(
+    store_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["purge", f"diskcache://{store_dir}", "tally", "bob", "--yes"]) == 0
+    assert "purged tally/bob" in capsys.readouterr().out
+    assert ("tally", "bob") not in records(store_dir)
+
+
+@pytest.mark.parametrize("url", ["postgresql://app@db.example/games", "postgres:///games"])
+@pytest.mark.parametrize("argv", EVERY_COMMAND, ids=lambda argv: argv[0])
+def test_a_postgresql_url_says_the_postgres_store_is_not_available(
+    url: str, argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([argv[0], url, *argv[1:]]) == 2
+    err = capsys.readouterr().err
+    assert ("PostgresStore is not available in this version; it needs the "
+            "trio-pgs[postgres] extra") in err
+    assert "no such directory" not in err
+
+
+@pytest.mark.parametrize("spec", ["redis://cache/0", "sqlite:store.db"])
+def test_an_unknown_store_scheme_is_refused_and_names_the_known_ones(
+    spec: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["import", spec]) == 2
+    err = capsys.readouterr().err
+    scheme = spec.partition(":")[0]
+    assert f"unknown store scheme {scheme!r}" in err
+    assert "diskcache:" in err and "./" in err  # the known schemes, and the way to a path
+    assert list(tmp_path.iterdir()) == []  # nothing created
+
+
+def test_a_diskcache_url_naming_a_host_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list", "diskcache://fileserver/srv/store"]) == 2
+    assert "names a host" in capsys.readouterr().err
+
+
+def test_a_directory_whose_name_has_a_colon_is_reached_as_a_relative_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    filled_store(tmp_path / "games:2026")
+    monkeypatch.chdir(tmp_path)
+    assert main(["list", "./games:2026"]) == 0
+    assert len(rows(capsys.readouterr().out)) == 4
+
+
+# -- database files that are not stores ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"", "its database file is empty"),
+        (b"just some text, not a database\n" * 200, "its database file is not an SQLite database"),
+    ],
+    ids=["empty", "not-sqlite"],
+)
+@pytest.mark.parametrize("argv", EVERY_COMMAND, ids=lambda argv: argv[0])
+def test_an_empty_or_foreign_database_file_is_reported_as_such_and_left_alone(
+    content: bytes, reason: str, argv: list[str], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "cache.db").write_bytes(content)
+    backup = tmp_path / "backup.jsonl"
+    backup.write_text('{"kind": "tally", "key": "a", "data": {}}\n')
+    extra = [str(backup)] if argv[0] == "import" else []
+    assert main([argv[0], str(store), *argv[1:], *extra]) == 2
+    err = capsys.readouterr().err
+    assert f"{store} is not a valid trio-pgs store: {reason}" in err
+    assert "writable directory" not in err
+    assert files(store) == {"cache.db": content}
+
+
+def test_a_damaged_database_file_is_reported_as_such(
+    store_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    database = store_dir / "cache.db"
+    header = database.read_bytes()[:100]
+    database.write_bytes(header[:16] + b"\xff" * (len(header) - 16) + b"\x00" * 4096)
+    assert main(["list", str(store_dir)]) == 2
+    err = capsys.readouterr().err
+    assert f"{store_dir} is not a valid trio-pgs store: its database file is damaged" in err
+    assert "writable directory" not in err
