@@ -549,7 +549,9 @@ class Activation:
         ref = self.entry.ref
         self.committing = raising  # a stop's: if cancelled, cut_off says "unknown"
         try:
-            await self.entry.host.writer.commit(Delete(ref.kind, ref.key, self.record.version))
+            await self.entry.host.writer.commit(
+                Delete(ref.kind, ref.key, self.record.version, self.record.epoch)
+            )
         except Exception:
             self.committing = False
             if raising:

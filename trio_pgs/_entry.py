@@ -28,7 +28,7 @@ from ._errors import (
 from ._events import EventType
 from ._ledger import ErrorFactory, ReplySlot
 from ._server import Options, PersistentServer
-from ._store import Store
+from ._store import Claim, Store
 from ._writer import Writer
 
 if TYPE_CHECKING:
@@ -67,6 +67,9 @@ class Host(Protocol):
     writer: Writer
     counters: Counters
     max_active: int | None
+
+    #: Claim a server before activating it (`SupportsClaims`, or a plain load).
+    claim: Callable[[str, str], Awaitable[Claim]]
 
     def touch(self, entry: Entry, idle_timeout: float | None) -> None:
         """*entry* handled a message now: its idle deadline and recency move."""

@@ -4,20 +4,28 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 
+import attrs
 import trio
 
-from ._store import Delete, Operation, Put, Record, check_operation
+from ._store import Claim, Delete, OnSkip, Operation, Put, Record, check_version
+
+Ident = tuple[str, str]
 
 
 class MemoryStore:
     """Keeps records in this process's memory.
 
     Closing it keeps the data, so a test can open a new supervisor on the same store
-    to play a restart. Like every store, it serves one open supervisor at a time.
+    to play a restart. Like every store, it serves one open supervisor at a time. It
+    offers every capability: kinds, reporting scans (it has no unreadable rows) and
+    claims (a claim raises the stored epoch at once; a deleted record leaves its last
+    version and epoch behind, so a new one continues them).
     """
 
     def __init__(self) -> None:
-        self._records: dict[tuple[str, str], Record] = {}
+        self._records: dict[Ident, Record] = {}
+        #: Deleted records: their last (version, epoch).
+        self._tombstones: dict[Ident, tuple[int, int]] = {}
         self._open = False
 
     def __repr__(self) -> str:
@@ -37,22 +45,45 @@ class MemoryStore:
         await trio.lowlevel.checkpoint()
         return self._records.get((kind, key))
 
+    async def claim(self, kind: str, key: str) -> Claim:
+        await trio.lowlevel.checkpoint()
+        ident = (kind, key)
+        record = self._records.get(ident)
+        if record is None:
+            version, epoch = self._tombstones.get(ident, (0, 0))
+            return Claim(record=None, epoch=epoch + 1, version=version)
+        record = self._records[ident] = attrs.evolve(record, epoch=record.epoch + 1)
+        return Claim(record=record, epoch=record.epoch, version=record.version)
+
+    def _stored(self, ident: Ident) -> tuple[int, int] | None:
+        record = self._records.get(ident)
+        if record is not None:
+            return record.version, record.epoch
+        return self._tombstones.get(ident)
+
     async def commit(self, operations: Sequence[Operation]) -> None:
         await trio.lowlevel.checkpoint()
         # Check every condition against the batch's own earlier writes, then apply.
-        after: dict[tuple[str, str], Record | None] = {}
+        after: dict[Ident, tuple[Record | None, tuple[int, int] | None]] = {}
         for operation in operations:
             ident = _ident(operation)
-            current = after[ident] if ident in after else self._records.get(ident)
-            check_operation(current, operation)
-            after[ident] = operation.record if isinstance(operation, Put) else None
-        for ident, record in after.items():
-            if record is None:
-                self._records.pop(ident, None)
+            stored = after[ident][1] if ident in after else self._stored(ident)
+            check_version(stored, operation)
+            if isinstance(operation, Put):
+                put = operation.record
+                after[ident] = (put, (put.version, put.epoch))
             else:
-                self._records[ident] = record
+                after[ident] = (None, stored)
+        for ident, (written, stored) in after.items():
+            if written is not None:
+                self._records[ident] = written
+                self._tombstones.pop(ident, None)
+            else:
+                self._records.pop(ident, None)
+                if stored is not None:
+                    self._tombstones[ident] = stored
 
-    async def scan(self, kind: str) -> AsyncIterator[Record]:
+    async def scan(self, kind: str, *, on_skip: OnSkip | None = None) -> AsyncIterator[Record]:
         for record in list(self._records.values()):
             if record.kind == kind:
                 await trio.lowlevel.checkpoint()
@@ -66,7 +97,7 @@ class MemoryStore:
         return len(self._records)
 
 
-def _ident(operation: Operation) -> tuple[str, str]:
+def _ident(operation: Operation) -> Ident:
     if isinstance(operation, Delete):
         return operation.kind, operation.key
     return operation.record.kind, operation.record.key

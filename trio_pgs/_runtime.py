@@ -39,7 +39,7 @@ from ._events import EventType
 from ._ledger import ErrorFactory
 from ._ref import ServerRef
 from ._server import PersistentServer
-from ._store import Delete, Put, Record, next_version
+from ._store import Claim, Delete, Put, Record, next_version
 
 logger = logging.getLogger("trio_pgs")
 
@@ -108,13 +108,15 @@ async def activate(entry: Entry) -> Activation | None:
     start, entry.start = entry.start, None
     entry.status = Status.ACTIVATING
     try:
-        record = await entry.host.store.load(entry.ref.kind, entry.ref.key)
+        # The claim fences off any earlier activation: its writes are refused now.
+        claim = await entry.host.claim(entry.ref.kind, entry.ref.key)
     except Exception as exc:
         _activation_failed(entry, exc, start)
         return None
+    record = claim.record
     server = entry.info.cls()
     if record is None and start is not None:
-        created = await _create(entry, server, start)
+        created = await _create(entry, server, start, claim)
         if created is None:
             return None
         if created is _TAKEN:  # another start won the race: a plain activation
@@ -136,7 +138,7 @@ _TAKEN: Any = object()
 
 
 async def _create(
-    entry: Entry, server: PersistentServer[Any], start: StartRequest
+    entry: Entry, server: PersistentServer[Any], start: StartRequest, claim: Claim
 ) -> tuple[Any, Record] | None:
     """`start()`: run `init`, commit the first record. None: the start failed (its
     caller has been answered and the entry ended)."""
@@ -159,10 +161,11 @@ async def _create(
         start.slot.set_error(error)
         entry.end(not_found(ref))
         return None
-    record = Record(ref.kind, ref.key, data, 1, info.options.state_version,
-                    updated_at=time.time())
+    # Versions and epochs continue those of a deleted record under the same key.
+    record = Record(ref.kind, ref.key, data, claim.version + 1, info.options.state_version,
+                    claim.epoch, time.time())
     try:
-        await entry.host.writer.commit(Put(record, 0))
+        await entry.host.writer.commit(Put(record, claim.version))
     except trio.Cancelled:  # cut off at shutdown while the store had it
         start.slot.set_error(OutcomeUnknown(
             f"{ref}: the supervisor shut down while start()'s first commit was with the "
@@ -232,7 +235,9 @@ async def _run_on_activate(
         if created:
             # start() is all or nothing: the record it just created is deleted again.
             try:
-                await entry.host.writer.commit(Delete(ref.kind, ref.key, record.version))
+                await entry.host.writer.commit(
+                    Delete(ref.kind, ref.key, record.version, record.epoch)
+                )
             except Exception:
                 logger.exception("%s: the record created by start() could not be "
                                  "deleted after on_activate failed", ref, extra=entry.extra)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import attrs
@@ -63,11 +63,28 @@ class Put:
 
 @attrs.frozen
 class Delete:
-    """Delete a record, provided the stored version is *expected_version* (None: any)."""
+    """Delete a record, provided the stored version is *expected_version* (None: any)
+    and, when *epoch* is given, that no later claim took the record (fencing).
+
+    A store keeps what it needs of a deleted record (a tombstone: its last version and
+    epoch), so that a record created again under the same key continues them."""
 
     kind: str
     key: str
     expected_version: int | None = None
+    epoch: int | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Claim:
+    """What `SupportsClaims.claim` returns: the stored record (None if there is none)
+    carrying the new *epoch*, and the stored *version* (that of the record, or of its
+    tombstone if it was deleted; 0 if the key never had one). An activation writes with
+    this epoch; a record created now is version ``version + 1``, expected ``version``."""
+
+    record: Record | None
+    epoch: int
+    version: int
 
 
 Operation = Put | Delete
@@ -75,11 +92,14 @@ Operation = Put | Delete
 
 @runtime_checkable
 class Store(Protocol):
-    """What a store adapter provides. All methods are called from the trio thread.
+    """What every store adapter provides. All methods are called from the trio thread.
 
     A store serves one open supervisor at a time. `commit` is atomic: either every
     operation of the batch is applied or none is, and a failed condition raises
-    `ConflictError`. Blocking libraries must run on a thread of their own.
+    `ConflictError`. Blocking libraries must run on a thread of their own. A store may
+    also offer the capabilities below (`SupportsKinds`, `SupportsReportingScan`,
+    `SupportsClaims`); the supervisor uses each one it finds. Run
+    `trio_pgs.testing.check_store` against an adapter to check it keeps this contract.
     """
 
     async def open(self) -> None:
@@ -89,43 +109,85 @@ class Store(Protocol):
         """Release the store's resources; data stays."""
 
     async def load(self, kind: str, key: str) -> Record | None:
-        """Return the record of (*kind*, *key*), or None."""
+        """Return the record of (*kind*, *key*), or None (never stored, or deleted)."""
 
     async def commit(self, operations: Sequence[Operation]) -> None:
-        """Apply *operations* atomically, checking each one's expected version."""
+        """Apply *operations* atomically, checking each one's expected version and
+        epoch (`check_version` says how). A deleted record leaves a tombstone."""
 
     def scan(self, kind: str) -> AsyncIterator[Record]:
         """Iterate over every record of *kind*, in no particular order."""
 
-    # Optional: ``async def kinds(self) -> set[str]``, every kind with a stored record,
-    # used once at startup to log the kinds that no listed class serves.
+
+@runtime_checkable
+class SupportsKinds(Protocol):
+    """A store that lists its kinds cheaply: used once at startup to log the stored
+    kinds that no listed class serves."""
+
+    async def kinds(self) -> set[str]:
+        """Every kind with a stored record."""
 
 
-def check_operation(current: Record | None, operation: Operation) -> None:
-    """Raise `ConflictError` unless *operation* may apply over *current*.
+#: Told of each row a scan skipped: its kind/key (as stored) and why.
+OnSkip = Callable[[str, Exception], None]
 
-    Shared by the embedded stores, which check versions in-process.
-    """
-    check_version(None if current is None else (current.version, current.epoch), operation)
+
+@runtime_checkable
+class SupportsReportingScan(Protocol):
+    """A store whose scans report the rows they cannot read instead of failing."""
+
+    def scan(self, kind: str, *, on_skip: OnSkip | None = None) -> AsyncIterator[Record]:
+        """`Store.scan`, skipping unreadable rows and telling *on_skip* of each."""
+
+
+@runtime_checkable
+class SupportsClaims(Protocol):
+    """A store that fences its writers: every activation claims its server first, and
+    the store refuses a write carrying an older epoch (docs/stores.md, "Claims")."""
+
+    async def claim(self, kind: str, key: str) -> Claim:
+        """Raise the stored epoch of (*kind*, *key*) by one and return the `Claim`.
+        Epochs and versions only grow, across deletes too. For a key with no record,
+        nothing need be written: the first write of the claimed epoch creates it."""
 
 
 def check_version(current: tuple[int, int] | None, operation: Operation) -> None:
-    """`check_operation`, given only the stored (version, epoch), or None if absent."""
+    """Raise `ConflictError` unless *operation* may apply over the stored (version,
+    epoch), which is that of the record or of its tombstone (None: never stored).
+
+    A write is fenced off if it carries an epoch older than the stored one (a later
+    claim took the record); its expected version must be the stored one.
+    """
     if isinstance(operation, Put):
         kind, key = operation.record.kind, operation.record.key
         expected: int | None = operation.expected_version
-        found = 0 if current is None else current[0]
-        if current is not None and operation.record.epoch < current[1]:
-            raise ConflictError(
-                f"{kind}/{key}: write fenced off (epoch {operation.record.epoch} is older "
-                f"than the stored epoch {current[1]}); another activation owns it"
-            )
+        epoch: int | None = operation.record.epoch
     else:
         kind, key = operation.kind, operation.key
-        expected = operation.expected_version
-        found = 0 if current is None else current[0]
+        expected, epoch = operation.expected_version, operation.epoch
+    found = 0 if current is None else current[0]
+    if current is not None and epoch is not None and epoch < current[1]:
+        raise ConflictError(
+            f"{kind}/{key}: write fenced off (epoch {epoch} is older than the stored "
+            f"epoch {current[1]}); another activation owns it"
+        )
     if expected is not None and expected != found:
         raise ConflictError(
             f"{kind}/{key}: expected stored version {expected}, found {found}; "
             "another writer changed it"
         )
+
+
+def claimer(store: Store) -> Callable[[str, str], Awaitable[Claim]]:
+    """How the runtime claims a server on *store*: its own `claim`, or for a store
+    without claims a plain load (no fencing: the record's own epoch)."""
+    if isinstance(store, SupportsClaims):
+        return store.claim
+
+    async def load_as_claim(kind: str, key: str) -> Claim:
+        record = await store.load(kind, key)
+        if record is None:
+            return Claim(record=None, epoch=0, version=0)
+        return Claim(record=record, epoch=record.epoch, version=record.version)
+
+    return load_as_claim

@@ -41,7 +41,7 @@ from ._server import (
     check_shaping,
     resolve_options,
 )
-from ._store import Put, Record, Store, next_version
+from ._store import Put, Record, Store, SupportsKinds, claimer, next_version
 from ._writer import Writer
 
 logger = logging.getLogger("trio_pgs")
@@ -279,9 +279,8 @@ class PersistentSupervisor:
             if count:
                 logger.info("supervisor %r: activated %d %s server(s) at startup",
                             self.name, count, info.cls.kind)
-        kinds = getattr(self.store, "kinds", None)
-        if kinds is not None:
-            unserved = sorted(set(await kinds()) - set(self._kinds))
+        if isinstance(self.store, SupportsKinds):
+            unserved = sorted(set(await self.store.kinds()) - set(self._kinds))
             if unserved:
                 logger.warning(
                     "supervisor %r: the store holds records of kind(s) %s that no class "
@@ -709,7 +708,8 @@ class PersistentSupervisor:
                 f"{ref} is active; release and rollback apply to quarantined or dormant "
                 "servers"
             )
-        record = await self.store.load(ref.kind, ref.key)
+        # A claim: an activation of another process, or one left behind, is fenced off.
+        record = (await self._host.claim(ref.kind, ref.key)).record
         if record is None:
             raise ServerNotFound(f"{ref}: no such server (never started, or stopped normally)")
         return record
@@ -740,11 +740,14 @@ class PersistentSupervisor:
 class _Host:
     """The supervisor as its servers' entries and activations see it (`Host`)."""
 
-    __slots__ = ("counters", "max_active", "reaper", "store", "sup", "touch", "writer")
+    __slots__ = (
+        "claim", "counters", "max_active", "reaper", "store", "sup", "touch", "writer",
+    )
 
     def __init__(self, sup: PersistentSupervisor) -> None:
         self.sup = sup
         self.store = sup.store
+        self.claim = claimer(sup.store)
         self.writer = sup._writer
         self.counters = sup._counters
         self.max_active = sup.max_active

@@ -12,7 +12,16 @@ import trio
 
 from .._errors import PersistenceError
 from .._memory_store import MemoryStore
-from .._store import Operation, Record, Store
+from .._store import (
+    Claim,
+    OnSkip,
+    Operation,
+    Record,
+    Store,
+    SupportsKinds,
+    SupportsReportingScan,
+    claimer,
+)
 
 Where = Literal["load", "commit"]
 
@@ -44,6 +53,7 @@ class FaultyStore:
 
     def __init__(self, inner: Store | None = None, *, seed: int | None = None) -> None:
         self.inner: Store = inner if inner is not None else MemoryStore()
+        self._claim = claimer(self.inner)
         self.load_failure_rate = 0.0
         self.commit_failure_rate = 0.0
         self.load_delay = 0.0
@@ -103,7 +113,7 @@ class FaultyStore:
     async def close(self) -> None:
         await self.inner.close()
 
-    async def load(self, kind: str, key: str) -> Record | None:
+    async def _before_load(self) -> None:
         if self.load_delay:
             await trio.sleep(self.load_delay)
         error = self._fault("load", self.load_failure_rate)
@@ -112,6 +122,9 @@ class FaultyStore:
             await trio.lowlevel.checkpoint()
             raise error
         self._loads += 1
+
+    async def load(self, kind: str, key: str) -> Record | None:
+        await self._before_load()
         return await self.inner.load(kind, key)
 
     async def commit(self, operations: Sequence[Operation]) -> None:
@@ -127,6 +140,24 @@ class FaultyStore:
         self._commits += 1
         await self.inner.commit(operations)
 
-    async def scan(self, kind: str) -> AsyncIterator[Record]:
-        async for record in self.inner.scan(kind):
+    async def claim(self, kind: str, key: str) -> Claim:
+        """The inner store's claim (a plain load where it has none), failing and
+        delayed as a load."""
+        await self._before_load()
+        return await self._claim(kind, key)
+
+    async def scan(self, kind: str, *, on_skip: OnSkip | None = None) -> AsyncIterator[Record]:
+        """The inner store's scan; unreadable rows reported to *on_skip* if it can."""
+        if isinstance(self.inner, SupportsReportingScan):
+            rows = self.inner.scan(kind, on_skip=on_skip)
+        else:
+            rows = self.inner.scan(kind)
+        async for record in rows:
             yield record
+
+    async def kinds(self) -> set[str]:
+        """The inner store's kinds (empty if it cannot list them)."""
+        if isinstance(self.inner, SupportsKinds):
+            return await self.inner.kinds()
+        await trio.lowlevel.checkpoint()
+        return set()

@@ -1,0 +1,103 @@
+"""The store contract in code: every store in the repo passes the conformance kit, the
+kit catches a store that breaks it, and claims fence the runtime's writers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+
+from trio_pgs import (
+    ConflictError,
+    Delete,
+    MemoryStore,
+    PersistenceError,
+    PersistentSupervisor,
+    Put,
+    Record,
+)
+from trio_pgs.testing import FaultyStore, check_store
+
+from .servers import TallyServer
+
+
+async def test_memory_store_keeps_the_store_contract():
+    await check_store(MemoryStore)
+
+
+async def test_faulty_store_keeps_the_store_contract_when_it_injects_nothing():
+    await check_store(FaultyStore)
+
+
+class CarelessStore(MemoryStore):
+    """Applies every write, whatever version it expects."""
+
+    async def commit(self, operations: Any) -> None:
+        for operation in operations:
+            if isinstance(operation, Put):
+                self._records[operation.record.kind, operation.record.key] = operation.record
+        await trio.lowlevel.checkpoint()
+
+
+async def test_the_kit_names_the_promise_a_store_breaks():
+    with pytest.raises(AssertionError, match="a put expecting another version"):
+        await check_store(CarelessStore)
+
+
+async def test_a_record_created_again_continues_the_versions_of_the_deleted_one():
+    store = MemoryStore()
+    await store.open()
+    await store.commit([Put(Record("k", "a", b"1"), 0), Put(Record("k", "a", b"2", 2), 1)])
+    await store.commit([Delete("k", "a")])  # a purge
+    with pytest.raises(ConflictError):
+        await store.commit([Put(Record("k", "a", b"again"), 0)])
+
+
+async def test_a_restored_record_is_never_overwritten_by_an_activation_left_behind():
+    """Purge a server while it is active, restore an old copy of its record: the
+    activation left behind must not write over the restored record."""
+    store = MemoryStore()
+    async with PersistentSupervisor(store=store) as sup:
+        ref = await sup.start(TallyServer, key="a")
+        await ref.call(("add", "x"))
+        exported = await store.load("tally", "a")
+        assert exported is not None
+        await ref.call(("add", "y"))
+        await store.commit([Delete("tally", "a")])  # trio-pgs purge
+        claim = await store.claim("tally", "a")  # trio-pgs import
+        restored = Record(
+            "tally", "a", exported.data, claim.version + 1, exported.state_version,
+            claim.epoch,
+        )
+        await store.commit([Put(restored, claim.version)])
+        with pytest.raises(PersistenceError):
+            await ref.call(("add", "z"))  # the activation left behind: fenced off
+        assert await store.load("tally", "a") == restored
+        assert await ref.call("get") == ["x"]  # served from the restored record
+
+
+async def test_an_activation_is_fenced_off_once_another_claimed_its_server():
+    store = MemoryStore()
+    async with PersistentSupervisor(store=store) as sup:
+        ref = await sup.start(TallyServer, key="a")
+        await ref.call(("add", "x"))
+        await store.claim("tally", "a")  # another process activated it
+        with pytest.raises(ConflictError):
+            await ref.call(("add", "lost"))
+        assert await ref.call("get") == ["x"]
+
+
+async def test_versions_and_epochs_never_repeat_across_a_stop_and_a_new_start():
+    store = MemoryStore()
+    async with PersistentSupervisor(store=store) as sup:
+        ref = await sup.start(TallyServer, key="a")
+        await ref.call(("add", "x"))
+        before = await store.load("tally", "a")
+        await ref.stop()
+        await sup.start(TallyServer, key="a")
+        after = await store.load("tally", "a")
+    assert before is not None and after is not None
+    assert after.version > before.version
+    assert after.epoch > before.epoch
+

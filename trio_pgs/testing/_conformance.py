@@ -1,0 +1,194 @@
+"""`check_store`: the store contract as a test any adapter can run.
+
+Rule of this module: every promise a store makes to the runtime (docs/stores.md) is
+checked here, against the store's public methods only, and a failure names the
+promise. Capabilities are checked when the store declares them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import attrs
+
+from .._errors import ConflictError
+from .._store import (
+    Delete,
+    Put,
+    Record,
+    Store,
+    SupportsClaims,
+    SupportsKinds,
+    SupportsReportingScan,
+)
+
+MakeStore = Callable[[], Store | Awaitable[Store]]
+
+
+async def check_store(make_store: MakeStore) -> None:
+    """Check that the stores *make_store* returns keep the store contract.
+
+    *make_store* returns a new, empty, unopened store each time it is called (it may
+    be async). Each check opens one, uses it, and closes it; a broken promise raises
+    `AssertionError` naming it. Like `trio.testing.check_two_way_stream`, run it from a
+    trio test of your own adapter::
+
+        async def test_my_store_keeps_the_contract(tmp_path):
+            await trio_pgs.testing.check_store(lambda: MyStore(tmp_path / uuid4().hex))
+    """
+    for check in _CHECKS:
+        store = make_store()
+        if not isinstance(store, Store):
+            store = await store
+        await store.open()
+        try:
+            await check(store)
+        except AssertionError as exc:
+            raise AssertionError(f"{store!r}: {check.__doc__}: {exc}") from exc
+        finally:
+            await store.close()
+
+
+def _record(key: str, data: bytes = b"1", version: int = 1, **fields: Any) -> Record:
+    return Record("conformance", key, data, version, **fields)
+
+
+async def _conflicts(store: Store, *operations: Put | Delete) -> bool:
+    try:
+        await store.commit(list(operations))
+    except ConflictError:
+        return True
+    return False
+
+
+async def _missing_is_none(store: Store) -> None:
+    """load of a key never stored returns None"""
+    assert await store.load("conformance", "missing") is None
+
+
+async def _round_trip(store: Store) -> None:
+    """a record reads back as it was written, every field"""
+    record = _record(
+        "a", b'{"x": [1, 2]}', 1, state_version=3, epoch=0, updated_at=123.5,
+        crashes=(1.0, 2.5), quarantined=True, history=(b"old", b"older"),
+    )
+    await store.commit([Put(record, 0)])
+    assert await store.load("conformance", "a") == record
+
+
+async def _conditional_put(store: Store) -> None:
+    """a put expecting another version is a ConflictError and changes nothing"""
+    await store.commit([Put(_record("a"), 0)])
+    assert await _conflicts(store, Put(_record("a", b"2", 2), 5)), "accepted"
+    assert await _conflicts(store, Put(_record("a", b"2", 2), 0)), "created twice"
+    stored = await store.load("conformance", "a")
+    assert stored is not None and stored.data == b"1", f"changed to {stored}"
+
+
+async def _atomic_batch(store: Store) -> None:
+    """a batch with one failed condition applies none of its operations"""
+    await store.commit([Put(_record("a"), 0)])
+    batch = [Put(_record("b"), 0), Put(_record("a", b"2", 2), 7)]
+    assert await _conflicts(store, *batch), "accepted"
+    assert await store.load("conformance", "b") is None, "half a batch was applied"
+
+
+async def _batch_in_order(store: Store) -> None:
+    """a batch may write one record twice, each write checked against the one before"""
+    await store.commit([Put(_record("a"), 0), Put(_record("a", b"2", 2), 1)])
+    stored = await store.load("conformance", "a")
+    assert stored is not None and stored.version == 2
+
+
+async def _conditional_delete(store: Store) -> None:
+    """a delete checks its expected version; an unconditional one always applies"""
+    await store.commit([Put(_record("a"), 0), Put(_record("b"), 0)])
+    assert await _conflicts(store, Delete("conformance", "a", 9)), "accepted"
+    await store.commit([Delete("conformance", "a", 1), Delete("conformance", "b")])
+    assert await store.load("conformance", "a") is None
+    assert await store.load("conformance", "b") is None
+
+
+async def _versions_continue_after_delete(store: Store) -> None:
+    """a deleted record's versions are not reused: a new one continues them"""
+    await store.commit([Put(_record("a"), 0), Put(_record("a", b"2", 2), 1)])
+    await store.commit([Delete("conformance", "a", 2)])
+    assert await _conflicts(store, Put(_record("a", b"new", 1), 0)), (
+        "a record was created again at version 1 after a delete (a writer left behind "
+        "could then write over it)"
+    )
+    await store.commit([Put(_record("a", b"new", 3), 2)])
+    stored = await store.load("conformance", "a")
+    assert stored is not None and stored.version == 3
+
+
+async def _scan_by_kind(store: Store) -> None:
+    """scan yields exactly the records of its kind, deleted ones excluded"""
+    await store.commit([
+        Put(_record("a"), 0), Put(_record("b"), 0), Put(_record("c"), 0),
+        Put(Record("conformance.other", "a", b"1"), 0),
+    ])
+    await store.commit([Delete("conformance", "c")])
+    keys = sorted([record.key async for record in store.scan("conformance")])
+    assert keys == ["a", "b"], keys
+
+
+async def _fencing(store: Store) -> None:
+    """a write or delete carrying an older epoch than the stored one is refused"""
+    await store.commit([Put(_record("a", epoch=5), 0)])
+    assert await _conflicts(store, Put(_record("a", b"2", 2, epoch=4), 1)), "put accepted"
+    assert await _conflicts(store, Delete("conformance", "a", 1, epoch=4)), "delete accepted"
+    await store.commit([Put(_record("a", b"2", 2, epoch=5), 1)])
+
+
+async def _claims(store: Store) -> None:
+    """a claim raises the epoch, fences the writer before it, and survives deletes"""
+    if not isinstance(store, SupportsClaims):
+        return
+    absent = await store.claim("conformance", "a")
+    assert absent.record is None and absent.version == 0, absent
+    first = _record("a", epoch=absent.epoch)
+    await store.commit([Put(first, 0)])
+    claim = await store.claim("conformance", "a")
+    assert claim.record is not None and claim.epoch > absent.epoch, claim
+    assert claim.record.epoch == claim.epoch and claim.version == 1, claim
+    assert attrs.evolve(claim.record, epoch=first.epoch) == first, "the claim changed data"
+    assert await _conflicts(store, Put(_record("a", b"2", 2, epoch=first.epoch), 1)), (
+        "a write of the activation before the claim was accepted"
+    )
+    await store.commit([Put(_record("a", b"2", 2, epoch=claim.epoch), 1)])
+    await store.commit([Delete("conformance", "a", 2, claim.epoch)])
+    again = await store.claim("conformance", "a")
+    assert again.record is None and again.version == 2, again
+    assert again.epoch > claim.epoch, f"epoch {again.epoch} repeats after a delete"
+
+
+async def _kinds(store: Store) -> None:
+    """kinds lists every kind with a stored record, and no other"""
+    if not isinstance(store, SupportsKinds):
+        return
+    await store.commit([
+        Put(_record("a"), 0), Put(Record("conformance.other", "a", b"1"), 0),
+        Put(Record("conformance.gone", "a", b"1"), 0),
+    ])
+    await store.commit([Delete("conformance.gone", "a")])
+    kinds = await store.kinds()
+    assert kinds == {"conformance", "conformance.other"}, kinds
+
+
+async def _reporting_scan(store: Store) -> None:
+    """a reporting scan yields every readable record and reports nothing on clean data"""
+    if not isinstance(store, SupportsReportingScan):
+        return
+    await store.commit([Put(_record("a"), 0)])
+    skipped: list[str] = []
+    keys = [r.key async for r in store.scan("conformance", on_skip=lambda k, e: skipped.append(k))]
+    assert keys == ["a"] and skipped == [], (keys, skipped)
+
+
+_CHECKS = (
+    _missing_is_none, _round_trip, _conditional_put, _atomic_batch, _batch_in_order,
+    _conditional_delete, _versions_continue_after_delete, _scan_by_kind, _fencing,
+    _claims, _kinds, _reporting_scan,
+)
