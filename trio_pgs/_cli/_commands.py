@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import IO
 
@@ -17,7 +16,7 @@ from .._store import Delete, Put, Record, next_version
 from ._exchange import read_records, record_to_json
 from ._exit import EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE, CommandError
 from ._opener import CommandStore, session, store_from_spec
-from ._output import Progress, ident, iso, status, table
+from ._output import Progress, err, escape, ident, iso, json_text, out, status, table
 
 #: Records per transaction on import: small, so a running application's writes are
 #: never held up for long.
@@ -32,11 +31,16 @@ async def _each(store: CommandStore, kind: str | None, visit: Callable[[Record],
     def report(kind: str, key: str, error: Exception) -> None:
         nonlocal skipped
         skipped += 1
-        print(f"trio-pgs: scan skipped {kind}/{key}: {error}", file=sys.stderr)
+        err(f"trio-pgs: scan skipped {kind}/{key}: {error}")
 
     for each in [kind] if kind is not None else sorted(await store.kinds()):
-        async for record in store.scan(each, on_skip=functools.partial(report, each)):
-            visit(record)
+        rows = store.scan(each, on_skip=functools.partial(report, each))
+        try:
+            async for record in rows:
+                visit(record)
+        finally:
+            if isinstance(rows, AsyncGenerator):  # closed now, not when collected
+                await rows.aclose()
     return skipped
 
 
@@ -65,7 +69,7 @@ def show_command(args: argparse.Namespace) -> int:
     record = _load(args.store, args.kind, args.key)
     exported = record_to_json(record)
     if args.meta:
-        print(json.dumps(exported, indent=2, ensure_ascii=False))
+        print(json_text(exported, indent=2))
         return EXIT_OK
     crashes = ", ".join(map(iso, record.crashes))
     for name, value in [
@@ -79,11 +83,14 @@ def show_command(args: argparse.Namespace) -> int:
         ("history", f"{len(record.history)} earlier state(s)"),
         ("size", f"{len(record.data)} bytes"),
     ]:
-        print(f"{name + ':':<15}{value}", file=sys.stderr)
+        err(f"{name + ':':<15}{value}")
+    if escape(ident(record.kind, record.key)) != ident(record.kind, record.key):
+        err("(the record's name is shown escaped: --meta prints its kind and key exactly, "
+            "as JSON)")
     if "data" in exported:
-        print(json.dumps(exported["data"], indent=2, ensure_ascii=False))
+        print(json_text(exported["data"], indent=2))
     else:
-        print("the state is not JSON; here are its bytes in base64:", file=sys.stderr)
+        err("the state is not JSON; here are its bytes in base64:")
         print(exported["data_base64"])
     return EXIT_OK
 
@@ -120,11 +127,11 @@ def release_command(args: argparse.Namespace) -> int:
     if record is None:
         raise CommandError(f"{ident(kind, key)}: no such record in {args.store}")
     if released:
-        print(f"released {ident(kind, key)} (now at version {record.version})")
+        out(f"released {ident(kind, key)} (now at version {record.version})")
     else:
         # Left alone: a server that is not quarantined may be active in an application,
         # whose next write would then fail on the changed version.
-        print(f"{ident(kind, key)} is not quarantined; nothing changed", file=sys.stderr)
+        err(f"{ident(kind, key)} is not quarantined; nothing changed")
     return EXIT_OK
 
 
@@ -142,7 +149,7 @@ def purge_command(args: argparse.Namespace) -> int:
         question = (f"Delete {ident(kind, key)} ({status(record)}, version "
                     f"{record.version}, {len(record.data)} bytes)")
     if not args.yes:
-        sys.stderr.write(f"{question} from {args.store}? [y/N] ")
+        sys.stderr.write(escape(f"{question} from {args.store}? ") + "[y/N] ")
         sys.stderr.flush()
         if sys.stdin.readline().strip().lower() not in ("y", "yes"):
             raise CommandError("nothing purged")
@@ -151,20 +158,20 @@ def purge_command(args: argparse.Namespace) -> int:
     delete = Delete(kind, key, None if record is None else record.version)
     session(store_from_spec(args.store, write=True), lambda store: store.commit([delete]))
     if record is None:
-        print(f"purged the unreadable row {ident(kind, key)}")
+        out(f"purged the unreadable row {ident(kind, key)}")
     else:
-        print(f"purged {ident(kind, key)} (it was at version {record.version})")
+        out(f"purged {ident(kind, key)} (it was at version {record.version})")
     return EXIT_OK
 
 
 def export_command(args: argparse.Namespace) -> int:
     store = store_from_spec(args.store, write=False)
 
-    def export(out: IO[str], quiet: bool) -> tuple[int, int]:
+    def export(output: IO[str], quiet: bool) -> tuple[int, int]:
         progress = Progress("exported", quiet=quiet)
 
         def visit(record: Record) -> None:
-            out.write(json.dumps(record_to_json(record)) + "\n")
+            output.write(json_text(record_to_json(record), ascii=True) + "\n")
             progress.step()
 
         skipped = session(store, lambda opened: _each(opened, None, visit))
@@ -178,8 +185,8 @@ def export_command(args: argparse.Namespace) -> int:
         path = Path(args.output)
         partial = path.with_name(path.name + ".part")
         try:
-            with partial.open("w", encoding="utf-8") as out:
-                count, skipped = export(out, quiet=False)
+            with partial.open("w", encoding="utf-8") as output:
+                count, skipped = export(output, quiet=False)
             os.replace(partial, path)
         except OSError as exc:
             partial.unlink(missing_ok=True)
@@ -192,7 +199,7 @@ def export_command(args: argparse.Namespace) -> int:
             f"the export is incomplete: {skipped} unreadable row(s) skipped (see above); "
             f"{count} record(s) exported"
         )
-    print(f"exported {count} record(s) from {args.store}", file=sys.stderr)
+    err(f"exported {count} record(s) from {args.store}")
     return EXIT_OK
 
 
@@ -247,8 +254,7 @@ def import_command(args: argparse.Namespace) -> int:
         session(store, import_)
     except CommandError:
         if written:
-            print(f"{written} of {len(records)} record(s) were imported before that",
-                  file=sys.stderr)
+            err(f"{written} of {len(records)} record(s) were imported before that")
         raise
-    print(f"imported {len(records)} record(s) into {args.store}")
+    out(f"imported {len(records)} record(s) into {args.store}")
     return EXIT_OK

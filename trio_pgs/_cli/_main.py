@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from .. import __version__
 from . import _commands as run
 from ._exit import EXIT_INTERRUPTED, EXIT_NOT_FOUND, EXIT_USAGE, CommandError
+from ._output import err
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         status: int = args.run(args)
     except CommandError as exc:
-        print(f"trio-pgs: {exc}", file=sys.stderr)
+        err(f"trio-pgs: {exc}")
         return exc.code
     except KeyboardInterrupt:
         print(file=sys.stderr)

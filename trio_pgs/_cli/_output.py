@@ -1,23 +1,84 @@
-"""What the ``trio-pgs`` command prints: tables, times, server names, progress."""
+"""What the ``trio-pgs`` command prints: tables, messages, JSON, times, progress.
+
+Everything printed goes through here, and every stored string (a kind, a key, a state,
+a store's message about them) is printed escaped: a character that is not printable
+(control characters, C1, DEL, bidi controls, line and paragraph separators, and the
+rest of what `str.isprintable` refuses) would drive the terminal, forge table rows or
+reorder text, so it is written as an escape instead. Text uses Python's escapes
+(``\\x1b``, ``\\u202e``, ``\\n``, a backslash doubled), which bash's ``$'...'`` quoting
+reads back; JSON uses JSON's (``\\u001b``), so it stays the same JSON.
+"""
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
+from typing import Any
 
 from .._store import Record
 
 #: Import and export show progress on a terminal from this many records.
 PROGRESS_MIN = 1000
-_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_NAMED = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def escape(text: str) -> str:
+    """*text* with every character that is not printable, and the backslash, escaped."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    return "".join(_escape_char(char) for char in text)
+
+
+def _escape_char(char: str) -> str:
+    if char in _NAMED:
+        return _NAMED[char]
+    if char.isprintable():
+        return char
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def out(text: str) -> None:
+    """Print *text*, escaped, on stdout."""
+    print(escape(text))
+
+
+def err(text: str) -> None:
+    """Print *text*, escaped, on stderr."""
+    print(escape(text), file=sys.stderr)
+
+
+def json_text(value: Any, *, indent: int | None = None, ascii: bool = False) -> str:
+    """*value* as JSON text safe for a terminal: printable text as it is (UTF-8, or
+    escaped too if *ascii*), every other character as a JSON escape, so that the text
+    parses to *value* still. `ValueError` if *value* holds a NaN or an infinity."""
+    text = json.dumps(value, indent=indent, ensure_ascii=ascii, allow_nan=False)
+    if text.replace("\n", "").isprintable():
+        return text
+    # json.dumps escapes C0 already; what it leaves raw (DEL, C1, bidi controls, line
+    # separators, lone surrogates) can only be inside a string, where \uXXXX is the same.
+    return "".join(
+        char if char.isprintable() or char == "\n" else _json_escape(char) for char in text
+    )
+
+
+def _json_escape(char: str) -> str:
+    code = ord(char)
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    code -= 0x10000  # as a surrogate pair, as JSON writes a character beyond the BMP
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
 
 
 def table(header: Sequence[str], rows: Iterable[Sequence[object]], numeric: set[int]) -> None:
     """Aligned columns on a terminal (the *numeric* ones right-aligned), tab-separated
-    values when piped. Backslashes, tabs and newlines in values are escaped."""
-    cells = [list(header), *([str(value).translate(_ESCAPES) for value in row] for row in rows)]
+    values when piped. Values are escaped, so a tab or a newline never splits a cell."""
+    cells = [list(header), *([escape(str(value)) for value in row] for row in rows)]
     if not sys.stdout.isatty():
         for row in cells:
             print("\t".join(row))
@@ -37,8 +98,8 @@ def iso(timestamp: float) -> str:
 
 
 def ident(kind: str, key: str) -> str:
-    """A server's name in messages, with its control characters escaped."""
-    return f"{kind}/{key}".translate(_ESCAPES)
+    """A server's name in messages (raw: `out` and `err` escape it)."""
+    return f"{kind}/{key}"
 
 
 def status(record: Record) -> str:
