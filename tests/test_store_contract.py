@@ -101,3 +101,8 @@ async def test_versions_and_epochs_never_repeat_across_a_stop_and_a_new_start():
     assert after.version > before.version
     assert after.epoch > before.epoch
 
+
+
+def test_a_supervisor_refuses_a_store_that_lacks_the_protocols_methods():
+    with pytest.raises(TypeError, match=r"not a trio_pgs\.Store: it needs open\(\)"):
+        PersistentSupervisor(store=object())  # type: ignore[arg-type]

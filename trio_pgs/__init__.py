@@ -30,10 +30,14 @@ from ._server import Persistence as Persistence
 from ._server import PersistentServer as PersistentServer
 from ._server import Restart as Restart
 from ._shaping import ephemeral as ephemeral
+from ._store import Claim as Claim
 from ._store import Delete as Delete
 from ._store import Put as Put
 from ._store import Record as Record
 from ._store import Store as Store
+from ._store import SupportsClaims as SupportsClaims
+from ._store import SupportsKinds as SupportsKinds
+from ._store import SupportsReportingScan as SupportsReportingScan
 from ._supervisor import PersistentSupervisor as PersistentSupervisor
 from ._supervisor import SupervisorStatistics as SupervisorStatistics
 

@@ -133,9 +133,11 @@ class PersistentSupervisor:
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ValueError(f"a supervisor name must be a non-empty str, not {name!r}")
-        for method in ("open", "close", "load", "commit", "scan"):
-            if not callable(getattr(store, method, None)):
-                raise TypeError(f"store {store!r} has no {method}() method: not a Store")
+        if not isinstance(store, Store):  # the five methods of the protocol
+            raise TypeError(
+                f"store {store!r} is not a trio_pgs.Store: it needs open(), close(), "
+                "load(), commit() and scan()"
+            )
         if not (isinstance(shutdown_timeout, int | float) and shutdown_timeout >= 0):
             raise ValueError(f"shutdown_timeout must be >= 0 seconds, not {shutdown_timeout!r}")
         if max_restarts is not None and (not isinstance(max_restarts, int) or max_restarts < 0):
