@@ -13,7 +13,7 @@ from typing import IO
 import attrs
 
 from .._store import Delete, Put, Record, next_version
-from ._exchange import read_records, record_to_json
+from ._exchange import import_refusal, read_records, record_to_json
 from ._exit import EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE, CommandError
 from ._opener import CommandStore, session, store_from_spec
 from ._output import Progress, err, escape, ident, iso, json_text, out, status, table
@@ -69,7 +69,13 @@ def show_command(args: argparse.Namespace) -> int:
     record = _load(args.store, args.kind, args.key)
     exported = record_to_json(record)
     if args.meta:
-        print(json_text(exported, indent=2))
+        try:
+            print(json_text(exported, indent=2))
+        except ValueError:
+            raise CommandError(
+                f"{ident(record.kind, record.key)} holds a time that JSON cannot hold (NaN "
+                "or infinite); show it without --meta"
+            ) from None
         return EXIT_OK
     crashes = ", ".join(map(iso, record.crashes))
     for name, value in [
@@ -166,27 +172,35 @@ def purge_command(args: argparse.Namespace) -> int:
 
 def export_command(args: argparse.Namespace) -> int:
     store = store_from_spec(args.store, write=False)
+    refused = 0
 
     def export(output: IO[str], quiet: bool) -> tuple[int, int]:
         progress = Progress("exported", quiet=quiet)
 
         def visit(record: Record) -> None:
-            output.write(json_text(record_to_json(record), ascii=True) + "\n")
+            nonlocal refused
+            exported = record_to_json(record)
+            refusal = import_refusal(record, exported)
+            if refusal is not None:  # every export imports back: leave it out, and say so
+                refused += 1
+                err(f"trio-pgs: export skipped {ident(record.kind, record.key)}: {refusal}")
+                return
+            output.write(json_text(exported, ascii=True) + "\n")
             progress.step()
 
-        skipped = session(store, lambda opened: _each(opened, None, visit))
+        unreadable = session(store, lambda opened: _each(opened, None, visit))
         progress.done()
-        return progress.count, skipped
+        return progress.count, unreadable
 
     if args.output is None:
-        count, skipped = export(sys.stdout, quiet=sys.stdout.isatty())
+        count, unreadable = export(sys.stdout, quiet=sys.stdout.isatty())
     else:
         # Written aside and renamed at the end: a failed export leaves no partial file.
         path = Path(args.output)
         partial = path.with_name(path.name + ".part")
         try:
             with partial.open("w", encoding="utf-8") as output:
-                count, skipped = export(output, quiet=False)
+                count, unreadable = export(output, quiet=False)
             os.replace(partial, path)
         except OSError as exc:
             partial.unlink(missing_ok=True)
@@ -194,9 +208,11 @@ def export_command(args: argparse.Namespace) -> int:
         except BaseException:
             partial.unlink(missing_ok=True)
             raise
-    if skipped:
+    left_out = [f"{unreadable} unreadable row(s)"] if unreadable else []
+    left_out += [f"{refused} record(s) that an import would refuse"] if refused else []
+    if left_out:
         raise CommandError(
-            f"the export is incomplete: {skipped} unreadable row(s) skipped (see above); "
+            f"the export is incomplete: {' and '.join(left_out)} skipped (see above); "
             f"{count} record(s) exported"
         )
     err(f"exported {count} record(s) from {args.store}")

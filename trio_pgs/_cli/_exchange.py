@@ -1,10 +1,18 @@
-"""The export format: one JSON object per record (docs/cli.md, "Export format")."""
+"""The export format: one JSON object per record (docs/cli.md, "Export format").
+
+The rule of this module: an export imports back. `import` refuses what `export` would
+not write (a line it cannot read safely, a field it would not write, a value a store
+cannot hold), and `export` leaves out, with a message, a record that `import` would
+refuse; both use `record_from_json`, so the two sides cannot drift apart.
+"""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import json
+import math
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -17,19 +25,28 @@ from .._store import Record
 from ._exit import EXIT_USAGE, CommandError
 from ._output import ident
 
+#: How deeply a state may nest arrays and objects to be exported as JSON (``data``); a
+#: deeper one is exported as ``data_base64``. An import line may nest one level more
+#: (the record's own object), and a deeper one is refused before it is parsed: JSON
+#: readers recurse, and 100,000 levels overflow the stack.
+MAX_STATE_DEPTH = 200
+#: The largest version or epoch: a signed 64-bit integer, what a store's column holds.
+MAX_COUNTER = 2**63 - 1
 _FIELDS = frozenset(field.name for field in attrs.fields(Record)) | {"data_base64"}
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')  # a JSON string, escapes included
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
+# -- export -------------------------------------------------------------------------------
 
 
 def record_to_json(record: Record) -> dict[str, Any]:
     """*record* as one object of the export: every field; the state as JSON when its
-    bytes are exactly what trio-pgs writes for that JSON (else ``data_base64``), so
-    an import restores the same bytes; the history base64."""
+    bytes are exactly what trio-pgs writes for that JSON and it nests at most
+    `MAX_STATE_DEPTH` deep (else ``data_base64``), so that an import restores the same
+    bytes; the history base64."""
     exported: dict[str, Any] = {"kind": record.kind, "key": record.key}
-    try:
-        state = loads(record.data)
-        readable = dumps(state) == record.data
-    except (ValueError, TypeError):
-        readable = False
+    readable, state = _state(record.data)
     if readable:
         exported["data"] = state
     else:
@@ -46,6 +63,110 @@ def record_to_json(record: Record) -> dict[str, Any]:
     return exported
 
 
+def _state(data: bytes) -> tuple[bool, Any]:
+    """Whether *data* is exported as JSON, and that JSON."""
+    if data.count(b"[") + data.count(b"{") > MAX_STATE_DEPTH:
+        try:
+            if _deeper_than(data.decode("utf-8"), MAX_STATE_DEPTH):
+                return False, None
+        except UnicodeDecodeError:
+            return False, None
+    try:
+        state = loads(data)
+        return dumps(state) == data, state
+    except (ValueError, TypeError):
+        return False, None
+
+
+def import_refusal(record: Record, exported: dict[str, Any]) -> str | None:
+    """Why an import would refuse *exported*, the export of *record* (None if it
+    would restore *record* as it is)."""
+    try:
+        restored = record_from_json(exported)
+    except ValueError as exc:
+        return str(exc)
+    if restored != record:
+        return "an import would not restore it as it is"
+    return None
+
+
+# -- import -------------------------------------------------------------------------------
+
+
+def read_records(lines: Iterable[str], name: str) -> list[Record]:
+    """Every record of an export, all checked before anything is written; a line that
+    is not one raises `CommandError` (exit status 2) naming *name* and the line."""
+    records: list[Record] = []
+    seen: dict[tuple[str, str], int] = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = record_from_json(_parse(line))
+        except (ValueError, RecursionError) as exc:  # json.JSONDecodeError included
+            raise CommandError(f"{name}, line {number}: {exc}", EXIT_USAGE) from None
+        server = (record.kind, record.key)
+        if server in seen:
+            raise CommandError(
+                f"{name}, line {number}: {ident(*server)} is already on line {seen[server]}",
+                EXIT_USAGE,
+            )
+        seen[server] = number
+        records.append(record)
+    return records
+
+
+def _parse(line: str) -> Any:
+    """The JSON value of *line*, read as strictly as an export is written: not nested
+    deeper than an export nests, no NaN or infinity, no name twice in an object."""
+    if _deeper_than(line, MAX_STATE_DEPTH + 1):
+        raise ValueError(
+            f"nested deeper than {MAX_STATE_DEPTH + 1} levels of arrays and objects (an "
+            f"export gives a state nested deeper than {MAX_STATE_DEPTH} as data_base64)"
+        )
+    return json.loads(
+        line, object_pairs_hook=_object, parse_constant=_constant, parse_float=_finite
+    )
+
+
+def _deeper_than(text: str, limit: int) -> bool:
+    """Whether the JSON *text* nests arrays and objects more than *limit* deep,
+    found without recursion (and at once for the usual, shallow text)."""
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    depth = 0
+    for bracket in _BRACKET.finditer(_STRING.sub("", text)):
+        if bracket.group() in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        names: set[str] = set()
+        for name, _ in pairs:
+            if name in names:
+                raise ValueError(f"the name {json.dumps(name)} appears twice in one object")
+            names.add(name)
+    return found
+
+
+def _constant(text: str) -> Any:
+    raise ValueError(f"{text} is not JSON (an export never writes it)")
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"{text} is not a finite number")
+    return number
+
+
 def record_from_json(obj: Any) -> Record:
     """The record an export object describes; `ValueError` says what is wrong."""
     if not isinstance(obj, dict):
@@ -53,49 +174,67 @@ def record_from_json(obj: Any) -> Record:
     unknown = sorted(set(obj) - _FIELDS)
     if unknown:
         raise ValueError(f"unknown field(s) {', '.join(unknown)}")
+    for required in ("kind", "key"):
+        if required not in obj:
+            raise ValueError(f"{required} is missing")
     if ("data" in obj) == ("data_base64" in obj):
         raise ValueError("give the state as either data (JSON) or data_base64")
     history, crashes = obj.get("history", []), obj.get("crashes", [])
     if not isinstance(history, list):
         raise ValueError("history must be a list of base64 strings")
-    if not isinstance(crashes, list) or not all(map(_is_number, crashes)):
+    if not isinstance(crashes, list):
         raise ValueError("crashes must be a list of times (numbers)")
     if not isinstance(obj.get("quarantined", False), bool):
         raise ValueError("quarantined must be true or false")
     try:
         data = _b64(obj["data_base64"]) if "data_base64" in obj else dumps(obj["data"])
         return Record(
-            check_kind(obj.get("kind")),
-            check_key(obj.get("key")),
-            data,
-            _int(obj, "version", 1, 1),
-            _int(obj, "state_version", 1, 1),
-            _int(obj, "epoch", 0, 0),
-            _number(obj, "updated_at"),
-            tuple(map(float, crashes)),
-            obj.get("quarantined", False),
-            tuple(map(_b64, history)),
+            kind=check_kind(obj["kind"]),
+            key=_storable_key(obj["key"]),
+            data=data,
+            version=_counter(obj, "version", 1),
+            state_version=_counter(obj, "state_version", 1),
+            epoch=_counter(obj, "epoch", 0),
+            updated_at=_time(obj.get("updated_at", 0.0), "updated_at"),
+            crashes=tuple(_time(crash, "crashes") for crash in crashes),
+            quarantined=obj.get("quarantined", False),
+            history=tuple(map(_b64, history)),
         )
     except TypeError as exc:  # check_kind, check_key and dumps say what they refuse
         raise ValueError(str(exc)) from None
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+def _storable_key(key: object) -> str:
+    """A valid key that a store can hold: no lone surrogate, which is no character of
+    UTF-8 (JSON can write one, as an escape)."""
+    checked = check_key(key)
+    try:
+        checked.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"key holds a lone surrogate ({checked[exc.start]}), which no store can hold"
+        ) from None
+    return checked
 
 
-def _int(obj: dict[str, Any], name: str, default: int, minimum: int) -> int:
-    value = obj.get(name, default)
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, not {value!r}")
+def _counter(obj: dict[str, Any], name: str, minimum: int) -> int:
+    value = obj.get(name, minimum)
+    if type(value) is not int or not minimum <= value <= MAX_COUNTER:
+        raise ValueError(f"{name} must be an int from {minimum} to {MAX_COUNTER}, not {value!r}")
     return value
 
 
-def _number(obj: dict[str, Any], name: str) -> float:
-    value = obj.get(name, 0.0)
-    if not _is_number(value):
-        raise ValueError(f"{name} must be a number, not {value!r}")
-    return float(value)
+def _time(value: object, name: str) -> float:
+    """A time in seconds since the epoch, finite (JSON holds no other)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise ValueError(f"{name} must hold times (numbers), not {value!r}")
+    try:
+        seconds = float(value)
+    except OverflowError:
+        raise ValueError(f"{name} holds a time too large for a float: {value}") from None
+    if not math.isfinite(seconds):
+        raise ValueError(f"{name} holds {seconds}, which JSON cannot hold")
+    return seconds
 
 
 def _b64(text: object) -> bytes:
@@ -105,28 +244,3 @@ def _b64(text: object) -> bytes:
         return base64.b64decode(text, validate=True)
     except binascii.Error as exc:
         raise ValueError(f"invalid base64 ({exc})") from None
-
-
-def read_records(lines: Iterable[str], name: str) -> list[Record]:
-    """Every record of an export, all checked before anything is written."""
-    records: list[Record] = []
-    seen: dict[tuple[str, str], int] = {}
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = record_from_json(json.loads(line))
-        except ValueError as exc:  # json.JSONDecodeError included
-            raise CommandError(f"{name}, line {number}: {exc}", EXIT_USAGE) from None
-        name_ = (record.kind, record.key)
-        if name_ in seen:
-            raise CommandError(
-                f"{name}, line {number}: {ident(record.kind, record.key)} is already on line "
-                f"{seen[name_]}",
-                EXIT_USAGE,
-            )
-        seen[name_] = number
-        records.append(record)
-    return records
-
-

@@ -92,9 +92,15 @@ def table(header: Sequence[str], rows: Iterable[Sequence[object]], numeric: set[
 
 
 def iso(timestamp: float) -> str:
+    """*timestamp* as an ISO 8601 time in UTC; "-" for 0 (never set), and the number
+    itself when no date can show it (NaN, infinite, beyond the year 9999)."""
     if not timestamp:
         return "-"
-    return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    try:
+        moment = datetime.fromtimestamp(timestamp, timezone.utc)
+    except (ValueError, OverflowError, OSError):
+        return repr(timestamp)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def ident(kind: str, key: str) -> str:
