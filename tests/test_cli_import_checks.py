@@ -4,7 +4,9 @@ side, what ``export`` writes so that every export imports back."""
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ import pytest
 from trio_pgs import Record
 from trio_pgs._cli import main
 
-from .cli_support import filled_store, put, records
+from .cli_support import filled_store, put, records, rows
 
 
 @pytest.fixture
@@ -107,3 +109,37 @@ def test_an_export_imports_back_whatever_the_depth_of_its_states(
     assert records(tmp_path / "copy") == records(store_dir)
     exported = {line["key"]: line for line in map(json.loads, backup.read_text().splitlines())}
     assert "data" in exported["flat"] and "data_base64" in exported["deep"]
+
+
+# -- an empty import --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n"], ids=["empty", "blank-lines"])
+def test_an_empty_import_says_so_and_exits_1(
+    content: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    backup = tmp_path / "backup.jsonl"
+    backup.write_text(content)
+    assert main(["import", str(tmp_path / "copy"), str(backup)]) == 1
+    err = capsys.readouterr().err
+    assert f"{backup} holds no records; nothing was imported" in err and "--allow-empty" in err
+    assert not (tmp_path / "copy").exists()
+
+
+def test_an_empty_import_from_stdin_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    assert main(["import", str(tmp_path / "copy")]) == 1
+    assert "<stdin> holds no records" in capsys.readouterr().err
+
+
+def test_an_empty_import_with_allow_empty_creates_an_empty_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    backup = tmp_path / "backup.jsonl"
+    backup.write_text("")
+    assert main(["import", str(tmp_path / "copy"), str(backup), "--allow-empty"]) == 0
+    assert "imported 0 record(s)" in capsys.readouterr().out
+    assert main(["list", str(tmp_path / "copy")]) == 0
+    assert rows(capsys.readouterr().out)[1:] == []

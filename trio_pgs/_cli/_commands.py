@@ -221,14 +221,21 @@ def export_command(args: argparse.Namespace) -> int:
 
 def import_command(args: argparse.Namespace) -> int:
     store = store_from_spec(args.store, write=True, create=True)
-    if args.file in (None, "-"):
-        records = read_records(sys.stdin, "<stdin>")
+    source = "<stdin>" if args.file in (None, "-") else args.file
+    if source == "<stdin>":
+        records = read_records(sys.stdin, source)
     else:
         try:
-            with open(args.file, encoding="utf-8") as lines:
-                records = read_records(lines, args.file)
+            with open(source, encoding="utf-8") as lines:
+                records = read_records(lines, source)
         except (OSError, UnicodeDecodeError) as exc:
-            raise CommandError(f"cannot read {args.file}: {exc}", EXIT_USAGE) from None
+            raise CommandError(f"cannot read {source}: {exc}", EXIT_USAGE) from None
+    if not records and not args.allow_empty:
+        # Most likely a backup that went wrong: restoring "nothing" deserves a word.
+        raise CommandError(
+            f"{source} holds no records; nothing was imported. Pass --allow-empty to "
+            "import it all the same (into a new directory, that makes an empty store)"
+        )
     replace, written = args.replace, 0
 
     async def import_(opened: CommandStore) -> None:

@@ -59,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
                           help="the export to read (default: stdin)")
     importer.add_argument("--replace", action="store_true",
                           help="overwrite records that already exist")
+    importer.add_argument("--allow-empty", action="store_true",
+                          help="accept an export with no records (else refused)")
     return parser
 
 
