@@ -12,9 +12,10 @@ from typing import IO
 
 import attrs
 
+from .._errors import PersistenceError
 from .._store import Delete, Put, Record, next_version
 from ._exchange import import_refusal, read_records, record_to_json
-from ._exit import EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE, CommandError
+from ._exit import EXIT_NOT_STARTED, EXIT_OK, CommandError
 from ._opener import CommandStore, session, store_from_spec
 from ._output import Progress, err, escape, ident, iso, json_text, out, status, table
 
@@ -143,12 +144,16 @@ def release_command(args: argparse.Namespace) -> int:
 
 def purge_command(args: argparse.Namespace) -> int:
     kind, key = args.kind, args.key
-    try:
-        record: Record | None = _load(args.store, kind, key)
-    except CommandError as exc:
-        if exc.code != EXIT_NOT_FOUND or "no such record" in str(exc):
-            raise
-        record, unreadable = None, str(exc)  # a row that is not a valid record
+
+    async def look(store: CommandStore) -> tuple[Record | None, str | None]:
+        try:
+            return await store.load(kind, key), None
+        except PersistenceError as exc:  # a row that is not a valid record
+            return None, str(exc)
+
+    record, unreadable = session(store_from_spec(args.store, write=False), look)
+    if record is None and unreadable is None:
+        raise CommandError(f"{ident(kind, key)}: no such record in {args.store}")
     if record is None:
         question = f"Delete the unreadable row {ident(kind, key)} ({unreadable})"
     else:
@@ -229,7 +234,7 @@ def import_command(args: argparse.Namespace) -> int:
             with open(source, encoding="utf-8") as lines:
                 records = read_records(lines, source)
         except (OSError, UnicodeDecodeError) as exc:
-            raise CommandError(f"cannot read {source}: {exc}", EXIT_USAGE) from None
+            raise CommandError(f"cannot read {source}: {exc}", EXIT_NOT_STARTED) from None
     if not records and not args.allow_empty:
         # Most likely a backup that went wrong: restoring "nothing" deserves a word.
         raise CommandError(
@@ -275,7 +280,7 @@ def import_command(args: argparse.Namespace) -> int:
 
     try:
         session(store, import_)
-    except CommandError:
+    except (CommandError, KeyboardInterrupt):
         if written:
             err(f"{written} of {len(records)} record(s) were imported before that")
         raise

@@ -22,7 +22,7 @@ from .._encoding import dumps, loads
 from .._ref import check_key
 from .._server import check_kind
 from .._store import Record
-from ._exit import EXIT_USAGE, CommandError
+from ._exit import EXIT_NOT_STARTED, CommandError
 from ._output import ident
 
 #: How deeply a state may nest arrays and objects to be exported as JSON (``data``); a
@@ -104,12 +104,12 @@ def read_records(lines: Iterable[str], name: str) -> list[Record]:
         try:
             record = record_from_json(_parse(line))
         except (ValueError, RecursionError) as exc:  # json.JSONDecodeError included
-            raise CommandError(f"{name}, line {number}: {exc}", EXIT_USAGE) from None
+            raise CommandError(f"{name}, line {number}: {exc}", EXIT_NOT_STARTED) from None
         server = (record.kind, record.key)
         if server in seen:
             raise CommandError(
                 f"{name}, line {number}: {ident(*server)} is already on line {seen[server]}",
-                EXIT_USAGE,
+                EXIT_NOT_STARTED,
             )
         seen[server] = number
         records.append(record)

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 
 from .. import __version__
 from . import _commands as run
-from ._exit import EXIT_INTERRUPTED, EXIT_NOT_FOUND, EXIT_USAGE, CommandError
+from ._exit import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_NOT_STARTED, CommandError
 from ._output import err
 
 
@@ -19,8 +19,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Inspect and repair the servers stored in a trio-pgs store. STORE is "
         "its directory, or a store URL: diskcache:PATH, diskcache:///absolute/path. Safe "
         "while an application has the store open (see docs/cli.md).",
-        epilog="Exit status: 0 ok; 1 no such record, refused, or a conflict with another "
-        "writer; 2 bad usage, or not a trio-pgs store.",
+        epilog="Exit status: 0 done; 1 ran and did not do all that was asked (no such "
+        "record, a refusal, a conflict with another writer, a failed read or write, an "
+        "incomplete export); 2 could not start, nothing changed (bad usage, a store that "
+        "cannot be opened, a bad import file); 130 interrupted. See docs/cli.md.",
     )
     parser.add_argument("--version", action="version", version=f"trio-pgs {__version__}")
     commands = parser.add_subparsers(metavar="COMMAND", required=True)
@@ -70,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # --help, --version, or a usage error (already printed)
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+        return exc.code if isinstance(exc.code, int) else EXIT_NOT_STARTED
     try:
         status: int = args.run(args)
     except CommandError as exc:
@@ -82,5 +84,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `trio-pgs export DIR | head`: the output is cut short
         # Python would fail again flushing stdout at exit; point it at /dev/null.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_NOT_FOUND
+        return EXIT_FAILED
     return status

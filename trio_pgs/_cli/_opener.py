@@ -18,7 +18,7 @@ import trio
 from .._diskcache_store import DiskCacheStore
 from .._errors import ConflictError, PersistenceError
 from .._store import Operation, Record
-from ._exit import EXIT_NOT_FOUND, EXIT_USAGE, CommandError
+from ._exit import EXIT_FAILED, EXIT_NOT_STARTED, CommandError
 
 T = TypeVar("T")
 _DATABASE = "cache.db"  # the SQLite file of a diskcache directory
@@ -63,7 +63,7 @@ def store_from_spec(spec: str, *, write: bool, create: bool = False) -> CommandS
             f"{_shown(spec)}: unknown store scheme {scheme.group(1)!r}. Give a directory, "
             f"diskcache:PATH or diskcache:///absolute/path (a directory whose name holds a "
             "colon: ./NAME)",
-            EXIT_USAGE,
+            EXIT_NOT_STARTED,
         )
     return maker(spec, spec[scheme.end() :], write, create)
 
@@ -76,7 +76,7 @@ def session(store: CommandStore, work: Callable[[CommandStore], Awaitable[T]]) -
         try:
             await store.open()
         except PersistenceError as exc:
-            raise CommandError(_not_opened(store, exc), EXIT_USAGE) from None
+            raise CommandError(_not_opened(store, exc), EXIT_NOT_STARTED) from None
         try:
             return await work(store)
         finally:
@@ -87,7 +87,7 @@ def session(store: CommandStore, work: Callable[[CommandStore], Awaitable[T]]) -
     except ConflictError as exc:
         raise CommandError(f"{exc}. That change was not made; look again, then retry.") from None
     except PersistenceError as exc:
-        raise CommandError(str(exc), EXIT_NOT_FOUND) from None
+        raise CommandError(str(exc), EXIT_FAILED) from None
 
 
 def _shown(spec: str) -> str:
@@ -107,11 +107,11 @@ def _diskcache_url(spec: str, location: str, write: bool, create: bool) -> Comma
             raise CommandError(
                 f"{spec} names a host ({host}); a diskcache store is a local directory: "
                 f"diskcache:///absolute/path or diskcache:relative/path",
-                EXIT_USAGE,
+                EXIT_NOT_STARTED,
             )
         location = slash + path
     if not location:
-        raise CommandError(f"{spec} names no directory", EXIT_USAGE)
+        raise CommandError(f"{spec} names no directory", EXIT_NOT_STARTED)
     return _diskcache(spec, location, write, create)
 
 
@@ -126,12 +126,12 @@ def _diskcache(spec: str, directory: str, write: bool, create: bool) -> CommandS
         elif not (create and not any(path.iterdir())):
             where = "; import into a new or empty directory" if create else ""
             raise CommandError(
-                f"{spec} is not a trio-pgs store (it has no {_DATABASE}){where}", EXIT_USAGE
+                f"{spec} is not a trio-pgs store (it has no {_DATABASE}){where}", EXIT_NOT_STARTED
             )
     elif path.exists():
-        raise CommandError(f"{spec} is not a directory", EXIT_USAGE)
+        raise CommandError(f"{spec} is not a directory", EXIT_NOT_STARTED)
     elif not create:
-        raise CommandError(f"{spec}: no such directory", EXIT_USAGE)
+        raise CommandError(f"{spec}: no such directory", EXIT_NOT_STARTED)
     # Writes are few and a user was told they happened: make them survive a power cut.
     return DiskCacheStore(path, durable=write)
 
@@ -143,14 +143,18 @@ def _check_database(spec: str, database: Path) -> None:
         with database.open("rb") as file:
             header = file.read(len(_SQLITE_MAGIC))
     except OSError as exc:
-        raise CommandError(f"{spec}: cannot read its {_DATABASE}: {exc}", EXIT_USAGE) from None
+        raise CommandError(
+            f"{spec}: cannot read its {_DATABASE}: {exc}", EXIT_NOT_STARTED
+        ) from None
     if not header:
         reason = "its database file is empty"
     elif header != _SQLITE_MAGIC:
         reason = "its database file is not an SQLite database"
     else:
         return
-    raise CommandError(f"{spec} is not a valid trio-pgs store: {reason} ({database})", EXIT_USAGE)
+    raise CommandError(
+        f"{spec} is not a valid trio-pgs store: {reason} ({database})", EXIT_NOT_STARTED
+    )
 
 
 def _not_opened(store: CommandStore, error: PersistenceError) -> str:
@@ -173,7 +177,7 @@ def _postgres(spec: str, location: str, write: bool, create: bool) -> CommandSto
     raise CommandError(
         "PostgresStore is not available in this version; it needs the trio-pgs[postgres] "
         "extra",
-        EXIT_USAGE,
+        EXIT_NOT_STARTED,
     )
 
 
