@@ -16,6 +16,7 @@ import builtins
 import contextlib
 import gc
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,7 @@ from trio_pgs import (
     ActivationFailed,
     AlreadyStarted,
     CallCycleError,
+    Delete,
     DiskCacheStore,
     MemoryStore,
     PersistenceError,
@@ -52,6 +54,7 @@ from trio_pgs.testing import hibernate
 
 from . import bad_servers
 from .bad_servers import BadTimeout, Careless, ForgetfulActivation, Migrating, Narrow
+from .crafted_rows import craft_row, guarded, row_exists, unblocking
 from .servers import Tally, TallyServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -170,6 +173,42 @@ def raw_row(key: str, value: Any) -> Action:
             assert bad_servers.SPRUNG == [], "a stored pickle was unpickled"
 
     return act
+
+
+async def row_naming_a_fifo(ctx: Ctx) -> None:
+    """A row whose value "is in" a FIFO: opening it would block the store thread."""
+    assert ctx.directory is not None
+    fifo = ctx.tmp_path / "fifo"
+    os.mkfifo(fifo)
+    craft_row(ctx.directory, Careless.kind, "f", filename=str(fifo))
+    with unblocking(fifo), trio.fail_after(5):
+        await ctx.sup.ref(Careless, "f").call("get")
+
+
+async def row_naming_dev_zero(ctx: Ctx) -> None:
+    """A row whose value "is" /dev/zero: reading it would take every byte of memory."""
+    assert ctx.directory is not None
+    craft_row(ctx.directory, Careless.kind, "z", filename="/dev/zero")
+    with guarded("/dev/zero") as touched:
+        try:
+            await ctx.sup.ref(Careless, "z").call("get")
+        finally:
+            assert touched == [], "a row made trio-pgs open a file"
+
+
+async def purge_row_naming_a_file(ctx: Ctx) -> None:
+    """A row whose value "is" a file of the user's, then purged as `trio-pgs purge` does
+    (an unconditional Delete): the row goes, the file and its directory stay."""
+    assert ctx.directory is not None
+    precious = ctx.tmp_path / "keep" / "precious"
+    precious.parent.mkdir()
+    precious.write_bytes(b"mine")
+    craft_row(ctx.directory, Careless.kind, "d", filename=str(precious))
+    with pytest.raises(ActivationFailed, match="careless/d: the stored row is not a valid"):
+        await ctx.sup.ref(Careless, "d").call("get")
+    await ctx.store.commit([Delete(Careless.kind, "d")])
+    assert not row_exists(ctx.directory, Careless.kind, "d")
+    assert precious.read_bytes() == b"mine", "purging a row deleted the file it names"
 
 
 async def start_twice(ctx: Ctx) -> None:
@@ -413,6 +452,13 @@ TABLE = [
     pytest.param(case(raw_row("p", bad_servers.Trap()), ActivationFailed,
                       "careless/p: a row of this store holds a pickle; trio-pgs refuses",
                       cause=PersistenceError, disk=True), id="row-tampered-pickle"),
+    pytest.param(case(row_naming_a_fifo, ActivationFailed,
+                      "careless/f: the stored row is not a valid trio-pgs record.*names a file",
+                      cause=PersistenceError, disk=True), id="row-names-a-FIFO"),
+    pytest.param(case(row_naming_dev_zero, ActivationFailed,
+                      "careless/z: the stored row is not a valid trio-pgs record.*names a file",
+                      cause=PersistenceError, disk=True), id="row-names-dev-zero"),
+    pytest.param(case(purge_row_naming_a_file, None, disk=True), id="row-names-a-file-purged"),
     # States that cannot be encoded, and a large one.
     pytest.param(case(call(("unencodable", math.nan)), StateEncodingError,
                       ENCODE + r" \(nan: JSON has no NaN"), id="state-NaN"),

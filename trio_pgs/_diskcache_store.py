@@ -34,6 +34,9 @@ _VERSIONS_KEPT = 100_000
 #: The character right after SEPARATOR: kind + _AFTER_SEPARATOR sorts after every key
 #: of that kind.
 _AFTER_SEPARATOR = chr(ord(SEPARATOR) + 1)
+#: A row's columns, read with SQL: never through diskcache's `get`, which opens the file
+#: a row names (a FIFO hangs it, /dev/zero fills the memory).
+_SELECT_ROW = "SELECT mode, filename, value FROM Cache WHERE key = ? AND raw = 1"
 
 
 class RefusedPickle(PersistenceError):
@@ -74,12 +77,22 @@ class SafeDisk(diskcache.Disk):  # type: ignore[misc]
         return super().store(value, read, key=key)
 
     def fetch(self, mode: int, filename: str | None, value: Any, read: bool) -> Any:
+        # trio-pgs reads rows with its own SQL (decode_row); this is the second line.
         if mode == diskcache.core.MODE_PICKLE:
             raise RefusedPickle(
                 "a row of this store holds a pickle; trio-pgs refuses to load it "
                 "(somebody other than trio-pgs wrote it). Inspect or purge that row."
             )
+        if mode != diskcache.core.MODE_RAW or filename is not None:
+            raise PersistenceError(
+                "a row of this store is not an inline value; trio-pgs never reads the "
+                "file a row names. Inspect or purge that row."
+            )
         return super().fetch(mode, filename, value, read)
+
+    def remove(self, file_path: str) -> None:
+        """Delete nothing: trio-pgs writes no value files, so a file that a row names
+        is somebody else's (diskcache would delete it with the row)."""
 
 
 def encode_record(record: Record) -> bytes:
@@ -149,17 +162,43 @@ def decode_record(kind: str, key: str, value: object) -> Record:
         ) from exc
 
 
+def decode_row(kind: str, key: str, mode: object, filename: object, value: object) -> Record:
+    """The record in a Cache row, from its columns alone. Rows are data, never
+    instructions: a row that is not an inline bytes value (one that names a file, or
+    holds a pickle) is refused, and the file it names is never opened, looked at or
+    deleted."""
+    if mode == diskcache.core.MODE_PICKLE:
+        raise RefusedPickle(
+            f"{kind}/{key}: a row of this store holds a pickle; trio-pgs refuses to load it "
+            "(somebody other than trio-pgs wrote it). Inspect or purge that row."
+        )
+    if filename is not None:
+        shown = repr(filename)
+        if len(shown) > 200:
+            shown = shown[:200] + "..."
+        raise PersistenceError(
+            f"{kind}/{key}: the stored row is not a valid trio-pgs record: it names a file "
+            f"({shown}), and trio-pgs keeps every value inside the database and never reads "
+            "a file a row names. Inspect or purge it (purging deletes the row only)"
+        )
+    if mode != diskcache.core.MODE_RAW:
+        raise PersistenceError(
+            f"{kind}/{key}: the stored row is not a valid trio-pgs record (its diskcache "
+            f"mode is {mode!r}, not an inline value); inspect or purge it"
+        )
+    return decode_record(kind, key, value)
+
+
 def _write_row(cache: diskcache.Cache, db_key: str, value: bytes, now: float) -> None:
     """``cache.set(db_key, value)`` inside the open transaction, in one statement for
-    the usual row: an existing one whose value is stored inline. Its columns get what
-    diskcache's own `set` writes for inline bytes (our `SafeDisk` stores nothing else).
-    Any other row (new, or with a value in a file) goes through `set`. diskcache's
+    an existing row. Its columns get what diskcache's own `set` writes for inline bytes
+    (our `SafeDisk` stores nothing else). A new row goes through `set`. diskcache's
     `set` reads the row before it updates it, which was a third of the store thread's
-    time per record."""
+    time per record; and over a row that names a file, it would delete that file."""
     updated = cache._sql(
         "UPDATE Cache SET store_time = ?, expire_time = NULL, access_time = ?,"
         " access_count = 0, tag = NULL, size = 0, mode = ?, filename = NULL, value = ?"
-        " WHERE key = ? AND raw = 1 AND filename IS NULL",
+        " WHERE key = ? AND raw = 1",
         (now, now, diskcache.core.MODE_RAW, sqlite3.Binary(value), db_key),
     ).rowcount
     if not updated:
@@ -219,6 +258,10 @@ class DiskCacheStore:
             raise
 
     def _open(self) -> None:
+        self._cache = self._open_cache()
+        self._identity = self._file_identity()
+
+    def _open_cache(self) -> diskcache.Cache:
         try:
             cache = diskcache.Cache(
                 self.directory,
@@ -236,24 +279,37 @@ class DiskCacheStore:
                 "Check that it is a writable directory (or a path where one can be made)."
             ) from exc
         try:
-            marker = cache.get(FORMAT_KEY)
-            if marker is None:
-                if next(cache.iterkeys(), None) is not None:
+            if self._format(cache._con) is None:
+                if cache._sql("SELECT 1 FROM Cache LIMIT 1").fetchone() is not None:
                     raise PersistenceError(
                         f"{self.directory!r} is a diskcache directory, but not a trio-pgs "
                         "store; give trio-pgs a directory of its own"
                     )
                 cache.set(FORMAT_KEY, FORMAT)
-            elif marker != FORMAT:
-                raise PersistenceError(
-                    f"{self.directory!r} holds trio-pgs records of format {marker!r}; "
-                    f"this version reads format {FORMAT!r}. Upgrade trio-pgs."
-                )
         except BaseException:
             cache.close()
             raise
-        self._cache = cache
-        self._identity = self._file_identity()
+        return cache
+
+    def _format(self, connection: sqlite3.Connection) -> str | None:
+        """The store's format marker, or None if the database has none; a marker of
+        another format, or a row there that trio-pgs did not write, is refused."""
+        row = connection.execute(_SELECT_ROW, (FORMAT_KEY,)).fetchone()
+        if row is None:
+            return None
+        mode, filename, marker = row
+        if mode != diskcache.core.MODE_RAW or filename is not None or type(marker) is not str:
+            raise PersistenceError(
+                f"{self.directory!r}: the row where trio-pgs keeps its format marker holds "
+                "something trio-pgs did not write (a file name, a pickle or bytes); this "
+                "directory was tampered with, or is not a trio-pgs store"
+            )
+        if marker != FORMAT:
+            raise PersistenceError(
+                f"{self.directory!r} holds trio-pgs records of format {marker!r}; "
+                f"this version reads format {FORMAT!r}. Upgrade trio-pgs."
+            )
+        return marker
 
     def _file_identity(self) -> tuple[int, int] | None:
         try:
@@ -307,15 +363,14 @@ class DiskCacheStore:
         return self._read(kind, key)
 
     def _read(self, kind: str, key: str) -> Record | None:
+        """The record, read with diskcache's own connection (inside a commit, its
+        transaction)."""
+        connection = self._opened()._con
         try:
-            value = self._opened().get(kind + SEPARATOR + key)
-        except RefusedPickle as exc:
-            raise RefusedPickle(f"{kind}/{key}: {exc}") from None
-        except Exception as exc:
-            if isinstance(exc, PersistenceError):
-                raise
+            row = connection.execute(_SELECT_ROW, (kind + SEPARATOR + key,)).fetchone()
+        except sqlite3.Error as exc:
             raise PersistenceError(f"{kind}/{key}: the store could not be read: {exc}") from exc
-        return None if value is None else decode_record(kind, key, value)
+        return None if row is None else decode_row(kind, key, *row)
 
     async def commit(self, operations: Sequence[Operation]) -> None:
         operations = list(operations)
@@ -358,7 +413,12 @@ class DiskCacheStore:
                         _write_row(cache, record.kind + SEPARATOR + record.key,
                                    encode_record(record), now)
                     else:
-                        cache.delete(operation.kind + SEPARATOR + operation.key)
+                        # The row only: diskcache's `delete` would also delete the
+                        # file that a (crafted) row names.
+                        cache._sql(
+                            "DELETE FROM Cache WHERE key = ? AND raw = 1",
+                            (operation.kind + SEPARATOR + operation.key,),
+                        )
         except PersistenceError:
             raise
         except Exception as exc:
@@ -442,21 +502,19 @@ class DiskCacheStore:
         that are not valid records, and the last key read (None when the range is
         exhausted)."""
         self._check_file()
-        keys = [row[0] for row in self._index().execute(
-            "SELECT key FROM Cache WHERE raw = 1 AND key > ? AND key < ? ORDER BY key LIMIT ?",
+        rows = self._index().execute(
+            "SELECT key, mode, filename, value FROM Cache"
+            " WHERE raw = 1 AND key > ? AND key < ? ORDER BY key LIMIT ?",
             (after, end, _SCAN_CHUNK),
-        )]
+        ).fetchall()
         found: list[Record] = []
         skipped: list[tuple[str, PersistenceError]] = []
-        for db_key in keys:
+        for db_key, mode, filename, value in rows:
             ident = split_key(db_key)
             if ident is None:
                 continue
             try:
-                record = self._read(*ident)
+                found.append(decode_row(*ident, mode, filename, value))
             except PersistenceError as exc:
                 skipped.append((ident[1], exc))
-                continue
-            if record is not None:
-                found.append(record)
-        return found, skipped, (keys[-1] if len(keys) == _SCAN_CHUNK else None)
+        return found, skipped, (rows[-1][0] if len(rows) == _SCAN_CHUNK else None)

@@ -1,0 +1,180 @@
+"""DiskCacheStore: one process per directory, read-only opening, rows that are only data."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import diskcache
+import diskcache.core
+import pytest
+import trio
+
+from trio_pgs import Delete, DiskCacheStore, PersistenceError, Put, Record
+
+from .crafted_rows import craft_row, guarded, row_exists, unblocking
+
+
+def rec(key: str, data: bytes = b"1", version: int = 1, kind: str = "k") -> Record:
+    return Record(kind, key, data, version)
+
+
+async def fill(directory: Path, *records: Record) -> None:
+    store = DiskCacheStore(directory)
+    await store.open()
+    try:
+        await store.commit([Put(record, 0) for record in records])
+    finally:
+        await store.close()
+
+
+@asynccontextmanager
+async def opened(directory: Path, read_only: bool = False) -> AsyncIterator[DiskCacheStore]:
+    store = DiskCacheStore(directory, read_only=True) if read_only else DiskCacheStore(directory)
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+# -- C. rows are data, never instructions -----------------------------------------------------
+
+FILE_MODES = [
+    pytest.param(diskcache.core.MODE_BINARY, id="binary"),
+    pytest.param(diskcache.core.MODE_TEXT, id="text"),
+]
+BOTH_WAYS = pytest.mark.parametrize("read_only", [False], ids=["writable"])
+
+
+@pytest.fixture
+def fifo(tmp_path) -> Path:
+    path = tmp_path / "fifo"
+    os.mkfifo(path)
+    return path
+
+
+@pytest.fixture
+def precious(tmp_path) -> Path:
+    """A file, alone in its directory, that no store may delete."""
+    path = tmp_path / "keep" / "precious"
+    path.parent.mkdir()
+    path.write_bytes(b"mine")
+    return path
+
+
+@pytest.mark.parametrize("mode", FILE_MODES)
+@BOTH_WAYS
+async def test_load_of_a_row_naming_a_fifo_is_refused_without_opening_it(
+    tmp_path, fifo, mode, read_only
+):
+    directory = tmp_path / "s"
+    await fill(directory, rec("a"))
+    craft_row(directory, "k", "f", mode=mode, filename=str(fifo))
+    with unblocking(fifo):  # a regression fails here instead of wedging the store thread
+        async with opened(directory, read_only=read_only) as store:
+            with trio.fail_after(3):
+                with pytest.raises(PersistenceError, match="k/f: the stored row is not a valid"):
+                    await store.load("k", "f")
+                assert await store.load("k", "a") == rec("a")  # the store thread is free
+
+
+@BOTH_WAYS
+async def test_scan_reports_a_row_naming_a_fifo_without_opening_it(tmp_path, fifo, read_only):
+    directory = tmp_path / "s"
+    await fill(directory, rec("a"), rec("c"))
+    craft_row(directory, "k", "b", filename=str(fifo))
+    with unblocking(fifo):
+        async with opened(directory, read_only=read_only) as store:
+            skipped: list[tuple[str, PersistenceError]] = []
+            with trio.fail_after(3):
+                found = [r.key async for r in store.scan("k", on_skip=lambda *s: skipped.append(s))]
+            assert found == ["a", "c"]
+            assert [key for key, _ in skipped] == ["b"]
+            assert "names a file" in str(skipped[0][1])
+
+
+@BOTH_WAYS
+async def test_opening_a_store_whose_marker_row_names_a_fifo_does_not_hang(
+    tmp_path, fifo, read_only
+):
+    directory = tmp_path / "s"
+    await fill(directory)
+    craft_row(directory, "", "trio-pgs-format", filename=str(fifo))  # the marker's key
+    store = DiskCacheStore(directory, read_only=True) if read_only else DiskCacheStore(directory)
+    with unblocking(fifo), trio.fail_after(3):
+        with pytest.raises(PersistenceError, match="format marker"):
+            await store.open()
+
+
+async def test_a_row_naming_dev_zero_is_refused_without_reading_it(tmp_path):
+    directory = tmp_path / "s"
+    await fill(directory)
+    craft_row(directory, "k", "z", filename="/dev/zero")
+    with guarded("/dev/zero") as touched:  # a regression reads until memory runs out
+        async with opened(directory) as store:
+            with pytest.raises(PersistenceError, match="k/z: the stored row is not a valid"):
+                await store.load("k", "z")
+            skipped: list[object] = []
+            assert [r async for r in store.scan("k", on_skip=lambda *s: skipped.append(s))] == []
+            assert len(skipped) == 1
+    assert touched == []
+
+
+@pytest.mark.parametrize("relative", [False, True], ids=["absolute", "relative"])
+async def test_deleting_a_row_naming_a_file_deletes_the_row_only(tmp_path, precious, relative):
+    directory = tmp_path / "s"
+    await fill(directory)
+    name = os.path.relpath(precious, directory) if relative else str(precious)
+    craft_row(directory, "k", "d", filename=name)
+    async with opened(directory) as store:
+        with pytest.raises(PersistenceError, match="k/d: the stored row is not a valid"):
+            await store.load("k", "d")
+        with pytest.raises(PersistenceError, match="k/d"):  # a conditional delete reads it
+            await store.commit([Delete("k", "d", 1)])
+        assert row_exists(directory, "k", "d")
+        await store.commit([Delete("k", "d")])  # what `trio-pgs purge` issues
+        assert await store.load("k", "d") is None
+    assert not row_exists(directory, "k", "d")
+    assert precious.read_bytes() == b"mine"
+
+
+async def test_a_put_over_a_row_naming_a_file_is_refused_and_leaves_the_file(tmp_path, precious):
+    directory = tmp_path / "s"
+    await fill(directory)
+    craft_row(directory, "k", "d", filename=str(precious))
+    async with opened(directory) as store:
+        with pytest.raises(PersistenceError, match="k/d"):
+            await store.commit([Put(rec("d", b"2", 2), 1)])
+        with pytest.raises(PersistenceError, match="k/d"):
+            await store.commit([Put(rec("d"), 0)])
+    assert precious.read_bytes() == b"mine"
+
+
+@pytest.mark.parametrize(
+    ("mode", "value"),
+    [
+        pytest.param(diskcache.core.MODE_BINARY, None, id="binary-without-file"),
+        pytest.param(diskcache.core.MODE_TEXT, "text", id="text-without-file"),
+        pytest.param(diskcache.core.MODE_NONE, b"x", id="mode-none"),
+        pytest.param(99, b"x", id="mode-unknown"),
+    ],
+)
+async def test_a_row_that_is_not_an_inline_value_is_unreadable(tmp_path, mode, value):
+    directory = tmp_path / "s"
+    await fill(directory, rec("a"))
+    craft_row(directory, "k", "odd", mode=mode, value=value)
+    async with opened(directory) as store:
+        with pytest.raises(PersistenceError, match="k/odd: the stored row is not a valid"):
+            await store.load("k", "odd")
+        await store.commit([Delete("k", "odd")])
+        assert [r.key async for r in store.scan("k")] == ["a"]
+
+
+def test_safe_disk_never_deletes_a_file(tmp_path, precious):
+    from trio_pgs._diskcache_store import SafeDisk
+
+    SafeDisk(str(tmp_path)).remove(str(precious))  # what diskcache calls to drop a row's file
+    assert precious.read_bytes() == b"mine"
