@@ -211,6 +211,12 @@ async def purge_row_naming_a_file(ctx: Ctx) -> None:
     assert precious.read_bytes() == b"mine", "purging a row deleted the file it names"
 
 
+async def second_store_on_directory(ctx: Ctx) -> None:
+    assert ctx.directory is not None
+    async with PersistentSupervisor(store=DiskCacheStore(ctx.directory), name="second"):
+        raise AssertionError("a second store opened on a directory in use")
+
+
 async def start_twice(ctx: Ctx) -> None:
     try:
         await ctx.sup.start(Careless, "again", key="v")
@@ -499,6 +505,9 @@ TABLE = [
     pytest.param(case(read_only_store, PersistenceError,
                       "cannot open the store directory .*read-only.*writable", disk=True),
                  id="store-directory-read-only"),
+    pytest.param(case(second_store_on_directory, PersistenceError,
+                      r"already open in this process \(pid \d+ on host .*\).*close", disk=True),
+                 id="store-directory-in-use"),
     pytest.param(case(deleted_store, PersistenceError, "careless/v.*deleted or replaced", disk=True,
                       store_gone=True), id="store-directory-deleted"),
     # Calls from outside trio.

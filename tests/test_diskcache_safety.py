@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -15,6 +21,24 @@ import trio
 from trio_pgs import Delete, DiskCacheStore, PersistenceError, Put, Record
 
 from .crafted_rows import craft_row, guarded, row_exists, unblocking
+
+ROOT = Path(__file__).resolve().parent.parent
+LOCK = "trio-pgs.lock"
+
+#: Opens the store in argv[1], says so, and holds it until its stdin closes.
+HOLDER = """
+import sys, trio
+from trio_pgs import DiskCacheStore
+
+async def main():
+    store = DiskCacheStore(sys.argv[1])
+    await store.open()
+    print("open", flush=True)
+    await trio.to_thread.run_sync(sys.stdin.read)
+    await store.close()
+
+trio.run(main)
+"""
 
 
 def rec(key: str, data: bytes = b"1", version: int = 1, kind: str = "k") -> Record:
@@ -38,6 +62,112 @@ async def opened(directory: Path, read_only: bool = False) -> AsyncIterator[Disk
         yield store
     finally:
         await store.close()
+
+
+@asynccontextmanager
+async def holder_process(directory: Path) -> AsyncIterator[subprocess.Popen[str]]:
+    """Another process with the store open, until the block ends."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(directory)],
+        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert process.stdout is not None
+        with trio.fail_after(30):
+            line = await trio.to_thread.run_sync(process.stdout.readline)
+        assert line == "open\n", f"the holder did not open the store: {line!r}"
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        assert process.stdin is not None and process.stdout is not None
+        process.stdin.close()
+        process.stdout.close()
+
+
+# -- A. one process per directory -------------------------------------------------------------
+
+
+async def test_a_second_process_cannot_open_a_store_in_use_and_is_told_by_whom(tmp_path):
+    directory = tmp_path / "s"
+    await fill(directory, rec("a"))
+    async with holder_process(directory) as holder:
+        with trio.fail_after(5), pytest.raises(PersistenceError) as info:  # at once
+            await DiskCacheStore(directory).open()
+        message = str(info.value)
+        assert f"process {holder.pid}" in message
+        assert repr(socket.gethostname()) in message
+        assert "read_only=True" in message  # the way out
+        holder.stdin.close()  # type: ignore[union-attr]  # it closes the store and exits
+        assert await trio.to_thread.run_sync(holder.wait) == 0
+    async with opened(directory) as store:  # closed: free again
+        assert (await store.load("k", "a")) == rec("a")
+
+
+async def test_a_store_open_here_keeps_another_process_out(tmp_path):
+    directory = tmp_path / "s"
+    async with opened(directory):
+        done = await trio.to_thread.run_sync(lambda: subprocess.run(
+            [sys.executable, "-c", HOLDER, str(directory)],
+            cwd=ROOT, input="", capture_output=True, text=True, timeout=60,
+        ))
+    assert done.returncode != 0
+    assert "PersistenceError" in done.stderr
+    assert f"process {os.getpid()}" in done.stderr
+
+
+async def test_a_second_store_object_in_this_process_is_refused(tmp_path):
+    directory = tmp_path / "s"
+    async with opened(directory):
+        with pytest.raises(PersistenceError, match=f"already open in this process.*{os.getpid()}"):
+            await DiskCacheStore(directory).open()
+    async with opened(directory):  # the refusal left nothing behind
+        pass
+
+
+async def test_the_lock_file_names_the_holder_and_close_releases_it(tmp_path):
+    directory = tmp_path / "s"
+    store = DiskCacheStore(directory)
+    await store.open()
+    text = (directory / LOCK).read_text()
+    assert str(os.getpid()) in text and socket.gethostname() in text
+    await store.close()
+    async with opened(directory):
+        pass
+
+
+async def test_a_killed_holder_leaves_the_store_free(tmp_path):
+    directory = tmp_path / "s"
+    await fill(directory, rec("a"))
+    async with holder_process(directory) as holder:
+        holder.send_signal(signal.SIGKILL)
+        assert await trio.to_thread.run_sync(holder.wait) == -signal.SIGKILL
+        with trio.fail_after(5):
+            async with opened(directory) as store:
+                assert (await store.load("k", "a")) == rec("a")
+
+
+async def test_an_opener_waits_for_a_close_of_this_process_that_was_cut_off(tmp_path):
+    """A supervisor's shutdown may stop waiting for its store's close (under a mock
+    clock it does at once): the store then closes in the background, its lock last.
+    Opening the directory again in this process waits for that close, instead of being
+    refused by a lock that is about to go."""
+    directory = tmp_path / "s"
+    await fill(directory, rec("a"))
+    store = DiskCacheStore(directory)
+    await store.open()
+    release = threading.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(store._run, functools.partial(release.wait, 10))  # busy
+        await trio.sleep(0.05)
+        with trio.move_on_after(0.1) as cut:
+            await store.close()  # queued behind the busy job
+        assert cut.cancelled_caught
+        threading.Timer(0.3, release.set).start()
+        with trio.fail_after(5):
+            async with opened(directory) as again:
+                assert await again.load("k", "a") == rec("a")
 
 
 # -- C. rows are data, never instructions -----------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import sqlite3
 
@@ -275,21 +276,34 @@ async def test_diskcache_scan_reports_rows_that_are_not_records(tmp_path, caplog
 
 async def test_diskcache_conditional_writes_see_another_connections_commits(tmp_path):
     """The store skips re-reading versions it wrote itself, but never past a commit made
-    through another connection (another store object, the CLI, another process)."""
-    mine, theirs = DiskCacheStore(tmp_path / "s"), DiskCacheStore(tmp_path / "s")
+    through another connection (a tool writing the database directly: no other store
+    can open the directory while this one holds it)."""
+    from trio_pgs._diskcache_store import encode_record
+
+    from .crafted_rows import craft_row
+
+    directory = tmp_path / "s"
+
+    def theirs(record: Record | None) -> None:  # a commit through another connection
+        if record is not None:
+            craft_row(directory, "k", "a", mode=diskcache.core.MODE_RAW,
+                      value=encode_record(record))
+            return
+        with contextlib.closing(sqlite3.connect(directory / "cache.db")) as con, con:
+            con.execute("DELETE FROM Cache WHERE key = ?", ("k" + SEPARATOR + "a",))
+
+    mine = DiskCacheStore(directory)
     await mine.open()
-    await theirs.open()
     try:
         await mine.commit([Put(rec("a", b"1", 1), 0)])
         await mine.commit([Put(rec("a", b"2", 2), 1)])  # from what it knows: no read
-        await theirs.commit([Put(rec("a", b"3", 3), 2)])
+        theirs(rec("a", b"3", 3))
         with pytest.raises(ConflictError, match="expected stored version 2, found 3"):
             await mine.commit([Put(rec("a", b"4", 3), 2)])
         await mine.commit([Put(rec("a", b"4", 4), 3)])
-        await theirs.commit([Delete("k", "a", 4)])
+        theirs(None)
         with pytest.raises(ConflictError, match="found 0"):
             await mine.commit([Put(rec("a", b"5", 5), 4)])
-        assert await theirs.load("k", "a") is None
+        assert await mine.load("k", "a") is None
     finally:
         await mine.close()
-        await theirs.close()

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
 import logging
 import math
 import os
 import pathlib
+import socket
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 
 import diskcache
 import diskcache.core
+import trio
 
 from ._errors import PersistenceError
 from ._store import Operation, Put, Record, check_version
@@ -34,6 +38,9 @@ _VERSIONS_KEPT = 100_000
 #: The character right after SEPARATOR: kind + _AFTER_SEPARATOR sorts after every key
 #: of that kind.
 _AFTER_SEPARATOR = chr(ord(SEPARATOR) + 1)
+#: The file in a store's directory that a process holding the store has locked (flock),
+#: holding that process's pid and host name.
+LOCK_NAME = "trio-pgs.lock"
 #: A row's columns, read with SQL: never through diskcache's `get`, which opens the file
 #: a row names (a FIFO hangs it, /dev/zero fills the memory).
 _SELECT_ROW = "SELECT mode, filename, value FROM Cache WHERE key = ? AND raw = 1"
@@ -212,6 +219,74 @@ def split_key(db_key: object) -> tuple[str, str] | None:
     return (kind, key) if separator else None
 
 
+def _lock_directory(directory: str) -> int:
+    """Lock *directory* for this process (an exclusive `flock` on its lock file, which
+    the OS releases when the file is closed or the process dies) and write the holder's
+    pid and host name into the file. Held elsewhere, it raises `PersistenceError`
+    naming the holder, at once: it never waits."""
+    fd = os.open(
+        os.path.join(directory, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644
+    )
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 1024, 0)
+        os.close(fd)
+        raise PersistenceError(_in_use(directory, holder)) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    me = json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, me + b"\n", 0)
+    return fd
+
+
+def _in_use(directory: str, holder: bytes) -> str:
+    """The refusal of a store directory locked by *holder* (its lock file's content)."""
+    try:
+        found = json.loads(holder)
+        pid, host = int(found["pid"]), str(found["host"])
+    except (ValueError, KeyError, TypeError):
+        return (
+            f"{directory!r} is in use by another process (it has not written its pid yet): "
+            "a DiskCacheStore directory serves one process at a time. Stop that process "
+            "first, or open the store with read_only=True to read it meanwhile"
+        )
+    if pid == os.getpid() and host == socket.gethostname():
+        return (
+            f"{directory!r} is already open in this process (pid {pid} on host {host!r}), "
+            "by another DiskCacheStore: a store directory serves one store object at a "
+            "time. Use that one, or close it first (read_only=True opens it for reading "
+            "meanwhile)"
+        )
+    return (
+        f"{directory!r} is in use by process {pid} on host {host!r}: a DiskCacheStore "
+        "directory serves one process at a time. Stop that process first, or open the "
+        "store with read_only=True to read it meanwhile"
+    )
+
+
+#: The directories (absolute paths) of the stores of this process that are closing: a
+#: close cut off by its caller (a shutdown's deadline) goes on in the background, and
+#: releases the directory's lock only at its end.
+_closing: dict[str, threading.Event] = {}
+_closing_lock = threading.Lock()
+#: How long (real time) an opener waits for such a close: it waits behind at most the
+#: one job still running on that store's thread.
+_CLOSING_WAIT = 30.0
+
+
+async def _closed_in_background(path: str) -> None:
+    """Wait until a store of this process on *path* (absolute) that is still closing
+    has closed, so that a restart in the same process is not refused by a lock about to
+    go. In a thread, in real time: a mock clock must not skip the wait."""
+    with _closing_lock:
+        closed = _closing.get(path)
+    if closed is not None:
+        await trio.to_thread.run_sync(closed.wait, _CLOSING_WAIT, abandon_on_cancel=True)
+
+
 class DiskCacheStore:
     """Records in a diskcache directory (SQLite), the embedded default store.
 
@@ -219,6 +294,10 @@ class DiskCacheStore:
     which would silently delete servers), stores only bytes, refuses to unpickle, and
     keeps every value inside the SQLite database so that a batch commits atomically.
     It is used from one dedicated thread, opened once and closed on that thread.
+
+    While open, the store holds an exclusive lock on its directory: another process, or
+    another store object of this process, cannot open it (`PersistenceError`, naming
+    the holder). The lock goes when the store closes or its process dies.
 
     SQLite runs with ``synchronous=NORMAL`` by default: a commit survives a crash of the
     process, and a power cut may lose the last commits (never corrupt the file). With
@@ -228,8 +307,10 @@ class DiskCacheStore:
 
     def __init__(self, directory: str | os.PathLike[str], *, durable: bool = False) -> None:
         self.directory = os.fspath(directory)
+        self._path = os.path.abspath(self.directory)  # see _closing
         self.durable = durable
         self._cache: diskcache.Cache | None = None
+        self._lock: int | None = None  # the lock file's descriptor, while open
         self._identity: tuple[int, int] | None = None
         self._keys: sqlite3.Connection | None = None  # see _index
         #: See _known_versions: db key -> (version, epoch), or None when absent.
@@ -248,6 +329,7 @@ class DiskCacheStore:
     async def open(self) -> None:
         if self._thread is not None:
             raise ValueError(f"{self!r} is already open in another supervisor")
+        await _closed_in_background(self._path)
         self._thread = DedicatedThread(f"trio-pgs {self.directory}")
         self._thread.start()
         try:
@@ -258,8 +340,20 @@ class DiskCacheStore:
             raise
 
     def _open(self) -> None:
-        self._cache = self._open_cache()
-        self._identity = self._file_identity()
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            self._lock = _lock_directory(self.directory)
+        except OSError as exc:
+            raise PersistenceError(
+                f"cannot open the store directory {self.directory!r}: {exc}. "
+                "Check that it is a writable directory (or a path where one can be made)."
+            ) from exc
+        try:
+            self._cache = self._open_cache()
+            self._identity = self._file_identity()
+        except BaseException:
+            self._close()
+            raise
 
     def _open_cache(self) -> diskcache.Cache:
         try:
@@ -334,8 +428,22 @@ class DiskCacheStore:
         thread = self._thread
         if thread is None:
             return
+        closed = threading.Event()
+        directory = self._path
+        with _closing_lock:
+            _closing[directory] = closed
+
+        def close() -> None:
+            try:
+                self._close()
+            finally:
+                closed.set()
+                with _closing_lock:
+                    if _closing.get(directory) is closed:
+                        del _closing[directory]
+
         try:
-            await thread.run(self._close)
+            await thread.run(close)
         finally:
             self._thread = None
             await thread.stop()
@@ -349,6 +457,9 @@ class DiskCacheStore:
         if self._cache is not None:
             self._cache.close()
             self._cache = None
+        if self._lock is not None:  # last: the database is closed before anyone gets in
+            os.close(self._lock)
+            self._lock = None
 
     def _opened(self) -> diskcache.Cache:
         if self._cache is None:
