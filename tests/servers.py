@@ -15,6 +15,7 @@ from trio_pgs import (
     PersistentServer,
     Record,
     Reply,
+    RequestError,
     ServerRef,
     Stop,
     current_caller,
@@ -89,6 +90,11 @@ class TallyServer(PersistentServer[Tally]):
             case ("mutate-then-crash", item):
                 state.items.append(item)
                 raise RuntimeError("crashed after mutating")
+            case ("mutate-then-refuse", item):
+                state.items.append(item)  # a refusal must undo this
+                raise RequestError(f"refused {item}")
+            case ("refuse", item):
+                raise RequestError(f"refused {item}")
             case ("stop", reason):
                 return Stop(state, reason=reason, reply="stopping")
             case ("call", ref, inner):

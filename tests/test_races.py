@@ -8,7 +8,9 @@ model is checked against the committed store after every step, and at the end:
 
 - no acknowledged update is lost: a call's update is committed when its reply comes,
   an accepted cast's or info's by the end; unless a wipe surely came after it;
-- none is applied twice, and nothing from a message that crashed or was refused is;
+- none is applied twice, and nothing from a message that crashed or was refused is
+  (a refusal, a `RequestError`, even after its handler changed the state in place, and
+  it wipes nothing even for a ``TEMPORARY`` server);
 - a record is wiped exactly when the restart table says: by a normal stop, and by a
   crash or any stop of a ``TEMPORARY`` server (an update acknowledged before such a
   wipe is gone, one after it needs a new ``start``; a message to a wiped key raises
@@ -41,6 +43,7 @@ from trio_pgs import (
     PersistentSupervisor,
     Put,
     Record,
+    RequestError,
     Restart,
     ServerCrashed,
     ServerNotFound,
@@ -58,6 +61,7 @@ steps = st.one_of(
     st.tuples(st.just("calls"), st.sampled_from(KEYS), st.integers(1, 8)),
     st.tuples(st.just("sender"), st.sampled_from(KEYS), MESSAGES),
     st.tuples(st.just("crash"), st.sampled_from(KEYS), st.booleans()),
+    st.tuples(st.just("refuse"), st.sampled_from(KEYS), st.booleans()),
     st.tuples(st.just("pause"), st.sampled_from(KEYS)),
     st.tuples(st.just("stop"), st.sampled_from(KEYS), st.booleans()),
     st.tuples(st.just("restart"), st.sampled_from(KEYS)),
@@ -258,6 +262,21 @@ async def run_step(sup: PersistentSupervisor, model: Model, step: tuple[Any, ...
             model.wipe_ends(span, False)
         else:
             raise AssertionError("the crash did not crash")
+    elif action == "refuse":  # a RequestError, after an in-place change or not
+        _, key, mutate = step
+        item = f"{model.sender()}:refused"
+        model.forbidden.add(item)  # refused: never committed, whatever the strategy
+        request = ("mutate-then-refuse", item) if mutate else ("refuse", item)
+        try:
+            await sup.ref(TallyServer, key).call(request)
+        except RequestError:
+            pass
+        except ServerNotFound:
+            assert any(w.key == key and w.sent < model.ticks for w in model.wipes), (
+                f"ServerNotFound for a refusal on {key} with no wipe before it"
+            )
+        else:
+            raise AssertionError("the refusal was accepted")
     elif action in ("pause", "stop"):  # pause: a Stop with another reason
         key = step[1]
         normal = action == "stop"
