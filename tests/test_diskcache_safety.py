@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import diskcache
@@ -24,6 +26,7 @@ from .crafted_rows import craft_row, guarded, row_exists, unblocking
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCK = "trio-pgs.lock"
+DB = diskcache.core.DBNAME
 
 #: Opens the store in argv[1], says so, and holds it until its stdin closes.
 HOLDER = """
@@ -84,6 +87,22 @@ async def holder_process(directory: Path) -> AsyncIterator[subprocess.Popen[str]
         assert process.stdin is not None and process.stdout is not None
         process.stdin.close()
         process.stdout.close()
+
+
+def fingerprint(path: Path) -> tuple[str, int]:
+    return hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns
+
+
+@contextmanager
+def immutable_directory(path: Path) -> Iterator[None]:
+    """*path* made read-only for everyone, root included (chattr +i), or a skip."""
+    chattr = shutil.which("chattr")
+    if chattr is None or subprocess.run([chattr, "+i", path]).returncode:
+        pytest.skip("cannot make a read-only directory here (no chattr, or not allowed)")
+    try:
+        yield
+    finally:
+        subprocess.run([chattr, "-i", path], check=True)
 
 
 # -- A. one process per directory -------------------------------------------------------------
@@ -170,13 +189,105 @@ async def test_an_opener_waits_for_a_close_of_this_process_that_was_cut_off(tmp_
                 assert await again.load("k", "a") == rec("a")
 
 
+# -- B. read-only opening ---------------------------------------------------------------------
+
+
+async def test_read_only_reads_everything_and_writes_nothing(tmp_path):
+    directory = tmp_path / "s"
+    await fill(directory, rec("a"), rec("b"), rec("x", kind="other"))
+    (directory / LOCK).unlink()
+    before = fingerprint(directory / DB)
+    async with opened(directory, read_only=True) as store:
+        assert await store.kinds() == {"k", "other"}
+        assert [r.key async for r in store.scan("k")] == ["a", "b"]
+        assert await store.load("other", "x") == rec("x", kind="other")
+        assert await store.load("k", "missing") is None
+        with pytest.raises(PersistenceError, match="read-only"):
+            await store.commit([Put(rec("c"), 0)])
+        with pytest.raises(PersistenceError, match="read-only"):
+            await store.commit([Delete("k", "a")])
+    assert fingerprint(directory / DB) == before
+    assert not (directory / LOCK).exists()
+    async with opened(directory) as store:
+        assert await store.load("k", "c") is None
+        assert await store.load("k", "a") == rec("a")
+
+
+async def test_read_only_works_while_another_store_holds_the_lock(tmp_path):
+    directory = tmp_path / "s"
+    async with opened(directory) as writer:
+        await writer.commit([Put(rec("a"), 0)])
+        async with opened(directory, read_only=True) as reader:
+            assert await reader.load("k", "a") == rec("a")
+            await writer.commit([Put(rec("a", b"2", 2), 1), Put(rec("b"), 0)])
+            assert await reader.load("k", "a") == rec("a", b"2", 2)  # sees later commits
+            assert [r.key async for r in reader.scan("k")] == ["a", "b"]
+        await writer.commit([Put(rec("a", b"3", 3), 2)])  # the writer goes on
+
+
+async def test_read_only_works_while_another_process_holds_the_lock(tmp_path):
+    directory = tmp_path / "s"
+    await fill(directory, rec("a"))
+    async with holder_process(directory):
+        async with opened(directory, read_only=True) as reader:
+            assert await reader.load("k", "a") == rec("a")
+
+
+async def test_read_only_works_on_read_only_media(tmp_path):
+    directory = tmp_path / "s"
+    await fill(directory, rec("a"))
+    before = fingerprint(directory / DB)
+    with immutable_directory(directory):
+        async with opened(directory, read_only=True) as store:
+            assert await store.load("k", "a") == rec("a")
+            assert [r.key async for r in store.scan("k")] == ["a"]
+    assert fingerprint(directory / DB) == before
+
+
+async def test_read_only_of_a_missing_directory_is_a_clear_error_and_creates_nothing(tmp_path):
+    with pytest.raises(PersistenceError, match="no such directory"):
+        await DiskCacheStore(tmp_path / "nowhere", read_only=True).open()
+    assert not (tmp_path / "nowhere").exists()
+
+
+async def test_read_only_of_an_empty_directory_says_it_is_not_a_store(tmp_path):
+    with pytest.raises(PersistenceError, match="not a trio-pgs store"):
+        await DiskCacheStore(tmp_path, read_only=True).open()
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_read_only_of_a_foreign_diskcache_directory_says_it_is_not_a_store(tmp_path):
+    with diskcache.Cache(tmp_path / "other") as cache:
+        cache.set("somebody", b"else")
+    with pytest.raises(PersistenceError, match="not a trio-pgs store"):
+        await DiskCacheStore(tmp_path / "other", read_only=True).open()
+
+
+async def test_read_only_of_a_database_that_is_not_sqlite_says_so(tmp_path):
+    (tmp_path / DB).write_bytes(b"this is not a database, but it is long enough" * 40)
+    with pytest.raises(PersistenceError, match=r"not a trio-pgs store.*not an SQLite database"):
+        await DiskCacheStore(tmp_path, read_only=True).open()
+
+
+async def test_a_database_that_is_not_sqlite_is_named_as_such_and_left_alone(tmp_path):
+    (tmp_path / DB).write_bytes(b"this is not a database, but it is long enough" * 40)
+    before = fingerprint(tmp_path / DB)
+    with pytest.raises(PersistenceError, match=r"not a trio-pgs store.*not an SQLite database"):
+        await DiskCacheStore(tmp_path).open()
+    assert fingerprint(tmp_path / DB) == before
+    async with opened(tmp_path / "fresh"):  # the refusal released the lock it took
+        pass
+
+
 # -- C. rows are data, never instructions -----------------------------------------------------
 
 FILE_MODES = [
     pytest.param(diskcache.core.MODE_BINARY, id="binary"),
     pytest.param(diskcache.core.MODE_TEXT, id="text"),
 ]
-BOTH_WAYS = pytest.mark.parametrize("read_only", [False], ids=["writable"])
+#: The FIFO cases run on a store opened for writing and on one opened read-only (the
+#: CLI's list and show), which read rows each in its own way.
+BOTH_WAYS = pytest.mark.parametrize("read_only", [False, True], ids=["writable", "read-only"])
 
 
 @pytest.fixture

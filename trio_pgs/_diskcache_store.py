@@ -287,6 +287,55 @@ async def _closed_in_background(path: str) -> None:
         await trio.to_thread.run_sync(closed.wait, _CLOSING_WAIT, abandon_on_cancel=True)
 
 
+def _connect_read_only(path: pathlib.Path) -> sqlite3.Connection:
+    """A connection that can only read the database at *path*, and never writes it.
+
+    ``mode=ro`` first: it reads a store while an application writes to it (SQLite's WAL
+    index keeps the reader consistent). On read-only media it fails when the store was
+    closed cleanly: a WAL reader needs the ``-shm`` and ``-wal`` files, which exist
+    only while the store is open, and cannot be created there. Then, and only if there
+    is no ``-wal`` file, it opens with ``immutable=1``, which reads the file with no
+    locking at all: safe there because with no ``-wal`` file no writer has the store
+    open, and none can start on media where that file cannot be created. Used for every
+    read-only open, ``immutable=1`` would let a listing read pages that a running
+    application is rewriting.
+    """
+    uri = path.absolute().as_uri()
+    connection = sqlite3.connect(uri + "?mode=ro", uri=True)
+    try:
+        connection.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()  # opens it
+        return connection
+    except sqlite3.OperationalError:
+        connection.close()
+        if os.path.lexists(f"{path}-wal"):
+            raise
+    connection = sqlite3.connect(uri + "?mode=ro&immutable=1", uri=True)
+    try:
+        connection.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+def _not_a_store(directory: str, exc: sqlite3.Error) -> PersistenceError | None:
+    """What an SQLite error met while opening a store's database says about it, if it
+    says that the database is not a store's (None: another failure)."""
+    message = str(exc)
+    if "no such table" in message:
+        found = f"its {diskcache.core.DBNAME} has no diskcache table"
+    elif "not a database" in message:
+        found = f"its {diskcache.core.DBNAME} is not an SQLite database ({message})"
+    elif "malformed" in message:
+        return PersistenceError(
+            f"the store in {directory!r} is damaged: {diskcache.core.DBNAME}: {message}. "
+            "Restore the directory from a backup"
+        )
+    else:
+        return None
+    return PersistenceError(f"{directory!r} is not a trio-pgs store: {found}")
+
+
 class DiskCacheStore:
     """Records in a diskcache directory (SQLite), the embedded default store.
 
@@ -303,22 +352,33 @@ class DiskCacheStore:
     process, and a power cut may lose the last commits (never corrupt the file). With
     ``durable=True`` it runs with ``synchronous=FULL``: a commit survives a power cut,
     at the price of an fsync per batch.
+
+    With ``read_only=True``, the store only reads (`load`, `scan`, `kinds`; `commit`
+    raises `PersistenceError`): it takes no lock, so it works while an application has
+    the store open, and writes nothing, so it works on read-only media. It opens an
+    existing store only.
     """
 
-    def __init__(self, directory: str | os.PathLike[str], *, durable: bool = False) -> None:
+    def __init__(
+        self, directory: str | os.PathLike[str], *, durable: bool = False, read_only: bool = False
+    ) -> None:
         self.directory = os.fspath(directory)
         self._path = os.path.abspath(self.directory)  # see _closing
         self.durable = durable
+        self.read_only = read_only
         self._cache: diskcache.Cache | None = None
         self._lock: int | None = None  # the lock file's descriptor, while open
         self._identity: tuple[int, int] | None = None
-        self._keys: sqlite3.Connection | None = None  # see _index
+        #: See _index; read-only, the one connection.
+        self._keys: sqlite3.Connection | None = None
         #: See _known_versions: db key -> (version, epoch), or None when absent.
         self._versions: dict[str, tuple[int, int] | None] = {}
         self._data_version: int | None = None
         self._thread: DedicatedThread | None = None
 
     def __repr__(self) -> str:
+        if self.read_only:
+            return f"DiskCacheStore({self.directory!r}, read_only=True)"
         return f"DiskCacheStore({self.directory!r})"
 
     async def _run(self, fn: Callable[[], T]) -> T:
@@ -329,11 +389,12 @@ class DiskCacheStore:
     async def open(self) -> None:
         if self._thread is not None:
             raise ValueError(f"{self!r} is already open in another supervisor")
-        await _closed_in_background(self._path)
+        if not self.read_only:
+            await _closed_in_background(self._path)
         self._thread = DedicatedThread(f"trio-pgs {self.directory}")
         self._thread.start()
         try:
-            await self._run(self._open)
+            await self._run(self._open_read_only if self.read_only else self._open)
         except BaseException:
             await self._thread.stop()
             self._thread = None
@@ -368,6 +429,8 @@ class DiskCacheStore:
                 sqlite_synchronous=2 if self.durable else 1,
             )
         except Exception as exc:
+            if isinstance(exc, sqlite3.Error) and (error := _not_a_store(self.directory, exc)):
+                raise error from exc
             raise PersistenceError(
                 f"cannot open the store directory {self.directory!r}: {exc}. "
                 "Check that it is a writable directory (or a path where one can be made)."
@@ -384,6 +447,37 @@ class DiskCacheStore:
             cache.close()
             raise
         return cache
+
+    def _open_read_only(self) -> None:
+        """Open with a read-only SQLite connection of our own: diskcache's `Cache`
+        rewrites its settings rows whenever it opens."""
+        path = pathlib.Path(self.directory, diskcache.core.DBNAME)
+        if not os.path.isdir(self.directory):
+            raise PersistenceError(
+                f"{self.directory!r}: no such directory (a read-only store opens an "
+                "existing store, and creates nothing)"
+            )
+        if not path.is_file():
+            raise PersistenceError(
+                f"{self.directory!r} is not a trio-pgs store (it has no "
+                f"{diskcache.core.DBNAME})"
+            )
+        try:
+            self._keys = _connect_read_only(path)
+            if self._format(self._keys) is None:
+                raise PersistenceError(
+                    f"{self.directory!r} is not a trio-pgs store (its database has no "
+                    "trio-pgs format marker)"
+                )
+            self._identity = self._file_identity()
+        except BaseException as exc:
+            self._close()
+            if isinstance(exc, sqlite3.Error):
+                error = _not_a_store(self.directory, exc) or PersistenceError(
+                    f"cannot read the store in {self.directory!r}: {exc}"
+                )
+                raise error from exc
+            raise
 
     def _format(self, connection: sqlite3.Connection) -> str | None:
         """The store's format marker, or None if the database has none; a marker of
@@ -475,8 +569,10 @@ class DiskCacheStore:
 
     def _read(self, kind: str, key: str) -> Record | None:
         """The record, read with diskcache's own connection (inside a commit, its
-        transaction)."""
-        connection = self._opened()._con
+        transaction), or with the read-only one."""
+        connection = self._keys if self._cache is None else self._cache._con
+        if connection is None:
+            raise PersistenceError(f"{self!r} is not open")
         try:
             row = connection.execute(_SELECT_ROW, (kind + SEPARATOR + key,)).fetchone()
         except sqlite3.Error as exc:
@@ -488,6 +584,11 @@ class DiskCacheStore:
         await self._run(lambda: self._commit(operations))
 
     def _commit(self, operations: list[Operation]) -> None:
+        if self.read_only:
+            raise PersistenceError(
+                f"{self!r} is read-only; nothing was written. Open it without "
+                "read_only=True to change records"
+            )
         cache = self._opened()
         self._check_file()
         try:
@@ -593,8 +694,11 @@ class DiskCacheStore:
     def _index(self) -> sqlite3.Connection:
         """A read-only connection to the cache's database, for range queries on its
         key index: diskcache's own `iterkeys` pages with a query SQLite cannot answer
-        from the index, which is quadratic in the number of rows."""
+        from the index, which is quadratic in the number of rows. (Opened read-only,
+        the store's one connection.)"""
         if self._keys is None:
+            if self.read_only:
+                raise PersistenceError(f"{self!r} is not open")
             path = pathlib.Path(self.directory, diskcache.core.DBNAME).absolute()
             self._keys = sqlite3.connect(path.as_uri() + "?mode=ro", uri=True)
         return self._keys
