@@ -43,8 +43,11 @@ def filled_store(directory: Path) -> Path:
 
 
 def records(directory: Path) -> dict[tuple[str, str], Record]:
+    """Every record in the store, read as the read commands read it (read-only, so
+    that it works while an application holds the store)."""
+
     async def scan() -> dict[tuple[str, str], Record]:
-        store = DiskCacheStore(directory)
+        store = DiskCacheStore(directory, read_only=True)
         await store.open()
         try:
             return {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,6 @@ import pytest
 import trio
 
 from trio_pgs import (
-    ConflictError,
     DiskCacheStore,
     PersistentSupervisor,
     Record,
@@ -195,23 +195,6 @@ def test_purge_of_a_record_changed_after_the_question_is_a_conflict(
     assert records(store_dir)["tally", "alice"].version == 3
 
 
-async def test_purge_of_an_active_server_fails_its_next_write_then_it_is_gone(
-    store_dir: Path,
-) -> None:
-    async with PersistentSupervisor(
-        store=DiskCacheStore(store_dir), servers=[TallyServer]
-    ) as sup:
-        alice = sup.ref(TallyServer, "alice")
-        assert await alice.call("get") == ["apple", "pear"]  # active now
-        argv = ["purge", str(store_dir), "tally", "alice", "--yes"]
-        assert await trio.to_thread.run_sync(main, argv) == 0
-        assert await alice.call("get") == ["apple", "pear"]  # served from memory
-        with pytest.raises(ConflictError, match="expected stored version 2, found 0"):
-            await alice.call(("add", "plum"))
-        with pytest.raises(ServerNotFound):
-            await alice.call("get")
-
-
 # -- export and import ------------------------------------------------------------------
 
 
@@ -328,18 +311,38 @@ def test_an_empty_directory_is_not_a_store_and_stays_empty(
     assert list(tmp_path.iterdir()) == []
 
 
-async def test_release_while_the_application_runs_takes_effect_on_the_next_message(
-    store_dir: Path,
+async def test_while_an_application_holds_the_store_reads_work_and_writes_are_refused(
+    store_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    backup = tmp_path / "backup.jsonl"
+    export = ["export", str(store_dir), "-o", str(backup)]
+    assert await trio.to_thread.run_sync(main, export) == 0
+    before = await trio.to_thread.run_sync(records, store_dir)
     async with PersistentSupervisor(
-        store=DiskCacheStore(store_dir), servers=[FragileServer]
+        store=DiskCacheStore(store_dir), servers=[TallyServer, FragileServer]
     ) as sup:
-        bad = sup.ref(FragileServer, "bad")
+        assert await sup.ref(TallyServer, "alice").call("get") == ["apple", "pear"]
+        capsys.readouterr()
+        for argv in (["list"], ["stats"], ["show", "tally", "alice"], ["export"]):
+            assert await trio.to_thread.run_sync(main, [argv[0], str(store_dir), *argv[1:]]) == 0
+        assert "alice" in capsys.readouterr().out
+        for argv in (["release", "fragile", "bad"], ["purge", "tally", "alice", "--yes"],
+                     ["import", str(backup), "--replace"]):
+            assert await trio.to_thread.run_sync(main, [argv[0], str(store_dir), *argv[1:]]) == 2
+            assert f"pid {os.getpid()}" in capsys.readouterr().err  # who holds it
+        monkeypatch.setattr(sys, "stdin", io.StringIO("y\n"))
+        purge = ["purge", str(store_dir), "tally", "alice"]
+        assert await trio.to_thread.run_sync(main, purge) == 2
+        assert "Delete" not in capsys.readouterr().err  # refused before the question
+        assert await trio.to_thread.run_sync(records, store_dir) == before
         with pytest.raises(ServerQuarantined):
-            await bad.call("get")
-        argv = ["release", str(store_dir), "fragile", "bad"]
-        assert await trio.to_thread.run_sync(main, argv) == 0
-        assert await bad.call("get") == ["one"]
+            await sup.ref(FragileServer, "bad").call("get")
+
+
+def test_release_takes_effect_when_the_application_starts_again(store_dir: Path) -> None:
+    assert main(["release", str(store_dir), "fragile", "bad"]) == 0
+    assert call(store_dir, "bad", "get", FragileServer) == ["one"]
 
 
 def test_an_unreadable_row_is_reported_and_makes_an_export_incomplete(

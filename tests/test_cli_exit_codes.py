@@ -12,12 +12,14 @@ from pathlib import Path
 
 import diskcache
 import pytest
+import trio
 
-from trio_pgs import Record
+from trio_pgs import DiskCacheStore, PersistentSupervisor, Record
 from trio_pgs._cli import main
 from trio_pgs._diskcache_store import FORMAT_KEY, SEPARATOR
 
 from .cli_support import filled_store, put
+from .servers import TallyServer
 
 DOCS = Path(__file__).parent.parent / "docs" / "cli.md"
 
@@ -81,6 +83,11 @@ def _conflict(store: Path, scratch: Path, monkeypatch: pytest.MonkeyPatch) -> li
     return ["purge", str(store), "tally", "alice"]
 
 
+def _nan_time(store: Path, scratch: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    put(store, Record(kind="tally", key="nan", data=b"{}", updated_at=float("nan")), 0)
+    return ["show", str(store), "tally", "nan", "--meta"]
+
+
 def _interrupted(store: Path, scratch: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     class CtrlC(io.StringIO):
         def readline(self, *args: object) -> str:
@@ -99,6 +106,7 @@ CASES: dict[str, tuple[Setup, int]] = {
     "empty-import": (_empty_import, 1),
     "conflict-with-another-writer": (_conflict, 1),
     "incomplete-export": (_unreadable_row, 1),
+    "show-meta-of-a-time-json-cannot-hold": (_nan_time, 1),
     "export-file-not-writable": (_args("export", "{store}", "-o", "{scratch}/no/such/dir"), 1),
     "bad-usage": (_args("list"), 2),
     "unknown-command": (_args("frobnicate"), 2),
@@ -149,3 +157,10 @@ def test_the_docs_list_every_exit_status_in_one_table() -> None:
     section = DOCS.read_text().split("\n## Exit status\n", 1)[1].split("\n## ", 1)[0]
     statuses = re.findall(r"^\| \*\*(\d+)\*\* \|", section, flags=re.MULTILINE)
     assert statuses == ["0", "1", "2", "130"]
+
+
+async def test_a_write_command_on_a_store_in_use_exits_2(tmp_path: Path) -> None:
+    store = await trio.to_thread.run_sync(filled_store, tmp_path / "store")
+    async with PersistentSupervisor(store=DiskCacheStore(store), servers=[TallyServer]):
+        argv = ["release", str(store), "tally", "alice"]
+        assert await trio.to_thread.run_sync(main, argv) == 2

@@ -3,6 +3,7 @@ opening for the commands that only read, and database files that are not stores.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,8 @@ EVERY_COMMAND = [
     ["list"], ["stats"], ["export"], ["show", "tally", "alice"],
     ["release", "tally", "alice"], ["purge", "tally", "alice", "--yes"], ["import"],
 ]
+READ_COMMANDS = [["list"], ["stats"], ["show", "tally", "alice"],
+                 ["show", "tally", "alice", "--meta"], ["export"]]
 
 
 @pytest.fixture
@@ -88,6 +91,35 @@ def test_a_directory_whose_name_has_a_colon_is_reached_as_a_relative_path(
     monkeypatch.chdir(tmp_path)
     assert main(["list", "./games:2026"]) == 0
     assert len(rows(capsys.readouterr().out)) == 4
+
+
+# -- read-only ---------------------------------------------------------------------------
+
+
+def test_the_read_commands_never_write_to_the_store(
+    store_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = files(store_dir)
+    for argv in READ_COMMANDS:
+        assert main([argv[0], str(store_dir), *argv[1:]]) == 0, argv
+    assert main(["export", str(store_dir), "--output", str(tmp_path / "backup.jsonl")]) == 0
+    after = files(store_dir)
+    assert {name: after[name] for name in before} == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only files")
+def test_the_read_commands_work_on_a_read_only_store(
+    store_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    paths = [*store_dir.iterdir(), store_dir]
+    for path in paths:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    try:
+        for argv in READ_COMMANDS:
+            assert main([argv[0], str(store_dir), *argv[1:]]) == 0, argv
+    finally:
+        for path in paths:
+            path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 # -- database files that are not stores ----------------------------------------------------

@@ -151,7 +151,9 @@ def purge_command(args: argparse.Namespace) -> int:
         except PersistenceError as exc:  # a row that is not a valid record
             return None, str(exc)
 
-    record, unreadable = session(store_from_spec(args.store, write=False), look)
+    # Opened for writing from the start: a store that cannot be written (in use by an
+    # application) is refused before the question, not after the answer.
+    record, unreadable = session(store_from_spec(args.store, write=True), look)
     if record is None and unreadable is None:
         raise CommandError(f"{ident(kind, key)}: no such record in {args.store}")
     if record is None:

@@ -132,8 +132,10 @@ def _diskcache(spec: str, directory: str, write: bool, create: bool) -> CommandS
         raise CommandError(f"{spec} is not a directory", EXIT_NOT_STARTED)
     elif not create:
         raise CommandError(f"{spec}: no such directory", EXIT_NOT_STARTED)
+    if not write:
+        return DiskCacheStore(path, read_only=True)
     # Writes are few and a user was told they happened: make them survive a power cut.
-    return DiskCacheStore(path, durable=write)
+    return DiskCacheStore(path, durable=True)
 
 
 def _check_database(spec: str, database: Path) -> None:
