@@ -19,8 +19,8 @@ from ._exit import EXIT_NOT_STARTED, EXIT_OK, CommandError
 from ._opener import CommandStore, session, store_from_spec
 from ._output import Progress, err, escape, ident, iso, json_text, out, status, table
 
-#: Records per transaction on import: small, so a running application's writes are
-#: never held up for long.
+#: Records per transaction on import: a bound on what one SQLite transaction holds
+#: (and on what an interrupted import leaves half done: whole batches only).
 IMPORT_BATCH = 500
 
 
