@@ -267,6 +267,7 @@ async def run_step(sup: PersistentSupervisor, model: Model, step: tuple[Any, ...
         item = f"{model.sender()}:refused"
         model.forbidden.add(item)  # refused: never committed, whatever the strategy
         request = ("mutate-then-refuse", item) if mutate else ("refuse", item)
+        model.tick()  # sent now: a wipe begun before may refuse it with ServerNotFound
         try:
             await sup.ref(TallyServer, key).call(request)
         except RequestError:
