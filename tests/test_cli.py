@@ -23,6 +23,7 @@ from trio_pgs import (
 )
 from trio_pgs._cli import main
 from trio_pgs._diskcache_store import SEPARATOR
+from trio_pgs._store import next_version
 
 from .cli_support import FragileServer, call, filled_store, put, records, rows
 from .servers import TallyServer
@@ -185,8 +186,7 @@ def test_purge_of_a_record_changed_after_the_question_is_a_conflict(
     class AnotherWriterMeanwhile(io.StringIO):
         def readline(self, *args: Any) -> str:
             current = records(store_dir)["tally", "alice"]
-            put(store_dir, Record("tally", "alice", b'{"items":[]}', current.version + 1),
-                current.version)
+            put(store_dir, next_version(current, data=b'{"items":[]}'), current.version)
             return "y\n"
 
     monkeypatch.setattr(sys, "stdin", AnotherWriterMeanwhile())
@@ -318,11 +318,11 @@ async def test_while_an_application_holds_the_store_reads_work_and_writes_are_re
     backup = tmp_path / "backup.jsonl"
     export = ["export", str(store_dir), "-o", str(backup)]
     assert await trio.to_thread.run_sync(main, export) == 0
-    before = await trio.to_thread.run_sync(records, store_dir)
     async with PersistentSupervisor(
         store=DiskCacheStore(store_dir), servers=[TallyServer, FragileServer]
     ) as sup:
         assert await sup.ref(TallyServer, "alice").call("get") == ["apple", "pear"]
+        before = await trio.to_thread.run_sync(records, store_dir)
         capsys.readouterr()
         for argv in (["list"], ["stats"], ["show", "tally", "alice"], ["export"]):
             assert await trio.to_thread.run_sync(main, [argv[0], str(store_dir), *argv[1:]]) == 0

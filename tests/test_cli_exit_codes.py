@@ -17,8 +17,9 @@ import trio
 from trio_pgs import DiskCacheStore, PersistentSupervisor, Record
 from trio_pgs._cli import main
 from trio_pgs._diskcache_store import FORMAT_KEY, SEPARATOR
+from trio_pgs._store import next_version
 
-from .cli_support import filled_store, put
+from .cli_support import filled_store, put, records
 from .servers import TallyServer
 
 DOCS = Path(__file__).parent.parent / "docs" / "cli.md"
@@ -76,7 +77,7 @@ def _newer_format(store: Path, scratch: Path, monkeypatch: pytest.MonkeyPatch) -
 def _conflict(store: Path, scratch: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     class AnotherWriterMeanwhile(io.StringIO):
         def readline(self, *args: object) -> str:
-            put(store, Record(kind="tally", key="alice", data=b"{}", version=3), 2)
+            put(store, next_version(records(store)["tally", "alice"], data=b"{}"), 2)
             return "y\n"
 
     monkeypatch.setattr(sys, "stdin", AnotherWriterMeanwhile())
