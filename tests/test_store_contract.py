@@ -3,6 +3,8 @@ kit catches a store that breaks it, and claims fence the runtime's writers."""
 
 from __future__ import annotations
 
+import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,6 +13,7 @@ import trio
 from trio_pgs import (
     ConflictError,
     Delete,
+    DiskCacheStore,
     MemoryStore,
     PersistenceError,
     PersistentSupervisor,
@@ -28,6 +31,30 @@ async def test_memory_store_keeps_the_store_contract():
 
 async def test_faulty_store_keeps_the_store_contract_when_it_injects_nothing():
     await check_store(FaultyStore)
+
+
+async def test_diskcache_store_keeps_the_store_contract(tmp_path: Path):
+    await check_store(lambda: DiskCacheStore(tmp_path / uuid.uuid4().hex))
+
+
+async def test_a_diskcache_record_purged_and_created_again_continues_its_versions(
+    tmp_path: Path,
+):
+    async with PersistentSupervisor(store=DiskCacheStore(tmp_path / "s")) as sup:
+        ref = await sup.start(TallyServer, key="a")
+        await ref.call(("add", "x"))
+        await ref.stop()
+        again = await sup.start(TallyServer, key="a")
+        await again.call(("add", "y"))
+    store = DiskCacheStore(tmp_path / "s")
+    await store.open()
+    try:
+        record = await store.load("tally", "a")
+        assert record is not None and record.version == 4  # 1, 2, deleted; 3, 4
+        assert [r.key async for r in store.scan("tally")] == ["a"]
+        assert await store.kinds() == {"tally"}
+    finally:
+        await store.close()
 
 
 class CarelessStore(MemoryStore):

@@ -16,12 +16,13 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 
+import attrs
 import diskcache
 import diskcache.core
 import trio
 
 from ._errors import PersistenceError
-from ._store import Operation, Put, Record, check_version
+from ._store import Claim, Delete, Operation, Put, Record, check_version
 from ._thread import DedicatedThread
 
 T = TypeVar("T")
@@ -44,6 +45,11 @@ LOCK_NAME = "trio-pgs.lock"
 #: A row's columns, read with SQL: never through diskcache's `get`, which opens the file
 #: a row names (a FIFO hangs it, /dev/zero fills the memory).
 _SELECT_ROW = "SELECT mode, filename, value FROM Cache WHERE key = ? AND raw = 1"
+_SELECT_VALUE = "SELECT value FROM Cache WHERE key = ? AND raw = 1"
+#: Before a deleted record's db key, the key of its tombstone: a row holding its last
+#: version and epoch, so that a record created again continues them. It sorts before
+#: every kind (kinds are printable), so scans and kinds() never meet it.
+TOMBSTONE = SEPARATOR + "tombstone" + SEPARATOR
 
 
 class RefusedPickle(PersistenceError):
@@ -196,10 +202,11 @@ def decode_row(kind: str, key: str, mode: object, filename: object, value: objec
     return decode_record(kind, key, value)
 
 
-def _write_row(cache: diskcache.Cache, db_key: str, value: bytes, now: float) -> None:
+def _write_row(cache: diskcache.Cache, db_key: str, value: bytes, now: float) -> bool:
     """``cache.set(db_key, value)`` inside the open transaction, in one statement for
     an existing row. Its columns get what diskcache's own `set` writes for inline bytes
-    (our `SafeDisk` stores nothing else). A new row goes through `set`. diskcache's
+    (our `SafeDisk` stores nothing else). A new row goes through `set` (and False is
+    returned: the row was created). diskcache's
     `set` reads the row before it updates it, which was a third of the store thread's
     time per record; and over a row that names a file, it would delete that file."""
     updated = cache._sql(
@@ -210,13 +217,47 @@ def _write_row(cache: diskcache.Cache, db_key: str, value: bytes, now: float) ->
     ).rowcount
     if not updated:
         cache.set(db_key, value)
+    return bool(updated)
 
 
 def split_key(db_key: object) -> tuple[str, str] | None:
-    if not isinstance(db_key, str) or db_key == FORMAT_KEY:
+    if not isinstance(db_key, str) or db_key == FORMAT_KEY or db_key.startswith(TOMBSTONE):
         return None
     kind, separator, key = db_key.partition(SEPARATOR)
     return (kind, key) if separator else None
+
+
+def _encode_tombstone(stored: tuple[int, int]) -> bytes:
+    return b'{"v":%d,"e":%d}' % stored
+
+
+def _stored_in_header(value: object) -> tuple[int, int] | None:
+    """The (version, epoch) in a row's header or a tombstone, read from its value
+    column alone; None if it holds none (a row trio-pgs did not write)."""
+    if not isinstance(value, bytes):
+        return None
+    try:
+        header = json.loads(value.partition(b"\n")[0])
+        version, epoch = header["v"], header["e"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if type(version) is not int or type(epoch) is not int:
+        return None
+    return version, epoch
+
+
+def _db_key(operation: Operation) -> str:
+    if isinstance(operation, Put):
+        return operation.record.kind + SEPARATOR + operation.record.key
+    return operation.kind + SEPARATOR + operation.key
+
+
+def _unconditional(operation: Operation) -> bool:
+    """A delete that checks nothing (a purge): it never decodes the row."""
+    return (
+        isinstance(operation, Delete)
+        and operation.expected_version is None and operation.epoch is None
+    )
 
 
 def _lock_directory(directory: str) -> int:
@@ -584,6 +625,19 @@ class DiskCacheStore:
         await self._run(lambda: self._commit(operations))
 
     def _commit(self, operations: list[Operation]) -> None:
+        cache = self._writable()
+        try:
+            with cache.transact():
+                seen, tombstones = self._check(cache, operations)
+                self._apply(cache, operations, tombstones)
+        except PersistenceError:
+            raise
+        except Exception as exc:
+            self._versions.clear()  # whatever happened, read again
+            raise PersistenceError(f"the store could not commit: {exc}") from exc
+        self._versions.update(seen)
+
+    def _writable(self) -> diskcache.Cache:
         if self.read_only:
             raise PersistenceError(
                 f"{self!r} is read-only; nothing was written. Open it without "
@@ -591,52 +645,98 @@ class DiskCacheStore:
             )
         cache = self._opened()
         self._check_file()
+        return cache
+
+    def _check(
+        self, cache: diskcache.Cache, operations: list[Operation]
+    ) -> tuple[dict[str, tuple[int, int] | None], list[tuple[int, int] | None]]:
+        """Check every condition before the first write, so a conflict leaves the
+        transaction with nothing to roll back. Returns the (version, epoch) each key
+        is left with, and for each operation the one it found (a delete's tombstone)."""
+        versions = self._known_versions(cache)
+        seen: dict[str, tuple[int, int] | None] = {}
+        found: list[tuple[int, int] | None] = []
+        for operation in operations:
+            db_key = _db_key(operation)
+            if db_key in seen:
+                current = seen[db_key]
+            elif db_key in versions:
+                current = versions[db_key]
+            elif _unconditional(operation):  # a purge never decodes the row
+                current = self._stored_leniently(db_key)
+            else:
+                current = self._stored(db_key)
+            if not _unconditional(operation):
+                check_version(current, operation)
+            if isinstance(operation, Put):
+                seen[db_key] = (operation.record.version, operation.record.epoch)
+            else:
+                seen[db_key] = current  # its tombstone keeps them
+            found.append(current)
+        return seen, found
+
+    def _apply(
+        self,
+        cache: diskcache.Cache,
+        operations: list[Operation],
+        found: list[tuple[int, int] | None],
+    ) -> None:
+        now = time.time()
+        for operation, stored in zip(operations, found, strict=True):
+            db_key = _db_key(operation)
+            if isinstance(operation, Put):
+                if not _write_row(cache, db_key, encode_record(operation.record), now):
+                    # Created: over a tombstone, if it had one (a rare path).
+                    cache._sql("DELETE FROM Cache WHERE key = ? AND raw = 1",
+                               (TOMBSTONE + db_key,))
+                continue
+            # The row only: diskcache's `delete` would also delete the file that a
+            # (crafted) row names.
+            cache._sql("DELETE FROM Cache WHERE key = ? AND raw = 1", (db_key,))
+            if stored is not None:
+                _write_row(cache, TOMBSTONE + db_key, _encode_tombstone(stored), now)
+
+    def _stored(self, db_key: str) -> tuple[int, int] | None:
+        """The (version, epoch) of a record, or of its tombstone; None if neither."""
+        record = self._read(*db_key.split(SEPARATOR, 1))
+        if record is not None:
+            return record.version, record.epoch
+        return self._tombstone(db_key)
+
+    def _stored_leniently(self, db_key: str) -> tuple[int, int] | None:
+        """`_stored`, for a row that may be unreadable: from its header if it has
+        one, else its tombstone's (the row's own version is then lost)."""
+        row = self._opened()._con.execute(_SELECT_VALUE, (db_key,)).fetchone()
+        stored = None if row is None else _stored_in_header(row[0])
+        return stored if stored is not None else self._tombstone(db_key)
+
+    def _tombstone(self, db_key: str) -> tuple[int, int] | None:
+        row = self._opened()._con.execute(_SELECT_VALUE, (TOMBSTONE + db_key,)).fetchone()
+        return None if row is None else _stored_in_header(row[0])
+
+    async def claim(self, kind: str, key: str) -> Claim:
+        """Raise the stored epoch of (*kind*, *key*) by one, in one transaction, and
+        return the `Claim`. Nothing is written for a key with no record."""
+        return await self._run(lambda: self._claim(kind, key))
+
+    def _claim(self, kind: str, key: str) -> Claim:
+        cache = self._writable()
+        db_key = kind + SEPARATOR + key
         try:
             with cache.transact():
-                versions = self._known_versions(cache)
-                # Check every condition before the first write, so a conflict leaves
-                # the transaction with nothing to roll back.
-                seen: dict[str, tuple[int, int] | None] = {}
-                for operation in operations:
-                    if isinstance(operation, Put):
-                        db_key = operation.record.kind + SEPARATOR + operation.record.key
-                    else:
-                        db_key = operation.kind + SEPARATOR + operation.key
-                    unconditional = (
-                        not isinstance(operation, Put) and operation.expected_version is None
-                    )
-                    if not unconditional:  # an unconditional delete never reads the row
-                        if db_key in seen:
-                            current = seen[db_key]
-                        elif db_key in versions:
-                            current = versions[db_key]
-                        else:
-                            stored = self._read(*db_key.split(SEPARATOR, 1))
-                            current = None if stored is None else (stored.version, stored.epoch)
-                        check_version(current, operation)
-                    seen[db_key] = (
-                        (operation.record.version, operation.record.epoch)
-                        if isinstance(operation, Put) else None
-                    )
-                now = time.time()
-                for operation in operations:
-                    if isinstance(operation, Put):
-                        record = operation.record
-                        _write_row(cache, record.kind + SEPARATOR + record.key,
-                                   encode_record(record), now)
-                    else:
-                        # The row only: diskcache's `delete` would also delete the
-                        # file that a (crafted) row names.
-                        cache._sql(
-                            "DELETE FROM Cache WHERE key = ? AND raw = 1",
-                            (operation.kind + SEPARATOR + operation.key,),
-                        )
+                record = self._read(kind, key)
+                if record is None:
+                    version, epoch = self._tombstone(db_key) or (0, 0)
+                    return Claim(record=None, epoch=epoch + 1, version=version)
+                record = attrs.evolve(record, epoch=record.epoch + 1)
+                _write_row(cache, db_key, encode_record(record), time.time())
         except PersistenceError:
             raise
         except Exception as exc:
-            self._versions.clear()  # whatever happened, read again
-            raise PersistenceError(f"the store could not commit: {exc}") from exc
-        self._versions.update(seen)
+            self._versions.clear()
+            raise PersistenceError(f"{kind}/{key}: the store could not claim it: {exc}") from exc
+        self._versions[db_key] = (record.version, record.epoch)
+        return Claim(record=record, epoch=record.epoch, version=record.version)
 
     def _known_versions(self, cache: diskcache.Cache) -> dict[str, tuple[int, int] | None]:
         """The versions this store committed or read, valid while no other connection
