@@ -252,6 +252,20 @@ def test_import_refuses_existing_keys_without_replace_and_writes_nothing(
     assert records(store_dir) == before  # bob was not imported either
 
 
+def test_import_after_a_purge_restores_the_record_above_the_purged_version(
+    store_dir: Path, tmp_path: Path
+) -> None:
+    backup = tmp_path / "backup.jsonl"
+    assert main(["export", str(store_dir), "-o", str(backup)]) == 0
+    assert main(["purge", str(store_dir), "tally", "alice", "--yes"]) == 0
+    assert main(["import", str(store_dir), str(backup), "--replace"]) == 0
+    alice = records(store_dir)["tally", "alice"]
+    assert alice.data == b'{"items":["apple","pear"]}'
+    assert alice.version == 3  # versions never repeat: the purged record was at 2
+    assert call(store_dir, "alice", ("add", "plum")) == 3  # items: the server goes on
+    assert records(store_dir)["tally", "alice"].version == 4
+
+
 def test_import_replace_overwrites_above_the_stored_version(
     store_dir: Path, tmp_path: Path
 ) -> None:

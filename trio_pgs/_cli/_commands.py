@@ -13,7 +13,7 @@ from typing import IO
 import attrs
 
 from .._errors import PersistenceError
-from .._store import Delete, Put, Record, next_version
+from .._store import Claim, Delete, Put, Record, claimer, next_version
 from ._exchange import import_refusal, read_records, record_to_json
 from ._exit import EXIT_NOT_STARTED, EXIT_OK, CommandError
 from ._opener import CommandStore, session, store_from_spec
@@ -243,35 +243,13 @@ def import_command(args: argparse.Namespace) -> int:
             f"{source} holds no records; nothing was imported. Pass --allow-empty to "
             "import it all the same (into a new directory, that makes an empty store)"
         )
-    replace, written = args.replace, 0
+    written = 0
 
     async def import_(opened: CommandStore) -> None:
         nonlocal written
-        operations: list[Put] = []
-        existing: list[str] = []
-        progress = Progress("checked", len(records))
-        for record in records:
-            current = await opened.load(record.kind, record.key)
-            if current is None:
-                operations.append(Put(record, 0))
-            elif not replace:
-                existing.append(ident(record.kind, record.key))
-            else:
-                # Above the stored version, so that a running server holding the old
-                # one fails its next write and reloads, instead of overwriting this.
-                replacement = attrs.evolve(
-                    record, version=max(record.version, current.version + 1),
-                    epoch=max(record.epoch, current.epoch),
-                )
-                operations.append(Put(replacement, current.version))
-            progress.step()
-        progress.done()
-        if existing:
-            raise CommandError(
-                f"{len(existing)} record(s) already in {args.store} "
-                f"({', '.join(existing[:3])}{', ...' if len(existing) > 3 else ''}); "
-                "nothing was imported. Pass --replace to overwrite them."
-            )
+        if not args.replace:
+            await _refuse_stored(opened, records, args.store)
+        operations = await _imports(opened, records)
         progress = Progress("imported", len(operations))
         for start in range(0, len(operations), IMPORT_BATCH):
             batch = operations[start : start + IMPORT_BATCH]
@@ -288,3 +266,48 @@ def import_command(args: argparse.Namespace) -> int:
         raise
     out(f"imported {len(records)} record(s) into {args.store}")
     return EXIT_OK
+
+
+async def _refuse_stored(store: CommandStore, records: list[Record], spec: str) -> None:
+    """Refuse the import if any of *records* is stored already (it would replace it)."""
+    stored: list[str] = []
+    progress = Progress("checked", len(records))
+    for record in records:
+        if await store.load(record.kind, record.key) is not None:
+            stored.append(ident(record.kind, record.key))
+        progress.step()
+    progress.done()
+    if stored:
+        raise CommandError(
+            f"{len(stored)} record(s) already in {spec} "
+            f"({', '.join(stored[:3])}{', ...' if len(stored) > 3 else ''}); "
+            "nothing was imported. Pass --replace to overwrite them."
+        )
+
+
+async def _imports(store: CommandStore, records: list[Record]) -> list[Put]:
+    """The writes that import *records*: each claims its key first, so that it learns
+    the stored version, a deleted record's included (see `_import`)."""
+    claim = claimer(store)
+    operations: list[Put] = []
+    progress = Progress("claimed", len(records))
+    for record in records:
+        operations.append(_import(record, await claim(record.kind, record.key)))
+        progress.step()
+    progress.done()
+    return operations
+
+
+def _import(record: Record, claim: Claim) -> Put:
+    """The write of *record* over what *claim* found: the record as it is where its key
+    never had one (a restore into a new store is exact), else above the stored version
+    (or the deleted record's) at the claimed epoch, so that versions never repeat and a
+    server still holding the old record fails its next write instead of overwriting
+    this one."""
+    if claim.record is None and claim.version == 0:
+        return Put(record, 0)
+    imported = attrs.evolve(
+        record, version=max(record.version, claim.version + 1),
+        epoch=max(record.epoch, claim.epoch),
+    )
+    return Put(imported, claim.version)
