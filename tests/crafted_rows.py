@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sqlite3
+import subprocess
 import sys
 import threading
 import time
@@ -119,3 +121,19 @@ def guarded(*paths: Path | str) -> Iterator[list[tuple[str, str]]]:
         yield _touched
     finally:
         _watched.difference_update(names)
+
+
+@contextlib.contextmanager
+def immutable_directory(path: Path) -> Iterator[None]:
+    """*path* made read-only for everyone, root included (``chattr +i``: plain modes
+    do not stop root). Fails, rather than skips, where that cannot be done: the
+    read-only cases must run wherever the suite runs."""
+    chattr = shutil.which("chattr")
+    if chattr is None or subprocess.run([chattr, "+i", str(path)]).returncode:
+        raise AssertionError(f"cannot make {path} read-only (chattr +i); the read-only "
+                             "store tests need it (install e2fsprogs; a file system "
+                             "with attributes)")
+    try:
+        yield
+    finally:
+        subprocess.run([chattr, "-i", str(path)], check=True)

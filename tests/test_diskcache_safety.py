@@ -5,14 +5,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import diskcache
@@ -22,7 +21,7 @@ import trio
 
 from trio_pgs import Delete, DiskCacheStore, PersistenceError, Put, Record
 
-from .crafted_rows import craft_row, guarded, row_exists, unblocking
+from .crafted_rows import craft_row, guarded, immutable_directory, row_exists, unblocking
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCK = "trio-pgs.lock"
@@ -91,18 +90,6 @@ async def holder_process(directory: Path) -> AsyncIterator[subprocess.Popen[str]
 
 def fingerprint(path: Path) -> tuple[str, int]:
     return hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns
-
-
-@contextmanager
-def immutable_directory(path: Path) -> Iterator[None]:
-    """*path* made read-only for everyone, root included (chattr +i), or a skip."""
-    chattr = shutil.which("chattr")
-    if chattr is None or subprocess.run([chattr, "+i", path]).returncode:
-        pytest.skip("cannot make a read-only directory here (no chattr, or not allowed)")
-    try:
-        yield
-    finally:
-        subprocess.run([chattr, "-i", path], check=True)
 
 
 # -- A. one process per directory -------------------------------------------------------------
