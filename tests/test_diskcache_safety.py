@@ -406,3 +406,14 @@ def test_safe_disk_never_deletes_a_file(tmp_path, precious):
 
     SafeDisk(str(tmp_path)).remove(str(precious))  # what diskcache calls to drop a row's file
     assert precious.read_bytes() == b"mine"
+
+
+async def test_an_empty_database_file_is_refused_not_taken_for_a_new_store(tmp_path):
+    """A truncated copy of a store must not open as an empty store (SQLite takes an
+    empty file for an empty database)."""
+    directory = tmp_path / "s"
+    directory.mkdir()
+    (directory / "cache.db").write_bytes(b"")
+    with pytest.raises(PersistenceError, match=r"its database file \(cache\.db\) is empty"):
+        await DiskCacheStore(directory).open()
+    assert (directory / "cache.db").read_bytes() == b""

@@ -458,6 +458,15 @@ class DiskCacheStore:
             raise
 
     def _open_cache(self) -> diskcache.Cache:
+        database = os.path.join(self.directory, diskcache.core.DBNAME)
+        if os.path.isfile(database) and os.path.getsize(database) == 0:
+            # SQLite would take an empty file for an empty database, and a truncated
+            # copy of a store would open as a new, empty one.
+            raise PersistenceError(
+                f"{self.directory!r} is not a valid trio-pgs store: its database file "
+                f"({diskcache.core.DBNAME}) is empty. Restore it from a backup, or remove "
+                "it to start afresh"
+            )
         try:
             cache = diskcache.Cache(
                 self.directory,
