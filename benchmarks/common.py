@@ -213,7 +213,7 @@ async def write_dormant(directory: str, records: int, batch: int = 20_000) -> No
         now = time.time()
         for first in range(0, records, batch):
             await store.commit([
-                Put(Record(Counter.kind, f"c{i}", b"0", updated_at=now), 0)
+                Put(Record(kind=Counter.kind, key=f"c{i}", data=b"0", updated_at=now), 0)
                 for i in range(first, min(records, first + batch))
             ])
     finally:

@@ -146,7 +146,7 @@ def plant(key: str, data: bytes, state_version: int = 1, cls: Any = Careless) ->
     """A record someone else wrote; activating it must fail and leave it as it is."""
 
     async def act(ctx: Ctx) -> None:
-        record = Record(cls.kind, key, data, 1, state_version)
+        record = Record(kind=cls.kind, key=key, data=data, version=1, state_version=state_version)
         await ctx.store.commit([Put(record, 0)])
         try:
             await ctx.sup.ref(cls, key).call("get")

@@ -201,7 +201,10 @@ def test_purge_of_a_record_changed_after_the_question_is_a_conflict(
 def test_export_then_import_into_a_new_directory_restores_every_record(
     store_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    odd = Record("raw", "bytes", b"\xff not json", 7, 2, 1, 12.5, (1.0, 2.5), True, (b"\x00",))
+    odd = Record(
+        kind="raw", key="bytes", data=b"\xff not json", version=7, state_version=2, epoch=1,
+        updated_at=12.5, crashes=(1.0, 2.5), quarantined=True, history=(b"\x00",),
+    )
     put(store_dir, odd, 0)
     exported = tmp_path / "backup.jsonl"
     assert main(["export", str(store_dir), "--output", str(exported)]) == 0

@@ -44,7 +44,7 @@ trio.run(main)
 
 
 def rec(key: str, data: bytes = b"1", version: int = 1, kind: str = "k") -> Record:
-    return Record(kind, key, data, version)
+    return Record(kind=kind, key=key, data=data, version=version)
 
 
 async def fill(directory: Path, *records: Record) -> None:

@@ -320,7 +320,7 @@ async def test_records_of_unlisted_kinds_are_left_untouched_and_logged_once(
 
 
 async def test_an_undecodable_record_fails_activation_without_harming_others(sup, store):
-    await store.commit([Put(Record("tally", "bad", b'{"items": 42}'), 0)])
+    await store.commit([Put(Record(kind="tally", key="bad", data=b'{"items": 42}'), 0)])
     good = await sup.start(TallyServer, "x", key="good")
     with pytest.raises(ActivationFailed, match="tally/bad") as info:
         await sup.ref(TallyServer, "bad").call("get")

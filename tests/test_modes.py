@@ -200,8 +200,8 @@ async def test_a_deferred_write_that_conflicts_is_dropped_and_the_server_reloads
         await ref.call(("add", "mine"))  # pending for max_lag = 2 s
         current = await store.load("behind", "k")
         # Another writer (the CLI, another process) changes the record meanwhile.
-        await store.commit([Put(Record("behind", "k", b'{"items":["theirs"]}',
-                                       current.version + 1), current.version)])
+        await store.commit([Put(Record(kind="behind", key="k", data=b'{"items":["theirs"]}',
+                                       version=current.version + 1), current.version)])
         await trio.sleep(3)
         assert sup.statistics().active == 0  # not retrying forever
         assert await ref.call("get") == ["theirs"]

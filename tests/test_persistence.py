@@ -137,7 +137,7 @@ async def test_failed_commit_does_not_affect_other_servers_in_the_batch(autojump
         # make "bad" exist without going through the picky commit
         from trio_pgs import Record
 
-        await store.inner.commit([Put(Record("tally", "bad", b'{"items":[]}'), 0)])
+        await store.inner.commit([Put(Record(kind="tally", key="bad", data=b'{"items":[]}'), 0)])
         async with trio.open_nursery() as nursery:
             for ref in [*good, sup.ref(TallyServer, "bad")]:
                 nursery.start_soon(add, ref)

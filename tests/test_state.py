@@ -246,7 +246,9 @@ def player_server(version: int, migrations: dict[int, Any]) -> type[PersistentSe
 
 
 async def test_a_migration_chain_runs_in_order_and_is_committed_back(store):
-    await store.commit([Put(Record("player", "p", b'{"nick":"ann","points":250}', 1, 1), 0)])
+    await store.commit([Put(Record(
+        kind="player", key="p", data=b'{"nick":"ann","points":250}', version=1, state_version=1,
+    ), 0)])
     cls = player_server(3, {1: v1_to_v2, 2: v2_to_v3})
     async with PersistentSupervisor(store=store, servers=[cls]) as sup:
         assert await sup.ref(cls, "p").call("get") == PlayerV3("ann", 250, 2)
@@ -280,7 +282,9 @@ async def test_a_failing_migration_fails_activation_and_keeps_the_record(store):
     def broken(raw: Any) -> Any:
         raise KeyError("points")
 
-    await store.commit([Put(Record("player", "p", b'{"nick":"ann"}', 1, 1), 0)])
+    await store.commit([Put(Record(
+        kind="player", key="p", data=b'{"nick":"ann"}', version=1, state_version=1,
+    ), 0)])
     cls = player_server(2, {1: broken})
     async with PersistentSupervisor(store=store, servers=[cls]) as sup:
         with pytest.raises(ActivationFailed, match=r"migration 1 -> 2 raised KeyError"):
@@ -289,7 +293,9 @@ async def test_a_failing_migration_fails_activation_and_keeps_the_record(store):
 
 
 async def test_a_record_from_the_future_names_both_versions(store):
-    await store.commit([Put(Record("player", "p", b"{}", 1, state_version=5), 0)])
+    await store.commit([Put(Record(
+        kind="player", key="p", data=b"{}", version=1, state_version=5,
+    ), 0)])
     cls = player_server(3, {1: v1_to_v2, 2: v2_to_v3})
     async with PersistentSupervisor(store=store, servers=[cls]) as sup:
         with pytest.raises(ActivationFailed, match=r"state_version 5, newer than .* 3"):
@@ -297,7 +303,9 @@ async def test_a_record_from_the_future_names_both_versions(store):
 
 
 async def test_a_missing_migration_step_names_both_versions(store):
-    await store.commit([Put(Record("player", "p", b"{}", 1, state_version=1), 0)])
+    await store.commit([Put(Record(
+        kind="player", key="p", data=b"{}", version=1, state_version=1,
+    ), 0)])
     cls = player_server(3, {2: v2_to_v3})
     async with PersistentSupervisor(store=store, servers=[cls]) as sup:
         with pytest.raises(ActivationFailed, match=r"version 1, the code at 3.*migrations\[1\]"):
@@ -306,7 +314,7 @@ async def test_a_missing_migration_step_names_both_versions(store):
 
 async def test_a_decoding_error_names_the_server_and_the_field_path(store):
     bad = b'{"name":"ann","score":"lots","level":1}'
-    await store.commit([Put(Record("player", "p", bad), 0)])
+    await store.commit([Put(Record(kind="player", key="p", data=bad), 0)])
     cls = player_server(1, {})
     async with PersistentSupervisor(store=store, servers=[cls]) as sup:
         with pytest.raises(ActivationFailed, match=r"player/p.*expected int @ \$\.score"):

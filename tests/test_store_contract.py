@@ -75,10 +75,12 @@ async def test_the_kit_names_the_promise_a_store_breaks():
 async def test_a_record_created_again_continues_the_versions_of_the_deleted_one():
     store = MemoryStore()
     await store.open()
-    await store.commit([Put(Record("k", "a", b"1"), 0), Put(Record("k", "a", b"2", 2), 1)])
+    await store.commit([Put(Record(
+        kind="k", key="a", data=b"1",
+    ), 0), Put(Record(kind="k", key="a", data=b"2", version=2), 1)])
     await store.commit([Delete("k", "a")])  # a purge
     with pytest.raises(ConflictError):
-        await store.commit([Put(Record("k", "a", b"again"), 0)])
+        await store.commit([Put(Record(kind="k", key="a", data=b"again"), 0)])
 
 
 async def test_a_restored_record_is_never_overwritten_by_an_activation_left_behind():
@@ -94,8 +96,8 @@ async def test_a_restored_record_is_never_overwritten_by_an_activation_left_behi
         await store.commit([Delete("tally", "a")])  # trio-pgs purge
         claim = await store.claim("tally", "a")  # trio-pgs import
         restored = Record(
-            "tally", "a", exported.data, claim.version + 1, exported.state_version,
-            claim.epoch,
+            kind="tally", key="a", data=exported.data, version=claim.version + 1,
+            state_version=exported.state_version, epoch=claim.epoch,
         )
         await store.commit([Put(restored, claim.version)])
         with pytest.raises(PersistenceError):

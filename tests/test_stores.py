@@ -36,7 +36,7 @@ async def opened(request, tmp_path):
 
 
 def rec(key: str, data: bytes = b"1", version: int = 1, kind: str = "k") -> Record:
-    return Record(kind, key, data, version)
+    return Record(kind=kind, key=key, data=data, version=version)
 
 
 async def test_load_of_a_missing_record_is_none(opened):
@@ -44,7 +44,9 @@ async def test_load_of_a_missing_record_is_none(opened):
 
 
 async def test_put_then_load_round_trips_the_record(opened):
-    record = Record("k", "a", b'{"x":1}', 1, 3, 7, 123.5)
+    record = Record(
+        kind="k", key="a", data=b'{"x":1}', version=1, state_version=3, epoch=7, updated_at=123.5,
+    )
     await opened.commit([Put(record, 0)])
     assert await opened.load("k", "a") == record
 
@@ -58,9 +60,9 @@ async def test_put_with_a_stale_version_is_a_conflict(opened):
 
 
 async def test_a_write_with_an_older_epoch_is_fenced_off(opened):
-    await opened.commit([Put(Record("k", "a", b"1", 1, epoch=5), 0)])
+    await opened.commit([Put(Record(kind="k", key="a", data=b"1", version=1, epoch=5), 0)])
     with pytest.raises(ConflictError, match="epoch"):
-        await opened.commit([Put(Record("k", "a", b"2", 2, epoch=4), 1)])
+        await opened.commit([Put(Record(kind="k", key="a", data=b"2", version=2, epoch=4), 1)])
 
 
 async def test_a_batch_is_atomic(opened):
@@ -146,7 +148,7 @@ async def test_diskcache_refuses_to_store_anything_but_bytes(tmp_path):
     store = DiskCacheStore(tmp_path / "s")
     await store.open()
     with pytest.raises(PersistenceError):
-        await store.commit([Put(Record("k", "a", "text", 1), 0)])  # type: ignore[arg-type]
+        await store.commit([Put(Record(kind="k", key="a", data="text", version=1), 0)])  # type: ignore[arg-type]
     await store.close()
 
 
@@ -215,7 +217,10 @@ def test_the_fast_record_header_is_the_json_one(version, state_version, epoch, u
 
     from trio_pgs._diskcache_store import decode_record, encode_record
 
-    record = Record("k", "a", data, version, state_version, epoch, updated_at)
+    record = Record(
+        kind="k", key="a", data=data, version=version, state_version=state_version, epoch=epoch,
+        updated_at=updated_at,
+    )
     header = {"v": version, "sv": state_version, "e": epoch, "t": updated_at,
               "n": [len(data)]}
     expected = json.dumps(header, separators=(",", ":")).encode() + b"\n" + data
@@ -229,7 +234,9 @@ async def test_diskcache_scan_and_kinds_keep_kinds_that_share_a_prefix_apart(tmp
     try:
         kinds = ["a", "a b", "ab", "a.b"]
         await store.commit([
-            Put(Record(kind, f"{kind}-{i}", b"1"), 0) for kind in kinds for i in range(3)
+            Put(Record(
+                kind=kind, key=f"{kind}-{i}", data=b"1",
+            ), 0) for kind in kinds for i in range(3)
         ])
         assert await store.kinds() == set(kinds)
         for kind in kinds:
@@ -246,7 +253,7 @@ async def test_diskcache_scan_pages_through_more_than_one_chunk(tmp_path, monkey
     store = DiskCacheStore(tmp_path / "s")
     await store.open()
     try:
-        await store.commit([Put(Record("k", f"{i:03d}", b"1"), 0) for i in range(50)])
+        await store.commit([Put(Record(kind="k", key=f"{i:03d}", data=b"1"), 0) for i in range(50)])
         assert [r.key async for r in store.scan("k")] == [f"{i:03d}" for i in range(50)]
     finally:
         await store.close()

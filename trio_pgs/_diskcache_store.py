@@ -157,16 +157,16 @@ def decode_record(kind: str, key: str, value: object) -> Record:
         if not newline or offset != len(body):
             raise ValueError("the lengths in the header do not match the row")
         return Record(
-            kind,
-            key,
-            parts[0],
-            header["v"],
-            header["sv"],
-            header["e"],
-            header["t"],
-            tuple(header.get("c", ())),
-            bool(header.get("q", False)),
-            tuple(parts[1:]),
+            kind=kind,
+            key=key,
+            data=parts[0],
+            version=header["v"],
+            state_version=header["sv"],
+            epoch=header["e"],
+            updated_at=header["t"],
+            crashes=tuple(header.get("c", ())),
+            quarantined=bool(header.get("q", False)),
+            history=tuple(parts[1:]),
         )
     except (ValueError, KeyError, TypeError, IndexError) as exc:
         raise PersistenceError(

@@ -162,8 +162,10 @@ async def _create(
         entry.end(not_found(ref))
         return None
     # Versions and epochs continue those of a deleted record under the same key.
-    record = Record(ref.kind, ref.key, data, claim.version + 1, info.options.state_version,
-                    claim.epoch, time.time())
+    record = Record(
+        kind=ref.kind, key=ref.key, data=data, version=claim.version + 1,
+        state_version=info.options.state_version, epoch=claim.epoch, updated_at=time.time(),
+    )
     try:
         await entry.host.writer.commit(Put(record, claim.version))
     except trio.Cancelled:  # cut off at shutdown while the store had it

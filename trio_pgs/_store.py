@@ -11,7 +11,7 @@ import attrs
 from ._errors import ConflictError
 
 
-@attrs.frozen
+@attrs.frozen(kw_only=True)
 class Record:
     """One stored server: its encoded state and the bookkeeping that travels with it.
 
@@ -42,8 +42,9 @@ def next_record(old: Record, data: bytes, state_version: int, keep_history: int)
     costs twice as much)."""
     history = (old.data, *old.history)[:keep_history] if keep_history else ()
     return Record(
-        old.kind, old.key, data, old.version + 1, state_version, old.epoch, time.time(),
-        old.crashes, old.quarantined, history,
+        kind=old.kind, key=old.key, data=data, version=old.version + 1,
+        state_version=state_version, epoch=old.epoch, updated_at=time.time(),
+        crashes=old.crashes, quarantined=old.quarantined, history=history,
     )
 
 

@@ -51,7 +51,7 @@ async def check_store(make_store: MakeStore) -> None:
 
 
 def _record(key: str, data: bytes = b"1", version: int = 1, **fields: Any) -> Record:
-    return Record("conformance", key, data, version, **fields)
+    return Record(kind="conformance", key=key, data=data, version=version, **fields)
 
 
 async def _conflicts(store: Store, *operations: Put | Delete) -> bool:
@@ -127,7 +127,7 @@ async def _scan_by_kind(store: Store) -> None:
     """scan yields exactly the records of its kind, deleted ones excluded"""
     await store.commit([
         Put(_record("a"), 0), Put(_record("b"), 0), Put(_record("c"), 0),
-        Put(Record("conformance.other", "a", b"1"), 0),
+        Put(Record(kind="conformance.other", key="a", data=b"1"), 0),
     ])
     await store.commit([Delete("conformance", "c")])
     keys = sorted([record.key async for record in store.scan("conformance")])
@@ -169,8 +169,8 @@ async def _kinds(store: Store) -> None:
     if not isinstance(store, SupportsKinds):
         return
     await store.commit([
-        Put(_record("a"), 0), Put(Record("conformance.other", "a", b"1"), 0),
-        Put(Record("conformance.gone", "a", b"1"), 0),
+        Put(_record("a"), 0), Put(Record(kind="conformance.other", key="a", data=b"1"), 0),
+        Put(Record(kind="conformance.gone", key="a", data=b"1"), 0),
     ])
     await store.commit([Delete("conformance.gone", "a")])
     kinds = await store.kinds()
