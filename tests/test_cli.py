@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -380,3 +382,26 @@ def test_an_unreadable_row_is_reported_and_makes_an_export_incomplete(
     assert "purged the unreadable row tally/junk" in capsys.readouterr().out
     assert main(["export", str(store_dir), "-o", str(exported)]) == 0
     assert len(exported.read_text().splitlines()) == 3
+
+
+@pytest.mark.parametrize(
+    ("kind", "key"),
+    [("", "tombstone" + SEPARATOR + "tally" + SEPARATOR + "alice"), ("", "trio-pgs-format"),
+     ("tal\x1fly", "alice"), ("tally", "")],
+    ids=["a-tombstone", "the-format-marker", "separator-in-kind", "empty-key"],
+)
+def test_purge_names_only_a_servers_record_never_a_row_of_the_store_itself(
+    kind: str, key: str, store_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An empty or unprintable KIND could spell the key of a tombstone or of the format
+    marker: purging it restarted a key's versions, or left the store unopenable."""
+    assert main(["purge", str(store_dir), "tally", "bob", "--yes"]) == 0  # a tombstone
+    before = _all_rows(store_dir)
+    assert main(["purge", str(store_dir), kind, key, "--yes"]) == 2
+    assert "error: argument" in capsys.readouterr().err
+    assert _all_rows(store_dir) == before
+
+
+def _all_rows(store_dir: Path) -> list[tuple[Any, ...]]:
+    with contextlib.closing(sqlite3.connect(store_dir / "cache.db")) as db:
+        return db.execute("SELECT key, value FROM Cache ORDER BY key").fetchall()

@@ -417,3 +417,42 @@ async def test_an_empty_database_file_is_refused_not_taken_for_a_new_store(tmp_p
     with pytest.raises(PersistenceError, match=r"its database file \(cache\.db\) is empty"):
         await DiskCacheStore(directory).open()
     assert (directory / "cache.db").read_bytes() == b""
+
+
+async def test_a_path_under_home_locks_and_reads_the_directory_it_writes(
+    tmp_path, monkeypatch
+):
+    """diskcache expands "~" itself: the lock and the read-only opening looked at
+    ./~/x while the database went to $HOME/x (two writers could share it)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    store = DiskCacheStore("~/x")
+    await store.open()
+    try:
+        await store.commit([Put(Record(kind="k", key="a", data=b"1"), 0)])
+        with pytest.raises(PersistenceError, match="already open in this process"):
+            await DiskCacheStore(tmp_path / "x").open()
+        reader = DiskCacheStore("~/x", read_only=True)
+        await reader.open()
+        try:
+            assert await reader.load("k", "a") is not None
+        finally:
+            await reader.close()
+    finally:
+        await store.close()
+    assert not (tmp_path / "~").exists()
+
+
+@pytest.mark.parametrize("kind", ["", "k\x1fa", "\x1ftombstone"])
+async def test_a_kind_that_could_name_another_row_is_refused(kind, tmp_path):
+    store = DiskCacheStore(tmp_path / "s")
+    await store.open()
+    try:
+        with pytest.raises(ValueError, match="kind must be a non-empty str without"):
+            await store.load(kind, "a")
+        with pytest.raises(ValueError, match="kind must be a non-empty str without"):
+            await store.commit([Delete(kind, "a")])
+        with pytest.raises(ValueError, match="kind must be a non-empty str without"):
+            await store.claim(kind, "a")
+    finally:
+        await store.close()

@@ -72,6 +72,41 @@ async def test_the_kit_names_the_promise_a_store_breaks():
         await check_store(CarelessStore)
 
 
+class ForgetfulTombstones(MemoryStore):
+    """Keeps a deleted record's version, not its epoch."""
+
+    def _stored(self, ident: Any) -> tuple[int, int] | None:
+        stored = super()._stored(ident)
+        if stored is not None and ident not in self._records:
+            return stored[0], 0
+        return stored
+
+
+class ReopenableStore(MemoryStore):
+    async def open(self) -> None:
+        self._open = False
+        await super().open()
+
+
+@pytest.mark.parametrize(
+    ("make", "promise"),
+    [
+        (ForgetfulTombstones, "a deleted record keeps its epoch"),
+        (ReopenableStore, "a second open while the store is open raises ValueError"),
+    ],
+    ids=["tombstone-epoch", "second-open"],
+)
+async def test_the_kit_catches_a_store_that_forgets_a_promise(make: Any, promise: str):
+    with pytest.raises(AssertionError, match=promise):
+        await check_store(make)
+
+
+async def test_the_kit_says_when_make_store_returns_a_store_that_is_not_empty():
+    shared = MemoryStore()
+    with pytest.raises(AssertionError, match="must return a new, empty store each time"):
+        await check_store(lambda: shared)
+
+
 async def test_a_record_created_again_continues_the_versions_of_the_deleted_one():
     store = MemoryStore()
     await store.open()

@@ -246,10 +246,23 @@ def _stored_in_header(value: object) -> tuple[int, int] | None:
     return version, epoch
 
 
+def row_key(kind: str, key: str) -> str:
+    """The Cache table's key of (*kind*, *key*). A kind is non-empty and holds no
+    SEPARATOR: anything else could name another row (a tombstone, the format marker,
+    another kind's record), and is refused."""
+    if not isinstance(kind, str) or not kind or SEPARATOR in kind:
+        raise ValueError(
+            f"a server kind must be a non-empty str without {SEPARATOR!r}, not {kind!r}"
+        )
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"a server key must be a non-empty str, not {key!r}")
+    return kind + SEPARATOR + key
+
+
 def _db_key(operation: Operation) -> str:
     if isinstance(operation, Put):
-        return operation.record.kind + SEPARATOR + operation.record.key
-    return operation.kind + SEPARATOR + operation.key
+        return row_key(operation.record.kind, operation.record.key)
+    return row_key(operation.kind, operation.key)
 
 
 def _unconditional(operation: Operation) -> bool:
@@ -403,7 +416,9 @@ class DiskCacheStore:
     def __init__(
         self, directory: str | os.PathLike[str], *, durable: bool = False, read_only: bool = False
     ) -> None:
-        self.directory = os.fspath(directory)
+        # diskcache expands "~" itself: so must the lock, the read-only opening and the
+        # file checks, or they would look at another directory than the database's.
+        self.directory = os.path.expanduser(os.fspath(directory))
         self._path = os.path.abspath(self.directory)  # see _closing
         self.durable = durable
         self.read_only = read_only
@@ -624,7 +639,7 @@ class DiskCacheStore:
         if connection is None:
             raise PersistenceError(f"{self!r} is not open")
         try:
-            row = connection.execute(_SELECT_ROW, (kind + SEPARATOR + key,)).fetchone()
+            row = connection.execute(_SELECT_ROW, (row_key(kind, key),)).fetchone()
         except sqlite3.Error as exc:
             raise PersistenceError(f"{kind}/{key}: the store could not be read: {exc}") from exc
         return None if row is None else decode_row(kind, key, *row)
@@ -639,7 +654,7 @@ class DiskCacheStore:
             with cache.transact():
                 seen, tombstones = self._check(cache, operations)
                 self._apply(cache, operations, tombstones)
-        except PersistenceError:
+        except (PersistenceError, ValueError):  # refused: nothing was written
             raise
         except Exception as exc:
             self._versions.clear()  # whatever happened, read again
@@ -730,7 +745,7 @@ class DiskCacheStore:
 
     def _claim(self, kind: str, key: str) -> Claim:
         cache = self._writable()
-        db_key = kind + SEPARATOR + key
+        db_key = row_key(kind, key)
         try:
             with cache.transact():
                 record = self._read(kind, key)
@@ -739,7 +754,7 @@ class DiskCacheStore:
                     return Claim(record=None, epoch=epoch + 1, version=version)
                 record = attrs.evolve(record, epoch=record.epoch + 1)
                 _write_row(cache, db_key, encode_record(record), time.time())
-        except PersistenceError:
+        except (PersistenceError, ValueError):  # refused: nothing was written
             raise
         except Exception as exc:
             self._versions.clear()
@@ -783,6 +798,7 @@ class DiskCacheStore:
         A row that is not a valid record is skipped: ``on_skip(key, error)`` is called
         for it (on the trio thread) if given, else a warning is logged.
         """
+        row_key(kind, "-")  # the kind is checked before it reads anything
         after, end = kind + SEPARATOR, kind + _AFTER_SEPARATOR
         while True:
             chunk, skipped, last = await self._run(

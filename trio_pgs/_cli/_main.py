@@ -8,9 +8,29 @@ import sys
 from collections.abc import Callable, Sequence
 
 from .. import __version__
+from .._ref import check_key
 from . import _commands as run
 from ._exit import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_NOT_STARTED, CommandError
 from ._output import err
+
+
+def _kind(text: str) -> str:
+    """A KIND argument names a server's record, never another row of the store (a
+    tombstone, the format marker): it is non-empty and holds no unit separator. An
+    unprintable kind is accepted, so that a junk row written behind the store can be
+    shown and purged."""
+    if not text or "\x1f" in text:
+        raise argparse.ArgumentTypeError(
+            f"a kind must be non-empty and hold no \\x1f, not {text!r}"
+        )
+    return text
+
+
+def _key(text: str) -> str:
+    try:
+        return check_key(text)
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,8 +53,8 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("store", metavar="STORE",
                          help="the store: its directory, or a URL (diskcache:PATH)")
         if ident:
-            sub.add_argument("kind", metavar="KIND", help="the server's kind")
-            sub.add_argument("key", metavar="KEY", help="the server's key")
+            sub.add_argument("kind", metavar="KIND", type=_kind, help="the server's kind")
+            sub.add_argument("key", metavar="KEY", type=_key, help="the server's key")
         sub.set_defaults(run=run)
         return sub
 

@@ -43,6 +43,7 @@ async def check_store(make_store: MakeStore) -> None:
             store = await store
         await store.open()
         try:
+            await _check_empty(store)
             await check(store)
         except AssertionError as exc:
             raise AssertionError(f"{store!r}: {check.__doc__}: {exc}") from exc
@@ -60,6 +61,57 @@ async def _conflicts(store: Store, *operations: Put | Delete) -> bool:
     except ConflictError:
         return True
     return False
+
+
+async def _check_empty(store: Store) -> None:
+    found = [record.key async for record in store.scan("conformance")]
+    if found or await store.load("conformance", "a") is not None:
+        raise AssertionError(
+            f"make_store() returned a store that is not empty (it holds {found}): it must "
+            "return a new, empty store each time (a new directory, a new schema...)"
+        )
+
+
+async def _second_open_refused(store: Store) -> None:
+    """a second open while the store is open raises ValueError"""
+    try:
+        await store.open()
+    except ValueError:
+        return
+    raise AssertionError("it opened again")
+
+
+async def _distinct_names(store: Store) -> None:
+    """kinds and keys are kept apart whatever characters they hold"""
+    names = [
+        ("conformance", "a/b"), ("conformance/a", "b"), ("conformance", "a\x1fb"),
+        ("conformance", "a:b"), ("conformance:a", "b"), ("conformance", "tombstone"),
+        ("conformance", " a"), ("conformance", "\u202ea"), ("conformance", "é" * 200),
+    ]
+    await store.commit([
+        Put(Record(kind=kind, key=key, data=repr((kind, key)).encode()), 0)
+        for kind, key in names
+    ])
+    for kind, key in names:
+        record = await store.load(kind, key)
+        assert record is not None and record.data == repr((kind, key)).encode(), (kind, key)
+    keys = sorted([record.key async for record in store.scan("conformance")])
+    assert keys == sorted(key for kind, key in names if kind == "conformance"), keys
+
+
+async def _tombstones_fence(store: Store) -> None:
+    """a deleted record keeps its epoch: a writer left behind cannot bring it back"""
+    await store.commit([Put(_record("a", epoch=1), 0)])
+    await store.commit([Put(_record("a", b"2", 2, epoch=2), 1)])  # a newer owner
+    await store.commit([Delete("conformance", "a", 2, epoch=2)])
+    assert await _conflicts(store, Put(_record("a", b"stale", 3, epoch=1), 2)), (
+        "a write with an older epoch than the deleted record's was accepted"
+    )
+    await store.commit([Put(_record("b", epoch=7), 0)])
+    await store.commit([Delete("conformance", "b")])  # a purge: no version, no epoch
+    assert await _conflicts(store, Put(_record("b", b"stale", 2, epoch=6), 1)), (
+        "a purge forgot the record's epoch"
+    )
 
 
 async def _missing_is_none(store: Store) -> None:
@@ -190,5 +242,6 @@ async def _reporting_scan(store: Store) -> None:
 _CHECKS = (
     _missing_is_none, _round_trip, _conditional_put, _atomic_batch, _batch_in_order,
     _conditional_delete, _versions_continue_after_delete, _scan_by_kind, _fencing,
-    _claims, _kinds, _reporting_scan,
+    _tombstones_fence, _distinct_names, _second_open_refused, _claims, _kinds,
+    _reporting_scan,
 )
