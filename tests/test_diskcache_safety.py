@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import hashlib
 import os
 import signal
@@ -456,3 +457,14 @@ async def test_a_kind_that_could_name_another_row_is_refused(kind, tmp_path):
             await store.claim(kind, "a")
     finally:
         await store.close()
+
+
+async def test_a_refused_read_only_open_leaves_no_connection_behind(tmp_path):
+    """A file that is no database: the first connection was not closed (Python 3.13
+    reports it as an unclosed database when it is collected)."""
+    directory = tmp_path / "s"
+    directory.mkdir()
+    (directory / "cache.db").write_bytes(b"not a database at all\n" * 300)
+    with pytest.raises(PersistenceError, match="not an SQLite database"):
+        await DiskCacheStore(directory, read_only=True).open()
+    gc.collect()  # an unclosed connection would warn here (an error in this suite)

@@ -359,9 +359,9 @@ def _connect_read_only(path: pathlib.Path) -> sqlite3.Connection:
     try:
         connection.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()  # opens it
         return connection
-    except sqlite3.OperationalError:
-        connection.close()
-        if os.path.lexists(f"{path}-wal"):
+    except BaseException as exc:
+        connection.close()  # whatever failed (a file that is no database too)
+        if not isinstance(exc, sqlite3.OperationalError) or os.path.lexists(f"{path}-wal"):
             raise
     connection = sqlite3.connect(uri + "?mode=ro&immutable=1", uri=True)
     try:
@@ -447,13 +447,16 @@ class DiskCacheStore:
             raise ValueError(f"{self!r} is already open in another supervisor")
         if not self.read_only:
             await _closed_in_background(self._path)
-        self._thread = DedicatedThread(f"trio-pgs {self.directory}")
-        self._thread.start()
+        thread = self._thread = DedicatedThread(f"trio-pgs {self.directory}")
+        thread.start()
         try:
             await self._run(self._open_read_only if self.read_only else self._open)
         except BaseException:
-            await self._thread.stop()
+            # Cancelled, the open may still finish on the thread: close after it, there,
+            # whatever it opened (connections, the lock).
             self._thread = None
+            thread.post(self._close)
+            await thread.stop()
             raise
 
     def _open(self) -> None:

@@ -70,6 +70,17 @@ class DedicatedThread:
         result: T = await trio.lowlevel.wait_task_rescheduled(abort)
         return result
 
+    def post(self, fn: Callable[[], object]) -> None:
+        """Run *fn* on the thread after the jobs queued before it, without waiting
+        for it; what it raises is dropped."""
+        if self._thread is None:
+            raise RuntimeError(f"{self._name} is not running")
+
+        def job() -> None:
+            outcome.capture(fn)
+
+        self._jobs.put(job)
+
     async def stop(self) -> None:
         """Let the queued jobs finish, then end the thread. Cancelled, it stops
         waiting: the thread (a daemon) ends once its jobs are done."""
