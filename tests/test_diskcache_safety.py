@@ -468,3 +468,13 @@ async def test_a_refused_read_only_open_leaves_no_connection_behind(tmp_path):
     with pytest.raises(PersistenceError, match="not an SQLite database"):
         await DiskCacheStore(directory, read_only=True).open()
     gc.collect()  # an unclosed connection would warn here (an error in this suite)
+
+
+async def test_a_refused_writable_open_leaves_no_connection_behind(tmp_path):
+    """diskcache opens its connection before it finds the file is no database."""
+    directory = tmp_path / "s"
+    directory.mkdir()
+    (directory / "cache.db").write_bytes(b"not a database at all\n" * 300)
+    with pytest.raises(PersistenceError, match="not an SQLite database"):
+        await DiskCacheStore(directory).open()
+    gc.collect()  # an unclosed connection would warn here (an error in this suite)

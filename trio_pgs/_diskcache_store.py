@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import json
@@ -485,8 +486,11 @@ class DiskCacheStore:
                 f"({diskcache.core.DBNAME}) is empty. Restore it from a backup, or remove "
                 "it to start afresh"
             )
+        # Made, then initialised: a Cache whose __init__ fails (a file that is no
+        # database) has opened its connection already, and only the object closes it.
+        cache = diskcache.Cache.__new__(diskcache.Cache)
         try:
-            cache = diskcache.Cache(
+            cache.__init__(
                 self.directory,
                 disk=SafeDisk,
                 eviction_policy="none",
@@ -497,6 +501,8 @@ class DiskCacheStore:
                 sqlite_synchronous=2 if self.durable else 1,
             )
         except Exception as exc:
+            with contextlib.suppress(Exception):
+                cache.close()
             if isinstance(exc, sqlite3.Error) and (error := _not_a_store(self.directory, exc)):
                 raise error from exc
             raise PersistenceError(
