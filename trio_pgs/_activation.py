@@ -9,6 +9,7 @@ everything it needs from the supervisor goes through the entry's `Host`.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import math
@@ -220,7 +221,7 @@ class Activation:
         caller = Caller(self.ledger, message.slot) if kind is Kind.CALL else None  # type: ignore[arg-type]
         handling = Handling((*message.chain, entry.ref), caller, entry.waiting_on)
         token = current_handling.set(handling)
-        self.ledger.holding = True  # replies wait for this message's outcome (hold())
+        self.ledger.holding = True  # replies wait for this message's outcome
         self.current = message
         try:
             result = await self._hook(message)  # the hook's own coroutine: no extra frame
@@ -364,21 +365,13 @@ class Activation:
         except StateEncodingError:
             return True
 
-    async def _commit(self, data: bytes) -> None:
-        """Commit the state *data*, a change of the message being handled (or an
-        acknowledged deferred state), and wait for it."""
-        options = self.entry.info.options
-        await self._write(
-            next_record(self.record, data, options.state_version, options.keep_history)
-        )
-
-    async def _commit_acknowledged(self, data: bytes) -> None:
-        """Commit a deferred state already acknowledged to its callers (at a crash:
-        not the crashing message's)."""
+    async def _commit(self, data: bytes, *, own: bool = True) -> None:
+        """Commit the state *data* and wait for it: a change of the message being
+        handled or an acknowledged deferred state (*own*: see `_write`)."""
         options = self.entry.info.options
         await self._write(
             next_record(self.record, data, options.state_version, options.keep_history),
-            own=False,
+            own=own,
         )
 
     async def _write(self, record: Record, *, own: bool = True) -> None:
@@ -446,7 +439,8 @@ class Activation:
         the server restarted), and only then does the caller hear of it."""
         entry, ref, options = self.entry, self.entry.ref, self.entry.info.options
         logger.error("%s crashed: %r", ref, exc, exc_info=exc, extra=entry.extra)
-        await self.policy.flush(self._commit_acknowledged)  # deferred modes
+        # Deferred modes: the state acknowledged before the crash, not the crashing one's.
+        await self.policy.flush(functools.partial(self._commit, own=False))
         await self._terminate(exc)
         quarantined = False
         # An unencodable state is a crash that keeps the record even for TEMPORARY

@@ -125,7 +125,8 @@ class ReplyLedger:
 
     def __init__(self, waker: Waker) -> None:
         #: Whether replies wait for the outcome of the message being handled and of
-        #: the commit in flight (False: a reply goes out at once).
+        #: the commit in flight (False: a reply goes out at once). Set by the
+        #: activation when a message's handler starts; cleared by release and fail.
         self.holding = False
         #: The replies waiting (made on the first one: most messages hold none).
         self._held: list[tuple[ReplySlot, outcome.Outcome[Any]]] | None = None
@@ -135,11 +136,6 @@ class ReplyLedger:
         #: may hibernate now. (The entry itself: a bound method would cost an object
         #: per active server.)
         self._waker = waker
-
-    def hold(self) -> None:
-        """From now on, replies wait for `release` or `fail` (a message is being
-        handled, or its commit is in flight). Idempotent."""
-        self.holding = True
 
     def answer(self, slot: ReplySlot, result: outcome.Outcome[Any]) -> None:
         """The handler's own answer to the caller of its message: held like any reply."""
