@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import attrs
@@ -139,11 +139,17 @@ class TallyServer(PersistentServer[Tally]):
         return await super().handle_info(message, state)
 
 
+#: Makes the store of a test: a MemoryStore, or (set by conftest's `store_backend` fixture)
+#: a PostgresStore in a schema of its own.
+new_store: Callable[[], Any] = MemoryStore
+
+
 class FaultyStore:
-    """Wraps a store: commits fail while `failing` is set, and wait while `gate` is."""
+    """Wraps a store (`new_store()` by default): commits fail while `failing` is set,
+    and wait while `gate` is."""
 
     def __init__(self, inner: Any | None = None) -> None:
-        self.inner = inner if inner is not None else MemoryStore()
+        self.inner = inner if inner is not None else new_store()
         self.failing = False
         self.gate: trio.Event | None = None
         self.commits: list[list[Operation]] = []

@@ -209,6 +209,15 @@ class MirrorStore(MemoryStore):
 
     async def commit(self, operations: Sequence[Put | Delete]) -> None:
         await super().commit(operations)
+        self._mirror(operations)
+
+    async def commit_each(self, operations: Sequence[Put | Delete]) -> list[Any]:
+        outcomes = await super().commit_each(operations)
+        applied = zip(operations, outcomes, strict=True)
+        self._mirror([op for op, refused in applied if refused is None])
+        return outcomes
+
+    def _mirror(self, operations: Sequence[Put | Delete]) -> None:
         for operation in operations:  # no checkpoint since the commit applied
             if isinstance(operation, Put):
                 record: Record = operation.record

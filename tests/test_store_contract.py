@@ -37,6 +37,10 @@ async def test_diskcache_store_keeps_the_store_contract(tmp_path: Path):
     await check_store(lambda: DiskCacheStore(tmp_path / uuid.uuid4().hex))
 
 
+async def test_postgres_store_keeps_the_store_contract(postgres):
+    await check_store(postgres.store)
+
+
 async def test_a_diskcache_record_purged_and_created_again_continues_its_versions(
     tmp_path: Path,
 ):
@@ -170,3 +174,20 @@ async def test_versions_and_epochs_never_repeat_across_a_stop_and_a_new_start():
 def test_a_supervisor_refuses_a_store_that_lacks_the_protocols_methods():
     with pytest.raises(TypeError, match=r"not a trio_pgs\.Store: it needs open\(\)"):
         PersistentSupervisor(store=object())  # type: ignore[arg-type]
+
+
+class BatchPunisher(MemoryStore):
+    """Says every operation of a batch with a conflict was refused."""
+
+    async def commit_each(self, operations: Any) -> Any:
+        outcomes = await MemoryStore().commit_each(operations)  # checks nothing stored
+        try:
+            await self.commit(operations)
+        except ConflictError as exc:
+            return [exc] * len(operations)
+        return outcomes
+
+
+async def test_the_kit_catches_a_batch_that_fails_every_server_for_one_conflict():
+    with pytest.raises(AssertionError, match="commit_each refuses a conflicting operation"):
+        await check_store(BatchPunisher)

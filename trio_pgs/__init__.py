@@ -22,6 +22,7 @@ from ._events import EventType as EventType
 from ._events import ServerEvent as ServerEvent
 from ._ledger import Caller as Caller
 from ._memory_store import MemoryStore as MemoryStore
+from ._postgres_store import PostgresStore as PostgresStore
 from ._ref import ServerRef as ServerRef
 from ._results import NoReply as NoReply
 from ._results import Reply as Reply
@@ -36,6 +37,7 @@ from ._store import Put as Put
 from ._store import Record as Record
 from ._store import Store as Store
 from ._store import SupportsClaims as SupportsClaims
+from ._store import SupportsCommitEach as SupportsCommitEach
 from ._store import SupportsKinds as SupportsKinds
 from ._store import SupportsReportingScan as SupportsReportingScan
 from ._supervisor import PersistentSupervisor as PersistentSupervisor

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Sequence
 import attrs
 import trio
 
+from ._errors import ConflictError
 from ._store import Claim, Delete, OnSkip, Operation, Put, Record, check_version
 
 Ident = tuple[str, str]
@@ -17,9 +18,10 @@ class MemoryStore:
 
     Closing it keeps the data, so a test can open a new supervisor on the same store
     to play a restart. Like every store, it serves one open supervisor at a time. It
-    offers every capability: kinds, reporting scans (it has no unreadable rows) and
-    claims (a claim raises the stored epoch at once; a deleted record leaves its last
-    version and epoch behind, so a new one continues them).
+    offers every capability: kinds, reporting scans (it has no unreadable rows),
+    batches that commit each operation on its own, and claims (a claim raises the
+    stored epoch at once; a deleted record leaves its last version and epoch behind,
+    so a new one continues them).
     """
 
     def __init__(self) -> None:
@@ -82,6 +84,37 @@ class MemoryStore:
                 self._records.pop(ident, None)
                 if stored is not None:
                     self._tombstones[ident] = stored
+
+    async def commit_each(self, operations: Sequence[Operation]) -> list[ConflictError | None]:
+        await trio.lowlevel.checkpoint()
+        outcomes: list[ConflictError | None] = []
+        refused: set[Ident] = set()
+        for operation in operations:
+            ident = _ident(operation)
+            try:
+                if ident in refused:
+                    raise ConflictError(
+                        f"{ident[0]}/{ident[1]}: an earlier write to it in the same batch "
+                        "was refused"
+                    )
+                check_version(self._stored(ident), operation)
+            except ConflictError as exc:
+                refused.add(ident)
+                outcomes.append(exc)
+                continue
+            self._apply(ident, operation)
+            outcomes.append(None)
+        return outcomes
+
+    def _apply(self, ident: Ident, operation: Operation) -> None:
+        if isinstance(operation, Put):
+            self._records[ident] = operation.record
+            self._tombstones.pop(ident, None)
+            return
+        stored = self._stored(ident)
+        self._records.pop(ident, None)
+        if stored is not None:
+            self._tombstones[ident] = stored
 
     async def scan(self, kind: str, *, on_skip: OnSkip | None = None) -> AsyncIterator[Record]:
         for record in list(self._records.values()):

@@ -152,6 +152,20 @@ class SupportsClaims(Protocol):
         nothing need be written: the first write of the claimed epoch creates it."""
 
 
+@runtime_checkable
+class SupportsCommitEach(Protocol):
+    """A store whose batches need not be all or nothing: the group-commit writer gives
+    it a batch of many servers' writes, and a conflict fails one server's write only.
+    (Without it, the writer retries a failed batch one operation at a time.)"""
+
+    async def commit_each(self, operations: Sequence[Operation]) -> list[ConflictError | None]:
+        """Apply *operations* in one transaction, each on its own condition, in order:
+        one that fails is not applied, and its `ConflictError` is returned at its
+        index; so is every later operation on the same record. The others commit.
+        Any other failure raises, and then none of them was applied (or, for
+        `OutcomeUnknown`, nobody knows)."""
+
+
 def check_version(current: tuple[int, int] | None, operation: Operation) -> None:
     """Raise `ConflictError` unless *operation* may apply over the stored (version,
     epoch), which is that of the record or of its tombstone (None: never stored).

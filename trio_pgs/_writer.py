@@ -9,13 +9,13 @@ waiting for the store while it had it: `OutcomeUnknown`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
-from ._errors import OutcomeUnknown, SupervisorNotRunning
+from ._errors import ConflictError, OutcomeUnknown, SupervisorNotRunning
 from ._events import EventType
-from ._store import Operation, Store
+from ._store import Operation, Store, SupportsCommitEach
 
 logger = logging.getLogger("trio_pgs.writer")
 
@@ -58,9 +58,11 @@ class Writer:
     busy with the previous transaction (group commit).
 
     `commit` returns once the operation is durable, or raises the store's error for
-    it. A failed batch is retried one operation at a time, so that one server's
-    conflict does not fail the others' writes. Once stopped (`run` cancelled), it
-    commits nothing more: what it holds and what it is given fail at once.
+    it. One server's conflict does not fail the others' writes: a store that
+    commits each operation on its own condition (`SupportsCommitEach`) says which
+    failed; for another, a failed batch is retried one operation at a time. Once
+    stopped (`run` cancelled), it commits nothing more: what it holds and what it is
+    given fail at once.
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class Writer:
         interrupt: Callable[[BaseException], None] | None = None,
     ) -> None:
         self._store = store
+        self._each = store.commit_each if isinstance(store, SupportsCommitEach) else None
         self._emit = emit  # the supervisor's, when it has an on_event hook
         #: Told of a KeyboardInterrupt, SystemExit (or another BaseException) that a
         #: store raised: the supervisor shuts down, then raises it.
@@ -165,6 +168,9 @@ class Writer:
 
     async def _commit(self, batch: _Batch) -> None:
         started = trio.current_time()
+        if self._each is not None:
+            await self._commit_each(self._each, batch, started)
+            return
         try:
             await self._store.commit(batch.operations)
         except Exception as exc:
@@ -185,6 +191,26 @@ class Writer:
                     self._committed(1, started)
         else:
             self._committed(len(batch.operations), started)
+
+    async def _commit_each(
+        self, commit_each: Callable[..., Awaitable[list[ConflictError | None]]],
+        batch: _Batch, started: float,
+    ) -> None:
+        """One transaction for the batch, the store telling each operation's outcome:
+        a conflict fails its own server's write only."""
+        try:
+            outcomes = await commit_each(batch.operations)
+        except Exception as exc:
+            batch.fail(exc)
+            self.failed += len(batch.operations)
+            return
+        for index, conflict in enumerate(outcomes):
+            if conflict is not None:
+                batch.errors[index] = conflict
+                self.failed += 1
+        written = len(batch.operations) - len(batch.errors)
+        if written:
+            self._committed(written, started)
 
     def _committed(self, records: int, started: float) -> None:
         self.commits += 1

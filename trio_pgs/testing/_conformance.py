@@ -19,6 +19,7 @@ from .._store import (
     Record,
     Store,
     SupportsClaims,
+    SupportsCommitEach,
     SupportsKinds,
     SupportsReportingScan,
 )
@@ -239,9 +240,30 @@ async def _reporting_scan(store: Store) -> None:
     assert keys == ["a"] and skipped == [], (keys, skipped)
 
 
+async def _commit_each(store: Store) -> None:
+    """commit_each refuses a conflicting operation, and later ones on its record, only"""
+    if not isinstance(store, SupportsCommitEach):
+        return
+    await store.commit([Put(_record("a"), 0), Put(_record("b"), 0)])
+    outcomes = await store.commit_each([
+        Put(_record("a", b"2", 2), 1),
+        Put(_record("b", b"x", 5), 4),  # b is at version 1: refused
+        Put(_record("c"), 0),
+        Put(_record("b", b"y", 6), 5),  # follows the refused write: refused too
+        Put(_record("a", b"3", 3), 2),  # follows a write of the same batch
+        Delete("conformance", "never-stored"),
+    ])
+    refused = [index for index, outcome in enumerate(outcomes) if outcome is not None]
+    assert len(outcomes) == 6 and refused == [1, 3], outcomes
+    assert all(isinstance(outcomes[index], ConflictError) for index in refused), outcomes
+    found = {key: await store.load("conformance", key) for key in "abc"}
+    data = {key: None if r is None else (r.data, r.version) for key, r in found.items()}
+    assert data == {"a": (b"3", 3), "b": (b"1", 1), "c": (b"1", 1)}, data
+
+
 _CHECKS = (
     _missing_is_none, _round_trip, _conditional_put, _atomic_batch, _batch_in_order,
     _conditional_delete, _versions_continue_after_delete, _scan_by_kind, _fencing,
     _tombstones_fence, _distinct_names, _second_open_refused, _claims, _kinds,
-    _reporting_scan,
+    _reporting_scan, _commit_each,
 )

@@ -1,0 +1,337 @@
+"""The SQL of `PostgresStore`: its schema and migrations, and how a batch of operations
+becomes statements. Everything here runs on a worker thread, on one connection.
+
+The records table keeps one row per (kind, key), deleted ones included: a deleted
+record is a tombstone row (``deleted``, no data) holding its last version and epoch,
+so that a record created again under the key continues them, and rows are never
+removed. Every condition the store checks is in a WHERE clause; a statement that
+matches no row is an operation refused, and the row as stored says why.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from ._errors import ConflictError, PersistenceError
+from ._store import Delete, Operation, Put, check_version
+
+if TYPE_CHECKING:
+    import psycopg
+
+Ident = tuple[str, str]
+
+#: The columns of a record, in the order `decode` reads them.
+COLUMNS = (
+    "kind, key, version, epoch, deleted, data, state_version, updated_at, crashes,"
+    " quarantined, history"
+)
+#: Where `deleted` is in a row of COLUMNS.
+DELETED = 4
+
+#: The migrations, in order: the schema version is how many have run. A migration is
+#: never changed once released; a new one is appended.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """
+        CREATE TABLE {schema}.records (
+            kind text NOT NULL,
+            key text NOT NULL,
+            version bigint NOT NULL,
+            epoch bigint NOT NULL,
+            deleted boolean NOT NULL DEFAULT false,
+            data bytea,
+            state_version bigint NOT NULL,
+            updated_at double precision NOT NULL,
+            crashes double precision[] NOT NULL DEFAULT '{{}}',
+            quarantined boolean NOT NULL DEFAULT false,
+            history bytea[] NOT NULL DEFAULT '{{}}',
+            PRIMARY KEY (kind, key)
+        )
+        """,
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@attrs.define
+class Phase:
+    """How far a transaction went: once COMMIT is sent, a lost connection leaves its
+    outcome unknown; before, nothing was written."""
+
+    committing: bool = False
+
+
+class Queries:
+    """The statements of one schema, formatted once. The schema name was checked to
+    be a plain identifier, so quoting it is enough."""
+
+    def __init__(self, schema: str) -> None:
+        self.schema = f'"{schema}"'
+        s = self.schema
+        self.load = (
+            f"SELECT {COLUMNS} FROM {s}.records WHERE kind = %s AND key = %s AND NOT deleted"
+        )
+        self.scan = (
+            f"SELECT {COLUMNS} FROM {s}.records WHERE kind = %s AND key > %s AND NOT deleted"
+            " ORDER BY key LIMIT %s"
+        )
+        self.kinds = f"SELECT DISTINCT kind FROM {s}.records WHERE NOT deleted"
+        self.claim = (
+            f"UPDATE {s}.records SET epoch = epoch + 1 WHERE kind = %s AND key = %s"
+            f" RETURNING {COLUMNS}"
+        )
+        self.stored = (
+            f"SELECT key, version, epoch FROM {s}.records WHERE kind = %s AND key = ANY(%s)"
+        )
+        self.insert = (
+            f"INSERT INTO {s}.records (kind, key, version, epoch, data, state_version,"
+            " updated_at, crashes, quarantined, history)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s::float8[], %s, %s::bytea[])"
+            " ON CONFLICT (kind, key) DO NOTHING RETURNING 1"
+        )
+        self.update = (
+            f"UPDATE {s}.records SET version = %s, epoch = %s, deleted = false, data = %s,"
+            " state_version = %s, updated_at = %s, crashes = %s::float8[], quarantined = %s,"
+            " history = %s::bytea[]"
+            " WHERE kind = %s AND key = %s AND version = %s AND epoch <= %s RETURNING 1"
+        )
+        self.delete = (
+            f"UPDATE {s}.records SET deleted = true, data = NULL, crashes = '{{}}',"
+            " quarantined = false, history = '{}', updated_at = %s"
+            " WHERE kind = %s AND key = %s"
+            " AND (%s::bigint IS NULL OR version = %s) AND (%s::bigint IS NULL OR epoch <= %s)"
+            " RETURNING 1"
+        )
+        self.version = f"SELECT value FROM {s}.meta WHERE name = 'schema_version'"
+
+
+# -- the schema ------------------------------------------------------------------------
+
+
+def prepare(connection: psycopg.Connection[Any], queries: Queries, *, read_only: bool) -> None:
+    """Make sure the schema holds the tables of this version: create or upgrade them
+    (unless *read_only*), or refuse a schema written by a newer trio-pgs. Safe when
+    several processes open the same database at once: they take turns on the row of
+    the schema version, and only the first migrates."""
+    found = _schema_version(connection, queries)
+    if found == SCHEMA_VERSION:
+        return
+    where = f"schema {queries.schema} of this database"
+    if found is not None and found > SCHEMA_VERSION:
+        raise PersistenceError(
+            f"the tables in {where} were upgraded by a newer trio-pgs (schema version "
+            f"{found}; this one knows {SCHEMA_VERSION}); upgrade trio-pgs"
+        )
+    if read_only:
+        raise PersistenceError(
+            f"there is no trio-pgs store in {where}" if found is None else
+            f"the trio-pgs tables in {where} are of an older version ({found}); open the "
+            "store once without read_only=True to upgrade them"
+        )
+    _create_schema(connection, queries)
+    _migrate(connection, queries)
+
+
+def _schema_version(connection: psycopg.Connection[Any], queries: Queries) -> int | None:
+    import psycopg
+
+    try:
+        row = connection.execute(queries.version).fetchone()
+    except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName):
+        return None
+    return None if row is None else int(row[0])
+
+
+def _create_schema(connection: psycopg.Connection[Any], queries: Queries) -> None:
+    import psycopg
+
+    s = queries.schema
+    for attempt in range(5):
+        try:
+            with connection.transaction():
+                connection.execute(f"CREATE SCHEMA IF NOT EXISTS {s}")
+                connection.execute(
+                    f"CREATE TABLE IF NOT EXISTS {s}.meta"
+                    " (name text PRIMARY KEY, value bigint NOT NULL)"
+                )
+                connection.execute(
+                    f"INSERT INTO {s}.meta VALUES ('schema_version', 0)"
+                    " ON CONFLICT (name) DO NOTHING"
+                )
+            return
+        except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateObject,
+                psycopg.errors.DuplicateSchema, psycopg.errors.DuplicateTable):
+            # Another process created the same thing at the same moment (IF NOT EXISTS
+            # does not exclude the race): it exists now, so the next try sees it.
+            if attempt == 4:
+                raise
+
+
+def _migrate(connection: psycopg.Connection[Any], queries: Queries) -> None:
+    with connection.transaction():
+        row = connection.execute(queries.version + " FOR UPDATE").fetchone()
+        found = 0 if row is None else int(row[0])
+        if found > SCHEMA_VERSION:
+            raise PersistenceError(
+                f"the tables in schema {queries.schema} were upgraded by a newer trio-pgs "
+                f"meanwhile (schema version {found}); upgrade trio-pgs"
+            )
+        for statements in MIGRATIONS[found:]:
+            for statement in statements:
+                connection.execute(statement.format(schema=queries.schema))
+        connection.execute(
+            f"UPDATE {queries.schema}.meta SET value = %s WHERE name = 'schema_version'",
+            (SCHEMA_VERSION,),
+        )
+
+
+# -- a batch of operations --------------------------------------------------------------
+
+
+def ident(operation: Operation) -> Ident:
+    if isinstance(operation, Delete):
+        return operation.kind, operation.key
+    return operation.record.kind, operation.record.key
+
+
+def apply(
+    connection: psycopg.Connection[Any], queries: Queries, operations: Sequence[Operation],
+    atomic: bool, phase: Phase,
+) -> list[ConflictError | None]:
+    """Apply *operations* in one transaction on *connection*; return each one's
+    outcome. *atomic*: the first refused raises its `ConflictError` (nothing is
+    written). Otherwise a refused operation is skipped, and so is every later one on
+    the same record (it was meant to follow the refused one).
+
+    The operations go in rounds, a record at most once per round: within one, the
+    statements are independent, and go to the server together (a pipeline)."""
+    outcomes: list[ConflictError | None] = [None] * len(operations)
+    refused_records: set[Ident] = set()
+    with connection.pipeline(), connection.transaction():
+        for indexes in _rounds(operations):
+            todo = []
+            for index in indexes:
+                if ident(operations[index]) in refused_records:
+                    kind, key = ident(operations[index])
+                    outcomes[index] = ConflictError(
+                        f"{kind}/{key}: an earlier write to it in the same batch was refused"
+                    )
+                else:
+                    todo.append(index)
+            for index, conflict in _refusals(connection, queries, operations, todo):
+                if atomic:
+                    raise conflict
+                outcomes[index] = conflict
+                refused_records.add(ident(operations[index]))
+        phase.committing = True
+    return outcomes
+
+
+def _rounds(operations: Sequence[Operation]) -> list[list[int]]:
+    """The indexes of *operations*, in rounds: the n-th operation on a record goes in
+    the n-th round."""
+    seen: dict[Ident, int] = {}
+    rounds: list[list[int]] = []
+    for index, operation in enumerate(operations):
+        record = ident(operation)
+        n = seen.get(record, 0)
+        seen[record] = n + 1
+        if n == len(rounds):
+            rounds.append([])
+        rounds[n].append(index)
+    return rounds
+
+
+def _refusals(
+    connection: psycopg.Connection[Any], queries: Queries, operations: Sequence[Operation],
+    indexes: list[int],
+) -> list[tuple[int, ConflictError]]:
+    """Run one round; return the operations it refused, each with its conflict."""
+    inserts: list[int] = []
+    updates: list[int] = []
+    deletes: list[int] = []
+    for index in indexes:
+        operation = operations[index]
+        if isinstance(operation, Delete):
+            deletes.append(index)
+        elif operation.expected_version == 0:
+            inserts.append(index)
+        else:
+            updates.append(index)
+    sent = []
+    for query, group, params in (
+        (queries.insert, inserts, _insert_params),
+        (queries.update, updates, _update_params),
+        (queries.delete, deletes, _delete_params),
+    ):
+        if group:
+            cursor = connection.cursor()
+            cursor.executemany(
+                query, [params(operations[index]) for index in group], returning=True
+            )
+            sent.append((cursor, group))
+    unmatched = [
+        index
+        for cursor, group in sent
+        for index, _ in zip(group, cursor.results(), strict=True)
+        if cursor.rowcount == 0
+    ]
+    if not unmatched:
+        return []
+    stored = _stored(connection, queries, [ident(operations[index]) for index in unmatched])
+    refusals = []
+    for index in unmatched:
+        operation = operations[index]
+        current = stored.get(ident(operation))
+        if isinstance(operation, Delete) and current is None:
+            continue  # deleting what was never stored: nothing to do
+        refusals.append((index, conflict(current, operation)))
+    return refusals
+
+
+def _stored(
+    connection: psycopg.Connection[Any], queries: Queries, idents: list[Ident]
+) -> dict[Ident, tuple[int, int]]:
+    by_kind: dict[str, list[str]] = {}
+    for kind, key in idents:
+        by_kind.setdefault(kind, []).append(key)
+    stored = {}
+    for kind, keys in by_kind.items():
+        for key, version, epoch in connection.execute(queries.stored, (kind, keys)).fetchall():
+            stored[kind, key] = (version, epoch)
+    return stored
+
+
+def conflict(current: tuple[int, int] | None, operation: Operation) -> ConflictError:
+    """The conflict *operation* met over the stored (version, epoch), when the server
+    refused it: that of `check_version`, or (the row changed again since) a plain one."""
+    try:
+        check_version(current, operation)
+    except ConflictError as exc:
+        return exc
+    kind, key = ident(operation)
+    return ConflictError(f"{kind}/{key}: another writer changed it meanwhile; it was not written")
+
+
+def _insert_params(operation: Operation) -> tuple[Any, ...]:
+    assert isinstance(operation, Put)
+    r = operation.record
+    return (r.kind, r.key, r.version, r.epoch, r.data, r.state_version, r.updated_at,
+            list(r.crashes), r.quarantined, list(r.history))
+
+
+def _update_params(operation: Operation) -> tuple[Any, ...]:
+    assert isinstance(operation, Put)
+    r = operation.record
+    return (r.version, r.epoch, r.data, r.state_version, r.updated_at, list(r.crashes),
+            r.quarantined, list(r.history), r.kind, r.key, operation.expected_version, r.epoch)
+
+
+def _delete_params(operation: Operation) -> tuple[Any, ...]:
+    assert isinstance(operation, Delete)
+    expected, epoch = operation.expected_version, operation.epoch
+    return (time.time(), operation.kind, operation.key, expected, expected, epoch, epoch)

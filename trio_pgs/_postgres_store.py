@@ -1,0 +1,406 @@
+"""`PostgresStore`: records in a PostgreSQL database, for processes that share them.
+
+psycopg's sync API runs on worker threads, one pooled connection per running
+operation (its async API is asyncio-only). Correctness rests on plain SQL: every write
+is a conditional UPDATE (or an INSERT that fails on an existing row), claims are an
+UPDATE of the stored epoch; nothing depends on advisory locks or LISTEN/NOTIFY, so the
+same SQL runs on PostgreSQL-compatible distributed databases. The SQL and the schema
+are in `_postgres_sql`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import re
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import trio
+
+from . import _postgres_sql as sql
+from ._errors import ConflictError, OutcomeUnknown, PersistenceError
+from ._store import Claim, OnSkip, Operation, Record
+
+if TYPE_CHECKING:
+    import psycopg
+    import psycopg_pool
+
+T = TypeVar("T")
+logger = logging.getLogger("trio_pgs.store")
+
+_SCAN_CHUNK = 1000
+_SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+#: SQLSTATEs after which a transaction is known not to have committed and may simply
+#: run again: serialization failure and deadlock (CockroachDB reports the first often).
+_RETRIED = {"40001", "40P01"}
+_ATTEMPTS = 5
+#: Outcomes of `commit_each`, one per operation: None (applied) or why it was not.
+Outcomes = list[ConflictError | None]
+
+
+def _psycopg() -> Any:
+    try:
+        import psycopg
+        import psycopg_pool
+    except ImportError as exc:
+        raise ImportError(
+            f"PostgresStore needs psycopg 3 and psycopg_pool ({exc}); install the "
+            "extra: pip install 'trio-pgs[postgres]'"
+        ) from exc
+    return psycopg, psycopg_pool
+
+
+class _Abandoned(Exception):
+    """Raised in a worker thread whose caller stopped waiting before it began."""
+
+
+class _Running:
+    """One operation on a pooled connection, which trio may cancel: the cancel is sent
+    to the server (`cancel_safe`) if a query is running, and the connection, which a
+    late cancel could still reach, is closed instead of going back to the pool."""
+
+    __slots__ = ("cancelled", "connection", "lock")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.connection: psycopg.Connection[Any] | None = None
+        self.cancelled = False
+
+    def cancel(self) -> None:  # on the trio thread
+        with self.lock:
+            self.cancelled = True
+            running = self.connection is not None
+        if running:
+            threading.Thread(target=self._send_cancel, name="trio-pgs cancel", daemon=True).start()
+
+    def _send_cancel(self) -> None:
+        with self.lock:  # held: the operation cannot hand the connection on meanwhile
+            if self.connection is None:
+                return
+            try:
+                self.connection.cancel_safe(timeout=5.0)
+            except Exception as exc:  # the connection is closed after anyway
+                logger.debug("cancelling a query failed: %r", exc)
+
+
+class PostgresStore:
+    """Keeps records in the tables of one PostgreSQL schema (``trio_pgs`` by default),
+    which it creates, and upgrades, when it opens.
+
+    *dsn* is a libpq connection string or URL (``postgresql://user@host/db``).
+    *pool_size* bounds the connections (and threads) the store uses at once: one
+    commits the writer's batches, the others load and claim. *read_only*: the store
+    never writes and never creates or upgrades its tables (the CLI's read commands).
+    *connect_timeout* bounds, in seconds, each wait for a connection.
+
+    It offers every capability: kinds, reporting scans, claims, and batches whose
+    operations commit or conflict each on its own (`commit_each`).
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str = "trio_pgs",
+        pool_size: int = 8,
+        read_only: bool = False,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        _psycopg()
+        if not isinstance(dsn, str) or not dsn:
+            raise ValueError("PostgresStore needs a connection string (dsn), such as "
+                             "'postgresql://user@localhost/db'")
+        if not isinstance(schema, str) or not _SCHEMA_NAME.fullmatch(schema):
+            raise ValueError(
+                f"schema must be a plain SQL name (letters, digits and _, not starting "
+                f"with a digit, at most 63 characters), not {schema!r}"
+            )
+        if pool_size < 1:
+            raise ValueError(f"pool_size must be 1 or more, not {pool_size!r}")
+        if not connect_timeout > 0:
+            raise ValueError(f"connect_timeout must be positive, not {connect_timeout!r}")
+        self.dsn = dsn
+        self.schema = schema
+        self.pool_size = pool_size
+        self.read_only = read_only
+        self.connect_timeout = connect_timeout
+        self._queries = sql.Queries(schema)
+        self._pool: psycopg_pool.ConnectionPool[Any] | None = None
+        self._limiter = trio.CapacityLimiter(pool_size)
+
+    def __repr__(self) -> str:
+        mode = ", read_only=True" if self.read_only else ""
+        return f"PostgresStore({_without_password(self.dsn)!r}, schema={self.schema!r}{mode})"
+
+    # -- opening and closing ---------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._pool is not None:
+            raise ValueError(f"{self!r} is already open in another supervisor")
+        pool = await trio.to_thread.run_sync(self._open, abandon_on_cancel=True)
+        self._pool = pool
+
+    def _open(self) -> psycopg_pool.ConnectionPool[Any]:
+        pg, pg_pool = _psycopg()
+        options = "-c default_transaction_read_only=on" if self.read_only else None
+        kwargs: dict[str, Any] = {
+            "autocommit": True, "connect_timeout": max(1, round(self.connect_timeout)),
+        }
+        if options:
+            kwargs["options"] = options
+        try:
+            # One connection first, outside the pool: its error says what is wrong
+            # (the pool would only time out), and it prepares the schema.
+            with pg.connect(self.dsn, **kwargs) as connection:
+                sql.prepare(connection, self._queries, read_only=self.read_only)
+        except pg.Error as exc:
+            raise PersistenceError(
+                f"{self!r} could not be opened: {_first_line(exc)}"
+            ) from exc
+        pool: psycopg_pool.ConnectionPool[Any] = pg_pool.ConnectionPool(
+            self.dsn, min_size=1, max_size=self.pool_size, kwargs=kwargs, open=False,
+            timeout=self.connect_timeout, name="trio-pgs",
+        )
+        try:
+            pool.open(wait=True, timeout=self.connect_timeout)
+        except pg_pool.PoolTimeout as exc:
+            pool.close()
+            raise PersistenceError(f"{self!r} could not be opened: {exc}") from exc
+        return pool
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            # Operations abandoned by a cancellation give their connections back (or
+            # close them) when they finish; the pool closes what it holds.
+            await trio.to_thread.run_sync(pool.close, abandon_on_cancel=True)
+
+    # -- running on a connection -----------------------------------------------------
+
+    async def _run(self, work: Callable[[psycopg.Connection[Any]], T]) -> T:
+        """Run *work* with a pooled connection on a worker thread. Cancelled, the
+        caller stops waiting at once, the query is cancelled on the server, and the
+        connection is closed once *work* returns (its outcome is unknown to the
+        caller, as with any cancelled store operation)."""
+        pool = self._pool
+        if pool is None:
+            raise PersistenceError(f"{self!r} is not open (open a supervisor on it)")
+        running = _Running()
+
+        def job() -> T:
+            with pool.connection() as connection:
+                with running.lock:
+                    if running.cancelled:  # abandoned before it began: do nothing
+                        raise _Abandoned
+                    running.connection = connection
+                try:
+                    return work(connection)
+                finally:
+                    with running.lock:
+                        running.connection = None
+                        if running.cancelled:
+                            connection.close()
+
+        try:
+            return await trio.to_thread.run_sync(
+                job, abandon_on_cancel=True, limiter=self._limiter
+            )
+        except trio.Cancelled:
+            running.cancel()
+            raise
+
+    # -- reading ---------------------------------------------------------------------
+
+    async def load(self, kind: str, key: str) -> Record | None:
+        _check_ident(kind, key)
+        query = self._queries.load
+
+        def load(connection: psycopg.Connection[Any]) -> Record | None:
+            row = _read(connection, query, (kind, key), f"{kind}/{key}").fetchone()
+            return None if row is None else decode(row)
+
+        return await self._run(load)
+
+    async def kinds(self) -> set[str]:
+        query = self._queries.kinds
+
+        def kinds(connection: psycopg.Connection[Any]) -> set[str]:
+            return {row[0] for row in _read(connection, query, (), "kinds").fetchall()}
+
+        return await self._run(kinds)
+
+    async def scan(self, kind: str, *, on_skip: OnSkip | None = None) -> AsyncIterator[Record]:
+        """The records of *kind*, in key order, read a page at a time through the
+        primary key's index. A row that is not a valid record is skipped: ``on_skip(key,
+        error)`` is told of it if given, else a warning is logged."""
+        _check_ident(kind, "")
+        query = self._queries.scan
+        after: str | None = ""
+        while after is not None:
+            rows = await self._run(functools.partial(_page, query, kind, after))
+            after = rows[-1][1] if len(rows) == _SCAN_CHUNK else None
+            for row in rows:
+                try:
+                    record = decode(row)
+                except PersistenceError as exc:
+                    if on_skip is not None:
+                        on_skip(str(row[1]), exc)
+                    else:
+                        logger.warning("scan skipped %s/%s: %s", kind, row[1], exc,
+                                       extra={"kind": kind, "key": row[1]})
+                    continue
+                yield record
+
+    # -- writing ---------------------------------------------------------------------
+
+    async def claim(self, kind: str, key: str) -> Claim:
+        _check_ident(kind, key)
+        self._writable()
+        query = self._queries.claim
+
+        def claim(connection: psycopg.Connection[Any]) -> Claim:
+            row = _read(connection, query, (kind, key), f"{kind}/{key}").fetchone()
+            if row is None:
+                return Claim(record=None, epoch=1, version=0)
+            record = decode(row)
+            if row[sql.DELETED]:
+                return Claim(record=None, epoch=record.epoch, version=record.version)
+            return Claim(record=record, epoch=record.epoch, version=record.version)
+
+        return await self._run(claim)
+
+    async def commit(self, operations: Sequence[Operation]) -> None:
+        """Apply *operations* in one transaction, all or none: the first whose condition
+        fails raises its `ConflictError` and nothing is written."""
+        outcomes = await self._commit(operations, atomic=True)
+        for outcome in outcomes:
+            if outcome is not None:  # pragma: no cover - atomic raises first
+                raise outcome
+
+    async def commit_each(self, operations: Sequence[Operation]) -> Outcomes:
+        """Apply *operations* in one transaction, each on its own condition: one that
+        fails is not applied and its `ConflictError` is returned at its index (so is
+        every later operation on the same record); the others are committed."""
+        return await self._commit(operations, atomic=False)
+
+    async def _commit(self, operations: Sequence[Operation], *, atomic: bool) -> Outcomes:
+        self._writable()
+        operations = list(operations)
+        for operation in operations:
+            _check_ident(*sql.ident(operation))
+        if not operations:
+            await trio.lowlevel.checkpoint()
+            return []
+        queries = self._queries
+
+        def commit(connection: psycopg.Connection[Any]) -> Outcomes:
+            return _transaction(connection, queries, operations, atomic)
+
+        return await self._run(commit)
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise PersistenceError(
+                f"{self!r} is read-only; nothing was written. Open it without "
+                "read_only=True to change records"
+            )
+
+
+def _transaction(
+    connection: psycopg.Connection[Any], queries: sql.Queries, operations: list[Operation],
+    atomic: bool,
+) -> Outcomes:
+    """Commit *operations* on *connection*, running the transaction again when the
+    server says it did not commit and may be retried (serialization, deadlock). A
+    connection lost before COMMIT was sent means nothing was written; lost while
+    committing, the outcome is unknown."""
+    psycopg, _ = _psycopg()
+    for attempt in range(1, _ATTEMPTS + 1):
+        phase = sql.Phase()
+        try:
+            return sql.apply(connection, queries, operations, atomic, phase)
+        except ConflictError:
+            raise
+        except psycopg.Error as exc:
+            if exc.sqlstate in _RETRIED and attempt < _ATTEMPTS and not connection.broken:
+                logger.info("a transaction was not committed (%s); running it again",
+                            exc.sqlstate)
+                time.sleep(0.001 * 2**attempt)
+                continue
+            raise _failure(exc, phase) from exc
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _failure(exc: Exception, phase: sql.Phase) -> PersistenceError:
+    if phase.committing and getattr(exc, "sqlstate", None) is None:
+        return OutcomeUnknown(
+            f"the connection to PostgreSQL failed while committing ({_first_line(exc)}); "
+            "the change may or may not be stored"
+        )
+    return PersistenceError(f"PostgreSQL did not commit: {_first_line(exc)}")
+
+
+def _page(
+    query: str, kind: str, after: str, connection: psycopg.Connection[Any]
+) -> list[tuple[Any, ...]]:
+    return _read(connection, query, (kind, after, _SCAN_CHUNK), kind).fetchall()
+
+
+def _read(
+    connection: psycopg.Connection[Any], query: str, params: tuple[Any, ...], what: str
+) -> psycopg.Cursor[Any]:
+    psycopg, _ = _psycopg()
+    try:
+        return connection.execute(query, params, binary=True)
+    except psycopg.Error as exc:
+        raise PersistenceError(f"{what}: PostgreSQL failed: {_first_line(exc)}") from exc
+
+
+def decode(row: Sequence[Any]) -> Record:
+    """The record in a row of the records table (`sql.COLUMNS`), checked: columns the
+    schema cannot rule out (NULL data, NULL or non-finite array items) are refused."""
+    kind, key, version, epoch, deleted, data, state_version, updated_at, crashes, \
+        quarantined, history = row
+    problem = None
+    if data is None and not deleted:
+        problem = "it has no data"
+    elif any(t is None or not math.isfinite(t) for t in crashes):
+        problem = "its crash times are not all numbers"
+    elif any(old is None for old in history):
+        problem = "its history holds a NULL"
+    elif not math.isfinite(updated_at):
+        problem = "its updated_at is not a number"
+    if problem is not None:
+        raise PersistenceError(
+            f"{kind}/{key}: the stored row is not a valid trio-pgs record ({problem}); "
+            "inspect or purge it"
+        )
+    return Record(
+        kind=kind, key=key, data=bytes(data or b""), version=version,
+        state_version=state_version, epoch=epoch, updated_at=updated_at,
+        crashes=tuple(crashes), quarantined=quarantined,
+        history=tuple(bytes(old) for old in history),
+    )
+
+
+def _check_ident(kind: str, key: str) -> None:
+    if not isinstance(kind, str) or not isinstance(key, str):
+        raise TypeError("kinds and keys are strings")
+    if "\x00" in kind or "\x00" in key:
+        raise ValueError(f"PostgreSQL text cannot hold a NUL character: {kind!r}/{key!r}")
+    if not kind:
+        raise ValueError("a kind is a non-empty string")
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _without_password(dsn: str) -> str:
+    dsn = re.sub(r"^([^:/]+://[^/@:]*:)[^/@]*@", r"\1***@", dsn)
+    return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", dsn)
+
