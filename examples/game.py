@@ -7,7 +7,10 @@ when a client picks it again. All the servers' writes go through one writer, whi
 groups them into shared transactions (the "mean batch" figure).
 
 Run it twice: the first run creates the players in ``game-state/``, the second one
-continues every player's score from there.
+continues every player's score from there. ``--store`` names another directory, or a
+PostgreSQL database (``--store postgresql://user@host/db``, with the
+``trio-pgs[postgres]`` extra): several runs at once then need one database each, or
+one schema each (``postgresql://...?schema=NAME``).
 
     make demo                              # python examples/game.py
     python examples/game.py --quick        # a short run: 500 players, 3 seconds
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -177,10 +181,26 @@ def print_statistics(stats: trio_pgs.SupervisorStatistics) -> None:
     )
 
 
-async def main(players: int, seconds: float, clients: int, idle: float, store: str) -> None:
+def open_store(spec: str) -> trio_pgs.Store:
+    """A directory's DiskCacheStore, or a PostgresStore for a ``postgresql://`` URL (a
+    ``schema`` query parameter names its schema)."""
+    if not spec.startswith(("postgresql://", "postgres://")):
+        return trio_pgs.DiskCacheStore(spec)
+    parts = urllib.parse.urlsplit(spec)
+    query = urllib.parse.parse_qsl(parts.query)
+    schema = dict(query).get("schema")
+    if schema is None:
+        return trio_pgs.PostgresStore(spec)
+    rest = urllib.parse.urlencode([(name, value) for name, value in query if name != "schema"])
+    return trio_pgs.PostgresStore(urllib.parse.urlunsplit(parts._replace(query=rest)),
+                                  schema=schema)
+
+
+async def main(players: int, seconds: float, clients: int, idle: float, spec: str) -> None:
+    store = open_store(spec)
     print(f"A world of {players:,} players in {store!r}, {clients} clients online at a time")
     async with PersistentSupervisor(
-        store=trio_pgs.DiskCacheStore(store), servers=[PlayerServer], idle_timeout=idle
+        store=store, servers=[PlayerServer], idle_timeout=idle
     ) as sup:
         existing, total_before = await open_world(sup, players)
         if existing:
@@ -210,7 +230,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=20.0, help="how long to play")
     parser.add_argument("--idle", type=float, default=PlayerServer.idle_timeout,
                         help="seconds before an idle player hibernates")
-    parser.add_argument("--store", default="game-state", help="the store's directory")
+    parser.add_argument("--store", default="game-state",
+                        help="the store's directory, or a postgresql:// URL")
     parser.add_argument("--quick", action="store_true",
                         help="a short run: 500 players, 50 clients, 3 seconds, idle 0.5 s")
     args = parser.parse_args()

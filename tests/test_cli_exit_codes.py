@@ -116,7 +116,7 @@ CASES: dict[str, tuple[Setup, int]] = {
     "not-a-store": (_args("list", "{scratch}"), 2),
     "newer-format": (_newer_format, 2),
     "unknown-store-scheme": (_args("list", "redis://localhost"), 2),
-    "store-not-available": (_args("list", "postgresql://localhost/games"), 2),
+    "store-unreachable": (_args("list", "postgresql://127.0.0.1:1/games"), 2),
     "import-file-unreadable": (_args("import", "{scratch}/new", "{scratch}/missing.jsonl"), 2),
     "import-line-malformed": (_bad_line, 2),
     "interrupted": (_interrupted, 130),

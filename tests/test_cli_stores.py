@@ -4,6 +4,7 @@ opening for the commands that only read, and database files that are not stores.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -53,16 +54,50 @@ def test_a_write_command_takes_a_diskcache_url(
     assert ("tally", "bob") not in records(store_dir)
 
 
-@pytest.mark.parametrize("url", ["postgresql://app@db.example/games", "postgres:///games"])
-@pytest.mark.parametrize("argv", EVERY_COMMAND, ids=lambda argv: argv[0])
-def test_a_postgresql_url_says_the_postgres_store_is_not_available(
-    url: str, argv: list[str], capsys: pytest.CaptureFixture[str]
+def _in_schema(dsn: str, schema: str) -> str:
+    return f"{dsn}{'&' if '?' in dsn else '?'}schema={schema}"
+
+
+def test_every_command_works_on_a_postgresql_url(
+    store_dir: Path, postgres: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main([argv[0], url, *argv[1:]]) == 2
+    url = _in_schema(postgres.dsn, postgres.schema())
+    backup = tmp_path / "backup.jsonl"
+    assert main(["export", str(store_dir), "--output", str(backup)]) == 0
+    assert main(["import", url, str(backup)]) == 0
+    capsys.readouterr()
+    for argv in READ_COMMANDS:
+        assert main([argv[0], str(store_dir), *argv[1:]]) == 0, argv
+        from_directory = capsys.readouterr().out
+        assert main([argv[0], url, *argv[1:]]) == 0, argv
+        assert capsys.readouterr().out == from_directory, argv
+    assert main(["purge", url, "tally", "bob", "--yes"]) == 0
+    assert "purged tally/bob" in capsys.readouterr().out
+    assert main(["show", url, "tally", "bob"]) == 1
+
+
+@pytest.mark.parametrize("argv", EVERY_COMMAND[:-1], ids=lambda argv: argv[0])
+def test_a_postgresql_schema_without_a_store_is_refused_and_left_without_one(
+    argv: list[str], postgres: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import psycopg
+
+    schema = postgres.schema()
+    assert main([argv[0], _in_schema(postgres.dsn, schema), *argv[1:]]) == 2
+    assert "there is no trio-pgs store in schema" in capsys.readouterr().err
+    with psycopg.connect(postgres.dsn) as connection:
+        found = connection.execute(
+            "SELECT count(*) FROM pg_namespace WHERE nspname = %s", (schema,)
+        ).fetchone()
+    assert found == (0,)
+
+
+def test_an_unreachable_postgresql_server_is_refused_without_showing_the_password(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["list", "postgresql://app:s3cret@127.0.0.1:1/games?connect_timeout=2"]) == 2
     err = capsys.readouterr().err
-    assert ("PostgresStore is not available in this version; it needs the "
-            "trio-pgs[postgres] extra") in err
-    assert "no such directory" not in err
+    assert "could not be opened" in err and "s3cret" not in err
 
 
 @pytest.mark.parametrize("spec", ["redis://cache/0", "sqlite:store.db"])

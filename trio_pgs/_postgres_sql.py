@@ -112,11 +112,14 @@ class Queries:
 # -- the schema ------------------------------------------------------------------------
 
 
-def prepare(connection: psycopg.Connection[Any], queries: Queries, *, read_only: bool) -> None:
+def prepare(
+    connection: psycopg.Connection[Any], queries: Queries, *, read_only: bool, create: bool
+) -> None:
     """Make sure the schema holds the tables of this version: create or upgrade them
-    (unless *read_only*), or refuse a schema written by a newer trio-pgs. Safe when
-    several processes open the same database at once: they take turns on the row of
-    the schema version, and only the first migrates."""
+    (unless *read_only*; a missing store only if *create*), or refuse a schema
+    written by a newer trio-pgs. Safe when several processes open the same database
+    at once: they take turns on the row of the schema version, and only the first
+    migrates."""
     found = _schema_version(connection, queries)
     if found == SCHEMA_VERSION:
         return
@@ -126,6 +129,8 @@ def prepare(connection: psycopg.Connection[Any], queries: Queries, *, read_only:
             f"the tables in {where} were upgraded by a newer trio-pgs (schema version "
             f"{found}; this one knows {SCHEMA_VERSION}); upgrade trio-pgs"
         )
+    if found is None and not create:
+        raise PersistenceError(f"there is no trio-pgs store in {where}")
     if read_only:
         raise PersistenceError(
             f"there is no trio-pgs store in {where}" if found is None else

@@ -95,6 +95,8 @@ class PostgresStore:
     *pool_size* bounds the connections (and threads) the store uses at once: one
     commits the writer's batches, the others load and claim. *read_only*: the store
     never writes and never creates or upgrades its tables (the CLI's read commands).
+    *create*: False refuses to open a schema that holds no store yet, instead of
+    creating its tables (the CLI's commands but import).
     *connect_timeout* bounds, in seconds, each wait for a connection.
 
     It offers every capability: kinds, reporting scans, claims, and batches whose
@@ -108,6 +110,7 @@ class PostgresStore:
         schema: str = "trio_pgs",
         pool_size: int = 8,
         read_only: bool = False,
+        create: bool = True,
         connect_timeout: float = 10.0,
     ) -> None:
         _psycopg()
@@ -127,6 +130,7 @@ class PostgresStore:
         self.schema = schema
         self.pool_size = pool_size
         self.read_only = read_only
+        self.create = create
         self.connect_timeout = connect_timeout
         self._queries = sql.Queries(schema)
         self._pool: psycopg_pool.ConnectionPool[Any] | None = None
@@ -156,7 +160,9 @@ class PostgresStore:
             # One connection first, outside the pool: its error says what is wrong
             # (the pool would only time out), and it prepares the schema.
             with pg.connect(self.dsn, **kwargs) as connection:
-                sql.prepare(connection, self._queries, read_only=self.read_only)
+                sql.prepare(
+                    connection, self._queries, read_only=self.read_only, create=self.create
+                )
         except pg.Error as exc:
             raise PersistenceError(
                 f"{self!r} could not be opened: {_first_line(exc)}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -17,6 +18,7 @@ import trio
 
 from .._diskcache_store import DiskCacheStore
 from .._errors import ConflictError, PersistenceError
+from .._postgres_store import PostgresStore
 from .._store import Operation, Record
 from ._exit import EXIT_FAILED, EXIT_NOT_STARTED, CommandError
 
@@ -176,11 +178,30 @@ def _not_opened(store: CommandStore, error: PersistenceError) -> str:
 
 
 def _postgres(spec: str, location: str, write: bool, create: bool) -> CommandStore:
-    raise CommandError(
-        "PostgresStore is not available in this version; it needs the trio-pgs[postgres] "
-        "extra",
-        EXIT_NOT_STARTED,
-    )
+    """``postgresql://[user[:password]@][host][:port]/database[?schema=NAME&...]``: the
+    store in schema NAME (``trio_pgs`` by default) of that database; the other query
+    parameters are libpq's. Only import creates a store there."""
+    dsn, schema = _schema_parameter(spec)
+    try:
+        return PostgresStore(
+            dsn, schema=schema or "trio_pgs", read_only=not write, create=create
+        )
+    except ImportError as exc:
+        raise CommandError(str(exc), EXIT_NOT_STARTED) from None
+    except ValueError as exc:
+        raise CommandError(f"{_shown(spec)}: {exc}", EXIT_NOT_STARTED) from None
+
+
+def _schema_parameter(url: str) -> tuple[str, str | None]:
+    """*url* without its ``schema`` query parameter (libpq knows no such parameter),
+    and that parameter's value."""
+    parts = urllib.parse.urlsplit(url)
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    schemas = [value for name, value in query if name == "schema"]
+    if not schemas:
+        return url, None
+    rest = urllib.parse.urlencode([(name, value) for name, value in query if name != "schema"])
+    return urllib.parse.urlunsplit(parts._replace(query=rest)), schemas[-1]
 
 
 _SCHEMES: dict[str, _Maker] = {
