@@ -337,12 +337,17 @@ def _transaction(
                             exc.sqlstate)
                 time.sleep(0.001 * 2**attempt)
                 continue
-            raise _failure(exc, phase) from exc
+            raise _failure(exc, phase, connection.broken) from exc
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _failure(exc: Exception, phase: sql.Phase) -> PersistenceError:
-    if phase.committing and getattr(exc, "sqlstate", None) is None:
+def _failure(exc: Exception, phase: sql.Phase, broken: bool) -> PersistenceError:
+    """What a failed transaction tells its callers. An error the server gave before
+    COMMIT was sent means nothing was written. Once COMMIT was sent, a lost connection
+    (no SQLSTATE, a connection exception, an operator intervention such as a
+    terminated backend) leaves the outcome unknown."""
+    sqlstate = getattr(exc, "sqlstate", None)
+    if phase.committing and (broken or sqlstate is None or sqlstate[:2] in ("08", "57")):
         return OutcomeUnknown(
             f"the connection to PostgreSQL failed while committing ({_first_line(exc)}); "
             "the change may or may not be stored"
