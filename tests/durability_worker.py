@@ -1,9 +1,12 @@
 """A workload for the hard-kill durability test (tests/test_durability.py).
 
-Run as ``python tests/durability_worker.py STORE_DIR RUN_ID``. It opens a supervisor on a
-`DiskCacheStore` in STORE_DIR, starts (or reuses) the ledger servers, and runs clients
-until it is killed. Its stdout is the record the test checks, one line per event, each
-written with one ``os.write`` (unbuffered, so nothing acknowledged waits in a buffer):
+Run as ``python tests/durability_worker.py BACKEND TARGET RUN_ID``. It opens a supervisor
+on a store (BACKEND ``diskcache``: a `DiskCacheStore` in the directory TARGET;
+``postgres``: a `PostgresStore` in the schema TARGET of the database whose DSN is in the
+environment variable TRIO_PGS_DURABILITY_DSN, kept out of the command line for its
+password), starts (or reuses) the ledger servers, and runs clients until it is killed.
+Its stdout is the record the test checks, one line per event, each written with one
+``os.write`` (unbuffered, so nothing acknowledged waits in a buffer):
 
 - ``A <op>``: the call ``("apply", op)`` returned "applied", i.e. the op was committed
   (`Persistence.EACH_MESSAGE`): a durable acknowledgement.
@@ -40,6 +43,8 @@ CASTERS = 4
 RESEND_EVERY = 8
 #: A worker nobody kills (a test that died) stops by itself.
 DEADLINE = 120.0
+BACKENDS = ("diskcache", "postgres")
+DSN_VARIABLE = "TRIO_PGS_DURABILITY_DSN"
 
 
 @attrs.define
@@ -89,6 +94,15 @@ class NappingLedgerServer(LedgerServer):
 
 
 SERVERS = [LedgerServer, NappingLedgerServer]
+
+
+def make_store(backend: str, target: str) -> trio_pgs.Store:
+    """The store of BACKEND at TARGET (see the module)."""
+    if backend == "diskcache":
+        return trio_pgs.DiskCacheStore(target)
+    if backend == "postgres":
+        return trio_pgs.PostgresStore(os.environ[DSN_VARIABLE], schema=target)
+    raise ValueError(f"unknown backend {backend!r}; one of {BACKENDS}")
 
 
 def emit(line: str) -> None:
@@ -141,9 +155,9 @@ async def caster(ref: trio_pgs.ServerRef, name: str, rng: random.Random) -> None
         await trio.sleep(rng.uniform(0, 0.01))
 
 
-async def main(directory: str, run_id: str) -> None:
+async def main(backend: str, target: str, run_id: str) -> None:
     rng = random.Random()
-    store = trio_pgs.DiskCacheStore(directory)
+    store = make_store(backend, target)
     with trio.move_on_after(DEADLINE):
         async with PersistentSupervisor(store=store, servers=SERVERS) as sup:
             refs: dict[str, trio_pgs.ServerRef] = {}
@@ -166,6 +180,6 @@ async def main(directory: str, run_id: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.exit("usage: durability_worker.py STORE_DIR RUN_ID")
-    trio.run(main, sys.argv[1], sys.argv[2])
+    if len(sys.argv) != 4 or sys.argv[1] not in BACKENDS:
+        sys.exit("usage: durability_worker.py diskcache|postgres STORE_DIR|SCHEMA RUN_ID")
+    trio.run(main, *sys.argv[1:])

@@ -1,10 +1,12 @@
-"""Hard-kill durability: a real workload on a DiskCacheStore,
+"""Hard-kill durability: a real workload on a DiskCacheStore, and on a PostgresStore,
 killed with SIGKILL at random moments, restarted, and checked after the last kill.
 
 Every call acknowledged by any run (written by tests/durability_worker.py after `call`
 returned) must be in the store exactly once; nothing was applied twice; nothing is stored
-that no run sent; the store opens and every record decodes. Real processes and real time,
-necessarily: ``DURABILITY_KILLS`` (default 20) sets the number of kills.
+that no run sent; the store opens and every record decodes (and, for diskcache, the SQLite
+file is intact; for PostgreSQL, the killed workers' connections all ended). Real
+processes and real time, necessarily: ``DURABILITY_KILLS`` (default 20) sets the number
+of kills.
 """
 
 from __future__ import annotations
@@ -22,12 +24,16 @@ import time
 from pathlib import Path
 
 import attrs
+import psycopg
+import psycopg.conninfo
+import pytest
 import trio
 
 import trio_pgs
 from trio_pgs import PersistentSupervisor
 
 from . import durability_worker as worker
+from .postgres import Server
 
 WORKER = Path(worker.__file__)
 KILLS = int(os.environ.get("DURABILITY_KILLS", "20"))
@@ -42,6 +48,28 @@ TIMEOUT = 60.0
 
 
 @attrs.define
+class Target:
+    """Where the workers keep their records: a diskcache directory, or a schema of the
+    test's PostgreSQL (``dsn``, whose connections say ``application_name``)."""
+
+    backend: str
+    #: the directory or the schema
+    where: str
+    dsn: str = ""
+    application_name: str = ""
+
+    def store(self) -> trio_pgs.Store:
+        if self.backend == "postgres":
+            return trio_pgs.PostgresStore(self.dsn, schema=self.where)
+        return trio_pgs.DiskCacheStore(self.where)
+
+    def environment(self) -> dict[str, str]:
+        if self.backend == "postgres":
+            return {**os.environ, worker.DSN_VARIABLE: self.dsn}
+        return dict(os.environ)
+
+
+@attrs.define
 class Run:
     run_id: str
     early: bool
@@ -51,17 +79,20 @@ class Run:
     cast: list[str]
 
 
-def run_worker(directory: Path, run_id: str, early: bool, rng: random.Random) -> Run:
+def run_worker(
+    target: Target, logs: Path, run_id: str, early: bool, rng: random.Random
+) -> Run:
     """Start the worker, SIGKILL it at a random moment, and read what it acknowledged."""
-    stderr_path = directory.parent / f"{run_id}.stderr"
+    stderr_path = logs / f"{run_id}.stderr"
     lines: list[bytes] = []
     working = threading.Event()  # set at the first acknowledgement, or at the end of stdout
     with (
         stderr_path.open("wb") as stderr,
         subprocess.Popen(
-            [sys.executable, str(WORKER), str(directory), run_id],
+            [sys.executable, str(WORKER), target.backend, target.where, run_id],
             stdout=subprocess.PIPE,
             stderr=stderr,
+            env=target.environment(),
         ) as proc,
     ):
         assert proc.stdout is not None
@@ -116,9 +147,11 @@ def sequences(ops: list[str]) -> dict[str, list[int]]:
     return by_client
 
 
-async def read_store(directory: Path) -> tuple[dict[str, list[str]], trio_pgs.SupervisorStatistics]:
+async def read_store(
+    target: Target,
+) -> tuple[dict[str, list[str]], trio_pgs.SupervisorStatistics]:
     """Every ledger's applied ops, read through a fresh supervisor (as an application would)."""
-    store = trio_pgs.DiskCacheStore(directory)
+    store = target.store()
     states: dict[str, list[str]] = {}
     async with PersistentSupervisor(store=store, servers=worker.SERVERS) as sup:
         with trio.fail_after(TIMEOUT):
@@ -133,13 +166,37 @@ async def read_store(directory: Path) -> tuple[dict[str, list[str]], trio_pgs.Su
     return states, stats
 
 
-def test_every_acknowledged_call_survives_sigkill(tmp_path: Path) -> None:
+def make_target(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Target:
+    if backend == "diskcache":
+        return Target(backend, str(tmp_path / "store"))
+    postgres: Server = request.getfixturevalue("postgres")
+    schema = postgres.schema()
+    name = f"trio-pgs-durability-{schema}"
+    dsn = psycopg.conninfo.make_conninfo(postgres.dsn, application_name=name)
+    return Target(backend, schema, dsn, name)
+
+
+def connections_of(target: Target) -> int:
+    """How many connections of the workers (and the check) the server still has."""
+    with psycopg.connect(target.dsn, autocommit=True, application_name="trio-pgs-check") as db:
+        row = db.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+            (target.application_name,),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+@pytest.mark.parametrize("backend", worker.BACKENDS)
+def test_every_acknowledged_call_survives_sigkill(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    target = make_target(backend, tmp_path, request)
     started = time.monotonic()
-    directory = tmp_path / "store"
     rng = random.Random()
     # The last run is always killed mid-work, so that every server exists to be checked.
     early = [i % EARLY_EVERY == 0 and i < KILLS - 1 for i in range(KILLS)]
-    runs = [run_worker(directory, f"r{i}", early[i], rng) for i in range(KILLS)]
+    runs = [run_worker(target, tmp_path, f"r{i}", early[i], rng) for i in range(KILLS)]
     worked = time.monotonic() - started
 
     # What the worker wrote is consistent: each client's acknowledgements are 0, 1, 2, ...
@@ -149,7 +206,7 @@ def test_every_acknowledged_call_survives_sigkill(tmp_path: Path) -> None:
     acked = [op for run in runs for op in run.acked]
     assert acked, "no run acknowledged anything: the kills all came before any work"
 
-    states, stats = trio.run(read_store, directory)
+    states, stats = trio.run(read_store, target)
     assert sorted(states) == sorted(worker.HOT + worker.NAPPING)
     assert stats.crashes == 0, stats  # every record decoded and activated
     stored = [op for ops in states.values() for op in ops]
@@ -189,14 +246,19 @@ def test_every_acknowledged_call_survives_sigkill(tmp_path: Path) -> None:
                 f"{client}: {count} casts accepted, stored {have[:5]}...{have[-5:]}"
             )
 
-    # The SQLite file itself is intact.
-    with contextlib.closing(sqlite3.connect(directory / "cache.db")) as db:
-        assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    if backend == "diskcache":  # the SQLite file itself is intact
+        with contextlib.closing(sqlite3.connect(Path(target.where) / "cache.db")) as db:
+            assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    else:  # the server ended the killed workers' sessions (and their transactions)
+        deadline = time.monotonic() + TIMEOUT
+        while connections_of(target) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert connections_of(target) == 0, "connections of killed workers remain"
 
     working = sum(1 for run in runs if run.acked)
     casts = sum(len(run.cast) for run in runs)
     print(
-        f"\ndurability: {KILLS} SIGKILLs survived ({working} mid-work, "
+        f"\ndurability ({backend}): {KILLS} SIGKILLs survived ({working} mid-work, "
         f"{sum(run.early for run in runs)} at random moments from spawn); "
         f"{len(acked)} acknowledged calls checked, none lost; {len(stored)} ops stored, "
         f"none twice ({casts} casts accepted, {sum(1 for op in stored if '-k' in op)} "

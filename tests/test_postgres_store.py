@@ -1,0 +1,837 @@
+"""What is particular to `PostgresStore`, against a real PostgreSQL (the `postgres`
+fixture): its schema, conflicts that fail one server only, fencing between store objects
+(processes) sharing a schema, cancellation that reaches the server, lost connections,
+rows that are not records, and scans. The store contract itself is checked by the
+conformance kit (test_store_contract.py).
+
+The tests that wait for PostgreSQL to do something (a query to block on a lock, a
+cancelled query to end) use trio's real clock, polling the server with a bound: what
+they wait for happens in another process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import socket
+import threading
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import psycopg
+import psycopg.conninfo
+import pytest
+import trio
+import trio.testing
+
+import trio_pgs
+from trio_pgs import (
+    ActivationFailed,
+    ConflictError,
+    Delete,
+    OutcomeUnknown,
+    PersistenceError,
+    PersistentSupervisor,
+    PostgresStore,
+    Put,
+    Record,
+)
+
+from .postgres import ClockedPostgresStore, Server
+from .servers import TallyServer
+
+#: How long a test waits for PostgreSQL to show an effect (a lock wait, a query gone):
+#: it shows in milliseconds; only a machine under heavy load comes near.
+BOUND = 10.0
+KIND = "tally"
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def connect(postgres: Server, *, autocommit: bool = True) -> Iterator[psycopg.Connection[Any]]:
+    """A connection of the test's own, as an administrator (or another program) has."""
+    with psycopg.connect(postgres.dsn, autocommit=autocommit) as connection:
+        yield connection
+
+
+def named_store(postgres: Server, **options: Any) -> tuple[PostgresStore, str]:
+    """A store in a new schema whose connections carry an application_name of their
+    own, so that the test finds its backends in pg_stat_activity."""
+    name = "trio-pgs-test-" + uuid.uuid4().hex[:12]
+    dsn = psycopg.conninfo.make_conninfo(postgres.dsn, application_name=name)
+    options.setdefault("schema", postgres.schema())
+    return ClockedPostgresStore(dsn, **options), name
+
+
+@contextlib.asynccontextmanager
+async def opened(store: PostgresStore) -> AsyncIterator[PostgresStore]:
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def record(key: str, data: bytes = b"{}", *, kind: str = KIND, version: int = 1,
+           epoch: int = 1) -> Record:
+    return Record(kind=kind, key=key, data=data, version=version, epoch=epoch,
+                  updated_at=1.0)
+
+
+def tally(*items: str) -> bytes:
+    return json.dumps({"items": list(items)}).encode()
+
+
+def items(stored: Record | None) -> list[str]:
+    assert stored is not None
+    found: list[str] = json.loads(stored.data)["items"]
+    return found
+
+
+def schema_exists(postgres: Server, schema: str) -> bool:
+    with connect(postgres) as connection:
+        row = connection.execute(
+            "SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)
+        ).fetchone()
+    return row is not None
+
+
+def snapshot(postgres: Server, schema: str) -> dict[str, Any]:
+    """Everything the store keeps in *schema*: its tables, meta rows and records."""
+    with connect(postgres) as connection:
+        tables = connection.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = %s"
+            " ORDER BY table_name", (schema,)
+        ).fetchall()
+        meta = connection.execute(f'SELECT * FROM "{schema}".meta ORDER BY name').fetchall()
+        records = connection.execute(
+            f'SELECT * FROM "{schema}".records ORDER BY kind, key'
+        ).fetchall()
+    return {"tables": tables, "meta": meta, "records": records}
+
+
+def schema_version(postgres: Server, schema: str) -> list[tuple[Any, ...]]:
+    with connect(postgres) as connection:
+        return connection.execute(f'SELECT name, value FROM "{schema}".meta').fetchall()
+
+
+def backends(postgres: Server, application_name: str, where: str = "true") -> list[int]:
+    """The pids of the store's backends (those whose application_name is its)."""
+    with connect(postgres) as connection:
+        rows = connection.execute(
+            f"SELECT pid FROM pg_stat_activity WHERE application_name = %s AND ({where})",
+            (application_name,),
+        ).fetchall()
+    return [pid for (pid,) in rows]
+
+
+def waiting_on_a_lock(postgres: Server, application_name: str) -> list[int]:
+    return backends(postgres, application_name,
+                    "state = 'active' AND wait_event_type = 'Lock'")
+
+
+def terminate(postgres: Server, pids: list[int]) -> None:
+    with connect(postgres) as connection:
+        for pid in pids:
+            connection.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+
+async def eventually(check: Any, what: str) -> Any:
+    """Poll *check* (a real effect in the server) until it returns something true."""
+    with trio.move_on_after(BOUND):
+        while True:
+            found = check()
+            if found:
+                return found
+            await trio.sleep(0.01)
+    raise AssertionError(f"not within {BOUND} s: {what}")
+
+
+@contextlib.contextmanager
+def row_locked(postgres: Server, schema: str, key: str) -> Iterator[psycopg.Connection[Any]]:
+    """Hold the row lock of KIND/*key* in an open transaction (as a long transaction of
+    another program would) until the block ends."""
+    with connect(postgres, autocommit=False) as connection:
+        locked = connection.execute(
+            f'SELECT 1 FROM "{schema}".records WHERE kind = %s AND key = %s FOR UPDATE',
+            (KIND, key),
+        ).fetchone()
+        assert locked is not None
+        try:
+            yield connection
+        finally:
+            connection.rollback()
+
+
+class Blocked:
+    """A store call run in the background, and its outcome."""
+
+    def __init__(self) -> None:
+        self.scope = trio.CancelScope()
+        self.done = trio.Event()
+        self.error: BaseException | None = None
+        self.cancelled = False
+
+    async def run(self, call: Any) -> None:
+        try:
+            with self.scope:
+                await call()
+        except Exception as exc:
+            self.error = exc
+        finally:
+            self.cancelled = self.scope.cancelled_caught
+            self.done.set()
+
+
+# -- the schema ------------------------------------------------------------------------
+
+
+async def test_opening_a_store_creates_its_schema_and_tables(postgres: Server):
+    schema = postgres.schema()
+    assert not schema_exists(postgres, schema)
+    async with opened(postgres.store(schema=schema)) as store:
+        await store.commit([Put(record("a", b"1"), 0)])
+        assert await store.load(KIND, "a") == record("a", b"1")
+    assert schema_exists(postgres, schema)
+    found = snapshot(postgres, schema)
+    assert found["tables"] == [("meta",), ("records",)]
+    assert found["meta"] == [("schema_version", 1)]
+    async with opened(postgres.store(schema=schema)) as again:  # opening it again
+        assert await again.load(KIND, "a") == record("a", b"1")
+    assert schema_version(postgres, schema) == [("schema_version", 1)]
+
+
+def open_at_once(postgres: Server, schema: str, count: int) -> list[BaseException]:
+    """Open *count* stores on *schema*, each in a thread (and trio loop) of its own,
+    released together, and commit a record in each; return what they raised."""
+    barrier = threading.Barrier(count)
+    errors: list[BaseException] = []
+
+    async def open_and_write(i: int) -> None:
+        store = PostgresStore(postgres.dsn, schema=schema)
+        await trio.to_thread.run_sync(barrier.wait, BOUND)
+        async with opened(store):
+            await store.commit([Put(record(f"k{i}"), 0)])
+
+    def thread(i: int) -> None:
+        try:
+            trio.run(open_and_write, i)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=thread, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(3 * BOUND)
+        assert not t.is_alive(), "a store is still opening"
+    return errors
+
+
+def test_stores_opening_one_new_schema_at_once_all_succeed(postgres: Server):
+    """Several processes starting at once on an empty database."""
+    for _ in range(3):
+        schema = postgres.schema()
+        count = 8
+        assert open_at_once(postgres, schema, count) == []
+        assert schema_version(postgres, schema) == [("schema_version", 1)]
+        assert sorted(key for _, key, *_ in snapshot(postgres, schema)["records"]) == sorted(
+            f"k{i}" for i in range(count)
+        )
+
+
+async def test_stores_opened_together_in_one_nursery_all_succeed(postgres: Server):
+    schema = postgres.schema()
+    stores = [PostgresStore(postgres.dsn, schema=schema) for _ in range(6)]
+    async with trio.open_nursery() as nursery:
+        for store in stores:
+            nursery.start_soon(store.open)
+    try:
+        for i, store in enumerate(stores):
+            await store.commit([Put(record(f"k{i}"), 0)])
+        assert [r.key async for r in stores[0].scan(KIND)] == [f"k{i}" for i in range(6)]
+    finally:
+        for store in stores:
+            await store.close()
+    assert schema_version(postgres, schema) == [("schema_version", 1)]
+
+
+@pytest.mark.parametrize("read_only", [False, True], ids=["writable", "read-only"])
+async def test_a_schema_of_a_newer_version_is_refused_and_left_as_it_is(
+    postgres: Server, read_only: bool
+):
+    schema = postgres.schema()
+    async with opened(postgres.store(schema=schema)) as store:
+        await store.commit([Put(record("a", b"1"), 0)])
+    with connect(postgres) as connection:  # a newer trio-pgs upgraded the tables
+        connection.execute(f'UPDATE "{schema}".meta SET value = 7')
+    before = snapshot(postgres, schema)
+    newer = postgres.store(schema=schema, read_only=read_only)
+    with pytest.raises(PersistenceError) as caught:
+        await newer.open()
+    message = str(caught.value).replace(schema, "<schema>")
+    assert re.search(r"\b7\b", message) and re.search(r"\b1\b", message), message
+    assert "upgrade trio-pgs" in message
+    assert snapshot(postgres, schema) == before
+
+
+async def test_a_read_only_store_on_a_missing_schema_is_refused_and_creates_nothing(
+    postgres: Server,
+):
+    schema = postgres.schema()
+    with pytest.raises(PersistenceError, match="no trio-pgs store"):
+        await postgres.store(schema=schema, read_only=True).open()
+    assert not schema_exists(postgres, schema)
+
+
+async def test_a_read_only_store_reads_and_refuses_every_write(postgres: Server):
+    schema = postgres.schema()
+    async with opened(postgres.store(schema=schema)) as store:
+        await store.commit([Put(record("a", b"1"), 0), Put(record("b", b"2"), 0)])
+    before = snapshot(postgres, schema)
+    async with opened(postgres.store(schema=schema, read_only=True)) as reader:
+        assert await reader.load(KIND, "a") == record("a", b"1")
+        assert [r.key async for r in reader.scan(KIND)] == ["a", "b"]
+        assert await reader.kinds() == {KIND}
+        writes = [
+            lambda: reader.commit([Put(record("a", b"new", version=2), 1)]),
+            lambda: reader.commit([Put(record("c"), 0)]),
+            lambda: reader.commit([Delete(KIND, "b")]),
+            lambda: reader.commit_each([Put(record("a", b"new", version=2), 1)]),
+            lambda: reader.claim(KIND, "a"),
+            lambda: reader.claim(KIND, "never"),
+        ]
+        for write in writes:
+            with pytest.raises(PersistenceError, match="read-only"):
+                await write()
+    assert snapshot(postgres, schema) == before
+
+
+def free_port() -> int:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        return int(listener.getsockname()[1])
+
+
+@pytest.mark.parametrize("form", ["keywords", "url", "url-query", "socket-directory"])
+async def test_an_unreachable_database_is_refused_at_once_without_its_password(
+    form: str, tmp_path: Path
+):
+    password = "pw-" + uuid.uuid4().hex
+    dsn = {
+        "keywords": f"host=127.0.0.1 port={free_port()} user=app password={password}"
+                    " dbname=games",
+        "url": f"postgresql://app:{password}@127.0.0.1:{free_port()}/games",
+        "url-query": f"postgresql://app@127.0.0.1:{free_port()}/games?password={password}"
+                     "&sslmode=disable",
+        "socket-directory": f"host={tmp_path} user=app password='{password}' dbname=games",
+    }[form]
+    store = PostgresStore(dsn, schema="trio_pgs")
+    with trio.fail_after(5), pytest.raises(PersistenceError) as caught:
+        await store.open()
+    chain: list[BaseException] = []
+    error: BaseException | None = caught.value
+    while error is not None:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    for error in chain:
+        assert password not in str(error), f"{type(error).__name__}: {error}"
+    assert password not in repr(store)
+    assert "could not be opened" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "schema",
+    ["", "1abc", "a-b", 'a"b', "a b", "a;drop", "x" * 64, "sch\u00e9ma", "a\x00", None, 5],
+)
+def test_a_schema_name_that_is_not_a_plain_sql_name_is_refused(schema: Any):
+    with pytest.raises(ValueError, match="schema must be a plain SQL name"):
+        PostgresStore("postgresql://app@localhost/games", schema=schema)
+
+
+# -- conflicts -------------------------------------------------------------------------
+
+
+async def test_a_batch_commits_every_operation_whose_condition_holds(postgres: Server):
+    async with opened(postgres.store()) as store:
+        await store.commit([Put(record(key, b"v1"), 0) for key in "abcd"])
+        outcomes = await store.commit_each([
+            Put(record("a", b"v2", version=2), 1),
+            Put(record("b", b"v6", version=6), 5),  # stale: b is at 1
+            Put(record("b", b"v7", version=7), 6),  # follows the refused one
+            Put(record("c", b"again"), 0),  # c exists
+            Put(record("d", b"v2", version=2, epoch=0), 1),  # fenced off: epoch 0 < 1
+            Put(record("e", b"v1"), 0),
+            Delete(KIND, "never"),
+            Put(record("a", b"v3", version=3), 2),  # follows the applied one
+        ])
+        refused = [i for i, outcome in enumerate(outcomes) if outcome is not None]
+        assert refused == [1, 2, 3, 4], outcomes
+        assert all(isinstance(outcomes[i], ConflictError) for i in refused)
+        assert await store.load(KIND, "a") == record("a", b"v3", version=3)
+        for key in "bcd":
+            assert await store.load(KIND, key) == record(key, b"v1")
+        assert await store.load(KIND, "e") == record("e", b"v1")
+
+
+@pytest.mark.parametrize("how", ["claimed", "overwritten"])
+async def test_a_server_whose_record_changed_behind_its_back_fails_alone(
+    postgres: Server, how: str
+):
+    """A second store on the schema (another process) claims the victim, or commits a
+    newer record of it with a higher epoch; then the victim and 20 other servers write
+    in one batch: only the victim's caller is refused; the others' writes are
+    acknowledged and stored."""
+    others = [f"s{i}" for i in range(20)]
+    store, name = named_store(postgres)
+    commits: list[int] = []
+
+    def on_event(event: trio_pgs.ServerEvent) -> None:
+        if event.type is trio_pgs.EventType.COMMITTED:
+            commits.append(event.records)
+
+    async with PersistentSupervisor(store=store, servers=[TallyServer],
+                                    on_event=on_event) as sup:
+        refs = {key: await sup.start(TallyServer, key=key) for key in [*others, "victim"]}
+        for ref in refs.values():
+            assert await ref.call(("add", "first")) == 1
+        async with opened(postgres.store(schema=store.schema)) as other:
+            if how == "claimed":
+                await other.claim(KIND, "victim")
+                expected_victim = ["first"]
+            else:
+                stored = await other.load(KIND, "victim")
+                assert stored is not None
+                await other.commit([Put(attrs.evolve(
+                    stored, version=stored.version + 1, epoch=stored.epoch + 1,
+                    data=tally("behind"),
+                ), stored.version)])
+                expected_victim = ["behind"]
+
+            results: dict[str, Any] = {}
+
+            async def add(key: str) -> None:
+                try:
+                    results[key] = await refs[key].call(("add", "second"))
+                except Exception as exc:
+                    results[key] = exc
+
+            # s0's write holds the writer (its row is locked) while the 19 other
+            # servers and the victim hand theirs over: the next batch has all 20.
+            with row_locked(postgres, store.schema, "s0") as locker:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(add, "s0")
+                    await eventually(lambda: waiting_on_a_lock(postgres, name),
+                                     "the commit of s0 waits for its row lock")
+                    for key in ["victim", *others[1:]]:
+                        nursery.start_soon(add, key)
+                    await trio.testing.wait_all_tasks_blocked()
+                    del commits[:]
+                    locker.rollback()
+            assert commits == [1, 19]  # s0's batch, then the 19 of the batch of 20
+            assert isinstance(results["victim"], PersistenceError), results["victim"]
+            assert {key: results[key] for key in others} == dict.fromkeys(others, 2)
+            for key in others:
+                assert items(await other.load(KIND, key)) == ["first", "second"]
+            assert items(await other.load(KIND, "victim")) == expected_victim
+        # The next call activates the victim again, from the stored record.
+        assert await refs["victim"].call("get") == expected_victim
+        assert await refs["victim"].call(("add", "third")) == len(expected_victim) + 1
+
+
+# -- fencing across store objects --------------------------------------------------------
+
+
+async def test_a_claim_by_another_store_fences_off_the_writes_of_the_first(postgres: Server):
+    schema = postgres.schema()
+    async with (
+        opened(postgres.store(schema=schema)) as a,
+        opened(postgres.store(schema=schema)) as b,
+    ):
+        claim_a = await a.claim(KIND, "k")
+        assert (claim_a.record, claim_a.version) == (None, 0)
+        first = record("k", b"a1", epoch=claim_a.epoch)
+        await a.commit([Put(first, 0)])
+        second = attrs.evolve(first, data=b"a2", version=2)
+        await a.commit([Put(second, 1)])
+
+        claim_b = await b.claim(KIND, "k")  # another process activates the server
+        assert claim_b.epoch > claim_a.epoch
+        assert claim_b.record == attrs.evolve(second, epoch=claim_b.epoch)
+
+        late = attrs.evolve(second, data=b"a3", version=3)
+        with pytest.raises(ConflictError, match="epoch"):
+            await a.commit([Put(late, 2)])
+        outcomes = await a.commit_each([Put(late, 2)])
+        assert isinstance(outcomes[0], ConflictError)
+        with pytest.raises(ConflictError):
+            await a.commit([Delete(KIND, "k", 2, claim_a.epoch)])
+
+        for version in (3, 4):
+            await b.commit([Put(record("k", b"b%d" % version, version=version,
+                                       epoch=claim_b.epoch), version - 1)])
+        expected = record("k", b"b4", version=4, epoch=claim_b.epoch)
+        assert await a.load(KIND, "k") == expected
+        assert await b.load(KIND, "k") == expected
+
+
+async def test_two_supervisors_on_one_schema_fence_each_other_off(postgres: Server):
+    """Two processes serve the same server in turn: whichever activated it last owns
+    it; the other's activation is refused at its next write, and its next message
+    activates the server again from what the other committed."""
+    schema = postgres.schema()
+    async with (
+        PersistentSupervisor(store=postgres.store(schema=schema), name="one") as one,
+        PersistentSupervisor(store=postgres.store(schema=schema), name="two") as two,
+    ):
+        ref_one = await one.start(TallyServer, key="shared")
+        ref_two = two.ref(TallyServer, "shared")
+        assert await ref_one.call(("add", "a")) == 1
+        assert await ref_two.call(("add", "b")) == 2  # claims it: one is fenced off
+        with pytest.raises(PersistenceError):
+            await ref_one.call(("add", "lost"))
+        assert await ref_two.call(("add", "c")) == 3
+        assert await ref_one.call("get") == ["a", "b", "c"]  # activated again: owns it
+        with pytest.raises(PersistenceError):
+            await ref_two.call(("add", "lost too"))
+        assert await ref_one.call(("add", "d")) == 4
+    async with opened(postgres.store(schema=schema)) as store:
+        assert items(await store.load(KIND, "shared")) == ["a", "b", "c", "d"]
+
+
+# -- cancellation and lost connections ---------------------------------------------------
+
+
+async def test_cancelling_a_commit_cancels_its_query_in_the_server(postgres: Server):
+    store, name = named_store(postgres)
+    async with opened(store):
+        await store.commit([Put(record("k", b"v1"), 0)])
+        blocked = Blocked()
+        with row_locked(postgres, store.schema, "k"):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(blocked.run, lambda: store.commit(
+                    [Put(record("k", b"v2", version=2), 1)]
+                ))
+                (pid,) = await eventually(lambda: waiting_on_a_lock(postgres, name),
+                                          "the commit waits for the row lock")
+                blocked.scope.cancel()
+                with trio.fail_after(5):
+                    await blocked.done.wait()
+            assert blocked.cancelled and blocked.error is None
+            # The query is cancelled in the server, not left waiting for the lock.
+            await eventually(
+                lambda: not backends(postgres, name, f"pid = {pid} AND state = 'active'"),
+                "the cancelled query ended in the server",
+            )
+        assert await store.load(KIND, "k") == record("k", b"v1")  # not applied
+        await store.commit([Put(record("k", b"v2", version=2), 1)])
+        assert await store.load(KIND, "k") == record("k", b"v2", version=2)
+
+
+async def test_a_cancelled_open_leaves_no_connection_behind(postgres: Server):
+    """The open of a supervisor's store is cancelled while PostgreSQL keeps it waiting
+    (another program holds a lock on the store's tables): the caller gets out at
+    once, and once the lock is gone the store holds no connection to the server (a
+    store left half-open would hold its pool's connections, and threads, for ever)."""
+    store, name = named_store(postgres)
+    async with opened(store):  # the tables exist
+        pass
+    with connect(postgres, autocommit=False) as locker:
+        locker.execute(f'LOCK TABLE "{store.schema}".meta IN ACCESS EXCLUSIVE MODE')
+        with trio.fail_after(5):
+            with trio.move_on_after(0.5) as scope:
+                await store.open()
+        assert scope.cancelled_caught
+        waiting = waiting_on_a_lock(postgres, name)
+        locker.rollback()
+    # The abandoned open goes on once the lock is gone (its first connection ends);
+    # what it opened after that must not stay.
+    await eventually(lambda: not set(waiting) & set(backends(postgres, name)),
+                     "the connection the open waited on ended")
+    await trio.sleep(0.5)
+    await eventually(lambda: not backends(postgres, name),
+                     "no connection of the cancelled open remains")
+    async with opened(store):  # and the store opens again
+        assert await store.load(KIND, "k") is None
+
+
+async def test_a_store_whose_connections_were_killed_works_again(postgres: Server):
+    """Every connection of the store is terminated between two commits (a database
+    restart, a failover, an administrator): the next commit fails cleanly or works,
+    and the one after works."""
+    store, name = named_store(postgres, pool_size=4)
+    async with opened(store):
+        await store.commit([Put(record("k", b"v1"), 0)])
+        outcomes: list[BaseException | None] = []
+
+        async def racing_commit() -> None:
+            try:
+                await store.commit([Put(record("k", b"v2", version=2), 1)])
+                outcomes.append(None)
+            except ConflictError as exc:
+                outcomes.append(exc)
+
+        # Three commits at once, so that the pool holds several connections.
+        with row_locked(postgres, store.schema, "k") as locker:
+            async with trio.open_nursery() as nursery:
+                for _ in range(3):
+                    nursery.start_soon(racing_commit)
+                await eventually(lambda: len(waiting_on_a_lock(postgres, name)) == 3,
+                                 "three commits wait for the row lock")
+                locker.rollback()
+        assert len(outcomes) == 3 and outcomes.count(None) == 1, outcomes
+        pids = backends(postgres, name)
+        assert len(pids) >= 3
+        terminate(postgres, pids)
+        await eventually(lambda: not backends(postgres, name), "the backends are gone")
+        version = 2
+        with trio.fail_after(BOUND):
+            try:
+                await store.commit([Put(record("k", b"v3", version=3), 2)])
+                version = 3
+            except PersistenceError as exc:
+                assert not isinstance(exc, OutcomeUnknown), exc
+            await store.commit([Put(record("k", b"v%d" % (version + 1),
+                                           version=version + 1), version)])
+            assert await store.load(KIND, "k") == record(
+                "k", b"v%d" % (version + 1), version=version + 1
+            )
+
+
+async def test_a_commit_whose_connection_is_killed_before_it_commits_fails_cleanly(
+    postgres: Server,
+):
+    """Terminated while its UPDATE waits for a row lock (COMMIT not sent yet): the
+    caller gets a PersistenceError saying nothing was written (not OutcomeUnknown),
+    nothing was, and the next commit works."""
+    store, name = named_store(postgres)
+    async with opened(store):
+        await store.commit([Put(record("k", b"v1"), 0)])
+        blocked = Blocked()
+        with row_locked(postgres, store.schema, "k"):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(blocked.run, lambda: store.commit(
+                    [Put(record("k", b"v2", version=2), 1)]
+                ))
+                pids = await eventually(lambda: waiting_on_a_lock(postgres, name),
+                                        "the commit waits for the row lock")
+                terminate(postgres, pids)
+                with trio.fail_after(5):
+                    await blocked.done.wait()
+        assert isinstance(blocked.error, PersistenceError), blocked.error
+        assert not isinstance(blocked.error, OutcomeUnknown), blocked.error
+        assert await store.load(KIND, "k") == record("k", b"v1")
+        with trio.fail_after(BOUND):
+            await store.commit([Put(record("k", b"v2", version=2), 1)])
+        assert await store.load(KIND, "k") == record("k", b"v2", version=2)
+
+
+async def test_a_commit_whose_connection_is_killed_while_committing_is_outcome_unknown(
+    postgres: Server,
+):
+    """Terminated once COMMIT was sent (here COMMIT waits in a deferred trigger, as it
+    waits for a synchronous standby in production, where the transaction may well be
+    committed already): nobody knows whether it was stored, and the caller must be
+    told so (OutcomeUnknown), not that retrying is safe. The next commit works."""
+    store, name = named_store(postgres)
+    schema = store.schema
+    lock_id = 424242
+    async with opened(store):
+        await store.commit([Put(record("k", b"v1"), 0)])
+        with connect(postgres) as admin:
+            admin.execute(
+                f'CREATE FUNCTION "{schema}".slow_commit() RETURNS trigger LANGUAGE plpgsql'
+                f" AS $$ BEGIN PERFORM pg_advisory_xact_lock({lock_id}); RETURN NULL; END $$"
+            )
+            admin.execute(
+                f'CREATE CONSTRAINT TRIGGER slow_commit AFTER UPDATE ON "{schema}".records'
+                " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW"
+                f' EXECUTE FUNCTION "{schema}".slow_commit()'
+            )
+        blocked = Blocked()
+        with connect(postgres) as holder:
+            holder.execute("SELECT pg_advisory_lock(%s)", (lock_id,))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(blocked.run, lambda: store.commit(
+                    [Put(record("k", b"v2", version=2), 1)]
+                ))
+                pids = await eventually(
+                    lambda: backends(postgres, name, "state = 'active' AND query = 'COMMIT'"
+                                     " AND wait_event_type = 'Lock'"),
+                    "the COMMIT waits in the trigger",
+                )
+                terminate(postgres, pids)
+                with trio.fail_after(5):
+                    await blocked.done.wait()
+            holder.execute("SELECT pg_advisory_unlock(%s)", (lock_id,))
+        assert isinstance(blocked.error, OutcomeUnknown), repr(blocked.error)
+        with trio.fail_after(BOUND):
+            assert await store.load(KIND, "k") == record("k", b"v1")
+            await store.commit([Put(record("k", b"v2", version=2), 1)])
+        assert await store.load(KIND, "k") == record("k", b"v2", version=2)
+
+
+# -- rows are data ---------------------------------------------------------------------
+
+#: Rows written by hand that the table's types allow and that are no valid record: the
+#: columns to set, as SQL.
+BAD_ROWS = {
+    "data-null": {"data": "NULL"},
+    "crash-null": {"crashes": "ARRAY[1.0, NULL]::float8[]"},
+    "crash-nan": {"crashes": "ARRAY['NaN']::float8[]"},
+    "crash-infinite": {"crashes": "ARRAY['Infinity']::float8[]"},
+    "history-null": {"history": "ARRAY[NULL]::bytea[]"},
+    "updated-at-nan": {"updated_at": "'NaN'"},
+}
+
+
+def write_bad_rows(postgres: Server, schema: str, kind: str) -> None:
+    with connect(postgres) as connection:
+        for key, columns in BAD_ROWS.items():
+            values = {"data": "%(data)s", "crashes": "'{}'", "history": "'{}'",
+                      "updated_at": "1.0", **columns}
+            connection.execute(
+                f'INSERT INTO "{schema}".records (kind, key, version, epoch, state_version,'
+                " data, crashes, history, updated_at) VALUES (%(kind)s, %(key)s, 1, 1, 1, "
+                f"{values['data']}, {values['crashes']}, {values['history']},"
+                f" {values['updated_at']})",
+                {"kind": kind, "key": key, "data": tally("x")},
+            )
+
+
+async def test_rows_that_are_not_records_are_refused_by_load_and_skipped_by_scan(
+    postgres: Server,
+):
+    store = postgres.store()
+    async with opened(store):
+        await store.commit([Put(record("good-1", tally("g")), 0),
+                            Put(record("zz-good-2", tally("g")), 0)])
+        write_bad_rows(postgres, store.schema, KIND)
+        for key in BAD_ROWS:
+            with pytest.raises(PersistenceError, match=f"{KIND}/{key}"):
+                await store.load(KIND, key)
+        skipped: list[tuple[str, Exception]] = []
+        scanned = [r.key async for r in store.scan(
+            KIND, on_skip=lambda key, error: skipped.append((key, error))
+        )]
+        assert scanned == ["good-1", "zz-good-2"]
+        assert sorted(key for key, _ in skipped) == sorted(BAD_ROWS)
+        for key, error in skipped:
+            assert isinstance(error, PersistenceError) and f"{KIND}/{key}" in str(error)
+        assert await store.kinds() == {KIND}
+
+
+async def test_a_supervisor_fails_the_activation_of_a_row_that_is_no_record_only(
+    postgres: Server,
+):
+    schema = postgres.schema()
+    store = postgres.store(schema=schema)
+    async with PersistentSupervisor(store=store, servers=[TallyServer]) as sup:
+        good = await sup.start(TallyServer, "g")
+        write_bad_rows(postgres, schema, KIND)
+        before = {row[1]: row for row in snapshot(postgres, schema)["records"]}
+        for key in BAD_ROWS:
+            with pytest.raises(ActivationFailed, match=f"{KIND}/{key}"):
+                await sup.ref(TallyServer, key).call("get")
+        assert await good.call(("add", "h")) == 2
+        other = await sup.start(TallyServer, key="new")
+        assert await other.call("get") == []
+        after = {row[1]: row for row in snapshot(postgres, schema)["records"]}
+    for key in BAD_ROWS:  # never overwritten (a claim may raise the epoch: column 3)
+        assert repr(after[key][:3] + after[key][4:]) == repr(
+            before[key][:3] + before[key][4:]
+        ), key
+
+
+async def test_a_live_row_at_version_0_is_refused_or_written_over(postgres: Server):
+    """Versions start at 1; 0 means "never stored" to a write. A row written by hand
+    with version 0 must not leave its server activated yet unable to commit anything,
+    for ever, each write refused as if another writer had changed it: either it is no
+    record (the activation fails, saying so) or the server works."""
+    schema = postgres.schema()
+    async with PersistentSupervisor(store=postgres.store(schema=schema),
+                                    servers=[TallyServer]) as sup:
+        await sup.start(TallyServer, "g")
+        with connect(postgres) as connection:
+            connection.execute(
+                f'INSERT INTO "{schema}".records (kind, key, version, epoch, state_version,'
+                " data, updated_at) VALUES (%s, 'zero', 0, 1, 1, %s, 1.0)",
+                (KIND, tally("x")),
+            )
+        ref = sup.ref(TallyServer, "zero")
+        try:
+            added = await ref.call(("add", "y"))
+        except ActivationFailed as exc:
+            assert f"{KIND}/zero" in str(exc)
+        else:
+            assert added == 2
+            assert await ref.call("get") == ["x", "y"]
+
+
+# -- scans and kinds -------------------------------------------------------------------
+
+
+async def test_scans_go_by_kind_in_key_order_across_pages_without_deleted_records(
+    postgres: Server,
+):
+    """More records of a kind than a page holds (1000), other kinds sorting before,
+    between and after it (some sharing its prefix), deleted records among them."""
+    count = 2345
+    keys = [f"{i:05d}" for i in range(count)]
+    shuffled = keys[::7] + [key for i, key in enumerate(keys) if i % 7]
+    deleted = {key for i, key in enumerate(keys) if i % 10 == 3 or i in (999, 1000, 1001)}
+    async with opened(postgres.store()) as store:
+        await store.commit([Put(record(key, key.encode(), kind="k"), 0) for key in shuffled])
+        others = [
+            Put(record(key, b"other", kind=kind), 0)
+            for kind in ("j", "k2", "ka", "kk", "l", "K")
+            for key in ("00000", "00999", "01000", "99999")
+        ]
+        await store.commit(others)
+        await store.commit([Put(record("x", kind="gone"), 0)])
+        await store.commit([Delete("k", key) for key in sorted(deleted)])
+        await store.commit([Delete("gone", "x")])
+
+        scanned = [r async for r in store.scan("k")]
+        assert [r.key for r in scanned] == [key for key in keys if key not in deleted]
+        assert scanned[0] == record("00000", b"00000", kind="k")
+        assert all(r.kind == "k" and r.data == r.key.encode() for r in scanned)
+        assert [r.key async for r in store.scan("ka")] == ["00000", "00999", "01000", "99999"]
+        assert [r.key async for r in store.scan("gone")] == []
+        assert [r.key async for r in store.scan("nothing")] == []
+        assert await store.load("k", "01000") is None
+        assert await store.kinds() == {"j", "k", "k2", "ka", "kk", "l", "K"}
+
+
+async def test_a_record_with_an_empty_key_is_refused_or_found_by_scans(postgres: Server):
+    """load finds what commit accepted; so must a scan (trio-pgs list and export
+    see a store through scans)."""
+    async with opened(postgres.store()) as store:
+        try:
+            await store.commit([Put(record(""), 0)])
+        except ValueError:
+            return
+        assert await store.load(KIND, "") == record("")
+        assert [r.key async for r in store.scan(KIND)] == [""]
+
+
+async def test_a_store_refuses_a_kind_or_key_holding_a_nul_character(postgres: Server):
+    async with opened(postgres.store()) as store:
+        for kind, key in ((KIND, "a\x00b"), ("k\x00", "a")):
+            with pytest.raises(ValueError, match="NUL"):
+                await store.commit([Put(record(key, kind=kind), 0)])
+            with pytest.raises(ValueError, match="NUL"):
+                await store.load(kind, key)
+        assert await store.kinds() == set()
+
+
+def test_the_postgres_store_is_part_of_the_public_api():
+    assert trio_pgs.PostgresStore is PostgresStore
+    assert isinstance(PostgresStore("postgresql://app@localhost/games"),
+                      trio_pgs.SupportsCommitEach)
