@@ -79,7 +79,12 @@ class Queries:
             f"SELECT {COLUMNS} FROM {s}.records WHERE kind = %s AND key > %s AND NOT deleted"
             " ORDER BY key LIMIT %s"
         )
-        self.kinds = f"SELECT DISTINCT kind FROM {s}.records WHERE NOT deleted"
+        self.scan_first = (
+            f"SELECT {COLUMNS} FROM {s}.records WHERE kind = %s AND NOT deleted"
+            " ORDER BY key LIMIT %s"
+        )
+        # (a row of an empty kind is no record: no class can serve it)
+        self.kinds = f"SELECT DISTINCT kind FROM {s}.records WHERE NOT deleted AND kind <> ''"
         self.claim = (
             f"UPDATE {s}.records SET epoch = epoch + 1 WHERE kind = %s AND key = %s"
             f" RETURNING {COLUMNS}"

@@ -16,6 +16,8 @@ import math
 import re
 import threading
 import time
+import urllib.parse
+import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -122,10 +124,16 @@ class PostgresStore:
                 f"schema must be a plain SQL name (letters, digits and _, not starting "
                 f"with a digit, at most 63 characters), not {schema!r}"
             )
-        if pool_size < 1:
-            raise ValueError(f"pool_size must be 1 or more, not {pool_size!r}")
-        if not connect_timeout > 0:
-            raise ValueError(f"connect_timeout must be positive, not {connect_timeout!r}")
+        if type(pool_size) is not int or pool_size < 1:
+            raise ValueError(f"pool_size must be an int, 1 or more, not {pool_size!r}")
+        if (
+            not isinstance(connect_timeout, (int, float)) or isinstance(connect_timeout, bool)
+            or not 0 < connect_timeout < 86_400
+        ):
+            raise ValueError(
+                f"connect_timeout must be a number of seconds above 0 and below a day, not "
+                f"{connect_timeout!r}"
+            )
         self.dsn = dsn
         self.schema = schema
         self.pool_size = pool_size
@@ -133,19 +141,36 @@ class PostgresStore:
         self.create = create
         self.connect_timeout = connect_timeout
         self._queries = sql.Queries(schema)
+        self._secret = _Secret(dsn)
         self._pool: psycopg_pool.ConnectionPool[Any] | None = None
+        self._opening = False
         self._limiter = trio.CapacityLimiter(pool_size)
 
     def __repr__(self) -> str:
         mode = ", read_only=True" if self.read_only else ""
-        return f"PostgresStore({_without_password(self.dsn)!r}, schema={self.schema!r}{mode})"
+        return f"PostgresStore({self._secret.masked!r}, schema={self.schema!r}{mode})"
 
     # -- opening and closing ---------------------------------------------------------
 
     async def open(self) -> None:
-        if self._pool is not None:
+        if self._pool is not None or self._opening:
             raise ValueError(f"{self!r} is already open in another supervisor")
-        pool = await trio.to_thread.run_sync(self._open, abandon_on_cancel=True)
+        self._opening = True
+        abandoned = threading.Event()
+
+        def open_pool() -> psycopg_pool.ConnectionPool[Any]:
+            pool = self._open()
+            if abandoned.is_set():  # nobody waits for it any more
+                pool.close()
+            return pool
+
+        try:
+            pool = await trio.to_thread.run_sync(open_pool, abandon_on_cancel=True)
+        except BaseException:
+            abandoned.set()
+            raise
+        finally:
+            self._opening = False
         self._pool = pool
 
     def _open(self) -> psycopg_pool.ConnectionPool[Any]:
@@ -165,17 +190,19 @@ class PostgresStore:
                 )
         except pg.Error as exc:
             raise PersistenceError(
-                f"{self!r} could not be opened: {_first_line(exc)}"
-            ) from exc
+                f"{self!r} could not be opened: {self._secret.scrub(_first_line(exc))}"
+            ) from None
         pool: psycopg_pool.ConnectionPool[Any] = pg_pool.ConnectionPool(
             self.dsn, min_size=1, max_size=self.pool_size, kwargs=kwargs, open=False,
             timeout=self.connect_timeout, name="trio-pgs",
         )
         try:
             pool.open(wait=True, timeout=self.connect_timeout)
-        except pg_pool.PoolTimeout as exc:
+        except pg_pool.PoolTimeout:
             pool.close()
-            raise PersistenceError(f"{self!r} could not be opened: {exc}") from exc
+            raise PersistenceError(
+                f"{self!r} could not be opened: no connection within {self.connect_timeout} s"
+            ) from None
         return pool
 
     async def close(self) -> None:
@@ -196,20 +223,16 @@ class PostgresStore:
         if pool is None:
             raise PersistenceError(f"{self!r} is not open (open a supervisor on it)")
         running = _Running()
+        attempts = self.pool_size + 1
 
         def job() -> T:
-            with pool.connection() as connection:
-                with running.lock:
-                    if running.cancelled:  # abandoned before it began: do nothing
-                        raise _Abandoned
-                    running.connection = connection
+            for attempt in range(1, attempts + 1):
                 try:
-                    return work(connection)
-                finally:
-                    with running.lock:
-                        running.connection = None
-                        if running.cancelled:
-                            connection.close()
+                    return _attempt(pool, running, work)
+                except _Stale:
+                    if attempt == attempts:
+                        raise
+            raise AssertionError("unreachable")  # pragma: no cover
 
         try:
             return await trio.to_thread.run_sync(
@@ -218,6 +241,10 @@ class PostgresStore:
         except trio.Cancelled:
             running.cancel()
             raise
+        except _Stale as stale:
+            raise stale.error from None
+        except PersistenceError as exc:
+            raise type(exc)(self._secret.scrub(str(exc))) from exc.__cause__
 
     # -- reading ---------------------------------------------------------------------
 
@@ -244,11 +271,9 @@ class PostgresStore:
         primary key's index. A row that is not a valid record is skipped: ``on_skip(key,
         error)`` is told of it if given, else a warning is logged."""
         _check_ident(kind, "")
-        query = self._queries.scan
-        after: str | None = ""
-        while after is not None:
-            rows = await self._run(functools.partial(_page, query, kind, after))
-            after = rows[-1][1] if len(rows) == _SCAN_CHUNK else None
+        after: str | None = None  # the first page: from the start, an empty key included
+        while True:
+            rows = await self._run(functools.partial(_page, self._queries, kind, after))
             for row in rows:
                 try:
                     record = decode(row)
@@ -260,6 +285,9 @@ class PostgresStore:
                                        extra={"kind": kind, "key": row[1]})
                     continue
                 yield record
+            if len(rows) < _SCAN_CHUNK:
+                return
+            after = rows[-1][1]
 
     # -- writing ---------------------------------------------------------------------
 
@@ -316,6 +344,49 @@ class PostgresStore:
             )
 
 
+class _Stale(Exception):
+    """An operation failed on a connection that turned out to be broken before it
+    could have changed anything: it runs again on another connection."""
+
+    def __init__(self, error: PersistenceError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _attempt(
+    pool: psycopg_pool.ConnectionPool[Any], running: _Running,
+    work: Callable[[psycopg.Connection[Any]], T],
+) -> T:
+    """*work* on one pooled connection. A connection the database dropped while it
+    was idle in the pool (a restart, a failover, an idle timeout) fails its first
+    statement: nothing was done, so that is `_Stale` (the caller tries another)."""
+    pg, pg_pool = _psycopg()
+    try:
+        with pool.connection() as connection:
+            with running.lock:
+                if running.cancelled:  # abandoned before it began: do nothing
+                    raise _Abandoned
+                running.connection = connection
+            try:
+                return work(connection)
+            except PersistenceError as exc:
+                if connection.broken and not isinstance(exc, (OutcomeUnknown, ConflictError)):
+                    raise _Stale(exc) from exc
+                raise
+            finally:
+                with running.lock:
+                    running.connection = None
+                    if running.cancelled:
+                        _CLOSED.add(connection)
+                        connection.close()
+    except pg_pool.PoolTimeout:
+        raise PersistenceError(
+            f"no connection to PostgreSQL within {pool.timeout} s (is the database up?)"
+        ) from None
+    except pg.Error as exc:  # connecting, or giving the connection back
+        raise _Stale(PersistenceError(f"PostgreSQL failed: {_first_line(exc)}")) from exc
+
+
 def _transaction(
     connection: psycopg.Connection[Any], queries: sql.Queries, operations: list[Operation],
     atomic: bool,
@@ -349,16 +420,17 @@ def _failure(exc: Exception, phase: sql.Phase, broken: bool) -> PersistenceError
     sqlstate = getattr(exc, "sqlstate", None)
     if phase.committing and (broken or sqlstate is None or sqlstate[:2] in ("08", "57")):
         return OutcomeUnknown(
-            f"the connection to PostgreSQL failed while committing ({_first_line(exc)}); "
-            "the change may or may not be stored"
+            f"the connection to PostgreSQL failed while committing ({_first_line(exc)})"
         )
     return PersistenceError(f"PostgreSQL did not commit: {_first_line(exc)}")
 
 
 def _page(
-    query: str, kind: str, after: str, connection: psycopg.Connection[Any]
+    queries: sql.Queries, kind: str, after: str | None, connection: psycopg.Connection[Any]
 ) -> list[tuple[Any, ...]]:
-    return _read(connection, query, (kind, after, _SCAN_CHUNK), kind).fetchall()
+    if after is None:
+        return _read(connection, queries.scan_first, (kind, _SCAN_CHUNK), kind).fetchall()
+    return _read(connection, queries.scan, (kind, after, _SCAN_CHUNK), kind).fetchall()
 
 
 def _read(
@@ -372,30 +444,44 @@ def _read(
 
 
 def decode(row: Sequence[Any]) -> Record:
-    """The record in a row of the records table (`sql.COLUMNS`), checked: columns the
-    schema cannot rule out (NULL data, NULL or non-finite array items) are refused."""
-    kind, key, version, epoch, deleted, data, state_version, updated_at, crashes, \
-        quarantined, history = row
-    problem = None
-    if data is None and not deleted:
-        problem = "it has no data"
-    elif any(t is None or not math.isfinite(t) for t in crashes):
-        problem = "its crash times are not all numbers"
-    elif any(old is None for old in history):
-        problem = "its history holds a NULL"
-    elif not math.isfinite(updated_at):
-        problem = "its updated_at is not a number"
+    """The record in a row of the records table (`sql.COLUMNS`), checked: what the
+    schema cannot rule out (NULL data, NULL, non-finite or nested array items, an empty
+    key, versions below 1) is refused with `PersistenceError`."""
+    kind, key = row[0], row[1]
+    try:
+        problem = _problem(row)
+    except (TypeError, ValueError) as exc:
+        problem = f"{type(exc).__name__}: {exc}"
     if problem is not None:
         raise PersistenceError(
             f"{kind}/{key}: the stored row is not a valid trio-pgs record ({problem}); "
             "inspect or purge it"
         )
+    _, _, version, epoch, _, data, state_version, updated_at, crashes, quarantined, \
+        history = row
     return Record(
         kind=kind, key=key, data=bytes(data or b""), version=version,
         state_version=state_version, epoch=epoch, updated_at=updated_at,
-        crashes=tuple(crashes), quarantined=quarantined,
-        history=tuple(bytes(old) for old in history),
+        crashes=tuple(crashes), quarantined=quarantined, history=tuple(history),
     )
+
+
+def _problem(row: Sequence[Any]) -> str | None:
+    kind, key, version, epoch, deleted, data, state_version, updated_at, crashes, \
+        _, history = row
+    if not kind or not key:
+        return "its kind or key is empty"
+    if version < 1 or epoch < 0 or state_version < 1:
+        return "its version or state_version is below 1, or its epoch below 0"
+    if data is None and not deleted:
+        return "it has no data"
+    if not all(type(t) is float and math.isfinite(t) for t in crashes):
+        return "its crash times are not all numbers"
+    if not all(type(old) is bytes for old in history):
+        return "its history does not hold states only"
+    if not math.isfinite(updated_at):
+        return "its updated_at is not a number"
+    return None
 
 
 def _check_ident(kind: str, key: str) -> None:
@@ -411,7 +497,54 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def _without_password(dsn: str) -> str:
-    dsn = re.sub(r"^([^:/]+://[^/@:]*:)[^/@]*@", r"\1***@", dsn)
-    return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", dsn)
+class _Secret:
+    """What of a DSN must never be shown: its password, in a URL's user information
+    or as a ``password`` parameter. `masked` is the DSN without it; `scrub` takes it
+    (and the whole DSN) out of a message, such as libpq's, which may quote them."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        passwords = []
+        scheme, sep, rest = dsn.partition("://")
+        masked = dsn
+        if sep:
+            authority = rest.split("?", 1)[0]
+            userinfo, at, _ = authority.rpartition("@")
+            user, colon, password = userinfo.partition(":")
+            if at and colon and password:
+                passwords.append(password)
+                masked = f"{scheme}://{user}:***@{rest[len(userinfo) + 1:]}"
+        for match in _PASSWORD_PARAMETER.finditer(dsn):
+            value = match.group(2)
+            if value:
+                passwords.append(value.strip("'"))
+        masked = _PASSWORD_PARAMETER.sub(r"\1***", masked)
+        self.masked = masked
+        self._passwords = sorted(
+            {p for p in passwords} | {urllib.parse.unquote(p) for p in passwords},
+            key=len, reverse=True,
+        )
+
+    def scrub(self, text: str) -> str:
+        text = text.replace(self.dsn, self.masked)
+        for password in self._passwords:
+            text = text.replace(password, "***")
+        return text
+
+
+_PASSWORD_PARAMETER = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^&\s]*)", re.IGNORECASE)
+#: Connections closed after a cancellation: the pool's warning about each is expected.
+_CLOSED: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+class _ExpectedDiscard(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            record.msg == "discarding closed connection: %s"
+            and bool(record.args) and isinstance(record.args, tuple)
+            and record.args[0] in _CLOSED
+        )
+
+
+logging.getLogger("psycopg.pool").addFilter(_ExpectedDiscard())
 

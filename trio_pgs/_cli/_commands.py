@@ -16,7 +16,7 @@ from .._errors import PersistenceError
 from .._store import Claim, Delete, Put, Record, claimer, next_version
 from ._exchange import import_refusal, read_records, record_to_json
 from ._exit import EXIT_NOT_STARTED, EXIT_OK, CommandError
-from ._opener import CommandStore, session, store_from_spec
+from ._opener import CommandStore, session, shown, store_from_spec
 from ._output import Progress, err, escape, ident, iso, json_text, out, status, table
 
 #: Records per transaction on import: a bound on what one SQLite transaction holds
@@ -132,7 +132,7 @@ def release_command(args: argparse.Namespace) -> int:
 
     record, released = session(store_from_spec(args.store, write=True), release)
     if record is None:
-        raise CommandError(f"{ident(kind, key)}: no such record in {args.store}")
+        raise CommandError(f"{ident(kind, key)}: no such record in {shown(args.store)}")
     if released:
         out(f"released {ident(kind, key)} (now at version {record.version})")
     else:
@@ -155,26 +155,36 @@ def purge_command(args: argparse.Namespace) -> int:
     # application) is refused before the question, not after the answer.
     record, unreadable = session(store_from_spec(args.store, write=True), look)
     if record is None and unreadable is None:
-        raise CommandError(f"{ident(kind, key)}: no such record in {args.store}")
+        raise CommandError(f"{ident(kind, key)}: no such record in {shown(args.store)}")
     if record is None:
         question = f"Delete the unreadable row {ident(kind, key)} ({unreadable})"
     else:
         question = (f"Delete {ident(kind, key)} ({status(record)}, version "
                     f"{record.version}, {len(record.data)} bytes)")
     if not args.yes:
-        sys.stderr.write(escape(f"{question} from {args.store}? ") + "[y/N] ")
+        sys.stderr.write(escape(f"{question} from {shown(args.store)}? ") + "[y/N] ")
         sys.stderr.flush()
         if sys.stdin.readline().strip().lower() not in ("y", "yes"):
             raise CommandError("nothing purged")
     # Only the version that was shown is deleted: a newer one is a conflict. An
     # unreadable row has no version: it is deleted unconditionally, without reading it.
-    delete = Delete(kind, key, None if record is None else record.version)
-    session(store_from_spec(args.store, write=True), lambda store: store.commit([delete]))
+    session(store_from_spec(args.store, write=True), lambda store: _purge(store, kind, key, record))
     if record is None:
         out(f"purged the unreadable row {ident(kind, key)}")
     else:
         out(f"purged {ident(kind, key)} (it was at version {record.version})")
     return EXIT_OK
+
+
+async def _purge(store: CommandStore, kind: str, key: str, record: Record | None) -> None:
+    """Delete the record shown, fenced: on a store with claims, claim it first, so that
+    an activation of it running elsewhere (on a shared database) cannot write the
+    record back after the delete; it stops at its next write."""
+    if record is None:  # an unreadable row: deleted unconditionally, never read
+        await store.commit([Delete(kind, key)])
+        return
+    claim = await claimer(store)(kind, key)
+    await store.commit([Delete(kind, key, record.version, claim.epoch)])
 
 
 def export_command(args: argparse.Namespace) -> int:
@@ -222,7 +232,7 @@ def export_command(args: argparse.Namespace) -> int:
             f"the export is incomplete: {' and '.join(left_out)} skipped (see above); "
             f"{count} record(s) exported"
         )
-    err(f"exported {count} record(s) from {args.store}")
+    err(f"exported {count} record(s) from {shown(args.store)}")
     return EXIT_OK
 
 
@@ -248,7 +258,7 @@ def import_command(args: argparse.Namespace) -> int:
     async def import_(opened: CommandStore) -> None:
         nonlocal written
         if not args.replace:
-            await _refuse_stored(opened, records, args.store)
+            await _refuse_stored(opened, records, shown(args.store))
         operations = await _imports(opened, records)
         progress = Progress("imported", len(operations))
         for start in range(0, len(operations), IMPORT_BATCH):
@@ -264,7 +274,7 @@ def import_command(args: argparse.Namespace) -> int:
         if written:
             err(f"{written} of {len(records)} record(s) were imported before that")
         raise
-    out(f"imported {len(records)} record(s) into {args.store}")
+    out(f"imported {len(records)} record(s) into {shown(args.store)}")
     return EXIT_OK
 
 

@@ -27,7 +27,7 @@ _DATABASE = "cache.db"  # the SQLite file of a diskcache directory
 _SQLITE_MAGIC = b"SQLite format 3\x00"  # how every SQLite database file begins
 #: A URL's scheme; two characters at least, so that ``C:\store`` stays a path.
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):")
-_PASSWORD = re.compile(r"^([^:/]+://[^/@:]*:)[^/@]*@")
+_PASSWORD_PARAMETER = re.compile(r"([?&]password=)[^&]*", re.IGNORECASE)
 
 
 class CommandStore(Protocol):
@@ -93,8 +93,20 @@ def session(store: CommandStore, work: Callable[[CommandStore], Awaitable[T]]) -
 
 
 def _shown(spec: str) -> str:
-    """*spec* fit for a message: a URL's password hidden."""
-    return _PASSWORD.sub(r"\1***@", spec)
+    """*spec* fit for a message: a URL's password hidden (in its user information, or
+    as a ``password`` parameter)."""
+    scheme, sep, rest = spec.partition("://")
+    if sep:
+        authority = rest.split("?", 1)[0]
+        userinfo, at, _ = authority.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        if at and colon:
+            spec = f"{scheme}://{user}:***@{rest[len(userinfo) + 1:]}"
+    return _PASSWORD_PARAMETER.sub(r"\1***", spec)
+
+
+#: The name for messages of the store a command names: its password hidden.
+shown = _shown
 
 
 # -- diskcache directories ----------------------------------------------------------------
@@ -194,14 +206,21 @@ def _postgres(spec: str, location: str, write: bool, create: bool) -> CommandSto
 
 def _schema_parameter(url: str) -> tuple[str, str | None]:
     """*url* without its ``schema`` query parameter (libpq knows no such parameter),
-    and that parameter's value."""
-    parts = urllib.parse.urlsplit(url)
-    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-    schemas = [value for name, value in query if name == "schema"]
-    if not schemas:
-        return url, None
-    rest = urllib.parse.urlencode([(name, value) for name, value in query if name != "schema"])
-    return urllib.parse.urlunsplit(parts._replace(query=rest)), schemas[-1]
+    and that parameter's value. The rest of the URL is left as written; the scheme is
+    lower-cased, as libpq wants it."""
+    scheme, colon, rest = url.partition(":")
+    base, question, query = rest.partition("?")
+    kept, schemas = [], []
+    for parameter in query.split("&") if question else []:
+        name, _, value = parameter.partition("=")
+        if name == "schema":
+            schemas.append(urllib.parse.unquote(value))
+        elif parameter:
+            kept.append(parameter)
+    dsn = scheme.lower() + colon + base + ("?" + "&".join(kept) if kept else "")
+    if schemas and not schemas[-1]:
+        raise CommandError(f"{_shown(url)}: the schema parameter is empty", EXIT_NOT_STARTED)
+    return dsn, (schemas[-1] if schemas else None)
 
 
 _SCHEMES: dict[str, _Maker] = {

@@ -1,0 +1,138 @@
+"""What a hostile review of PostgresStore broke, each fixed and kept fixed: a purge
+undone by a running activation, rows that crashed decoding, URLs the CLI rewrote
+wrongly, passwords in messages, stale pooled connections, a double open."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any
+
+import psycopg
+import pytest
+import trio
+
+from trio_pgs import PersistenceError, PersistentSupervisor, PostgresStore, Put, Record
+from trio_pgs._cli import main
+
+from .postgres import Server
+from .servers import TallyServer
+
+
+def _url(postgres: Server, schema: str) -> str:
+    return f"{postgres.dsn}{'&' if '?' in postgres.dsn else '?'}schema={schema}"
+
+
+def _sql(postgres: Server, statement: str, params: tuple[Any, ...] = ()) -> Any:
+    with psycopg.connect(postgres.dsn, autocommit=True) as connection:
+        cursor = connection.execute(statement, params)
+        return cursor.fetchall() if cursor.description else None
+
+
+async def test_a_purge_while_the_application_runs_is_not_undone_by_its_next_call(postgres):
+    store = postgres.store()
+    async with PersistentSupervisor(store=store, servers=[TallyServer]) as sup:
+        ref = await sup.start(TallyServer, key="k")
+        await ref.call(("add", "x"))
+        purge = [sys.executable, "-m", "trio_pgs", "purge", "--yes",
+                 _url(postgres, store.schema), "tally", "k"]
+        done = await trio.to_thread.run_sync(
+            lambda: subprocess.run(purge, capture_output=True, text=True, timeout=60)
+        )
+        assert done.returncode == 0, done.stderr
+        with pytest.raises(PersistenceError):
+            await ref.call(("add", "y"))  # the activation was fenced off by the purge
+    assert await store.load("tally", "k") is None
+
+
+@pytest.mark.parametrize(("column", "value"), [
+    ("crashes", "'{{1,2},{3,4}}'::float8[]"),
+    ("history", "ARRAY[ARRAY['\\x01'::bytea], ARRAY['\\x02'::bytea]]"),
+    ("version", "0"),
+    ("epoch", "-1"),
+    ("key", "''"),
+])
+async def test_a_row_no_store_could_write_is_refused_and_skipped_not_crashed_on(
+    postgres, column, value
+):
+    store = postgres.store()
+    await store.open()
+    try:
+        await store.commit([Put(Record(kind="k", key="bad", data=b"1"), 0)])
+        await store.commit([Put(Record(kind="k", key="good", data=b"1"), 0)])
+        _sql(postgres, f'UPDATE "{store.schema}".records SET {column} = {value}'
+                       " WHERE key = 'bad'")
+        key = "" if column == "key" else "bad"
+        if key:
+            with pytest.raises(PersistenceError, match="not a valid trio-pgs record"):
+                await store.load("k", key)
+        skipped: list[str] = []
+        found = [r.key async for r in store.scan("k", on_skip=lambda k, e: skipped.append(k))]
+        assert found == ["good"] and skipped == [key]
+    finally:
+        await store.close()
+
+
+def test_the_cli_keeps_a_url_with_an_empty_host_as_written(
+    postgres: Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    host = postgres.dsn.partition("host=")[2].split("&")[0]
+    url = f"postgresql:///postgres?user=postgres&host={host}&schema={postgres.schema()}"
+    assert main(["import", url, "/dev/null", "--allow-empty"]) == 0
+    assert main(["list", url]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dsn", [
+    "postgresql://app:pw/with/slash@127.0.0.1:1/db",
+    "postgresql://app:S3cr@tPW@127.0.0.1:1/db",
+    "postgresql://app:50%offPW@127.0.0.1:1/db",
+    "postgresql://app@127.0.0.1:1/db?password=S3cretPW&connect_timeout=2",
+])
+async def test_a_password_is_never_shown(dsn: str):
+    store = PostgresStore(dsn, connect_timeout=2)
+    secret = {"pw/with/slash", "S3cr@tPW", "50%offPW", "S3cretPW"}
+    with pytest.raises(PersistenceError) as caught:
+        await store.open()
+    for shown in (repr(store), str(caught.value)):
+        assert not any(word in shown for word in secret), shown
+
+
+def test_the_cli_never_shows_a_password_parameter(capsys: pytest.CaptureFixture[str]) -> None:
+    url = "POSTGRESQL://app@127.0.0.1:1/db?password=S3cretPW&connect_timeout=2&schema=s"
+    assert main(["list", url]) == 2
+    assert "S3cretPW" not in capsys.readouterr().err
+
+
+async def test_connections_the_database_dropped_while_idle_are_replaced_unnoticed(postgres):
+    store = postgres.store(pool_size=3)
+    await store.open()
+    try:
+        await store.commit([Put(Record(kind="k", key="a", data=b"1"), 0)])
+        async with trio.open_nursery() as nursery:  # warm several connections
+            for _ in range(6):
+                nursery.start_soon(store.load, "k", "a")
+        _sql(postgres, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                       " WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        for _ in range(4):
+            record = await store.load("k", "a")
+            assert record is not None and record.data == b"1"
+    finally:
+        await store.close()
+
+
+async def test_a_store_opened_twice_at_once_is_refused_once(postgres):
+    store = postgres.store()
+    outcomes: list[str] = []
+
+    async def open_it() -> None:
+        try:
+            await store.open()
+            outcomes.append("opened")
+        except ValueError:
+            outcomes.append("refused")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(open_it)
+        nursery.start_soon(open_it)
+    await store.close()
+    assert sorted(outcomes) == ["opened", "refused"]
