@@ -622,8 +622,13 @@ async def test_a_commit_whose_connection_is_killed_before_it_commits_fails_clean
                 pids = await eventually(lambda: waiting_on_a_lock(postgres, name),
                                         "the commit waits for the row lock")
                 terminate(postgres, pids)
-                with trio.fail_after(5):
+                with trio.move_on_after(5):
                     await blocked.done.wait()
+                assert blocked.done.is_set(), (
+                    "the commit goes on 5 s after its backend was terminated (run again on "
+                    "another connection, it waits for the same lock): its caller is never "
+                    "told, and terminating a stuck query does not unstick it"
+                )
         assert isinstance(blocked.error, PersistenceError), blocked.error
         assert not isinstance(blocked.error, OutcomeUnknown), blocked.error
         assert await store.load(KIND, "k") == record("k", b"v1")
