@@ -23,6 +23,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -50,10 +51,10 @@ WARMUP_ACTIVATIONS = 20
 
 
 async def pgs_activations(directory: str, keys: list[str],
-                          store_class: type[trio_pgs.DiskCacheStore] = trio_pgs.DiskCacheStore,
+                          store_class: Callable[[str], trio_pgs.Store] = trio_pgs.DiskCacheStore,
                           ) -> list[float]:
     """Call each dormant server of *keys* once, one after the other; return the
-    latencies of all but the warm-up ones."""
+    latencies of all but the warm-up ones. The store is ``store_class(directory)``."""
     latencies = []
     store = store_class(directory)
     async with PersistentSupervisor(store=store, servers=[Counter]) as sup:

@@ -47,16 +47,21 @@ from trio_pgs import Persistence, PersistentSupervisor
 
 
 async def pgs_persisted(directory: str, servers: int, seconds: float,
-                        persistence: Persistence = Persistence.EACH_MESSAGE) -> Figure:
-    """trio-pgs: *servers* counters, one caller each, ``call("incr")`` in a loop."""
-    store = trio_pgs.DiskCacheStore(directory)
-    async with PersistentSupervisor(store=store, persistence=persistence) as sup:
+                        persistence: Persistence = Persistence.EACH_MESSAGE,
+                        store: Callable[[], trio_pgs.Store] | None = None) -> Figure:
+    """trio-pgs: *servers* counters, one caller each, ``call("incr")`` in a loop, on a
+    `DiskCacheStore` in *directory*, or on what *store* makes (called once for the
+    run, once for the read-back)."""
+    if store is None:
+        def store() -> trio_pgs.Store:
+            return trio_pgs.DiskCacheStore(directory)
+    async with PersistentSupervisor(store=store(), persistence=persistence) as sup:
         refs = await start_counters(sup, servers)
         before = sup.statistics()
         result = await drive(servers, seconds, lambda i: refs[i].call("incr"))
         after = sup.statistics()
     # Read back from the store, through a new supervisor (activations load records).
-    async with PersistentSupervisor(store=trio_pgs.DiskCacheStore(directory)) as sup:
+    async with PersistentSupervisor(store=store()) as sup:
         refs = [sup.ref(Counter, f"c{i}") for i in range(servers)]
         check_sum("trio-pgs", await peek_all(refs), result.total)
     commits = after.commits - before.commits

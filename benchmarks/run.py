@@ -18,7 +18,14 @@ Sections (all by default, in this order; ``--only`` picks some):
 - ``scale``: N servers started and hibernated; 1,000 random activations among D
   dormant records against the same among 10,000 (benchmarks/activation.py);
   ``--scale full`` uses N = 100,000 and D = 1,000,000;
-- ``peer``: Pykka's ``ask()`` round trip against trio-pgs calls (benchmarks/peer.py).
+- ``peer``: Pykka's ``ask()`` round trip against trio-pgs calls (benchmarks/peer.py);
+- ``postgres``: `PostgresStore` persisted calls with 1, 100 and 1,000 servers against
+  hand-written psycopg (a conditional UPDATE per call; 100 per transaction through
+  ``executemany``; ``UPDATE ... FROM unnest``), and activation against one SELECT
+  round trip (benchmarks/postgres.py). It uses the server of TRIO_PGS_POSTGRES_DSN,
+  or starts a throwaway one with pgserver; skipped without psycopg (or without
+  either server). ``--scale full``: 10,000 dormant servers, and every scenario runs
+  ``--seconds`` long.
 
 Every figure is the median of ``--rounds`` rounds, each on a fresh temporary
 directory (memory: in a fresh process). Compare ratios, not absolute figures:
@@ -42,10 +49,11 @@ from calls import calls_section, modes_section
 from common import Row, Section
 from memory import memory_section
 from peer import peer_section
+from postgres import postgres_section
 
 import trio_pgs
 
-SECTIONS = ("calls", "modes", "activation", "memory", "scale", "peer")
+SECTIONS = ("calls", "modes", "activation", "memory", "scale", "peer", "postgres")
 #: --scale: (servers started and hibernated, dormant records, active servers for memory)
 SCALES = {"default": (20_000, 200_000, 10_000), "full": (100_000, 1_000_000, 10_000)}
 
@@ -84,7 +92,9 @@ def main() -> None:
                         help=f"run only these sections ({', '.join(SECTIONS)})")
     parser.add_argument("--scale", choices=sorted(SCALES), default="default",
                         help="sizes of the scale section: default (20,000 servers, "
-                             "200,000 dormant records) or full (100,000 and 1,000,000)")
+                             "200,000 dormant records) or full (100,000 and 1,000,000); "
+                             "full also runs the postgres section longer (10,000 "
+                             "dormant servers)")
     parser.add_argument("--servers", type=int, help="servers started and hibernated "
                         "(overrides --scale)")
     parser.add_argument("--dormant", type=int, help="dormant records (overrides --scale)")
@@ -126,6 +136,8 @@ def main() -> None:
         "memory": lambda: memory_section(active, dormant, rounds),
         "scale": lambda: scale_section(servers, dormant, 1.0, rounds),
         "peer": lambda: peer_section(seconds, rounds),
+        "postgres": lambda: postgres_section(seconds, rounds, args.quick,
+                                             args.scale == "full"),
     }
     began = time.perf_counter()
     sections = []
