@@ -14,6 +14,7 @@ import functools
 import logging
 import math
 import re
+import select
 import threading
 import time
 import urllib.parse
@@ -194,7 +195,7 @@ class PostgresStore:
             ) from None
         pool: psycopg_pool.ConnectionPool[Any] = pg_pool.ConnectionPool(
             self.dsn, min_size=1, max_size=self.pool_size, kwargs=kwargs, open=False,
-            timeout=self.connect_timeout, name="trio-pgs",
+            timeout=self.connect_timeout, name="trio-pgs", check=_check_idle,
         )
         try:
             pool.open(wait=True, timeout=self.connect_timeout)
@@ -223,16 +224,9 @@ class PostgresStore:
         if pool is None:
             raise PersistenceError(f"{self!r} is not open (open a supervisor on it)")
         running = _Running()
-        attempts = self.pool_size + 1
 
         def job() -> T:
-            for attempt in range(1, attempts + 1):
-                try:
-                    return _attempt(pool, running, work)
-                except _Stale:
-                    if attempt == attempts:
-                        raise
-            raise AssertionError("unreachable")  # pragma: no cover
+            return _attempt(pool, running, work)
 
         try:
             return await trio.to_thread.run_sync(
@@ -241,8 +235,6 @@ class PostgresStore:
         except trio.Cancelled:
             running.cancel()
             raise
-        except _Stale as stale:
-            raise stale.error from None
         except PersistenceError as exc:
             raise type(exc)(self._secret.scrub(str(exc))) from exc.__cause__
 
@@ -270,7 +262,7 @@ class PostgresStore:
         """The records of *kind*, in key order, read a page at a time through the
         primary key's index. A row that is not a valid record is skipped: ``on_skip(key,
         error)`` is told of it if given, else a warning is logged."""
-        _check_ident(kind, "")
+        _check_ident(kind, "-")  # the kind alone
         after: str | None = None  # the first page: from the start, an empty key included
         while True:
             rows = await self._run(functools.partial(_page, self._queries, kind, after))
@@ -344,22 +336,12 @@ class PostgresStore:
             )
 
 
-class _Stale(Exception):
-    """An operation failed on a connection that turned out to be broken before it
-    could have changed anything: it runs again on another connection."""
-
-    def __init__(self, error: PersistenceError) -> None:
-        super().__init__(str(error))
-        self.error = error
-
-
 def _attempt(
     pool: psycopg_pool.ConnectionPool[Any], running: _Running,
     work: Callable[[psycopg.Connection[Any]], T],
 ) -> T:
-    """*work* on one pooled connection. A connection the database dropped while it
-    was idle in the pool (a restart, a failover, an idle timeout) fails its first
-    statement: nothing was done, so that is `_Stale` (the caller tries another)."""
+    """*work* on one pooled connection (the pool's `_check_idle` has weeded out the
+    connections the database dropped while they were idle)."""
     pg, pg_pool = _psycopg()
     try:
         with pool.connection() as connection:
@@ -369,10 +351,6 @@ def _attempt(
                 running.connection = connection
             try:
                 return work(connection)
-            except PersistenceError as exc:
-                if connection.broken and not isinstance(exc, (OutcomeUnknown, ConflictError)):
-                    raise _Stale(exc) from exc
-                raise
             finally:
                 with running.lock:
                     running.connection = None
@@ -384,7 +362,22 @@ def _attempt(
             f"no connection to PostgreSQL within {pool.timeout} s (is the database up?)"
         ) from None
     except pg.Error as exc:  # connecting, or giving the connection back
-        raise _Stale(PersistenceError(f"PostgreSQL failed: {_first_line(exc)}")) from exc
+        raise PersistenceError(f"PostgreSQL failed: {_first_line(exc)}") from exc
+
+
+def _check_idle(connection: psycopg.Connection[Any]) -> None:
+    """The pool's check of a connection it hands out, without a round trip: an idle
+    connection has nothing to read, unless the database dropped it meanwhile (a
+    restart, a failover, a terminated backend, an idle timeout sends an error and
+    closes). Such a connection is discarded and another one taken, instead of failing
+    the operation that would use it."""
+    pg, _ = _psycopg()
+    if connection.closed or connection.broken:
+        raise pg.OperationalError("closed")
+    readable, _, _ = select.select([connection.fileno()], [], [], 0)
+    if readable:
+        connection.close()  # so that the pool discards it, and replaces it
+        raise pg.OperationalError("the database dropped this connection while it was idle")
 
 
 def _transaction(
@@ -489,8 +482,8 @@ def _check_ident(kind: str, key: str) -> None:
         raise TypeError("kinds and keys are strings")
     if "\x00" in kind or "\x00" in key:
         raise ValueError(f"PostgreSQL text cannot hold a NUL character: {kind!r}/{key!r}")
-    if not kind:
-        raise ValueError("a kind is a non-empty string")
+    if not kind or not key:
+        raise ValueError(f"a kind and a key are non-empty strings, not {kind!r}/{key!r}")
 
 
 def _first_line(exc: BaseException) -> str:
