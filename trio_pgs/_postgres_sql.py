@@ -111,6 +111,29 @@ class Queries:
             " AND (%s::bigint IS NULL OR version = %s) AND (%s::bigint IS NULL OR epoch <= %s)"
             " RETURNING 1"
         )
+        # The common case in one statement for a whole round: records with no crash
+        # times and no history (their arrays cannot go through unnest).
+        unnested = (
+            "unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::bytea[],"
+            " %s::bigint[], %s::float8[], %s::boolean[], %s::bigint[])"
+            " AS u(kind, key, version, epoch, data, state_version, updated_at, quarantined,"
+            " expected)"
+        )
+        self.insert_bulk = (
+            f"INSERT INTO {s}.records (kind, key, version, epoch, data, state_version,"
+            " updated_at, quarantined)"
+            " SELECT u.kind, u.key, u.version, u.epoch, u.data, u.state_version,"
+            f" u.updated_at, u.quarantined FROM {unnested}"
+            " ON CONFLICT (kind, key) DO NOTHING RETURNING kind, key"
+        )
+        self.update_bulk = (
+            f"UPDATE {s}.records AS r SET version = u.version, epoch = u.epoch,"
+            " deleted = false, data = u.data, state_version = u.state_version,"
+            " updated_at = u.updated_at, crashes = '{}', quarantined = u.quarantined,"
+            f" history = '{{}}' FROM {unnested}"
+            " WHERE r.kind = u.kind AND r.key = u.key AND r.version = u.expected"
+            " AND r.epoch <= u.epoch RETURNING r.kind, r.key"
+        )
         self.version = f"SELECT value FROM {s}.meta WHERE name = 'schema_version'"
 
 
@@ -220,9 +243,17 @@ def apply(
     The operations go in rounds, a record at most once per round: within one, the
     statements are independent, and go to the server together (a pipeline)."""
     outcomes: list[ConflictError | None] = [None] * len(operations)
+    rounds = _rounds(operations)
+    if not atomic and len(rounds) == 1 and _one_statement(operations):
+        # The group-commit writer's usual batch: one statement, which commits itself
+        # (one round trip, no BEGIN or COMMIT). It commits as it is sent.
+        phase.committing = True
+        for index, conflict in _refusals(connection, queries, operations, rounds[0]):
+            outcomes[index] = conflict
+        return outcomes
     refused_records: set[Ident] = set()
     with connection.pipeline(), connection.transaction():
-        for indexes in _rounds(operations):
+        for indexes in rounds:
             todo = []
             for index in indexes:
                 if ident(operations[index]) in refused_records:
@@ -239,6 +270,17 @@ def apply(
                 refused_records.add(ident(operations[index]))
         phase.committing = True
     return outcomes
+
+
+def _one_statement(operations: Sequence[Operation]) -> bool:
+    """Whether *operations* (on distinct records) are one bulk statement: all plain
+    puts, all creating or all updating."""
+    creating = set()
+    for operation in operations:
+        if not isinstance(operation, Put) or not _plain(operation):
+            return False
+        creating.add(operation.expected_version == 0)
+    return len(creating) == 1
 
 
 def _rounds(operations: Sequence[Operation]) -> list[list[int]]:
@@ -272,24 +314,34 @@ def _refusals(
             inserts.append(index)
         else:
             updates.append(index)
-    sent = []
-    for query, group, params in (
-        (queries.insert, inserts, _insert_params),
-        (queries.update, updates, _update_params),
-        (queries.delete, deletes, _delete_params),
+    sent: list[tuple[Any, list[int], bool]] = []
+    for bulk_query, query, group, params in (
+        (queries.insert_bulk, queries.insert, inserts, _insert_params),
+        (queries.update_bulk, queries.update, updates, _update_params),
+        (None, queries.delete, deletes, _delete_params),
     ):
+        plain = [i for i in group if bulk_query and _plain(operations[i])]
+        if plain and bulk_query is not None:
+            cursor = connection.cursor()
+            cursor.execute(bulk_query, _bulk_params(operations, plain))
+            sent.append((cursor, plain, True))
+            group = [i for i in group if i not in set(plain)]
         if group:
             cursor = connection.cursor()
             cursor.executemany(
                 query, [params(operations[index]) for index in group], returning=True
             )
-            sent.append((cursor, group))
-    unmatched = [
-        index
-        for cursor, group in sent
-        for index, _ in zip(group, cursor.results(), strict=True)
-        if cursor.rowcount == 0
-    ]
+            sent.append((cursor, group, False))
+    unmatched = []
+    for cursor, group, bulk in sent:
+        if bulk:
+            matched = set(cursor.fetchall())
+            unmatched += [i for i in group if ident(operations[i]) not in matched]
+        else:
+            unmatched += [
+                index for index, _ in zip(group, cursor.results(), strict=True)
+                if cursor.rowcount == 0
+            ]
     if not unmatched:
         return []
     stored = _stored(connection, queries, [ident(operations[index]) for index in unmatched])
@@ -325,6 +377,33 @@ def conflict(current: tuple[int, int] | None, operation: Operation) -> ConflictE
         return exc
     kind, key = ident(operation)
     return ConflictError(f"{kind}/{key}: another writer changed it meanwhile; it was not written")
+
+
+def _plain(operation: Operation) -> bool:
+    """Whether a put's record has no crash times and no history: the common case,
+    which one statement writes for a whole round."""
+    assert isinstance(operation, Put)
+    return not operation.record.crashes and not operation.record.history
+
+
+def _bulk_params(operations: Sequence[Operation], indexes: list[int]) -> tuple[list[Any], ...]:
+    """The columns of the plain puts at *indexes*, as arrays for unnest."""
+    columns: tuple[list[Any], ...] = ([], [], [], [], [], [], [], [], [])
+    kinds, keys, versions, epochs, data, state_versions, times, quarantined, expected = columns
+    for index in indexes:
+        put = operations[index]
+        assert isinstance(put, Put)
+        r = put.record
+        kinds.append(r.kind)
+        keys.append(r.key)
+        versions.append(r.version)
+        epochs.append(r.epoch)
+        data.append(r.data)
+        state_versions.append(r.state_version)
+        times.append(float(r.updated_at))
+        quarantined.append(bool(r.quarantined))
+        expected.append(put.expected_version)
+    return columns
 
 
 def _insert_params(operation: Operation) -> tuple[Any, ...]:
