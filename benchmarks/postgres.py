@@ -454,7 +454,8 @@ def postgres_section(seconds: float, rounds: int, quick: bool, full: bool) -> Se
         "rowcount is checked; (b) and (c) are rows/s, compared with calls/s: one call "
         "commits one row.",
         "The store writes the whole record (version, epoch, data, state_version, "
-        "updated_at, crashes, quarantined, history) with `RETURNING 1` per row; the "
+        "updated_at, crashes, quarantined, history), a batch of plain records as one "
+        "`UPDATE ... FROM unnest(...) RETURNING kind, key` that commits by itself; the "
         "baselines write data and version only.",
         f"100 servers: {seconds:g} s measured per round; 1 and 1,000 servers and the "
         f"baselines: {short:g} s. Rounds interleave the scenarios; figures are medians "
