@@ -16,8 +16,9 @@ def run_example(name: str, *args: str | Path, timeout: float = 60) -> str:
     """Run ``examples/<name>.py`` with *args* as a user would; return what it printed."""
     result = subprocess.run(
         [sys.executable, str(ROOT / "examples" / f"{name}.py"), *map(str, args)],
-        capture_output=True, text=True, timeout=timeout, check=True,
+        capture_output=True, text=True, timeout=timeout,
     )
+    assert result.returncode == 0, f"exit status {result.returncode}:\n{result.stderr}"
     assert result.stderr == ""
     return result.stdout
 
