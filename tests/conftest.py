@@ -9,15 +9,17 @@ import trio_pgs
 from trio_pgs import PersistentSupervisor, Store
 
 from . import servers
-from .postgres import Server, wait_all_tasks_blocked
+from .clocked import ClockedDiskCacheStore, wait_all_tasks_blocked
+from .postgres import Server
 
 #: The modules of behaviour that does not depend on the store: each of their tests runs
-#: on a MemoryStore and on a PostgresStore (the `store_backend` parameter).
+#: on a MemoryStore, a DiskCacheStore and a PostgresStore (the `store_backend`
+#: parameter).
 ON_EVERY_BACKEND = {
     "test_edges", "test_events", "test_hibernation", "test_lifecycle", "test_messages",
     "test_modes", "test_persistence", "test_ref", "test_state", "test_supervisor",
 }
-BACKENDS = ["memory", "postgres"]
+BACKENDS = ["memory", "diskcache", "postgres"]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -44,6 +46,10 @@ def store_backend(
     if name == "postgres":
         server: Server = request.getfixturevalue("postgres")
         servers.new_store = server.store
+        monkeypatch.setattr(trio.testing, "wait_all_tasks_blocked", wait_all_tasks_blocked)
+    elif name == "diskcache":
+        directories = request.getfixturevalue("tmp_path_factory")
+        servers.new_store = lambda: ClockedDiskCacheStore(directories.mktemp("store"))
         monkeypatch.setattr(trio.testing, "wait_all_tasks_blocked", wait_all_tasks_blocked)
     else:
         servers.new_store = trio_pgs.MemoryStore

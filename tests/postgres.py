@@ -4,22 +4,17 @@ directory. Each store the tests make gets a schema of its own."""
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import uuid
 import warnings
-import weakref
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
-import trio
-import trio.testing
+from trio_pgs import PostgresStore
 
-from trio_pgs import PostgresStore, Record
-from trio_pgs._store import Operation
+from .clocked import Clocked
 
-T = TypeVar("T")
 DSN_VARIABLE = "TRIO_PGS_POSTGRES_DSN"
 
 
@@ -70,112 +65,8 @@ class Server:
                 connection.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
 
 
-#: Per mock clock: how many store operations are running, and its threshold before.
-_held: weakref.WeakKeyDictionary[trio.testing.MockClock, list[float]] = (
-    weakref.WeakKeyDictionary()
-)
+class ClockedPostgresStore(Clocked, PostgresStore):
+    """A PostgresStore for tests written against a MemoryStore (see `Clocked`)."""
 
-
-class _InFlight:
-    """The store operations running now, in every ClockedPostgresStore."""
-
-    count = 0
-    quiet: trio.Event | None = None
-
-    @classmethod
-    def done(cls) -> None:
-        cls.count -= 1
-        if cls.count == 0 and cls.quiet is not None:
-            cls.quiet.set()
-            cls.quiet = None
-
-
-async def wait_all_tasks_blocked(cushion: float = 0.0) -> None:
-    """`trio.testing.wait_all_tasks_blocked`, where a task waiting for PostgreSQL is not
-    blocked: returns once every task is blocked and no query is running (what the
-    same call means with a MemoryStore, whose operations end at once)."""
-    while True:
-        await _original_wait_all_tasks_blocked(cushion)
-        if _InFlight.count == 0:
-            return
-        if _InFlight.quiet is None:
-            _InFlight.quiet = trio.Event()
-        await _InFlight.quiet.wait()
-
-
-_original_wait_all_tasks_blocked = trio.testing.wait_all_tasks_blocked
-
-
-class ClockedPostgresStore(PostgresStore):
-    """A PostgresStore for tests written against a MemoryStore:
-
-    - trio's autojump clock does not jump while a query runs (to the servers, the
-      database answers at once, as a MemoryStore does), so a test's timeouts mean what
-      they say; with any other clock nothing changes;
-    - `wait_all_tasks_blocked` (patched by conftest) waits for running queries too;
-    - `load`, `kinds` and `commit` work on the closed store (opening it for the
-      call), as a MemoryStore's do, so a test reads what a closed supervisor left, or
-      writes what the next one finds.
-    """
-
-    async def _run(self, work: Callable[[Any], T]) -> T:
-        with _clock_held():
-            return await super()._run(work)
-
-    async def open(self) -> None:
-        with _clock_held():
-            await super().open()
-
-    async def close(self) -> None:
-        with _clock_held():
-            await super().close()
-
-    async def load(self, kind: str, key: str) -> Record | None:
-        if self._pool is not None:
-            return await super().load(kind, key)
-        await self.open()
-        try:
-            return await super().load(kind, key)
-        finally:
-            await self.close()
-
-    async def kinds(self) -> set[str]:
-        if self._pool is not None:
-            return await super().kinds()
-        await self.open()
-        try:
-            return await super().kinds()
-        finally:
-            await self.close()
-
-    async def commit(self, operations: Sequence[Operation]) -> None:
-        if self._pool is not None:
-            return await super().commit(operations)
-        await self.open()
-        try:
-            return await super().commit(operations)
-        finally:
-            await self.close()
-
-
-class _clock_held:
-    def __enter__(self) -> None:
-        _InFlight.count += 1
-        clock = trio.lowlevel.current_clock()
-        self.clock = clock if isinstance(clock, trio.testing.MockClock) else None
-        if self.clock is None:
-            return
-        held = _held.setdefault(self.clock, [0, 0.0])
-        if held[0] == 0:
-            held[1] = self.clock.autojump_threshold
-            self.clock.autojump_threshold = math.inf
-        held[0] += 1
-
-    def __exit__(self, *exc: object) -> None:
-        _InFlight.done()
-        if self.clock is None:
-            return
-        held = _held[self.clock]
-        held[0] -= 1
-        if held[0] == 0:
-            self.clock.autojump_threshold = held[1]
+    def _is_open(self) -> bool:
+        return self._pool is not None
