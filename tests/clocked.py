@@ -67,9 +67,9 @@ class Clocked:
       writes what the next one finds.
     """
 
-    async def _run(self, work: Callable[..., T]) -> T:
+    async def _run(self, work: Callable[..., T], **options: bool) -> T:
         with _clock_held():
-            return await super()._run(work)  # type: ignore[misc]
+            return await super()._run(work, **options)  # type: ignore[misc]
 
     async def open(self) -> None:
         with _clock_held():

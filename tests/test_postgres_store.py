@@ -568,39 +568,36 @@ async def test_a_store_whose_connections_were_killed_works_again(postgres: Serve
     store, name = named_store(postgres, pool_size=4)
     async with opened(store):
         await store.commit([Put(record("k", b"v1"), 0)])
-        outcomes: list[BaseException | None] = []
+        epochs: list[int] = []
 
-        async def racing_commit() -> None:
-            try:
-                await store.commit([Put(record("k", b"v2", version=2), 1)])
-                outcomes.append(None)
-            except ConflictError as exc:
-                outcomes.append(exc)
+        async def racing_claim() -> None:
+            epochs.append((await store.claim(KIND, "k")).epoch)
 
-        # Three commits at once, so that the pool holds several connections.
+        # Three claims at once, so that the pool holds several connections (the
+        # writes have a connection of their own).
         with row_locked(postgres, store.schema, "k") as locker:
             async with trio.open_nursery() as nursery:
                 for _ in range(3):
-                    nursery.start_soon(racing_commit)
+                    nursery.start_soon(racing_claim)
                 await eventually(lambda: len(waiting_on_a_lock(postgres, name)) == 3,
-                                 "three commits wait for the row lock")
+                                 "three claims wait for the row lock")
                 locker.rollback()
-        assert len(outcomes) == 3 and outcomes.count(None) == 1, outcomes
+        assert sorted(epochs) == [2, 3, 4], epochs
         pids = backends(postgres, name)
         assert len(pids) >= 3
         terminate(postgres, pids)
         await eventually(lambda: not backends(postgres, name), "the backends are gone")
-        version = 2
+        version = 1
         with trio.fail_after(BOUND):
             try:
-                await store.commit([Put(record("k", b"v3", version=3), 2)])
-                version = 3
+                await store.commit([Put(record("k", b"v2", version=2, epoch=4), 1)])
+                version = 2
             except PersistenceError as exc:
                 assert not isinstance(exc, OutcomeUnknown), exc
             await store.commit([Put(record("k", b"v%d" % (version + 1),
-                                           version=version + 1), version)])
+                                           version=version + 1, epoch=4), version)])
             assert await store.load(KIND, "k") == record(
-                "k", b"v%d" % (version + 1), version=version + 1
+                "k", b"v%d" % (version + 1), version=version + 1, epoch=4
             )
 
 

@@ -36,6 +36,12 @@ T = TypeVar("T")
 logger = logging.getLogger("trio_pgs.store")
 
 _SCAN_CHUNK = 1000
+#: The setting of the connections that load and claim. A claim is an UPDATE whose
+#: commit need not wait for the WAL flush: it is durable with the next durable commit
+#: of anyone (the WAL is one sequence), at the latest the activation's first write,
+#: and no acknowledged update rests on it alone (every write is also checked on its
+#: version). Decision 39 in docs/decisions.md.
+_ASYNC_COMMIT = "-c synchronous_commit=off"
 _SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 #: SQLSTATEs after which a transaction is known not to have committed and may simply
 #: run again: serialization failure and deadlock (CockroachDB reports the first often).
@@ -143,9 +149,13 @@ class PostgresStore:
         self.connect_timeout = connect_timeout
         self._queries = sql.Queries(schema)
         self._secret = _Secret(dsn)
+        #: Loads, scans and claims, on connections whose commits do not wait for the
+        #: WAL flush (`_ASYNC_COMMIT`); and the writes, on one connection that does.
         self._pool: psycopg_pool.ConnectionPool[Any] | None = None
+        self._writes: psycopg_pool.ConnectionPool[Any] | None = None
         self._opening = False
         self._limiter = trio.CapacityLimiter(pool_size)
+        self._writing = trio.CapacityLimiter(1)
 
     def __repr__(self) -> str:
         mode = ", read_only=True" if self.read_only else ""
@@ -159,29 +169,31 @@ class PostgresStore:
         self._opening = True
         abandoned = threading.Event()
 
-        def open_pool() -> psycopg_pool.ConnectionPool[Any]:
-            pool = self._open()
-            if abandoned.is_set():  # nobody waits for it any more
-                pool.close()
-            return pool
+        def open_pools() -> tuple[Any, Any]:
+            pools = self._open()
+            if abandoned.is_set():  # nobody waits for them any more
+                for pool in pools:
+                    pool.close()
+            return pools
 
         try:
-            pool = await trio.to_thread.run_sync(open_pool, abandon_on_cancel=True)
+            pools = await trio.to_thread.run_sync(open_pools, abandon_on_cancel=True)
         except BaseException:
             abandoned.set()
             raise
         finally:
             self._opening = False
-        self._pool = pool
+        self._pool, self._writes = pools
 
-    def _open(self) -> psycopg_pool.ConnectionPool[Any]:
+    def _open(
+        self,
+    ) -> tuple[psycopg_pool.ConnectionPool[Any], psycopg_pool.ConnectionPool[Any]]:
         pg, pg_pool = _psycopg()
-        options = "-c default_transaction_read_only=on" if self.read_only else None
         kwargs: dict[str, Any] = {
             "autocommit": True, "connect_timeout": max(1, round(self.connect_timeout)),
         }
-        if options:
-            kwargs["options"] = options
+        if self.read_only:
+            kwargs["options"] = "-c default_transaction_read_only=on"
         try:
             # One connection first, outside the pool: its error says what is wrong
             # (the pool would only time out), and it prepares the schema.
@@ -193,34 +205,48 @@ class PostgresStore:
             raise PersistenceError(
                 f"{self!r} could not be opened: {self._secret.scrub(_first_line(exc))}"
             ) from None
-        pool: psycopg_pool.ConnectionPool[Any] = pg_pool.ConnectionPool(
-            self.dsn, min_size=1, max_size=self.pool_size, kwargs=kwargs, open=False,
-            timeout=self.connect_timeout, name="trio-pgs", check=_check_idle,
-        )
-        try:
-            pool.open(wait=True, timeout=self.connect_timeout)
-        except pg_pool.PoolTimeout:
-            pool.close()
-            raise PersistenceError(
-                f"{self!r} could not be opened: no connection within {self.connect_timeout} s"
-            ) from None
-        return pool
+        reads = {**kwargs, "options": f"{kwargs.get('options', '')} {_ASYNC_COMMIT}".strip()}
+        pools = []
+        for name, size, options in (("reads", self.pool_size, reads), ("writes", 1, kwargs)):
+            pool: psycopg_pool.ConnectionPool[Any] = pg_pool.ConnectionPool(
+                self.dsn, min_size=1, max_size=size, kwargs=options, open=False,
+                timeout=self.connect_timeout, name=f"trio-pgs {name}", check=_check_idle,
+            )
+            pools.append(pool)
+            try:
+                pool.open(wait=True, timeout=self.connect_timeout)
+            except pg_pool.PoolTimeout:
+                for opened in pools:
+                    opened.close()
+                raise PersistenceError(
+                    f"{self!r} could not be opened: no connection within "
+                    f"{self.connect_timeout} s"
+                ) from None
+        return pools[0], pools[1]
 
     async def close(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            # Operations abandoned by a cancellation give their connections back (or
-            # close them) when they finish; the pool closes what it holds.
-            await trio.to_thread.run_sync(pool.close, abandon_on_cancel=True)
+        pools = [pool for pool in (self._pool, self._writes) if pool is not None]
+        self._pool = self._writes = None
+
+        def close() -> None:
+            for pool in pools:
+                pool.close()
+
+        # Operations abandoned by a cancellation give their connections back (or close
+        # them) when they finish; the pools close what they hold.
+        await trio.to_thread.run_sync(close, abandon_on_cancel=True)
 
     # -- running on a connection -----------------------------------------------------
 
-    async def _run(self, work: Callable[[psycopg.Connection[Any]], T]) -> T:
-        """Run *work* with a pooled connection on a worker thread. Cancelled, the
-        caller stops waiting at once, the query is cancelled on the server, and the
-        connection is closed once *work* returns (its outcome is unknown to the
-        caller, as with any cancelled store operation)."""
-        pool = self._pool
+    async def _run(
+        self, work: Callable[[psycopg.Connection[Any]], T], *, write: bool = False
+    ) -> T:
+        """Run *work* with a pooled connection on a worker thread (*write*: the
+        connection of the writes). Cancelled, the caller stops waiting at once, the
+        query is cancelled on the server, and the connection is closed once *work*
+        returns (its outcome is unknown to the caller, as with any cancelled store
+        operation)."""
+        pool = self._writes if write else self._pool
         if pool is None:
             raise PersistenceError(f"{self!r} is not open (open a supervisor on it)")
         running = _Running()
@@ -230,7 +256,7 @@ class PostgresStore:
 
         try:
             return await trio.to_thread.run_sync(
-                job, abandon_on_cancel=True, limiter=self._limiter
+                job, abandon_on_cancel=True, limiter=self._writing if write else self._limiter
             )
         except trio.Cancelled:
             running.cancel()
@@ -326,7 +352,7 @@ class PostgresStore:
         def commit(connection: psycopg.Connection[Any]) -> Outcomes:
             return _transaction(connection, queries, operations, atomic)
 
-        return await self._run(commit)
+        return await self._run(commit, write=True)
 
     def _writable(self) -> None:
         if self.read_only:
