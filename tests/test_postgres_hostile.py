@@ -136,3 +136,27 @@ async def test_a_store_opened_twice_at_once_is_refused_once(postgres):
         nursery.start_soon(open_it)
     await store.close()
     assert sorted(outcomes) == ["opened", "refused"]
+
+
+ODD_KEYS = ['a"b', "back\\slash", "{braces},commas", " spaced ", "NULL", "ünï©ødé 🎲",
+            "\\x41", "'quote'", "tab\tnew\nline"]
+
+
+async def test_a_batch_of_odd_keys_and_bytes_round_trips_through_the_bulk_statements(postgres):
+    """A round of plain puts is one statement whose arrays trio-pgs formats itself:
+    every character a key may hold, and any bytes, come back as they went in."""
+    store = postgres.store()
+    data = [bytes(range(256)), b"", b'{"x":"\\u0000"}', b"\\x41", "é".encode()]
+    await store.open()
+    try:
+        creates = [Put(Record(kind="k,{}", key=key, data=data[i % len(data)],
+                              updated_at=1.5 + i), 0) for i, key in enumerate(ODD_KEYS)]
+        assert await store.commit_each(creates) == [None] * len(ODD_KEYS)
+        updates = [Put(Record(kind="k,{}", key=key, data=data[(i + 1) % len(data)],
+                              version=2, quarantined=bool(i % 2)), 1)
+                   for i, key in enumerate(ODD_KEYS)]
+        assert await store.commit_each(updates) == [None] * len(ODD_KEYS)
+        for put in updates:
+            assert await store.load("k,{}", put.record.key) == put.record
+    finally:
+        await store.close()
