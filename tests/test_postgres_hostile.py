@@ -160,3 +160,13 @@ async def test_a_batch_of_odd_keys_and_bytes_round_trips_through_the_bulk_statem
             assert await store.load("k,{}", put.record.key) == put.record
     finally:
         await store.close()
+
+
+async def test_a_key_postgresql_cannot_hold_fails_its_own_activation_only(postgres):
+    store = postgres.store()
+    async with PersistentSupervisor(store=store, servers=[TallyServer]) as sup:
+        good = await sup.start(TallyServer, key="good")
+        for key in ("nul\x00", "surrogate\udc80"):
+            with pytest.raises(Exception, match="PostgreSQL text"):
+                await sup.start(TallyServer, key=key)
+        assert await good.call(("add", "x")) == 1

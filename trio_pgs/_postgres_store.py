@@ -508,6 +508,13 @@ def _check_ident(kind: str, key: str) -> None:
         raise TypeError("kinds and keys are strings")
     if "\x00" in kind or "\x00" in key:
         raise ValueError(f"PostgreSQL text cannot hold a NUL character: {kind!r}/{key!r}")
+    try:
+        kind.encode()
+        key.encode()
+    except UnicodeEncodeError:
+        raise ValueError(
+            f"PostgreSQL text holds UTF-8, which a lone surrogate is not: {kind!r}/{key!r}"
+        ) from None
     if not kind or not key:
         raise ValueError(f"a kind and a key are non-empty strings, not {kind!r}/{key!r}")
 
