@@ -111,8 +111,13 @@ async def test_connections_the_database_dropped_while_idle_are_replaced_unnotice
         async with trio.open_nursery() as nursery:  # warm several connections
             for _ in range(6):
                 nursery.start_soon(store.load, "k", "a")
-        _sql(postgres, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                       " WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        others = ("FROM pg_stat_activity WHERE datname = current_database()"
+                  " AND pid <> pg_backend_pid() AND backend_type = 'client backend'")
+        _sql(postgres, f"SELECT pg_terminate_backend(pid) {others}")
+        for _ in range(100):  # the backends end a moment after they are told to
+            if _sql(postgres, f"SELECT count(*) {others}")[0][0] == 0:
+                break
+            await trio.sleep(0.02)
         for _ in range(4):
             record = await store.load("k", "a")
             assert record is not None and record.data == b"1"
@@ -170,3 +175,88 @@ async def test_a_key_postgresql_cannot_hold_fails_its_own_activation_only(postgr
             with pytest.raises(Exception, match="PostgreSQL text"):
                 await sup.start(TallyServer, key=key)
         assert await good.call(("add", "x")) == 1
+
+
+# -- a second review: the bulk statement, the two pools --------------------------------
+
+
+async def test_a_failure_after_the_bulk_statement_committed_never_says_not_committed(
+    postgres, monkeypatch
+):
+    """The writer's usual batch is one statement that commits by itself; explaining
+    its refusals afterwards may fail (a lock timeout, a serialization failure), and
+    then the refused are still refused and the written still written."""
+    from trio_pgs import _postgres_sql
+
+    store = postgres.store()
+    await store.open()
+    try:
+        await store.commit([Put(Record(kind="k", key=key, data=b"1"), 0) for key in "ab"])
+        calls = []
+
+        def failing_lookup(*args: Any) -> Any:
+            calls.append(args)
+            raise psycopg.errors.SerializationFailure("injected")
+
+        monkeypatch.setattr(_postgres_sql, "_stored", failing_lookup)
+        outcomes = await store.commit_each([
+            Put(Record(kind="k", key="a", data=b"2", version=2), 1),
+            Put(Record(kind="k", key="b", data=b"2", version=6), 5),  # stale
+        ])
+        monkeypatch.undo()
+        assert outcomes[0] is None and outcomes[1] is not None, outcomes
+        assert len(calls) == 1  # the statement was not run again
+        assert (await store.load("k", "a")).data == b"2"
+        assert (await store.load("k", "b")).data == b"1"
+    finally:
+        await store.close()
+
+
+def _backends(postgres: Server, application: str) -> int:
+    (count,) = _sql(postgres, "SELECT count(*) FROM pg_stat_activity"
+                              " WHERE application_name = %s", (application,))[0]
+    return int(count)
+
+
+async def test_the_options_of_the_dsn_reach_every_connection_and_close_ends_them(postgres):
+    application = "trio_pgs_" + postgres.schema()
+    dsn = f"{postgres.dsn}&options=-c%20application_name%3D{application}"
+    store = PostgresStore(dsn, schema=postgres.schema(), pool_size=2)
+    await store.open()
+    try:
+        await store.commit([Put(Record(kind="k", key="a", data=b"1"), 0)])
+        await store.claim("k", "a")
+        assert _backends(postgres, application) >= 2  # loads and claims, and writes
+    finally:
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await store.close()  # already cancelled: the pools close all the same
+    for _ in range(100):
+        if _backends(postgres, application) == 0:
+            break
+        await trio.sleep(0.05)
+    assert _backends(postgres, application) == 0
+
+
+async def test_a_key_too_long_for_the_index_fails_its_own_activation_only(postgres):
+    store = postgres.store()
+    async with PersistentSupervisor(store=store, servers=[TallyServer]) as sup:
+        good = await sup.start(TallyServer, key="good")
+        with pytest.raises(Exception, match="do not fit the records' index"):
+            await sup.start(TallyServer, key="🎲" * 1000)
+        assert await good.call(("add", "x")) == 1
+
+
+async def test_deleting_a_record_never_stored_at_a_version_is_a_conflict(postgres):
+    from trio_pgs import ConflictError, Delete
+
+    store = postgres.store()
+    await store.open()
+    try:
+        (outcome,) = await store.commit_each([Delete("k", "never", 3)])
+        assert isinstance(outcome, ConflictError)
+        with pytest.raises(ConflictError):
+            await store.commit([Delete("k", "never", 3)])
+        assert await store.commit_each([Delete("k", "never")]) == [None]
+    finally:
+        await store.close()

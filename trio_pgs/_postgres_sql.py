@@ -64,6 +64,9 @@ class Phase:
     outcome unknown; before, nothing was written."""
 
     committing: bool = False
+    #: The transaction is known to have committed: whatever fails after it, the
+    #: outcome is the one it had.
+    committed: bool = False
 
 
 class Queries:
@@ -249,8 +252,14 @@ def apply(
         # The group-commit writer's usual batch: one statement, which commits itself
         # (one round trip, no BEGIN or COMMIT). It commits as it is sent.
         phase.committing = True
-        for index, conflict in _refusals(connection, queries, operations, rounds[0]):
-            outcomes[index] = conflict
+        unmatched = _unmatched(connection, queries, operations, rounds[0])
+        phase.committed = True  # from here on, nothing may say "not committed"
+        try:
+            refusals = _explained(connection, queries, operations, unmatched)
+        except Exception:  # the statement stands; only its explanation failed
+            refusals = [(index, conflict(None, operations[index])) for index in unmatched]
+        for index, refusal in refusals:
+            outcomes[index] = refusal
         return outcomes
     refused_records: set[Ident] = set()
     with connection.pipeline(), connection.transaction():
@@ -264,10 +273,10 @@ def apply(
                     )
                 else:
                     todo.append(index)
-            for index, conflict in _refusals(connection, queries, operations, todo):
+            for index, refused in _refusals(connection, queries, operations, todo):
                 if atomic:
-                    raise conflict
-                outcomes[index] = conflict
+                    raise refused
+                outcomes[index] = refused
                 refused_records.add(ident(operations[index]))
         phase.committing = True
     return outcomes
@@ -304,6 +313,15 @@ def _refusals(
     indexes: list[int],
 ) -> list[tuple[int, ConflictError]]:
     """Run one round; return the operations it refused, each with its conflict."""
+    unmatched = _unmatched(connection, queries, operations, indexes)
+    return _explained(connection, queries, operations, unmatched)
+
+
+def _unmatched(
+    connection: psycopg.Connection[Any], queries: Queries, operations: Sequence[Operation],
+    indexes: list[int],
+) -> list[int]:
+    """Run one round's statements; return the operations that matched no row."""
     inserts: list[int] = []
     updates: list[int] = []
     deletes: list[int] = []
@@ -333,7 +351,7 @@ def _refusals(
                 query, [params(operations[index]) for index in group], returning=True
             )
             sent.append((cursor, group, False))
-    unmatched = []
+    unmatched: list[int] = []
     for cursor, group, bulk in sent:
         if bulk:
             matched = set(cursor.fetchall())
@@ -343,6 +361,15 @@ def _refusals(
                 index for index, _ in zip(group, cursor.results(), strict=True)
                 if cursor.rowcount == 0
             ]
+    return unmatched
+
+
+def _explained(
+    connection: psycopg.Connection[Any], queries: Queries, operations: Sequence[Operation],
+    unmatched: list[int],
+) -> list[tuple[int, ConflictError]]:
+    """The operations that matched no row, each with its conflict, which the rows as
+    stored say (a delete of what was never stored, expecting nothing, is done)."""
     if not unmatched:
         return []
     stored = _stored(connection, queries, [ident(operations[index]) for index in unmatched])
@@ -351,7 +378,12 @@ def _refusals(
         operation = operations[index]
         current = stored.get(ident(operation))
         if isinstance(operation, Delete) and current is None:
-            continue  # deleting what was never stored: nothing to do
+            try:
+                check_version(None, operation)
+                continue  # deleting what was never stored, expecting nothing: done
+            except ConflictError as exc:
+                refusals.append((index, exc))
+                continue
         refusals.append((index, conflict(current, operation)))
     return refusals
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import re
 import select
 import threading
@@ -36,6 +37,9 @@ T = TypeVar("T")
 logger = logging.getLogger("trio_pgs.store")
 
 _SCAN_CHUNK = 1000
+#: The most bytes a kind and a key may take together: a btree index entry holds at
+#: most 2,704 bytes (PostgreSQL's page size / 3), with room to spare for its header.
+_MAX_IDENT_BYTES = 2_600
 #: The setting of the connections that load and claim. A claim is an UPDATE whose
 #: commit need not wait for the WAL flush: it is durable with the next durable commit
 #: of anyone (the WAL is one sequence), at the latest the activation's first write,
@@ -173,7 +177,8 @@ class PostgresStore:
             pools = self._open()
             if abandoned.is_set():  # nobody waits for them any more
                 for pool in pools:
-                    pool.close()
+                    if pool is not None:
+                        pool.close()
             return pools
 
         try:
@@ -187,13 +192,16 @@ class PostgresStore:
 
     def _open(
         self,
-    ) -> tuple[psycopg_pool.ConnectionPool[Any], psycopg_pool.ConnectionPool[Any]]:
+    ) -> tuple[psycopg_pool.ConnectionPool[Any], psycopg_pool.ConnectionPool[Any] | None]:
         pg, pg_pool = _psycopg()
         kwargs: dict[str, Any] = {
             "autocommit": True, "connect_timeout": max(1, round(self.connect_timeout)),
         }
+        given = _given_options(pg, self.dsn)
         if self.read_only:
-            kwargs["options"] = "-c default_transaction_read_only=on"
+            given = f"{given} -c default_transaction_read_only=on".strip()
+        if given:
+            kwargs["options"] = given
         try:
             # One connection first, outside the pool: its error says what is wrong
             # (the pool would only time out), and it prepares the schema.
@@ -207,7 +215,10 @@ class PostgresStore:
             ) from None
         reads = {**kwargs, "options": f"{kwargs.get('options', '')} {_ASYNC_COMMIT}".strip()}
         pools = []
-        for name, size, options in (("reads", self.pool_size, reads), ("writes", 1, kwargs)):
+        wanted = [("reads", self.pool_size, reads)]
+        if not self.read_only:
+            wanted.append(("writes", 1, kwargs))
+        for name, size, options in wanted:
             pool: psycopg_pool.ConnectionPool[Any] = pg_pool.ConnectionPool(
                 self.dsn, min_size=1, max_size=size, kwargs=options, open=False,
                 timeout=self.connect_timeout, name=f"trio-pgs {name}", check=_check_idle,
@@ -222,7 +233,7 @@ class PostgresStore:
                     f"{self!r} could not be opened: no connection within "
                     f"{self.connect_timeout} s"
                 ) from None
-        return pools[0], pools[1]
+        return pools[0], (pools[1] if len(pools) > 1 else None)
 
     async def close(self) -> None:
         pools = [pool for pool in (self._pool, self._writes) if pool is not None]
@@ -233,8 +244,11 @@ class PostgresStore:
                 pool.close()
 
         # Operations abandoned by a cancellation give their connections back (or close
-        # them) when they finish; the pools close what they hold.
-        await trio.to_thread.run_sync(close, abandon_on_cancel=True)
+        # them) when they finish; the pools close what they hold. On a thread started
+        # here, so that the pools close even when the caller is already cancelled.
+        closing = threading.Thread(target=close, name="trio-pgs close", daemon=True)
+        closing.start()
+        await trio.to_thread.run_sync(closing.join, abandon_on_cancel=True)
 
     # -- running on a connection -----------------------------------------------------
 
@@ -391,6 +405,16 @@ def _attempt(
         raise PersistenceError(f"PostgreSQL failed: {_first_line(exc)}") from exc
 
 
+def _given_options(pg: Any, dsn: str) -> str:
+    """The ``options`` the DSN (or else PGOPTIONS) gives: the store's own settings go
+    after them, never instead."""
+    try:
+        options = pg.conninfo.conninfo_to_dict(dsn).get("options")
+    except pg.Error:
+        options = None  # connecting will say what is wrong with the DSN
+    return str(options if options is not None else os.environ.get("PGOPTIONS", "")).strip()
+
+
 def _check_idle(connection: psycopg.Connection[Any]) -> None:
     """The pool's check of a connection it hands out, without a round trip: an idle
     connection has nothing to read, unless the database dropped it meanwhile (a
@@ -422,7 +446,10 @@ def _transaction(
         except ConflictError:
             raise
         except psycopg.Error as exc:
-            if exc.sqlstate in _RETRIED and attempt < _ATTEMPTS and not connection.broken:
+            if (
+                exc.sqlstate in _RETRIED and attempt < _ATTEMPTS and not connection.broken
+                and not phase.committed
+            ):
                 logger.info("a transaction was not committed (%s); running it again",
                             exc.sqlstate)
                 time.sleep(0.001 * 2**attempt)
@@ -509,12 +536,16 @@ def _check_ident(kind: str, key: str) -> None:
     if "\x00" in kind or "\x00" in key:
         raise ValueError(f"PostgreSQL text cannot hold a NUL character: {kind!r}/{key!r}")
     try:
-        kind.encode()
-        key.encode()
+        size = len(kind.encode()) + len(key.encode())
     except UnicodeEncodeError:
         raise ValueError(
             f"PostgreSQL text holds UTF-8, which a lone surrogate is not: {kind!r}/{key!r}"
         ) from None
+    if size > _MAX_IDENT_BYTES:
+        raise ValueError(
+            f"a kind and key of {size} bytes in UTF-8 do not fit the records' index "
+            f"(at most {_MAX_IDENT_BYTES} bytes together): {kind[:40]!r}/{key[:40]!r}..."
+        )
     if not kind or not key:
         raise ValueError(f"a kind and a key are non-empty strings, not {kind!r}/{key!r}")
 
