@@ -56,31 +56,15 @@ from common import (
 )
 
 import trio_pgs
-from trio_pgs import Put, Record
+from trio_pgs import Put, Record, _postgres_sql
 
 DSN_VARIABLE = "TRIO_PGS_POSTGRES_DSN"
 #: Rows per hand-written batch, and rows of the baselines' tables.
 BATCH = 100
-#: The columns of the store's records table (trio_pgs/_postgres_sql.py), in its order.
-COLUMNS = ("kind, key, version, epoch, deleted, data, state_version, updated_at, crashes,"
-           " quarantined, history")
-#: The baselines' table: the row shape of the store's records table.
-TABLE = """
-    CREATE TABLE {s}.records (
-        kind text NOT NULL,
-        key text NOT NULL,
-        version bigint NOT NULL,
-        epoch bigint NOT NULL,
-        deleted boolean NOT NULL DEFAULT false,
-        data bytea,
-        state_version bigint NOT NULL,
-        updated_at double precision NOT NULL,
-        crashes double precision[] NOT NULL DEFAULT '{{}}',
-        quarantined boolean NOT NULL DEFAULT false,
-        history bytea[] NOT NULL DEFAULT '{{}}',
-        PRIMARY KEY (kind, key)
-    )
-"""
+#: The columns of the store's records table, and its CREATE TABLE (the baselines'
+#: tables have the same row shape).
+COLUMNS = _postgres_sql.COLUMNS
+TABLE = _postgres_sql.MIGRATIONS[0][0].replace("{schema}", "{s}")
 #: Rows as a started (or dormant) Counter's: version 1, epoch 1, its state 0 as data.
 FILL = (
     "INSERT INTO {s}.records (kind, key, version, epoch, data, state_version, updated_at)"

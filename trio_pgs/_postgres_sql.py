@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import attrs
 
@@ -339,12 +339,12 @@ def _unmatched(
         (queries.update_bulk, queries.update, updates, _update_params),
         (None, queries.delete, deletes, _delete_params),
     ):
-        plain = [i for i in group if bulk_query and _plain(operations[i])]
-        if plain and bulk_query is not None:
-            cursor = connection.cursor()
-            cursor.execute(bulk_query, _bulk_params(operations, plain))
-            sent.append((cursor, plain, True))
-            group = [i for i in group if i not in set(plain)]
+        if bulk_query is not None:
+            plain, group = _partition(operations, group)
+            if plain:
+                cursor = connection.cursor()
+                cursor.execute(bulk_query, _bulk_params(operations, plain))
+                sent.append((cursor, plain, True))
         if group:
             cursor = connection.cursor()
             cursor.executemany(
@@ -419,14 +419,24 @@ def _plain(operation: Operation) -> bool:
     return not operation.record.crashes and not operation.record.history
 
 
+def _partition(
+    operations: Sequence[Operation], indexes: list[int]
+) -> tuple[list[int], list[int]]:
+    """*indexes* split into the plain puts (`_plain`) and the others."""
+    plain: list[int] = []
+    others: list[int] = []
+    for index in indexes:
+        (plain if _plain(operations[index]) else others).append(index)
+    return plain, others
+
+
 def _bulk_params(operations: Sequence[Operation], indexes: list[int]) -> tuple[str, ...]:
     """The columns of the plain puts at *indexes*, as array literals for unnest.
 
     Formatted here, as text the server parses, rather than adapted element by element
     by psycopg: for a batch of 100 puts that is 0.1 ms instead of 1.7."""
-    puts = [operations[index] for index in indexes]
-    records = [put.record for put in puts if isinstance(put, Put)]
-    assert len(records) == len(puts)
+    puts = [cast(Put, operations[index]) for index in indexes]
+    records = [put.record for put in puts]
     return (
         _texts([r.kind for r in records]),
         _texts([r.key for r in records]),
@@ -436,7 +446,7 @@ def _bulk_params(operations: Sequence[Operation], indexes: list[int]) -> tuple[s
         _integers([r.state_version for r in records]),
         "{" + ",".join([_float(r.updated_at) for r in records]) + "}",
         "{" + ",".join(["t" if r.quarantined else "f" for r in records]) + "}",
-        _integers([put.expected_version for put in puts if isinstance(put, Put)]),
+        _integers([put.expected_version for put in puts]),
     )
 
 

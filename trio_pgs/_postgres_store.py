@@ -589,6 +589,11 @@ class _Secret:
         return text
 
 
+def without_password(dsn: str) -> str:
+    """*dsn* fit for a message: its password hidden."""
+    return _Secret(dsn).masked
+
+
 _PASSWORD_PARAMETER = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^&\s]*)", re.IGNORECASE)
 #: Connections closed after a cancellation: the pool's warning about each is expected.
 _CLOSED: weakref.WeakSet[Any] = weakref.WeakSet()

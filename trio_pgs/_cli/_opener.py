@@ -18,7 +18,7 @@ import trio
 
 from .._diskcache_store import DiskCacheStore
 from .._errors import ConflictError, PersistenceError
-from .._postgres_store import PostgresStore
+from .._postgres_store import PostgresStore, without_password
 from .._store import Operation, Record
 from ._exit import EXIT_FAILED, EXIT_NOT_STARTED, CommandError
 
@@ -27,7 +27,6 @@ _DATABASE = "cache.db"  # the SQLite file of a diskcache directory
 _SQLITE_MAGIC = b"SQLite format 3\x00"  # how every SQLite database file begins
 #: A URL's scheme; two characters at least, so that ``C:\store`` stays a path.
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):")
-_PASSWORD_PARAMETER = re.compile(r"([?&]password=)[^&]*", re.IGNORECASE)
 
 
 class CommandStore(Protocol):
@@ -94,15 +93,8 @@ def session(store: CommandStore, work: Callable[[CommandStore], Awaitable[T]]) -
 
 def _shown(spec: str) -> str:
     """*spec* fit for a message: a URL's password hidden (in its user information, or
-    as a ``password`` parameter)."""
-    scheme, sep, rest = spec.partition("://")
-    if sep:
-        authority = rest.split("?", 1)[0]
-        userinfo, at, _ = authority.rpartition("@")
-        user, colon, _ = userinfo.partition(":")
-        if at and colon:
-            spec = f"{scheme}://{user}:***@{rest[len(userinfo) + 1:]}"
-    return _PASSWORD_PARAMETER.sub(r"\1***", spec)
+    as a ``password`` parameter), as the store hides it."""
+    return without_password(spec)
 
 
 #: The name for messages of the store a command names: its password hidden.
