@@ -339,12 +339,28 @@ async def test_a_failing_handler_is_logged_and_its_caller_gets_the_text(
     server, client = node("b"), node("a")
     async with trio.open_nursery() as nursery:
         address = await serving(nursery, server)
-        with pytest.raises(PeerUnavailable, match="RuntimeError: the ledger is on fire") as e:
+        with pytest.raises(PeerUnavailable, match=r"node 'b' .*RuntimeError: the ledger") as e:
             await client.request(address, b"fail")
         assert e.value.sent
         [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
         assert record.name == "trio_pgs" and record.exc_info is not None
         assert await client.request(address, b"still") == b"echo:still"
+        await client.aclose()
+        nursery.cancel_scope.cancel()
+
+
+@bounded
+async def test_a_handler_that_returns_no_bytes_fails_that_request_only() -> None:
+    async def sloppy(body: bytes) -> bytes:
+        return body.decode() if body == b"text" else body  # type: ignore[return-value]
+
+    server = Transport(node="b", cluster=CLUSTER, secret=SECRET, handler=sloppy)
+    client = node("a")
+    async with trio.open_nursery() as nursery:
+        address = await serving(nursery, server)
+        await expect_sent(client, address, b"text", True, "returned str, not bytes")
+        assert await client.request(address, b"bytes") == b"bytes"
+        assert client.statistics().connections_out == 1
         await client.aclose()
         nursery.cancel_scope.cancel()
 
@@ -765,3 +781,48 @@ async def test_a_frame_over_the_limit_is_refused_before_its_body_arrives() -> No
     await sending.send_all(struct.pack(">I", 301))
     with pytest.raises(_Refused, match="301 bytes is over the limit of 300"):
         await _FrameReader(receiving).receive(300)
+
+
+BAD_HELLOS = {
+    "a hang-up": (b"", "not a trio-pgs transport"),
+    "another protocol": (b"HTTP/1.1 400 Bad Request\r\n\r\n", "over the limit of 1024"),
+    "another version": (frame(b"TPGS\x02" + bytes(32)), "speaks version 2, not 1"),
+    "a short nonce": (frame(b"TPGS\x01" + bytes(8)), "malformed hello"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_HELLOS)
+@bounded
+async def test_a_server_with_a_bad_hello_is_refused_by_the_client(case: str) -> None:
+    hello, reason = BAD_HELLOS[case]
+
+    async def stranger(raw: Raw) -> None:
+        await raw.send(hello)
+        if hello:
+            await raw.wait_closed()
+
+    client = node("a")
+    async with trio.open_nursery() as nursery:
+        address = await fake_server(nursery, stranger)
+        await expect_sent(client, address, b"hello", False, reason)
+        assert client.statistics().peers_refused == 1
+        await client.aclose()
+        nursery.cancel_scope.cancel()
+
+
+@bounded
+async def test_a_malformed_answer_to_the_hello_is_refused(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server = node("b")
+    async with trio.open_nursery() as nursery:
+        address = await serving(nursery, server)
+        hostile = await Raw.connect(address)
+        await hostile.receive()
+        await hostile.send(frame(b"too short for a nonce and a proof"))
+        await hostile.wait_closed()
+        await hostile.aclose()
+        [warning] = warnings(caplog)
+        assert "handshake failed" in warning
+        assert server.statistics().peers_refused == 1
+        nursery.cancel_scope.cancel()

@@ -119,7 +119,8 @@ class _FrameReader:
             raise _Refused(f"a frame of {length} bytes is over the limit of {limit}")
         end = _LENGTH.size + length
         await self._fill(end)
-        body = bytes(self._buffer[_LENGTH.size : end])
+        with memoryview(self._buffer) as view:
+            body = bytes(view[_LENGTH.size : end])  # one copy, not two
         del self._buffer[:end]
         return body
 
@@ -157,7 +158,12 @@ class _Link:
 
     async def send(self, frame: bytes) -> None:
         """Queue a whole frame; raises `trio.BrokenResourceError` if it never will be."""
-        await self._outbox.send(frame)
+        try:
+            # Handing the frame straight to a waiting sender task saves a trip through
+            # the scheduler on the hot path; the caller checkpoints right after anyway.
+            self._outbox.send_nowait(frame)
+        except trio.WouldBlock:
+            await self._outbox.send(frame)
 
     def close_outbox(self) -> None:
         """Frames not yet queued never will be: their senders get BrokenResourceError."""
@@ -292,6 +298,18 @@ def _parse(frame: bytes) -> tuple[int, int, bytes]:
         raise _Refused(f"a frame of {len(frame)} bytes is too short to be a message")
     kind, request_id = _MESSAGE.unpack_from(frame)
     return kind, request_id, frame[_MESSAGE_HEADER:]
+
+
+def _server_nonce(hello: bytes | None) -> bytes:
+    if hello is None or len(hello) <= len(_MAGIC) or not hello.startswith(_MAGIC):
+        raise _Refused("handshake failed: the peer is not a trio-pgs transport")
+    version = hello[len(_MAGIC)]
+    if version != _VERSION:
+        raise _Refused(f"handshake failed: the peer speaks version {version}, not {_VERSION}")
+    nonce = hello[len(_MAGIC) + 1 :]
+    if len(nonce) != _NONCE:
+        raise _Refused("handshake failed: a malformed hello")
+    return nonce
 
 
 def _node_id(raw: bytes) -> str:
@@ -437,7 +455,10 @@ class Transport:
         slots = trio.Semaphore(self._max_in_flight)
         try:
             while True:
-                await slots.acquire()
+                try:
+                    slots.acquire_nowait()  # skips a scheduler trip; receive checkpoints
+                except trio.WouldBlock:
+                    await slots.acquire()
                 frame = await link.reader.receive(self._max_frame)
                 if frame is None:
                     return
@@ -466,14 +487,21 @@ class Transport:
     async def _answer(self, link: _Link, request_id: int, body: bytes) -> bytes:
         try:
             reply = await self._handler(body)
+            if not isinstance(reply, bytes):
+                raise TypeError(f"the handler returned {type(reply).__name__}, not bytes")
         except Exception as exc:
             logger.exception("the transport's handler failed on a request from %s", link.peer)
-            text = f"the peer's handler raised {type(exc).__name__}: {exc}"
-            return _message(_FAILURE, request_id, text[:_FAILURE_TEXT].encode())
+            return self._failure(request_id, f"the handler raised {type(exc).__name__}: {exc}")
         if len(reply) > self._max_frame - _MESSAGE_HEADER:
-            text = f"the peer's reply of {len(reply)} bytes is over the frame limit"
-            return _message(_FAILURE, request_id, text.encode())
+            text = f"a reply of {len(reply)} bytes is over the frame limit"
+            return self._failure(request_id, text)
         return _message(_REPLY, request_id, reply)
+
+    def _failure(self, request_id: int, text: str) -> bytes:
+        # Short, and never itself over the limit: cutting a character in two is harmless,
+        # the client decodes with replacement.
+        limit = min(_FAILURE_TEXT, self._max_frame - _MESSAGE_HEADER)
+        return _message(_FAILURE, request_id, text.encode()[:limit])
 
     # -- requesting -------------------------------------------------------------------
 
@@ -555,13 +583,9 @@ class Transport:
         raise OSError(f"not connected within {self._connect_timeout} s")
 
     async def _prove_as_client(self, stream: trio.abc.Stream, reader: _FrameReader) -> str:
-        hello = await reader.receive(_HANDSHAKE_LIMIT)
-        if hello is None or len(hello) != len(_MAGIC) + 1 + _NONCE or hello[:4] != _MAGIC:
-            raise _Refused("handshake failed: the peer is not a trio-pgs transport")
-        if hello[4] != _VERSION:
-            raise _Refused(f"handshake failed: the peer speaks version {hello[4]}, not {_VERSION}")
+        server_nonce = _server_nonce(await reader.receive(_HANDSHAKE_LIMIT))
         client_nonce = secrets.token_bytes(_NONCE)
-        nonces = hello[5:] + client_nonce
+        nonces = server_nonce + client_nonce
         proof = _proof(self._secret, _CLIENT_LABEL, nonces, self._cluster, self._node)
         await stream.send_all(_frame(client_nonce + proof + self._node.encode()))
         answer = await reader.receive(_HANDSHAKE_LIMIT)
@@ -574,6 +598,7 @@ class Transport:
         return server
 
     async def _run_link(self, outgoing: _Outgoing, link: _Link) -> str:
+        reason = "connection lost"  # kept only if the sender's failure cancels the reader
         async with trio.open_nursery() as nursery:
             nursery.start_soon(link.send_loop, nursery.cancel_scope)
             reason = await self._read_replies(outgoing, link)
@@ -590,7 +615,8 @@ class Transport:
                 if kind == _REPLY:
                     outgoing.resolve(request_id, body, None)
                 elif kind == _FAILURE:
-                    outgoing.resolve(request_id, None, body.decode(errors="replace"))
+                    text = body.decode(errors="replace")
+                    outgoing.resolve(request_id, None, f"{link.peer}: {text}")
                 else:
                     raise _Refused(f"a frame of type {kind} where a reply was expected")
         except _Refused as exc:
