@@ -12,8 +12,10 @@ Wire format (every frame is a 4-byte big-endian length, then that many bytes)::
     server -> client   server_proof(32) server_node(utf-8)
     then, both ways    type(1: request 0, reply 1, failure 2) request_id(8) body
 
-A proof is an HMAC-SHA256 keyed by the secret over a label (which side proves), the
-version, both nonces, the cluster name and the node ids known to the proving side.
+A proof is HMAC-SHA256, keyed by the secret, over: the label (``_CLIENT_LABEL`` or
+``_SERVER_LABEL``), the version byte, the server's nonce, the client's nonce, then each of
+the cluster name, the client's node id and (server proof only) the server's node id as a
+4-byte length and UTF-8. Fresh nonces on both sides make a recorded handshake worthless.
 """
 
 from __future__ import annotations
