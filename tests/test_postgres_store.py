@@ -40,6 +40,7 @@ from trio_pgs import (
     Put,
     Record,
 )
+from trio_pgs import _postgres_sql as sql
 
 from .postgres import ClockedPostgresStore, Server
 from .servers import TallyServer
@@ -200,11 +201,11 @@ async def test_opening_a_store_creates_its_schema_and_tables(postgres: Server):
         assert await store.load(KIND, "a") == record("a", b"1")
     assert schema_exists(postgres, schema)
     found = snapshot(postgres, schema)
-    assert found["tables"] == [("meta",), ("records",)]
-    assert found["meta"] == [("schema_version", 1)]
+    assert found["tables"] == [("meta",), ("nodes",), ("records",), ("supervisors",)]
+    assert found["meta"] == [("schema_version", sql.SCHEMA_VERSION)]
     async with opened(postgres.store(schema=schema)) as again:  # opening it again
         assert await again.load(KIND, "a") == record("a", b"1")
-    assert schema_version(postgres, schema) == [("schema_version", 1)]
+    assert schema_version(postgres, schema) == [("schema_version", sql.SCHEMA_VERSION)]
 
 
 def open_at_once(postgres: Server, schema: str, count: int) -> list[BaseException]:
@@ -240,7 +241,7 @@ def test_stores_opening_one_new_schema_at_once_all_succeed(postgres: Server):
         schema = postgres.schema()
         count = 8
         assert open_at_once(postgres, schema, count) == []
-        assert schema_version(postgres, schema) == [("schema_version", 1)]
+        assert schema_version(postgres, schema) == [("schema_version", sql.SCHEMA_VERSION)]
         assert sorted(key for _, key, *_ in snapshot(postgres, schema)["records"]) == sorted(
             f"k{i}" for i in range(count)
         )
@@ -259,7 +260,7 @@ async def test_stores_opened_together_in_one_nursery_all_succeed(postgres: Serve
     finally:
         for store in stores:
             await store.close()
-    assert schema_version(postgres, schema) == [("schema_version", 1)]
+    assert schema_version(postgres, schema) == [("schema_version", sql.SCHEMA_VERSION)]
 
 
 @pytest.mark.parametrize("read_only", [False, True], ids=["writable", "read-only"])
@@ -276,7 +277,8 @@ async def test_a_schema_of_a_newer_version_is_refused_and_left_as_it_is(
     with pytest.raises(PersistenceError) as caught:
         await newer.open()
     message = str(caught.value).replace(schema, "<schema>")
-    assert re.search(r"\b7\b", message) and re.search(r"\b1\b", message), message
+    assert re.search(r"\b7\b", message), message
+    assert re.search(rf"\b{sql.SCHEMA_VERSION}\b", message), message
     assert "upgrade trio-pgs" in message
     assert snapshot(postgres, schema) == before
 

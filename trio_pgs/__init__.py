@@ -1,11 +1,14 @@
 """trio-pgs: persistent servers for trio, after Elixir's PersistentGenServer."""
 
 from ._calls import current_caller as current_caller
+from ._cluster import Cluster as Cluster
 from ._diskcache_store import DiskCacheStore as DiskCacheStore
 from ._errors import ActivationFailed as ActivationFailed
 from ._errors import AlreadyStarted as AlreadyStarted
 from ._errors import CallCycleError as CallCycleError
 from ._errors import ConflictError as ConflictError
+from ._errors import MessageEncodingError as MessageEncodingError
+from ._errors import NodeUnavailable as NodeUnavailable
 from ._errors import OutcomeUnknown as OutcomeUnknown
 from ._errors import PersistenceError as PersistenceError
 from ._errors import RequestError as RequestError
@@ -33,12 +36,14 @@ from ._server import Restart as Restart
 from ._shaping import ephemeral as ephemeral
 from ._store import Claim as Claim
 from ._store import Delete as Delete
+from ._store import Member as Member
 from ._store import Put as Put
 from ._store import Record as Record
 from ._store import Store as Store
 from ._store import SupportsClaims as SupportsClaims
 from ._store import SupportsCommitEach as SupportsCommitEach
 from ._store import SupportsKinds as SupportsKinds
+from ._store import SupportsMembership as SupportsMembership
 from ._store import SupportsReportingScan as SupportsReportingScan
 from ._supervisor import PersistentSupervisor as PersistentSupervisor
 from ._supervisor import SupervisorStatistics as SupervisorStatistics

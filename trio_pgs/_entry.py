@@ -21,6 +21,7 @@ import trio
 from ._calls import Kind, Message
 from ._encoding import Codec
 from ._errors import (
+    NotOwner,
     ServerNotFound,
     ServerQuarantined,
     SupervisorNotRunning,
@@ -70,6 +71,8 @@ class Host(Protocol):
 
     #: Claim a server before activating it (`SupportsClaims`, or a plain load).
     claim: Callable[[str, str], Awaitable[Claim]]
+    #: Whether this node serves the server now (always, outside a cluster).
+    owns: Callable[[ServerRef], bool]
 
     def touch(self, entry: Entry, idle_timeout: float | None) -> None:
         """*entry* handled a message now: its idle deadline and recency move."""
@@ -233,7 +236,7 @@ class Entry:
                 message.slot.set_error(error())
             else:
                 dropped += 1
-        if dropped:
+        if dropped and not isinstance(error(), NotOwner):  # those are sent again
             logger.warning("%s: %d queued cast/info message(s) dropped: %s",
                            self.ref, dropped, error(), extra=self.extra)
         self.status = Status.ENDED
@@ -241,6 +244,10 @@ class Entry:
         if not self.activated.is_set():
             self.activation_error = error
             self.mark_activated()
+
+
+def not_owner(ref: ServerRef) -> ErrorFactory:
+    return lambda: NotOwner(f"{ref}: this node does not serve it now")
 
 
 def not_running(ref: ServerRef) -> ErrorFactory:

@@ -55,7 +55,15 @@ class OutcomeUnknown(PersistenceError):
 
 
 class ConflictError(PersistenceError):
-    """A write expected another version of the record: another writer got there first."""
+    """A write expected another version of the record: another writer got there first.
+
+    ``fenced`` is True when the write was refused for its epoch: a later activation
+    (in another process, or another node of a cluster) claimed the server.
+    """
+
+    def __init__(self, message: str, *, fenced: bool = False) -> None:
+        super().__init__(message)
+        self.fenced = fenced
 
 
 class StateEncodingError(TrioPGSError):
@@ -92,6 +100,32 @@ class RequestError(TrioPGSError):
 
 class UnknownRequest(RequestError):
     """The server does not handle this call or cast (OTP's bad_call): a refusal."""
+
+
+class NodeUnavailable(TrioPGSError):
+    """The cluster node that owns the server could not be reached, or was lost with
+    the message in flight (it died, or the connection broke).
+
+    ``sent`` is False when the message certainly never reached that node: nothing
+    happened, and sending it again is safe. Otherwise its outcome is unknown, as with
+    `OutcomeUnknown`: read the server's state (or make the request idempotent) before
+    sending it again. The next message is served by the new owner, from the last
+    committed state, once the lost node's lease has run out.
+    """
+
+    def __init__(self, message: str, *, sent: bool = True) -> None:
+        super().__init__(message)
+        self.sent = sent
+
+
+class MessageEncodingError(TrioPGSError):
+    """A request, a reply or `start` arguments could not be encoded to travel to
+    another cluster node. For a request, raised before anything was sent."""
+
+
+class NotOwner(TrioPGSError):
+    """Internal: this node does not own the server (another cluster node does, or
+    this node lost its lease); the message is routed again. Never reaches a user."""
 
 
 class SimulatedCrash(Exception):

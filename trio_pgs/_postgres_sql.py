@@ -54,6 +54,32 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
     ),
+    (
+        # Membership (docs/cluster.md): one row per supervisor name counts its joins;
+        # one row per member holds its lease, timed by the database's clock.
+        """
+        CREATE TABLE {schema}.supervisors (
+            supervisor text PRIMARY KEY,
+            joins bigint NOT NULL DEFAULT 0
+        )
+        """,
+        """
+        CREATE TABLE {schema}.nodes (
+            supervisor text NOT NULL,
+            node text NOT NULL,
+            incarnation bigint NOT NULL,
+            address text NOT NULL,
+            clustered boolean NOT NULL,
+            host text NOT NULL,
+            pid bigint NOT NULL,
+            started_at timestamptz NOT NULL DEFAULT now(),
+            expires_at timestamptz NOT NULL,
+            leaving boolean NOT NULL DEFAULT false,
+            active bigint NOT NULL DEFAULT 0,
+            PRIMARY KEY (supervisor, node)
+        )
+        """,
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
+from . import _postgres_members as members
 from . import _postgres_sql as sql
 from ._errors import ConflictError, OutcomeUnknown, PersistenceError
-from ._store import Claim, OnSkip, Operation, Record
+from ._store import Claim, Member, OnSkip, Operation, Record
 
 if TYPE_CHECKING:
     import psycopg
@@ -320,6 +321,51 @@ class PostgresStore:
             if len(rows) < _SCAN_CHUNK:
                 return
             after = rows[-1][1]
+
+    # -- membership ------------------------------------------------------------------
+
+    async def join(
+        self, supervisor: str, node: str, *, address: str, clustered: bool, lease: float,
+        host: str, pid: int,
+    ) -> int:
+        self._writable()
+        schema = self._queries.schema
+
+        def join(connection: psycopg.Connection[Any]) -> int:
+            return members.join(
+                connection, schema, supervisor, node, address=address, clustered=clustered,
+                lease=lease, host=host, pid=pid,
+            )
+
+        return await self._run(join)
+
+    async def renew(
+        self, supervisor: str, node: str, incarnation: int, *, lease: float, active: int,
+        leaving: bool,
+    ) -> tuple[Member, ...] | None:
+        self._writable()
+        schema = self._queries.schema
+
+        def renew(connection: psycopg.Connection[Any]) -> tuple[Member, ...] | None:
+            return members.renew(
+                connection, schema, supervisor, node, incarnation, lease=lease,
+                active=active, leaving=leaving,
+            )
+
+        return await self._run(renew)
+
+    async def leave(self, supervisor: str, node: str, incarnation: int) -> None:
+        self._writable()
+        schema = self._queries.schema
+        await self._run(
+            lambda connection: members.leave(connection, schema, supervisor, node, incarnation)
+        )
+
+    async def members(self, supervisor: str | None = None) -> tuple[Member, ...]:
+        schema = self._queries.schema
+        return await self._run(
+            lambda connection: members.members(connection, schema, supervisor)
+        )
 
     # -- writing ---------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from ._entry import (
     StartRequest,
     Status,
     not_found,
+    not_owner,
     not_running,
     quarantined_error,
 )
@@ -107,6 +108,11 @@ async def activate(entry: Entry) -> Activation | None:
     None when there is nothing to run (the entry has ended)."""
     start, entry.start = entry.start, None
     entry.status = Status.ACTIVATING
+    if not entry.host.owns(entry.ref):  # another cluster node serves it: sent there
+        if start is not None:
+            start.slot.set_error(not_owner(entry.ref)())
+        entry.end(not_owner(entry.ref))
+        return None
     try:
         # The claim fences off any earlier activation: its writes are refused now.
         claim = await entry.host.claim(entry.ref.kind, entry.ref.key)

@@ -166,6 +166,61 @@ class SupportsCommitEach(Protocol):
         `OutcomeUnknown`, nobody knows)."""
 
 
+@attrs.frozen(kw_only=True)
+class Member:
+    """One node of a supervisor name, as the store's membership table holds it.
+
+    ``node`` is the node's id (fresh for every open supervisor) and ``incarnation`` a
+    number that grows with every join of the name. ``address`` is where other nodes
+    reach it (``host:port``; empty for a supervisor opened without ``cluster=``).
+    ``expires_in`` is how many seconds its lease still runs, by the database's clock
+    (negative once run out). ``leaving``: it is handing its servers off before it
+    stops. ``active``: its active servers at its last renewal."""
+
+    supervisor: str
+    node: str
+    incarnation: int
+    address: str
+    clustered: bool
+    host: str
+    pid: int
+    started_at: float
+    expires_in: float
+    leaving: bool = False
+    active: int = 0
+
+
+@runtime_checkable
+class SupportsMembership(Protocol):
+    """A store that keeps the members of each supervisor name, with leases timed by
+    the store's own clock (docs/cluster.md). Every supervisor on such a store is a
+    member: the only one of its name, or a node of a cluster."""
+
+    async def join(
+        self, supervisor: str, node: str, *, address: str, clustered: bool, lease: float,
+        host: str, pid: int,
+    ) -> int:
+        """Add *node* to the members of *supervisor* with a lease of *lease* seconds
+        and return its incarnation. Raise `PersistenceError` when the name is taken:
+        a live member opened without a cluster, or this one opened without a cluster
+        while the name has live members."""
+
+    async def renew(
+        self, supervisor: str, node: str, incarnation: int, *, lease: float, active: int,
+        leaving: bool,
+    ) -> tuple[Member, ...] | None:
+        """Renew the lease of *node* and return the live members of *supervisor*
+        (itself included); None when its lease had run out or it was removed: it is
+        no member any more, and must join again."""
+
+    async def leave(self, supervisor: str, node: str, incarnation: int) -> None:
+        """Remove *node* from the members (a no-op if it is gone already)."""
+
+    async def members(self, supervisor: str | None = None) -> tuple[Member, ...]:
+        """The members of *supervisor* (of every name if None), live or not yet
+        removed, ordered by name and node."""
+
+
 def check_version(current: tuple[int, int] | None, operation: Operation) -> None:
     """Raise `ConflictError` unless *operation* may apply over the stored (version,
     epoch), which is that of the record or of its tombstone (None: never stored).
@@ -184,7 +239,8 @@ def check_version(current: tuple[int, int] | None, operation: Operation) -> None
     if current is not None and epoch is not None and epoch < current[1]:
         raise ConflictError(
             f"{kind}/{key}: write fenced off (epoch {epoch} is older than the stored "
-            f"epoch {current[1]}); another activation owns it"
+            f"epoch {current[1]}); another activation owns it",
+            fenced=True,
         )
     if expected is not None and expected != found:
         raise ConflictError(

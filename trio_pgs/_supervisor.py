@@ -14,14 +14,17 @@ from typing import Any
 import attrs
 import cattrs
 import trio
+from cattrs.preconf.json import make_converter as make_json_converter
 
 from ._activation import TERMINATE_GRACE
 from ._calls import Handling, Kind, Message, current_handling, live_handling
+from ._cluster import MOVED, Cluster, ClusterNode
 from ._deadlock import check_no_deadlock, would_deadlock
 from ._encoding import Codec
 from ._entry import Counters, Entry, KindInfo, StartRequest, Status
 from ._errors import (
     AlreadyStarted,
+    NotOwner,
     ServerNotFound,
     SupervisorEscalated,
     SupervisorNotRunning,
@@ -41,7 +44,15 @@ from ._server import (
     check_shaping,
     resolve_options,
 )
-from ._store import Put, Record, Store, SupportsKinds, claimer, next_version
+from ._store import (
+    Put,
+    Record,
+    Store,
+    SupportsKinds,
+    SupportsMembership,
+    claimer,
+    next_version,
+)
 from ._writer import Writer
 
 logger = logging.getLogger("trio_pgs")
@@ -68,6 +79,13 @@ class SupervisorStatistics:
         unflushed: Servers whose last change was not committed at shutdown: a handler
             cut off at ``shutdown_timeout``, or a deferred (``WRITE_BEHIND``,
             ``ON_STOP``) state the store refused; empty until shutdown.
+        fenced_writes: Writes the store refused for their epoch: a later activation
+            (another process, another node) had claimed the server.
+        nodes: The live nodes of the cluster (1 outside a cluster).
+        forwarded: Messages sent to the node that owns their server.
+        served_for_others: Messages other nodes sent here.
+        handoffs: Servers asked to hibernate here because another node owns them now.
+        lost_leases: Times this node's lease ran out before it was renewed.
     """
 
     name: str
@@ -84,6 +102,12 @@ class SupervisorStatistics:
     migrations: int = 0
     refusals: int = 0
     unflushed: tuple[str, ...] = ()
+    fenced_writes: int = 0
+    nodes: int = 1
+    forwarded: int = 0
+    served_for_others: int = 0
+    handoffs: int = 0
+    lost_leases: int = 0
 
     @property
     def mean_batch_size(self) -> float:
@@ -129,6 +153,7 @@ class PersistentSupervisor:
         max_active: int | None = None,
         converter: cattrs.Converter | None = None,
         on_event: Callable[[ServerEvent], None] | None = None,
+        cluster: Cluster | None = None,
         **defaults: Any,
     ) -> None:
         if not isinstance(name, str) or not name:
@@ -148,6 +173,13 @@ class PersistentSupervisor:
             raise TypeError(f"on_event must be a callable taking a ServerEvent, not {on_event!r}")
         if not (isinstance(max_seconds, int | float) and max_seconds > 0):
             raise ValueError(f"max_seconds must be > 0, not {max_seconds!r}")
+        if cluster is not None and not isinstance(cluster, Cluster):
+            raise TypeError(f"cluster must be a trio_pgs.Cluster or None, not {cluster!r}")
+        if cluster is not None and not isinstance(store, SupportsMembership):
+            raise TypeError(
+                f"cluster= needs a store that keeps members (PostgresStore); {store!r} "
+                "serves one process"
+            )
         check_option_names(defaults)
         resolve_options(PersistentServer, defaults)  # bad values fail here, not later
         self.name = name
@@ -184,6 +216,9 @@ class PersistentSupervisor:
         )
         self._reaper = IdleReaper()
         self._counters = Counters()
+        self.cluster = cluster
+        #: This supervisor's membership of its name, on a store that keeps members.
+        self._node: ClusterNode | None = None
         self._host = _Host(self)
         for cls in servers:
             self._register(cls)
@@ -224,6 +259,7 @@ class PersistentSupervisor:
         body_error: BaseException | None = None
         try:
             async with trio.open_nursery() as nursery:
+                await self._join(nursery)
                 self._nursery = nursery
                 nursery.start_soon(self._run_writer)
                 nursery.start_soon(self._reaper.run)
@@ -234,6 +270,7 @@ class PersistentSupervisor:
                     body_error = exc
                 with trio.CancelScope(shield=True):
                     await self._shut_down()
+                    await self._leave()
                 nursery.cancel_scope.cancel()
         finally:
             self._closing = True
@@ -247,6 +284,22 @@ class PersistentSupervisor:
             )
         if body_error is not None:
             raise body_error
+
+    async def _join(self, nursery: trio.Nursery) -> None:
+        """On a store that keeps members: join the members of this name (refused,
+        with `PersistenceError`, if another process holds it), and keep the lease."""
+        store = self.store
+        if not isinstance(store, SupportsMembership) or getattr(store, "read_only", False):
+            return
+        converter = self._converter or _wire_converter
+        self._node = ClusterNode(self.cluster, store, self, converter.unstructure)
+        await self._node.start(nursery)
+        self._host.owns = self._node.owns
+
+    async def _leave(self) -> None:
+        if self._node is not None:
+            with trio.move_on_after(TERMINATE_GRACE):
+                await self._node.leave()
 
     async def _close_store(self) -> None:
         """Close the store by the end of the shutdown's grace (TERMINATE_GRACE after
@@ -437,6 +490,80 @@ class PersistentSupervisor:
             raise SupervisorNotRunning(f"{self!r} is not open")
         self._nursery.start_soon(fn, *args)
 
+    # -- the cluster's side (`_cluster.Local`) -----------------------------------------
+
+    def _active_count(self) -> int:
+        return len(self._entries)
+
+    def _hand_off(self, mine: Callable[[ServerRef], bool]) -> int:
+        """Ask the servers that another node owns now to hibernate (once idle); the
+        messages that reach them meanwhile are sent on. Returns how many."""
+        moved = 0
+        for entry in list(self._entries.values()):
+            if not mine(entry.ref) and not entry.hibernate_now:
+                entry.hibernate_now = True
+                entry.wake()
+                moved += 1
+        return moved
+
+    def _stop_serving(self) -> None:
+        """The lease is about to run out: every server hibernates now."""
+        self._hand_off(lambda ref: False)
+
+    async def _serve_remote(
+        self, op: str, ref: ServerRef, payload: Any, chain: tuple[ServerRef, ...]
+    ) -> Any:
+        """A message for *ref* that this node serves: delivered here (`NotOwner` if
+        the server turns out to be another node's)."""
+        if self._closing:
+            raise NotOwner(f"{ref}: this node is shutting down")
+        if op == "call" or op == "stop":
+            entry, message = await self._send(
+                ref, Kind.CALL if op == "call" else Kind.STOP, payload, chain
+            )
+            return await self._wait_reply(ref, entry, message)
+        if op == "cast" or op == "info":
+            await self._deliver_async_here(ref, op, payload, chain)
+            return None
+        if op == "start":
+            info = self._kinds.get(ref.kind)
+            if info is None:
+                raise self._unknown_kind(ref.kind)
+            await self._start_here(info, ref, tuple(payload))
+            return None
+        raise ValueError(f"unknown operation {op!r}")
+
+    async def _routed(self, ref: ServerRef, op: str, payload: Any) -> Any:
+        """Deliver a message in a cluster: here when this node owns *ref*, else to
+        its owner; routed again when the owner moved meanwhile."""
+        node = self._node
+        assert node is not None
+        await trio.lowlevel.checkpoint_if_cancelled()
+        handling = live_handling()
+        chain: tuple[ServerRef, ...] = ()
+        if handling is not None:
+            waits = op in ("call", "stop")
+            chain = check_no_deadlock(ref, handling) if waits else handling.chain
+        request: bytes | None = None
+        for attempt in range(1_000):
+            address = node.route(ref)
+            if address is None:
+                try:
+                    return await self._serve_remote(op, ref, payload, chain)
+                except NotOwner:
+                    if self._closing:
+                        raise SupervisorNotRunning(
+                            f"supervisor {self.name!r} is shutting down"
+                        ) from None
+            else:
+                if request is None:
+                    request = node.encode(op, ref, payload, chain)
+                reply = await node.forward(address, ref, request)
+                if reply is not MOVED:
+                    return reply
+            await node.reroute(ref, attempt)
+        raise AssertionError("unreachable: reroute gives up first")
+
     # -- registry ---------------------------------------------------------------------
 
     def _register(self, cls: type[PersistentServer[Any]]) -> KindInfo:
@@ -546,6 +673,14 @@ class PersistentSupervisor:
         key = uuid.uuid4().hex if key is None else check_key(key)
         info = self._register(cls)
         ref = ServerRef(self.name, info.cls.kind, key)
+        if self._node is not None and self.cluster is not None:
+            self._check_open()
+            await self._routed(ref, "start", list(args))
+            return ref
+        await self._start_here(info, ref, args)
+        return ref
+
+    async def _start_here(self, info: KindInfo, ref: ServerRef, args: tuple[Any, ...]) -> None:
         while (entry := self._entries.get(ref)) is not None:
             if entry.status is Status.ACTIVATING and not entry.activated.is_set():
                 await entry.activated.wait()
@@ -554,10 +689,11 @@ class PersistentSupervisor:
         nursery = self._check_open()
         slot = ReplySlot()
         self._add(nursery, Entry(self._host, info, ref, StartRequest(args, slot)))
-        result: ServerRef = await slot.wait()
-        return result
+        await slot.wait()
 
-    async def _send(self, ref: ServerRef, kind: Kind, payload: Any) -> tuple[Entry, Message]:
+    async def _send(
+        self, ref: ServerRef, kind: Kind, payload: Any, chain: tuple[ServerRef, ...] | None = None
+    ) -> tuple[Entry, Message]:
         """Put a message in *ref*'s mailbox, waiting while it is full (backpressure).
 
         From inside a handler, a message that would wait on a server that waits on
@@ -567,9 +703,10 @@ class PersistentSupervisor:
         await trio.lowlevel.checkpoint_if_cancelled()
         handling = live_handling()
         waits = kind is Kind.CALL or kind is Kind.STOP
-        chain: tuple[ServerRef, ...] = ()
-        if handling is not None:
-            chain = check_no_deadlock(ref, handling) if waits else handling.chain
+        if chain is None:
+            chain = ()
+            if handling is not None:
+                chain = check_no_deadlock(ref, handling) if waits else handling.chain
         entry = self._entry(ref)
         slot = ReplySlot() if waits or kind is Kind.CRASH else None
         message = Message(kind, payload, slot, chain)
@@ -599,6 +736,8 @@ class PersistentSupervisor:
 
     async def _deliver_call(self, ref: ServerRef, request: Any) -> Any:
         # The hot path: `_send` and `_wait_reply` for a call, inlined.
+        if self.cluster is not None:
+            return await self._routed(ref, "call", request)
         await trio.lowlevel.checkpoint_if_cancelled()
         handling = current_handling.get()  # live_handling(), inlined
         if handling is not None and not handling.live:
@@ -631,7 +770,17 @@ class PersistentSupervisor:
     async def _deliver_async(self, ref: ServerRef, kind: str, payload: Any) -> None:
         """A cast or an info: accepted once queued and the server activated (a key
         with no record raises `ServerNotFound`)."""
-        entry, _ = await self._send(ref, Kind.CAST if kind == "cast" else Kind.INFO, payload)
+        if self.cluster is not None:
+            await self._routed(ref, kind, payload)
+            return
+        await self._deliver_async_here(ref, kind, payload)
+
+    async def _deliver_async_here(
+        self, ref: ServerRef, kind: str, payload: Any, chain: tuple[ServerRef, ...] | None = None
+    ) -> None:
+        entry, _ = await self._send(
+            ref, Kind.CAST if kind == "cast" else Kind.INFO, payload, chain
+        )
         if not entry.activated.is_set() and not await self._wait_activated(entry):
             return
         if entry.activation_error is not None:
@@ -664,6 +813,9 @@ class PersistentSupervisor:
             await message.slot.wait()
 
     async def _deliver_stop(self, ref: ServerRef, reason: str) -> None:
+        if self.cluster is not None:
+            await self._routed(ref, "stop", reason)
+            return
         await self._wait_reply(ref, *await self._send(ref, Kind.STOP, reason))
 
     # -- quarantine ---------------------------------------------------------------------
@@ -736,6 +888,9 @@ class PersistentSupervisor:
             migrations=counters.migrations,
             refusals=counters.refusals,
             unflushed=self._unflushed,
+            fenced_writes=writer.fenced,
+            **({} if self._node is None or self.cluster is None
+               else attrs.asdict(self._node.statistics())),
         )
 
 
@@ -743,13 +898,15 @@ class _Host:
     """The supervisor as its servers' entries and activations see it (`Host`)."""
 
     __slots__ = (
-        "claim", "counters", "max_active", "reaper", "store", "sup", "touch", "writer",
+        "claim", "counters", "max_active", "owns", "reaper", "store", "sup", "touch",
+        "writer",
     )
 
     def __init__(self, sup: PersistentSupervisor) -> None:
         self.sup = sup
         self.store = sup.store
         self.claim = claimer(sup.store)
+        self.owns: Callable[[ServerRef], bool] = _everywhere
         self.writer = sup._writer
         self.counters = sup._counters
         self.max_active = sup.max_active
@@ -788,3 +945,11 @@ class _Host:
 
     def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
         self.sup._spawn(fn, *args)
+
+
+def _everywhere(ref: ServerRef) -> bool:
+    return True
+
+
+#: How messages crossing to other nodes are unstructured without a converter=.
+_wire_converter = make_json_converter()

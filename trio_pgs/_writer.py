@@ -84,6 +84,8 @@ class Writer:
         self.commits = 0
         self.records_written = 0
         self.failed = 0
+        #: Operations refused for their epoch (a later claim took the record).
+        self.fenced = 0
         self._busy = False
 
     def idle(self) -> bool:
@@ -157,8 +159,11 @@ class Writer:
 
     def _finish(self, batch: _Batch) -> None:
         for index, callback in batch.callbacks:
+            error = batch.errors.get(index)
+            if isinstance(error, ConflictError) and error.fenced:
+                self.fenced += 1
             try:
-                callback(batch.errors.get(index))
+                callback(error)
             except Exception:  # a bug of ours: never let it stop the writer
                 logger.exception("a commit callback raised")
         batch.done.set()

@@ -1,0 +1,325 @@
+"""Clusters: one supervisor name served by several nodes on one database.
+
+`Cluster` is what a user configures. `ClusterNode` is this node's part: its
+membership (`Membership`), where each server lives (rendezvous hashing over the live
+nodes, `_placement`), and the messages it forwards to other nodes or serves for
+them (`Transport`, with `_wire` encoding). Which node *may write* a server is never
+decided here: the store's claims and epochs fence every write (docs/cluster.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import attrs
+import trio
+
+from . import _wire as wire
+from ._errors import MessageEncodingError, NodeUnavailable, NotOwner
+from ._membership import Membership
+from ._placement import owner
+from ._ref import ServerRef
+from ._store import Member, SupportsMembership
+from ._transport import PeerUnavailable, Transport
+
+logger = logging.getLogger("trio_pgs")
+
+#: How often a message is routed again (the owner moved, or was not reachable yet)
+#: before its sender gets `NodeUnavailable`.
+ROUTES = 6
+
+
+def _address(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"an address must be a 'host:port' str, not {value!r}")
+    _split(value)
+    return value
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"an address must be 'host:port', not {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def _secret(value: object) -> bytes:
+    if isinstance(value, str):
+        value = value.encode()
+    if not isinstance(value, bytes) or len(value) < 16:
+        raise ValueError(
+            "secret must be bytes or a str of at least 16 bytes, the same on every node "
+            "(for example secrets.token_hex(32), kept out of the code)"
+        )
+    return value
+
+
+def _lease(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 1 <= value <= 3600:
+        raise ValueError(f"lease must be between 1 and 3600 seconds, not {value!r}")
+    return float(value)
+
+
+def _ssl(value: object) -> ssl.SSLContext | None:
+    if value is not None and not isinstance(value, ssl.SSLContext):
+        raise TypeError(f"ssl_context must be an ssl.SSLContext or None, not {value!r}")
+    return value
+
+
+@attrs.frozen
+class Cluster:
+    """How a supervisor joins the cluster of its name (docs/cluster.md).
+
+    Every `PersistentSupervisor` of one ``name`` on one database opened with a
+    ``Cluster`` is a node of that cluster. ``listen`` is where this node accepts the
+    other nodes' connections (``"127.0.0.1:0"``: loopback, any free port);
+    ``advertise`` is the address the others use to reach it (None: the address it
+    listens on). ``secret`` (bytes or str, 16 bytes or more, the same on every node)
+    authenticates every connection between nodes. ``lease`` is how long a node's
+    membership lasts without renewal, in seconds: a node that dies is replaced after
+    at most that long. ``ssl_context`` (a server-side context) and
+    ``client_ssl_context`` (client-side, checking the others' certificates) put every
+    connection between nodes under TLS; give both or neither.
+    """
+
+    secret: bytes = attrs.field(converter=_secret, repr=False)
+    listen: str = attrs.field(default="127.0.0.1:0", converter=_address)
+    advertise: str | None = attrs.field(
+        default=None, converter=attrs.converters.optional(_address)
+    )
+    lease: float = attrs.field(default=10.0, converter=_lease)
+    ssl_context: ssl.SSLContext | None = attrs.field(default=None, converter=_ssl)
+    client_ssl_context: ssl.SSLContext | None = attrs.field(default=None, converter=_ssl)
+
+    def __attrs_post_init__(self) -> None:
+        if (self.ssl_context is None) != (self.client_ssl_context is None):
+            raise ValueError(
+                "give both ssl_context (to accept connections) and client_ssl_context (to "
+                "make them), or neither"
+            )
+
+
+@attrs.frozen
+class ClusterStatistics:
+    """The cluster's part of `SupervisorStatistics`."""
+
+    nodes: int = 1
+    forwarded: int = 0
+    served_for_others: int = 0
+    handoffs: int = 0
+    lost_leases: int = 0
+
+
+class Local(Protocol):
+    """What a node needs of its supervisor (`PersistentSupervisor`)."""
+
+    name: str
+
+    async def _serve_remote(
+        self, op: str, ref: ServerRef, payload: Any, chain: tuple[ServerRef, ...]
+    ) -> Any: ...
+
+    def _hand_off(self, mine: Callable[[ServerRef], bool]) -> int: ...
+
+    def _stop_serving(self) -> None: ...
+
+    def _active_count(self) -> int: ...
+
+
+#: `ClusterNode.forward`'s answer when the node it reached does not own the server.
+MOVED: Any = object()
+
+
+class ClusterNode:
+    """This node of a cluster: its lease, its view of the others, its forwarding."""
+
+    def __init__(
+        self, config: Cluster | None, store: SupportsMembership, local: Local,
+        unstructure: wire.Unstructure,
+    ) -> None:
+        self.config = config
+        self.local = local
+        self.unstructure = unstructure
+        lease = config.lease if config is not None else 10.0
+        self.membership = Membership(
+            store, local.name, address="", clustered=config is not None, lease=lease,
+            on_change=self._view_changed, on_lost=self._lost, active=local._active_count,
+        )
+        self.transport: Transport | None = None
+        #: Placement: the live nodes that take servers, and where each one listens.
+        self._nodes: tuple[str, ...] = ()
+        self._addresses: dict[str, tuple[str, int]] = {}
+        self._owners: dict[ServerRef, str] = {}
+        self.forwarded = self.served = self.handoffs = 0
+
+    @property
+    def node(self) -> str:
+        return self.membership.node
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Listen (in a cluster), join, and keep the lease in *nursery*."""
+        config = self.config
+        if config is not None:
+            self.transport = Transport(
+                node=self.node, cluster=self.local.name, secret=config.secret,
+                handler=self._serve, server_ssl=config.ssl_context,
+                client_ssl=config.client_ssl_context,
+            )
+            host, port = _split(config.listen)
+            bound = await nursery.start(self.transport.serve, host, port)
+            self.membership.address = config.advertise or f"{bound[0]}:{bound[1]}"
+        await self.membership.join()
+        nursery.start_soon(self.membership.run)
+
+    async def leave(self) -> None:
+        self.membership.leaving = True
+        await self.membership.leave()
+        if self.transport is not None:
+            await self.transport.aclose()
+
+    async def announce_leaving(self) -> None:
+        """Tell the others this node is leaving: they stop routing to it."""
+        self.membership.leaving = True
+        self._nodes = tuple(n for n in self._nodes if n != self.node)
+        self._owners.clear()
+        with trio.move_on_after(self.membership.lease / 3):
+            await self.membership.refresh()
+
+    def statistics(self) -> ClusterStatistics:
+        return ClusterStatistics(
+            nodes=len(self.membership.members), forwarded=self.forwarded,
+            served_for_others=self.served, handoffs=self.handoffs,
+            lost_leases=self.membership.lost_leases,
+        )
+
+    # -- placement ---------------------------------------------------------------------
+
+    def _view_changed(self, members: tuple[Member, ...]) -> None:
+        nodes = tuple(m.node for m in members if m.clustered and not m.leaving)
+        if self.membership.leaving:
+            nodes = tuple(n for n in nodes if n != self.node)
+        self._addresses = {
+            m.node: _split(m.address) for m in members if m.clustered and m.address
+        }
+        if nodes != self._nodes:
+            logger.info("supervisor %r: node %s sees %d node(s): %s", self.local.name,
+                        self.node, len(nodes), ", ".join(nodes))
+            self._nodes = nodes
+            self._owners.clear()
+            if self.config is not None:
+                self.handoffs += self.local._hand_off(self.owns)
+
+    def _lost(self) -> None:
+        self._owners.clear()
+        if self.config is not None:
+            self.local._stop_serving()
+
+    def owner_of(self, ref: ServerRef) -> str | None:
+        """The node that owns *ref* now (None: no node takes servers)."""
+        found = self._owners.get(ref)
+        if found is None and self._nodes:
+            if len(self._owners) > 100_000:
+                self._owners.clear()
+            found = self._owners[ref] = owner(self._nodes, ref.kind, ref.key)
+        return found
+
+    def owns(self, ref: ServerRef) -> bool:
+        """Whether this node serves *ref* now (without a cluster: while its lease holds)."""
+        if self.config is None:
+            return True
+        return self.membership.serving and self.owner_of(ref) == self.node
+
+    # -- forwarding --------------------------------------------------------------------
+
+    def route(self, ref: ServerRef) -> tuple[str, int] | None:
+        """Where to send a message for *ref*: None to handle it here, else an address.
+        `NodeUnavailable` (not sent) when no node takes servers now."""
+        node = self.owner_of(ref)
+        if node is None:
+            raise NodeUnavailable(f"{ref}: no node of the cluster takes servers now",
+                                  sent=False)
+        if node == self.node:
+            if not self.membership.serving:
+                raise NodeUnavailable(f"{ref}: its node lost its lease; try again",
+                                      sent=False)
+            return None
+        address = self._addresses.get(node)
+        if address is None:
+            raise NodeUnavailable(f"{ref}: its node {node} gave no address", sent=False)
+        return address
+
+    async def reroute(self, ref: ServerRef, attempt: int) -> None:
+        """Before routing *ref* again: learn the members, and wait a moment."""
+        if attempt + 1 >= ROUTES:
+            raise NodeUnavailable(
+                f"{ref}: its owner could not be reached after {ROUTES} attempts", sent=False
+            )
+        await self.membership.refresh()
+        await trio.sleep(0.02 * 2**attempt)
+
+    def encode(self, op: str, ref: ServerRef, payload: Any,
+               chain: tuple[ServerRef, ...]) -> bytes:
+        """The request (`MessageEncodingError` before anything is sent)."""
+        packed = wire.pack(payload, self.unstructure)
+        return wire.encode({
+            "op": op, "kind": ref.kind, "key": ref.key, "body": packed,
+            "chain": [[hop.kind, hop.key] for hop in chain],
+        })
+
+    async def forward(self, address: tuple[str, int], ref: ServerRef, request: bytes) -> Any:
+        """Send *request* to the node at *address*; its reply, or `MOVED`."""
+        assert self.transport is not None
+        where = f"{address[0]}:{address[1]}"
+        self.forwarded += 1
+        try:
+            body = await self.transport.request(address, request)
+        except PeerUnavailable as exc:
+            if not exc.sent:
+                return MOVED  # never reached it: route again
+            raise NodeUnavailable(
+                f"{ref}: node {where} was lost with this message in flight ({exc}); its "
+                "outcome is unknown", sent=True,
+            ) from None
+        try:
+            reply = wire.decode(body)
+        except ValueError:
+            raise NodeUnavailable(f"{ref}: node {where} answered garbage", sent=True) from None
+        if "moved" in reply:
+            return MOVED
+        if "error" in reply:
+            raise wire.unpack_error(reply["error"], ref, where)
+        return wire.unpack(reply.get("ok"))
+
+    async def _serve(self, body: bytes) -> bytes:
+        """A request from another node, handled here (the transport's handler)."""
+        try:
+            message = wire.decode(body)
+            op, kind, key = message["op"], message["kind"], message["key"]
+            chain = tuple(ServerRef(self.local.name, k, n) for k, n in message["chain"])
+            ref = ServerRef(self.local.name, kind, key)
+            payload = wire.unpack(message["body"])
+        except (ValueError, KeyError, TypeError) as exc:
+            logger.warning("supervisor %r: a malformed request from a node was ignored "
+                           "(%s)", self.local.name, exc)
+            return wire.encode({"error": {"type": "TrioPGSError",
+                                          "message": "malformed request"}})
+        if not self.owns(ref):
+            return wire.encode({"moved": True})
+        self.served += 1
+        try:
+            result = await self.local._serve_remote(op, ref, payload, chain)
+            return wire.encode({"ok": wire.pack(result, self.unstructure)})
+        except NotOwner:
+            return wire.encode({"moved": True})
+        except MessageEncodingError as exc:
+            return wire.encode({"error": wire.pack_error(MessageEncodingError(
+                f"{ref}: the reply cannot be sent back to the calling node: {exc}"
+            ), self.unstructure)})
+        except Exception as exc:
+            return wire.encode({"error": wire.pack_error(exc, self.unstructure)})
+
+
+Handler = Callable[[bytes], Awaitable[bytes]]
