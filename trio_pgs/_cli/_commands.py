@@ -1,4 +1,5 @@
-"""The commands of ``trio-pgs``: list, show, stats, release, purge, export, import."""
+"""The commands of ``trio-pgs``: list, show, stats, release, purge, export, import,
+nodes."""
 
 from __future__ import annotations
 
@@ -13,7 +14,16 @@ from typing import IO
 import attrs
 
 from .._errors import PersistenceError
-from .._store import Claim, Delete, Put, Record, claimer, next_version
+from .._store import (
+    Claim,
+    Delete,
+    Member,
+    Put,
+    Record,
+    SupportsMembership,
+    claimer,
+    next_version,
+)
 from ._exchange import import_refusal, read_records, record_to_json
 from ._exit import EXIT_NOT_STARTED, EXIT_OK, CommandError
 from ._opener import CommandStore, session, shown, store_from_spec
@@ -117,6 +127,42 @@ def stats_command(args: argparse.Namespace) -> int:
     table(("KIND", "RECORDS", "QUARANTINED", "BYTES"), [*rows, ("(total)", *total)],
            numeric={1, 2, 3})
     return EXIT_OK
+
+
+def nodes_command(args: argparse.Namespace) -> int:
+    async def members(store: CommandStore) -> tuple[Member, ...] | None:
+        if not isinstance(store, SupportsMembership):
+            return None
+        return await store.members(args.supervisor)
+
+    found = session(store_from_spec(args.store, write=False), members)
+    if found is None:
+        # Opened all the same: a directory that is no store is refused as elsewhere.
+        err(f"{shown(args.store)} has no nodes: a DiskCacheStore directory serves one "
+            "process and keeps no membership (clusters need a PostgresStore)")
+        return EXIT_OK
+    rows = [(m.supervisor, m.node, m.incarnation, _address(m), m.host, m.pid,
+             _lease_left(m), "yes" if m.leaving else "no", m.active) for m in found]
+    header = ("SUPERVISOR", "NODE", "INCARNATION", "ADDRESS", "HOST", "PID", "LEASE",
+              "LEAVING", "ACTIVE")
+    table(header, rows, numeric={2, 5, 6, 8})
+    if not rows and args.supervisor is None:
+        err(f"no supervisor is open on {shown(args.store)}")
+    elif not rows:
+        err(f"supervisor {args.supervisor!r} has no node open on {shown(args.store)}")
+    return EXIT_OK
+
+
+def _address(member: Member) -> str:
+    if not member.clustered:
+        return "(no cluster)"
+    return member.address or "-"
+
+
+def _lease_left(member: Member) -> str:
+    """Seconds left by the database's clock when it was read; a lease that ran out is
+    kept until the next join of its name removes it."""
+    return f"{member.expires_in:.1f}" if member.expires_in > 0 else "expired"
 
 
 def release_command(args: argparse.Namespace) -> int:

@@ -37,8 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trio-pgs",
         description="Inspect and repair the servers stored in a trio-pgs store. STORE is "
-        "its directory, or a store URL: diskcache:PATH, diskcache:///absolute/path. Safe "
-        "while an application has the store open (see docs/cli.md).",
+        "its directory, or a store URL: diskcache:PATH, diskcache:///absolute/path, "
+        "postgresql://... Safe while an application has the store open (see docs/cli.md).",
         epilog="Exit status: 0 done; 1 ran and did not do all that was asked (no such "
         "record, a refusal, a conflict with another writer, a failed read or write, an "
         "incomplete export); 2 could not start, nothing changed (bad usage, a store that "
@@ -51,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
                 ident: bool = False) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help)
         sub.add_argument("store", metavar="STORE",
-                         help="the store: its directory, or a URL (diskcache:PATH)")
+                         help="the store: its directory, or a URL (diskcache:PATH, "
+                         "postgresql://...[?schema=NAME])")
         if ident:
             sub.add_argument("kind", metavar="KIND", type=_kind, help="the server's kind")
             sub.add_argument("key", metavar="KEY", type=_key, help="the server's key")
@@ -74,6 +75,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     command("export", run.export_command, "Write every record as JSON lines.").add_argument(
         "--output", "-o", metavar="FILE", help="write to FILE instead of stdout"
+    )
+    command("nodes", run.nodes_command, "The nodes of each supervisor open on a PostgreSQL "
+            "store: address, host, pid, lease left (s), active servers.").add_argument(
+        "--supervisor", metavar="NAME", help="only the nodes of this supervisor name"
     )
     importer = command("import", run.import_command, "Add the records of an export to the "
                        "store (which is created in a new or empty directory).")
