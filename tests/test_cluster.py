@@ -1,0 +1,668 @@
+"""Clusters with real processes: nodes of one supervisor name on one PostgreSQL schema
+(tests/cluster_node.py), started, killed, paused and restarted by these tests.
+
+What they check is what a user relies on: a server is activated once however many nodes
+race for it; an acknowledged increment is stored exactly once whatever happens to the
+nodes (SIGKILL, SIGSTOP past the lease, rolling restarts), and nothing is stored that no
+node sent; a ref used on any node reaches its server with the right reply; a node shrugs
+off peers that do not speak its protocol. Real processes and real time, necessarily:
+``TRIO_PGS_CLUSTER_ROUNDS`` (default 10) sets the number of kill-and-pause rounds.
+Everything listens on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import hmac
+import json
+import os
+import random
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import psycopg
+import trio
+
+import trio_pgs
+from trio_pgs import PersistentSupervisor
+
+from . import cluster_node
+from .postgres import Server
+
+NODE = Path(cluster_node.__file__)
+ROUNDS = int(os.environ.get("TRIO_PGS_CLUSTER_ROUNDS", "10"))
+#: Short leases keep the test fast: a dead or paused node is replaced within this.
+LEASE = 1.5
+#: What a node waits for before it stops by itself (a test that died).
+NODE_DEADLINE = 150.0
+#: Only for a node that is stuck, or a machine under heavy load: never reached otherwise.
+TIMEOUT = 30.0
+#: Errors an unacknowledged increment may meet while nodes die, pause or leave (their
+#: subclasses too: a fenced write is a `ConflictError`, a `PersistenceError`).
+UNKNOWN_OUTCOMES = {
+    name for name, value in vars(trio_pgs).items()
+    if isinstance(value, type) and issubclass(
+        value, trio_pgs.NodeUnavailable | trio_pgs.PersistenceError | trio_pgs.OutcomeUnknown
+    )
+}
+
+
+class NodeProcess:
+    """One node program: its commands on stdin, its JSON lines from stdout (read by a
+    thread), its stderr and its increments' log in files."""
+
+    def __init__(self, cluster: ClusterRun, label: str) -> None:
+        self.label = label
+        self.log = cluster.directory / f"{label}.log"
+        self.stderr_path = cluster.directory / f"{label}.stderr"
+        self.lines: list[dict[str, Any]] = []
+        self._taken: set[int] = set()
+        self._changed = threading.Condition()
+        with self.stderr_path.open("wb") as stderr:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(NODE), cluster.schema, label, str(self.log),
+                 str(NODE_DEADLINE), str(LEASE)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
+                env={**os.environ, cluster_node.DSN_VARIABLE: cluster.dsn},
+            )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.ready: dict[str, Any] = {}
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            if not raw.endswith(b"\n"):
+                continue  # cut short by a kill
+            with self._changed:
+                self.lines.append(json.loads(raw))
+                self._changed.notify_all()
+        with self._changed:
+            self.lines.append({"eof": True})
+            self._changed.notify_all()
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def expect(self, match: Callable[[dict[str, Any]], bool], what: str,
+               timeout: float = TIMEOUT) -> dict[str, Any]:
+        """The first line not taken yet that *match*es (taken now)."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for i, line in enumerate(self.lines):
+                    if i not in self._taken and match(line):
+                        self._taken.add(i)
+                        return line
+                    if "eof" in line:
+                        raise AssertionError(
+                            f"node {self.label} ended (status {self.proc.poll()}) while "
+                            f"waiting for {what}; its stderr:\n{self.stderr()[-4000:]}"
+                        )
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(
+                        f"node {self.label}: no {what} within {timeout} s; its stderr:\n"
+                        f"{self.stderr()[-4000:]}"
+                    )
+                self._changed.wait(left)
+
+    def wait_ready(self) -> dict[str, Any]:
+        if not self.ready:
+            self.ready = self.expect(lambda line: "ready" in line, "ready line")
+        return self.ready
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, _, port = self.wait_ready()["ready"].rpartition(":")
+        return host, int(port)
+
+    def send(self, op: str, **fields: Any) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write((json.dumps({"op": op, **fields}) + "\n").encode())
+        self.proc.stdin.flush()
+
+    def answer(self, op: str, timeout: float = TIMEOUT) -> dict[str, Any]:
+        return self.expect(lambda line: line.get("op") == op, f"answer to {op!r}", timeout)
+
+    def request(self, op: str, timeout: float = TIMEOUT, **fields: Any) -> dict[str, Any]:
+        self.send(op, **fields)
+        return self.answer(op, timeout)
+
+    def activations(self) -> list[str]:
+        """The keys activated here so far, one per activation."""
+        with self._changed:
+            return [line["key"] for line in self.lines if line.get("event") == "activated"]
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.alive():
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(TIMEOUT)
+
+    def pause(self) -> None:
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def stop(self, how: str = "command") -> dict[str, Any]:
+        """A graceful stop (a stop command, or SIGTERM): its final statistics."""
+        if how == "command":
+            self.send("stop")
+        else:
+            os.kill(self.proc.pid, signal.SIGTERM)
+        status = self.proc.wait(TIMEOUT)
+        bye = self.expect(lambda line: "bye" in line, "bye line")
+        assert status == 0, f"node {self.label} exited with {status}:\n{self.stderr()[-4000:]}"
+        assert not bye["deadline"], f"node {self.label} reached its deadline"
+        return bye
+
+    def close(self) -> None:
+        """Whatever its state: killed (a stopped process too), reaped, pipes closed."""
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(TIMEOUT)
+        self._reader.join(TIMEOUT)
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
+
+
+@attrs.define
+class ClusterRun:
+    """The nodes of one test, on one schema; every one of them killed at the end."""
+
+    dsn: str
+    schema: str
+    directory: Path
+    nodes: list[NodeProcess] = attrs.Factory(list)
+
+    def start(self, label: str) -> NodeProcess:
+        node = NodeProcess(self, label)
+        self.nodes.append(node)
+        return node
+
+    def start_all(self, labels: list[str]) -> list[NodeProcess]:
+        nodes = [self.start(label) for label in labels]
+        for node in nodes:
+            node.wait_ready()
+        return nodes
+
+    def wait_nodes(self, nodes: list[NodeProcess], n: int) -> None:
+        for node in nodes:
+            node.send("wait_nodes", n=n)
+        for node in nodes:
+            node.answer("wait_nodes")
+
+    def logs(self) -> Increments:
+        return Increments.read([node.log for node in self.nodes])
+
+    def members(self) -> set[str]:
+        """The node ids whose lease holds now, by the database's clock."""
+        with psycopg.connect(self.dsn, autocommit=True) as db:
+            rows = db.execute(
+                f"SELECT node FROM {self.schema}.nodes WHERE supervisor = %s"
+                " AND expires_at > now()", (cluster_node.NAME,),
+            ).fetchall()
+        return {row[0] for row in rows}
+
+    def missing_members(self, nodes: list[NodeProcess], timeout: float) -> list[str]:
+        """The labels of *nodes* that are not members holding their lease (renewed
+        over two leases) within *timeout* seconds; [] once they all are."""
+        deadline = time.monotonic() + timeout
+        while True:
+            wanted = {node.wait_ready()["node"]: node.label for node in nodes}
+            missing = [label for node, label in wanted.items() if node not in self.members()]
+            if not missing:
+                time.sleep(2 * LEASE)  # still members: they renew
+                missing = [label for n, label in wanted.items() if n not in self.members()]
+            if not missing or time.monotonic() > deadline:
+                return missing
+            time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def cluster_run(postgres: Server, tmp_path: Path) -> Iterator[ClusterRun]:
+    run = ClusterRun(postgres.dsn, postgres.schema(), tmp_path)
+    try:
+        yield run
+    finally:
+        for node in run.nodes:
+            node.close()
+
+
+@attrs.define
+class Increments:
+    """What the nodes' logs say: every increment sent (id -> key), acknowledged, failed."""
+
+    sent: dict[str, str] = attrs.Factory(dict)
+    acked: dict[str, str] = attrs.Factory(dict)
+    failed: dict[str, str] = attrs.Factory(dict)
+
+    @classmethod
+    def read(cls, paths: list[Path]) -> Increments:
+        found = cls()
+        for path in paths:
+            if not path.exists():
+                continue
+            for line in path.read_text().splitlines(keepends=True):
+                if not line.endswith("\n"):
+                    continue  # cut short by a kill: not an acknowledgement
+                tag, op, key, *rest = line.split()
+                if tag == "S":
+                    assert op not in found.sent, f"{path}: the id {op} was sent twice"
+                    found.sent[op] = key
+                elif tag == "A":
+                    found.acked[op] = key
+                elif tag == "E":
+                    found.failed[op] = rest[0]
+                else:
+                    raise AssertionError(f"{path}: unexpected line {line!r}")
+        return found
+
+    def errors(self) -> collections.Counter[str]:
+        return collections.Counter(self.failed.values())
+
+    def acked_by(self, prefix: str) -> int:
+        return sum(1 for op in self.acked if op.startswith(prefix + "."))
+
+
+async def read_store(dsn: str, schema: str) -> dict[str, list[str]]:
+    """Every tally's stored increment ids, read with a fresh store."""
+    store = trio_pgs.PostgresStore(dsn, schema=schema)
+    states: dict[str, list[str]] = {}
+    await store.open()
+    try:
+        with trio.fail_after(TIMEOUT):
+            async for record in store.scan(cluster_node.TallyServer.kind):
+                assert not record.crashes and not record.quarantined, record
+                states[record.key] = json.loads(record.data)["ids"]
+    finally:
+        await store.close()
+    return states
+
+
+def check_exactly_once(run: ClusterRun) -> tuple[Increments, dict[str, list[str]]]:
+    """Every acknowledged increment is stored once, under its key; nothing stored twice;
+    nothing stored that no node sent."""
+    logs = run.logs()
+    stored = trio.run(read_store, run.dsn, run.schema)
+    where = {op: key for key, ops in stored.items() for op in ops}
+    twice = [
+        op for op, count in collections.Counter(
+            op for ops in stored.values() for op in ops
+        ).items() if count > 1
+    ]
+    assert not twice, f"{len(twice)} increment(s) applied twice, e.g. {twice[:10]}"
+    lost = [op for op in logs.acked if op not in where]
+    assert not lost, f"{len(lost)} acknowledged increment(s) lost, e.g. {lost[:10]}"
+    misplaced = [op for op, key in logs.acked.items() if where[op] != key]
+    assert not misplaced, f"stored under another key: {misplaced[:10]}"
+    invented = [op for op in where if op not in logs.sent]
+    assert not invented, f"stored but never sent: {invented[:10]}"
+    unknown = set(logs.errors()) - UNKNOWN_OUTCOMES
+    assert not unknown, f"increments failed with unexpected errors: {logs.errors()}"
+    # A write refused for its epoch (fenced) was not stored, not by anyone.
+    fenced = [op for op, error in logs.failed.items() if error == "ConflictError" and op in where]
+    assert not fenced, f"refused as fenced, yet stored: {fenced[:10]}"
+    return logs, stored
+
+
+def summary(logs: Increments, stored: dict[str, list[str]]) -> str:
+    unacked_stored = sum(1 for op in logs.failed if any(op in ops for ops in stored.values()))
+    return (
+        f"{len(logs.sent)} increments sent, {len(logs.acked)} acknowledged (every one "
+        f"stored once), {len(logs.failed)} failed {dict(logs.errors())} "
+        f"({unacked_stored} of those stored anyway), "
+        f"{sum(map(len, stored.values()))} stored in {len(stored)} tallies"
+    )
+
+
+async def create_dormant(dsn: str, schema: str, keys: list[str]) -> None:
+    """Start the tallies *keys* in the store, then leave them dormant."""
+    store = trio_pgs.PostgresStore(dsn, schema=schema)
+    async with PersistentSupervisor(
+        store=store, name="setup", servers=[cluster_node.TallyServer]
+    ) as sup:
+        with trio.fail_after(TIMEOUT):
+            for key in keys:
+                await sup.start(cluster_node.TallyServer, key=key)
+
+
+def test_racing_nodes_activate_each_server_once(postgres: Server, tmp_path: Path) -> None:
+    dormant = [f"old-{i}" for i in range(20)]
+    fresh = [f"new-{i}" for i in range(20)]
+    with cluster_run(postgres, tmp_path) as run:
+        trio.run(create_dormant, run.dsn, run.schema, dormant)
+        nodes = run.start_all(["a", "b", "c"])
+        run.wait_nodes(nodes, 3)
+        at = time.time() + 1.0  # the same instant on every node
+        for node in nodes:
+            node.send("race", at=at, start=fresh, call=dormant)
+        races = [node.answer("race") for node in nodes]
+
+        # Every increment acknowledged; each fresh server started by one node only.
+        for node, race in zip(nodes, races, strict=True):
+            results = race["results"]
+            assert all(results[key] == "A" for key in dormant + fresh), (node.label, results)
+        for key in fresh:
+            outcomes = sorted(race["results"][f"start {key}"] for race in races)
+            assert outcomes == ["exists", "exists", "started"], (key, outcomes)
+
+        # Each server activated exactly once, on one node.
+        stats = [node.request("stats")["stats"] for node in nodes]
+        activated = collections.Counter(key for node in nodes for key in node.activations())
+        assert activated == collections.Counter(dormant + fresh), activated
+        assert sum(s["activations"] for s in stats) == len(dormant + fresh), stats
+        assert all(s["nodes"] == 3 for s in stats), stats
+        assert sum(s["forwarded"] for s in stats) > 0, stats
+
+        for node in nodes:
+            node.stop()
+        logs, stored = check_exactly_once(run)
+        assert len(logs.acked) == 3 * len(dormant + fresh)
+        assert all(len(stored[key]) == 3 for key in dormant + fresh), stored
+
+
+def test_acknowledged_increments_survive_kills_and_pauses(
+    postgres: Server, tmp_path: Path
+) -> None:
+    rng = random.Random()
+    keys = [f"k{i}" for i in range(12)]
+    actions: list[str] = []
+    with cluster_run(postgres, tmp_path) as run:
+        nodes = run.start_all(["n0", "n1", "n2"])
+        run.wait_nodes(nodes, 3)
+        for node in nodes:
+            node.request("probe", keys=keys)  # starts every tally (once)
+            node.request("work", keys=keys, callers=4, pause=0.01)
+        time.sleep(1.0)
+        for r in range(ROUNDS):
+            live = [node for node in nodes if node.alive()]
+            victim, sleeper = rng.sample(live, 2)
+            victim.kill()
+            replacement = run.start(f"r{r}")
+            sleeper.pause()
+            time.sleep(LEASE + 0.8)  # past the lease: the others take its servers
+            sleeper.resume()
+            actions.append(f"kill {victim.label}, pause {sleeper.label}")
+            replacement.wait_ready()
+            replacement.request("work", keys=keys, callers=4, pause=0.01)
+            nodes = [node for node in nodes if node is not victim] + [replacement]
+            time.sleep(rng.uniform(0.2, 0.8))
+
+        # Once the disturbance ends, every node is a member again and works. (Checked
+        # after the data, so that a failure here still shows whether data was lost.)
+        stuck = run.missing_members(nodes, timeout=10.0)
+        before = run.logs()
+        time.sleep(2.0)
+        after = run.logs()
+        idle = [n.label for n in nodes if after.acked_by(n.label) <= before.acked_by(n.label)]
+        byes = [node.stop() for node in nodes]
+        logs, stored = check_exactly_once(run)
+    fenced = sum(bye["bye"]["fenced_writes"] for bye in byes)
+    lost_leases = sum(bye["bye"]["lost_leases"] for bye in byes)
+    print(
+        f"\ncluster kills and pauses: {ROUNDS} rounds ({'; '.join(actions)}); "
+        f"{summary(logs, stored)}; surviving nodes: {lost_leases} lost leases, "
+        f"{fenced} fenced writes"
+    )
+    # LIBRARY BUG (found by this test; see test_node_paused_past_its_lease_joins_again):
+    # a node that lost its lease can stay out of the cluster for good.
+    assert not stuck, (
+        f"node(s) {stuck} were no members of the cluster 10 s after the last round: "
+        "they never joined again after losing their lease (see their stderr)"
+    )
+    assert not idle, f"node(s) {idle} acknowledged nothing in the 2 s after the last round"
+    assert len(logs.acked) > 100 * ROUNDS // 10, "too little work to prove anything"
+
+
+def test_node_paused_past_its_lease_joins_again(postgres: Server, tmp_path: Path) -> None:
+    # LIBRARY BUG (trio_pgs/_membership.py), found by the kill-and-pause test: when a
+    # renewal made by `Membership.refresh()` (a reroute, a join) learns that this node is
+    # no member any more, `_lose` runs inside that refresh; its `join()` then calls
+    # `refresh()`, which waits for the refresh under way, its own: the membership
+    # deadlocks and the node never renews again (and a second `_lose`, from the renewal
+    # loop, joins the same node id meanwhile: "duplicate key ... nodes_pkey").
+    keys = [f"z{i}" for i in range(12)]
+    with cluster_run(postgres, tmp_path) as run:
+        nodes = run.start_all(["a", "b", "c"])
+        run.wait_nodes(nodes, 3)
+        for node in nodes:
+            node.request("probe", keys=keys)
+            node.request("work", keys=keys, callers=4, pause=0.01)
+        sleeper = nodes[2]
+        time.sleep(0.5)
+        sleeper.pause()
+        # A node joins meanwhile: when the sleeper wakes, its stale view sends some
+        # messages to nodes that no longer own their servers (moved: routed again,
+        # which refreshes the membership).
+        nodes.append(run.start("d"))
+        nodes[3].wait_ready()
+        nodes[3].request("work", keys=keys, callers=4, pause=0.01)
+        time.sleep(LEASE + 0.5)
+        sleeper.resume()
+        missing = run.missing_members(nodes, timeout=10.0)
+        if missing:
+            for node in nodes:
+                node.stop()
+        assert not missing, (
+            f"node {missing} never became a member again after its pause; its stderr:\n"
+            f"{sleeper.stderr()[-3000:]}"
+        )
+        before = run.logs().acked_by("c")
+        time.sleep(1.0)
+        assert run.logs().acked_by("c") > before, "the paused node does not work again"
+        byes = [node.stop() for node in nodes]
+        assert byes[2]["bye"]["lost_leases"] == 1, byes[2]
+        check_exactly_once(run)
+
+
+def test_forwarded_calls_under_load_get_their_own_replies(
+    postgres: Server, tmp_path: Path
+) -> None:
+    keys = [f"f{i}" for i in range(24)]
+    with cluster_run(postgres, tmp_path) as run:
+        nodes = run.start_all(["a", "b", "c"])
+        run.wait_nodes(nodes, 3)
+        caller, *others = nodes
+        remote = caller.request("probe", keys=keys)["remote"]
+        assert 8 <= len(remote) < len(keys), remote  # rendezvous spreads them
+        served_before = sum(n.request("stats")["stats"]["served_for_others"] for n in others)
+        callers, calls = 100, 10
+        load = caller.request("load", keys=remote, callers=callers, calls=calls, timeout=60)
+        assert load["wrong_count"] == 0, load["wrong"]
+        assert load["forwarded"] >= callers * calls, load
+        served = sum(n.request("stats")["stats"]["served_for_others"] for n in others)
+        assert served - served_before >= callers * calls
+        for node in nodes:
+            node.stop()
+        logs, stored = check_exactly_once(run)
+    assert not logs.failed
+    for key, count in load["added"].items():
+        assert len(stored[key]) == count, (key, count, stored[key])
+    assert sum(load["added"].values()) == callers * calls // 2
+
+
+def test_rolling_restart_loses_no_acknowledged_increment(
+    postgres: Server, tmp_path: Path
+) -> None:
+    keys = [f"r{i}" for i in range(12)]
+    with cluster_run(postgres, tmp_path) as run:
+        nodes = run.start_all(["a0", "b0", "c0"])
+        run.wait_nodes(nodes, 3)
+        for node in nodes:
+            node.request("probe", keys=keys)
+            node.request("work", keys=keys, callers=4, pause=0.01)
+        time.sleep(1.0)
+        for i in range(3):
+            leaving = nodes[0]
+            handoffs = leaving.stop("SIGTERM")["bye"]["handoffs"]
+            assert handoffs >= 0
+            replacement = run.start(f"{'abc'[i]}1")
+            replacement.wait_ready()
+            nodes = [*nodes[1:], replacement]
+            run.wait_nodes(nodes, 3)
+            replacement.request("work", keys=keys, callers=4, pause=0.01)
+            time.sleep(1.0)
+        before = run.logs()
+        time.sleep(1.0)
+        after = run.logs()
+        for node in nodes:
+            assert after.acked_by(node.label) > before.acked_by(node.label), node.label
+        for node in nodes:
+            node.stop()
+        logs, stored = check_exactly_once(run)
+    print(f"\ncluster rolling restart: {summary(logs, stored)}")
+
+
+# -- peers that do not speak the protocol -----------------------------------------------
+
+_LENGTH = struct.Struct(">I")
+
+
+def _receive_frame(sock: socket.socket) -> bytes:
+    header = _receive_exactly(sock, 4)
+    return _receive_exactly(sock, _LENGTH.unpack(header)[0])
+
+
+def _receive_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        assert chunk, "the node closed the connection early"
+        data += chunk
+    return data
+
+
+def _closed_by_node(sock: socket.socket, within: float) -> bool:
+    """Whether the node ends the connection within *within* seconds (reading anything
+    it still sends first)."""
+    sock.settimeout(within)
+    try:
+        while sock.recv(4096):
+            pass
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    return True
+
+
+def _hello(address: tuple[str, int]) -> tuple[socket.socket, bytes]:
+    sock = socket.create_connection(address, timeout=TIMEOUT)
+    hello = _receive_frame(sock)
+    assert hello[:5] == b"TPGS\x01" and len(hello) == 37, hello
+    return sock, hello[5:]
+
+
+def _authenticate(address: tuple[str, int], me: str) -> socket.socket:
+    """A client that knows the secret, as tests/cluster_node.py's nodes do (the proof
+    is documented in trio_pgs/_transport.py)."""
+    sock, server_nonce = _hello(address)
+    client_nonce = os.urandom(32)
+
+    def proof(label: bytes, *fields: str) -> bytes:
+        mac = hmac.new(cluster_node.SECRET, label + b"\x01" + server_nonce + client_nonce,
+                       hashlib.sha256)
+        for field in fields:
+            mac.update(_LENGTH.pack(len(field.encode())) + field.encode())
+        return mac.digest()
+
+    mine = proof(b"trio-pgs transport: client proof", cluster_node.NAME, me)
+    answer = client_nonce + mine + me.encode()
+    sock.sendall(_LENGTH.pack(len(answer)) + answer)
+    theirs = _receive_frame(sock)
+    server_node = theirs[32:].decode()
+    expected = proof(b"trio-pgs transport: server proof", cluster_node.NAME, me, server_node)
+    assert hmac.compare_digest(theirs[:32], expected), "the node's proof is wrong"
+    return sock
+
+
+def test_node_closes_bad_peers_and_keeps_serving(postgres: Server, tmp_path: Path) -> None:
+    keys = [f"p{i}" for i in range(12)]
+    with cluster_run(postgres, tmp_path) as run:
+        target, other = run.start_all(["target", "other"])
+        run.wait_nodes([target, other], 2)
+        remote = other.request("probe", keys=keys)["remote"]
+        assert remote, "no key is the target's"
+        other.request("work", keys=remote, callers=4, pause=0.01)
+        address = target.address
+        assert address[0] == "127.0.0.1"
+
+        def other_keeps_working() -> None:
+            before = run.logs().acked_by("other")
+            deadline = time.monotonic() + TIMEOUT
+            while run.logs().acked_by("other") < before + 20:
+                assert time.monotonic() < deadline, "the other node stopped being served"
+                time.sleep(0.05)
+
+        other_keeps_working()
+        silent, _ = _hello(address)  # (c) says nothing after the hello
+        try:
+            # (a) no secret: garbage as the answer to the hello, then a wrong proof
+            sock, _ = _hello(address)
+            sock.sendall(_LENGTH.pack(16) + b"garbage garbage!")
+            assert _closed_by_node(sock, 5.0), "garbage: the connection stayed open"
+            sock.close()
+            sock, _ = _hello(address)
+            forged = os.urandom(64) + b"intruder"
+            sock.sendall(_LENGTH.pack(len(forged)) + forged)
+            assert _closed_by_node(sock, 5.0), "a forged proof: the connection stayed open"
+            sock.close()
+            with socket.create_connection(address, timeout=TIMEOUT) as plain:
+                plain.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert _closed_by_node(plain, 5.0), "HTTP: the connection stayed open"
+            other_keeps_working()
+
+            # (b) a frame header claiming 4 GiB, before and after authenticating
+            sock, _ = _hello(address)
+            sock.sendall(b"\xff\xff\xff\xff" + b"x" * 1000)
+            assert _closed_by_node(sock, 5.0), "4 GiB hello: the connection stayed open"
+            sock.close()
+            sock = _authenticate(address, "intruder")
+            sock.sendall(b"\xff\xff\xff\xff" + b"\x00" * 9 + b"x" * 1000)
+            assert _closed_by_node(sock, 5.0), "4 GiB frame: the connection stayed open"
+            sock.close()
+            other_keeps_working()
+
+            # (c) the silent client is closed at the handshake timeout (5 s)
+            assert _closed_by_node(silent, 10.0), "a silent client was never closed"
+        finally:
+            silent.close()
+        other_keeps_working()
+
+        counts = other.request("halt")["counts"]
+        assert set(counts) == {"acknowledged"}, counts
+        stats = target.request("stats")["stats"]
+        assert stats["served_for_others"] >= counts["acknowledged"], stats
+        stderr = target.stderr()
+        refusals = [line for line in stderr.splitlines() if "closed the connection with" in line]
+        for reason in [
+            "no valid answer",  # garbage
+            "has another secret or cluster",  # forged proof
+            "over the limit of 1024",  # HTTP, the 4 GiB hello
+            "over the limit of 16777216",  # 4 GiB after authenticating
+            "handshake not finished",  # silent
+        ]:
+            assert any(reason in line for line in refusals), (reason, refusals)
+        assert len(refusals) >= 6, refusals
+        for node in (target, other):
+            node.stop()
+        check_exactly_once(run)
