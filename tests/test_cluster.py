@@ -223,17 +223,21 @@ class ClusterRun:
         return {row[0] for row in rows}
 
     def missing_members(self, nodes: list[NodeProcess], timeout: float) -> list[str]:
-        """The labels of *nodes* that are not members holding their lease (renewed
-        over two leases) within *timeout* seconds; [] once they all are."""
+        """The labels of *nodes* that are not members holding their lease, renewed
+        without a gap over three leases, within *timeout* seconds; [] once they are."""
+        wanted = {node.wait_ready()["node"]: node.label for node in nodes}
         deadline = time.monotonic() + timeout
+        held_since = time.monotonic()
         while True:
-            wanted = {node.wait_ready()["node"]: node.label for node in nodes}
-            missing = [label for node, label in wanted.items() if node not in self.members()]
-            if not missing:
-                time.sleep(2 * LEASE)  # still members: they renew
-                missing = [label for n, label in wanted.items() if n not in self.members()]
-            if not missing or time.monotonic() > deadline:
-                return missing
+            members = self.members()
+            missing = [label for node, label in wanted.items() if node not in members]
+            now = time.monotonic()
+            if missing:
+                held_since = now
+                if now > deadline:
+                    return missing
+            elif now - held_since >= 3 * LEASE:
+                return []
             time.sleep(0.2)
 
 
@@ -440,13 +444,15 @@ def test_node_paused_past_its_lease_joins_again(postgres: Server, tmp_path: Path
     # `refresh()`, which waits for the refresh under way, its own: the membership
     # deadlocks and the node never renews again (and a second `_lose`, from the renewal
     # loop, joins the same node id meanwhile: "duplicate key ... nodes_pkey").
-    keys = [f"z{i}" for i in range(12)]
+    keys = [f"z{i}" for i in range(24)]
     with cluster_run(postgres, tmp_path) as run:
         nodes = run.start_all(["a", "b", "c"])
         run.wait_nodes(nodes, 3)
         for node in nodes:
             node.request("probe", keys=keys)
-            node.request("work", keys=keys, callers=4, pause=0.01)
+            # many callers on the sleeper: many messages in flight when it wakes
+            callers = 16 if node.label == "c" else 2
+            node.request("work", keys=keys, callers=callers, pause=0.01)
         sleeper = nodes[2]
         time.sleep(0.5)
         sleeper.pause()
@@ -468,7 +474,8 @@ def test_node_paused_past_its_lease_joins_again(postgres: Server, tmp_path: Path
         )
         before = run.logs().acked_by("c")
         time.sleep(1.0)
-        assert run.logs().acked_by("c") > before, "the paused node does not work again"
+        after = run.logs().acked_by("c")
+        assert after > before, "the paused node does not work again (its calls hang)"
         byes = [node.stop() for node in nodes]
         assert byes[2]["bye"]["lost_leases"] == 1, byes[2]
         check_exactly_once(run)
@@ -511,10 +518,9 @@ def test_rolling_restart_loses_no_acknowledged_increment(
             node.request("probe", keys=keys)
             node.request("work", keys=keys, callers=4, pause=0.01)
         time.sleep(1.0)
+        byes = []
         for i in range(3):
-            leaving = nodes[0]
-            handoffs = leaving.stop("SIGTERM")["bye"]["handoffs"]
-            assert handoffs >= 0
+            byes.append(nodes[0].stop("SIGTERM"))
             replacement = run.start(f"{'abc'[i]}1")
             replacement.wait_ready()
             nodes = [*nodes[1:], replacement]
@@ -526,10 +532,17 @@ def test_rolling_restart_loses_no_acknowledged_increment(
         after = run.logs()
         for node in nodes:
             assert after.acked_by(node.label) > before.acked_by(node.label), node.label
-        for node in nodes:
-            node.stop()
+        byes += [node.stop() for node in nodes]
         logs, stored = check_exactly_once(run)
-    print(f"\ncluster rolling restart: {summary(logs, stored)}")
+    fenced = [bye["bye"]["fenced_writes"] for bye in byes]
+    print(f"\ncluster rolling restart: {summary(logs, stored)}; fenced writes {fenced}")
+    # LIBRARY BUG (seen about one run in three): with every lease holding, a joining
+    # node activates servers it now owns before their old owner, which learns of the
+    # join up to a renewal later, has hibernated them: two activations at once, the old
+    # one's write fenced off and its caller answered ConflictError. Section 14 promises
+    # at most one activation while leases hold, and handoffs that hibernate first.
+    assert sum(fenced) == 0, f"fenced writes per node: {fenced}"
+    assert "ConflictError" not in logs.errors(), logs.errors()
 
 
 # -- peers that do not speak the protocol -----------------------------------------------
