@@ -170,3 +170,16 @@ def test_cart_writes_behind_and_checkout_places_orders(tmp_path):
     assert f"carts continued from the last run: {abandoned:,};" in second
     orders_again = number(r"orders placed: ([\d,]+)", second)
     assert f"Order book after: {orders + orders_again:,} orders" in second
+
+
+def test_cluster_keeps_every_transfer_when_a_node_is_killed(postgres):
+    # The tests' PostgreSQL (TRIO_PGS_POSTGRES_DSN, or a pgserver one), in a schema the
+    # fixture drops at the end.
+    url = f"{postgres.dsn}{'&' if '?' in postgres.dsn else '?'}schema={postgres.schema()}"
+    output = run_example("cluster", "--store", url, timeout=120)
+    assert re.search(r"node 3: pid \d+, listening on 127\.0\.0\.1:\d+", output), output
+    assert "SIGKILL to node 3" in output
+    assert re.search(r"bank +\w+ +\d+ +127\.0\.0\.1:\d+ .* expired ", output), output
+    assert number(r"Transfers: ([\d,]+) done", output) > 0
+    assert "Total balance: 30,000 in 30 accounts (before: 30,000): conserved\n" in output
+    assert "no done transfer lost, none applied twice\n" in output
