@@ -26,6 +26,10 @@ Sections (all by default, in this order; ``--only`` picks some):
   or starts a throwaway one with pgserver; skipped without psycopg (or without
   either server). ``--scale full``: 10,000 dormant servers, and every scenario runs
   ``--seconds`` long.
+- ``cluster``: a persisted call forwarded to the node that owns its server against a
+  local one (p50, p90), and 100 servers' calls/s on one node against three, every node
+  a process on this machine (benchmarks/cluster.py); the same PostgreSQL as
+  ``postgres``, skipped likewise.
 
 Every figure is the median of ``--rounds`` rounds, each on a fresh temporary
 directory (memory: in a fresh process). Compare ratios, not absolute figures:
@@ -46,6 +50,7 @@ import diskcache
 import trio
 from activation import activation_section, scale_section
 from calls import calls_section, modes_section
+from cluster import cluster_section
 from common import Row, Section
 from memory import memory_section
 from peer import peer_section
@@ -53,7 +58,7 @@ from postgres import postgres_section
 
 import trio_pgs
 
-SECTIONS = ("calls", "modes", "activation", "memory", "scale", "peer", "postgres")
+SECTIONS = ("calls", "modes", "activation", "memory", "scale", "peer", "postgres", "cluster")
 #: --scale: (servers started and hibernated, dormant records, active servers for memory)
 SCALES = {"default": (20_000, 200_000, 10_000), "full": (100_000, 1_000_000, 10_000)}
 
@@ -138,6 +143,7 @@ def main() -> None:
         "peer": lambda: peer_section(seconds, rounds),
         "postgres": lambda: postgres_section(seconds, rounds, args.quick,
                                              args.scale == "full"),
+        "cluster": lambda: cluster_section(seconds, rounds),
     }
     began = time.perf_counter()
     sections = []
