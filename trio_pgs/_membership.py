@@ -62,6 +62,7 @@ class Membership:
         self.leaving = False
         self.lost_leases = 0
         self._refreshing: trio.Event | None = None
+        self._running = trio.CancelScope()
 
     @property
     def serving(self) -> bool:
@@ -80,12 +81,17 @@ class Membership:
     async def run(self) -> None:
         """Renew the lease until cancelled; on a loss, tell ``on_lost`` and join again."""
         interval = self.lease / RENEWALS
-        while True:
-            with trio.move_on_at(self.valid_until) as kept:
-                await trio.sleep(interval)
-                await self._renew_until_done(min(interval, 1.0))
-            if kept.cancelled_caught or not self.serving:
-                await self._lose(f"no renewal within {self.lease * SAFETY:.1f} s")
+        with self._running:
+            while True:
+                await self._keep(interval)
+
+    async def _keep(self, interval: float) -> None:
+        """One renewal period: renewed in time, or the lease is lost."""
+        with trio.move_on_at(self.valid_until) as kept:
+            await trio.sleep(interval)
+            await self._renew_until_done(min(interval, 1.0))
+        if kept.cancelled_caught or not self.serving:
+            await self._lose(f"no renewal within {self.lease * SAFETY:.1f} s")
 
     async def _renew_until_done(self, pause: float) -> None:
         """Renew, trying again every *pause* seconds while the store fails."""
@@ -146,6 +152,7 @@ class Membership:
 
     async def leave(self) -> None:
         """Leave the members (best effort: else the lease runs out by itself)."""
+        self._running.cancel()
         self.valid_until = -math.inf
         try:
             await self.store.leave(self.supervisor, self.node, self.incarnation)

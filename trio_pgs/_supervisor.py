@@ -257,9 +257,13 @@ class PersistentSupervisor:
             del open_supervisors[self.name]
             raise
         body_error: BaseException | None = None
+        refused: Exception | None = None
         try:
             async with trio.open_nursery() as nursery:
-                await self._join(nursery)
+                refused = await self._join(nursery)
+                if refused is not None:  # raised below as itself, not in a group
+                    nursery.cancel_scope.cancel()
+                    return
                 self._nursery = nursery
                 nursery.start_soon(self._run_writer)
                 nursery.start_soon(self._reaper.run)
@@ -276,6 +280,8 @@ class PersistentSupervisor:
             self._closing = True
             del open_supervisors[self.name]
             await self._close_store()
+            if refused is not None:
+                raise refused
         if self._interruption is not None and self._interruption is not body_error:
             raise self._interruption from None
         if self._escalation is not None:
@@ -285,16 +291,22 @@ class PersistentSupervisor:
         if body_error is not None:
             raise body_error
 
-    async def _join(self, nursery: trio.Nursery) -> None:
-        """On a store that keeps members: join the members of this name (refused,
-        with `PersistenceError`, if another process holds it), and keep the lease."""
+    async def _join(self, nursery: trio.Nursery) -> Exception | None:
+        """On a store that keeps members: join the members of this name, and keep
+        the lease. Returns why it cannot (`PersistenceError` if another process holds
+        the name, an `OSError` if the cluster's address cannot be listened on)."""
         store = self.store
         if not isinstance(store, SupportsMembership) or getattr(store, "read_only", False):
-            return
+            return None
         converter = self._converter or _wire_converter
-        self._node = ClusterNode(self.cluster, store, self, converter.unstructure)
-        await self._node.start(nursery)
-        self._host.owns = self._node.owns
+        node = ClusterNode(self.cluster, store, self, converter.unstructure)
+        try:
+            await node.start(nursery)
+        except Exception as exc:
+            return exc
+        self._node = node
+        self._host.owns = node.owns
+        return None
 
     async def _leave(self) -> None:
         if self._node is not None:

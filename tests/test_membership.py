@@ -1,0 +1,215 @@
+"""Membership on PostgreSQL: one supervisor per name without a cluster, leases timed by
+the database, and what a node does when its lease is gone. (Several nodes at once
+need several processes: tests/test_cluster.py.)"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import psycopg
+import pytest
+import trio
+
+import trio_pgs
+from trio_pgs import Member, PersistenceError, PersistentSupervisor, PostgresStore
+
+from .postgres import Server
+from .servers import TallyServer
+
+HOST = socket.gethostname()
+
+
+def rows(postgres: Server, schema: str) -> list[tuple]:
+    with psycopg.connect(postgres.dsn, autocommit=True) as connection:
+        return connection.execute(
+            f'SELECT supervisor, clustered, host, pid FROM "{schema}".nodes ORDER BY node'
+        ).fetchall()
+
+
+def execute(postgres: Server, statement: str) -> None:
+    with psycopg.connect(postgres.dsn, autocommit=True) as connection:
+        connection.execute(statement)
+
+
+async def test_a_supervisor_is_the_member_of_its_name_while_open(postgres: Server):
+    schema = postgres.schema()
+    async with PersistentSupervisor(store=PostgresStore(postgres.dsn, schema=schema)) as sup:
+        assert rows(postgres, schema) == [("default", False, HOST, os.getpid())]
+        await sup.start(TallyServer, key="a")
+    assert rows(postgres, schema) == []  # it left
+
+
+async def test_a_second_supervisor_of_one_name_is_refused_naming_the_holder(postgres: Server):
+    schema = postgres.schema()
+    first = PostgresStore(postgres.dsn, schema=schema)
+    await first.open()
+    try:  # another process, on another host, holds the name
+        await first.join("default", "n1", address="", clustered=False, lease=600,
+                         host="elsewhere", pid=4321)
+    finally:
+        await first.close()
+    second = PostgresStore(postgres.dsn, schema=schema)
+    with pytest.raises(PersistenceError) as caught:
+        await _open_and_close(second)
+    message = str(caught.value)
+    assert "'default' is already open on this database, as its only supervisor" in message
+    assert "node n1 on elsewhere (pid 4321)" in message
+    assert "cluster=trio_pgs.Cluster" in message
+    assert second._pool is None  # the refused supervisor closed its store
+    with pytest.raises(PersistenceError, match="as its only supervisor"):
+        await _open_and_close(PostgresStore(postgres.dsn, schema=schema),
+                              cluster=trio_pgs.Cluster(secret=b"s" * 16))
+
+
+async def _open_and_close(store: PostgresStore, **options) -> None:
+    async with PersistentSupervisor(store=store, **options):
+        pass
+
+
+async def test_other_names_share_a_database(postgres: Server):
+    schema = postgres.schema()
+    async with PersistentSupervisor(store=PostgresStore(postgres.dsn, schema=schema)):
+        async with PersistentSupervisor(
+            store=PostgresStore(postgres.dsn, schema=schema), name="other"
+        ):
+            assert sorted(r[0] for r in rows(postgres, schema)) == ["default", "other"]
+
+
+async def test_the_member_row_of_a_dead_process_of_this_host_is_taken_over(postgres: Server):
+    """A process killed with -9 never leaves: its successor need not wait for the lease."""
+    schema = postgres.schema()
+    store = PostgresStore(postgres.dsn, schema=schema)
+    await store.open()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        await store.join("default", "gone", address="", clustered=False, lease=600,
+                         host=HOST, pid=dead.pid)
+    finally:
+        await store.close()
+    async with PersistentSupervisor(store=PostgresStore(postgres.dsn, schema=schema)):
+        assert rows(postgres, schema) == [("default", False, HOST, os.getpid())]
+
+
+async def test_a_member_whose_lease_ran_out_is_no_obstacle(postgres: Server):
+    schema = postgres.schema()
+    store = PostgresStore(postgres.dsn, schema=schema)
+    await store.open()
+    try:
+        await store.join("default", "old", address="", clustered=False, lease=600,
+                         host="elsewhere", pid=1)
+    finally:
+        await store.close()
+    execute(postgres, f"UPDATE \"{schema}\".nodes SET expires_at = now() - interval '1 s'")
+    async with PersistentSupervisor(store=PostgresStore(postgres.dsn, schema=schema)):
+        assert rows(postgres, schema) == [("default", False, HOST, os.getpid())]
+
+
+async def test_a_cluster_node_and_a_lone_supervisor_exclude_each_other(postgres: Server):
+    schema = postgres.schema()
+    cluster = trio_pgs.Cluster(secret=b"s" * 16)
+    store = PostgresStore(postgres.dsn, schema=schema)
+    await store.open()
+    try:
+        await store.join("default", "n1", address="10.0.0.1:7000", clustered=True,
+                         lease=600, host="elsewhere", pid=1)
+        with pytest.raises(PersistenceError, match="as a node of a cluster"):
+            await store.join("default", "lone", address="", clustered=False, lease=600,
+                             host="elsewhere", pid=2)
+        # another node of the cluster is welcome
+        await store.join("default", "n2", address="10.0.0.2:7000", clustered=True,
+                         lease=600, host="elsewhere", pid=3)
+        found = await store.members("default")
+    finally:
+        await store.close()
+    assert [(m.node, m.incarnation, m.address) for m in found] == [
+        ("n1", 1, "10.0.0.1:7000"), ("n2", 2, "10.0.0.2:7000"),
+    ]
+    assert all(isinstance(m, Member) and 599 < m.expires_in <= 600 for m in found)
+    assert PersistentSupervisor(store=PostgresStore(postgres.dsn, schema=schema),
+                                cluster=cluster).cluster is cluster
+
+
+async def test_renewing_a_lease_that_ran_out_says_so(postgres: Server):
+    schema = postgres.schema()
+    store = PostgresStore(postgres.dsn, schema=schema)
+    await store.open()
+    try:
+        incarnation = await store.join("default", "n1", address="", clustered=False,
+                                       lease=600, host=HOST, pid=os.getpid())
+        live = await store.renew("default", "n1", incarnation, lease=600, active=3,
+                                 leaving=False)
+        assert live is not None and [(m.node, m.active) for m in live] == [("n1", 3)]
+        execute(postgres, f"UPDATE \"{schema}\".nodes SET expires_at = now()")
+        assert await store.renew("default", "n1", incarnation, lease=600, active=3,
+                                 leaving=False) is None
+        await store.leave("default", "n1", incarnation)
+        assert await store.members() == ()
+    finally:
+        await store.close()
+
+
+async def test_a_supervisor_whose_membership_was_removed_joins_again(postgres: Server):
+    """The store says this node is no member (its row is gone): it joins again, as a new
+    incarnation, and keeps serving."""
+    schema = postgres.schema()
+    store = PostgresStore(postgres.dsn, schema=schema)
+    async with PersistentSupervisor(store=store) as sup:
+        ref = await sup.start(TallyServer, key="a")
+        before = await store.members("default")
+        execute(postgres, f'DELETE FROM "{schema}".nodes')
+        await sup._node.membership.refresh()
+        after = await store.members("default")
+        assert [m.incarnation for m in after] == [before[0].incarnation + 1]
+        assert sup.statistics().lost_leases == 1
+        assert await ref.call(("add", 1)) == 1
+
+
+async def test_the_lease_is_renewed_by_the_database_clock(postgres: Server, autojump_clock):
+    """Hours of (virtual) time: the membership is renewed all along."""
+    schema = postgres.schema()
+    async with PersistentSupervisor(store=postgres.store(schema=schema)) as sup:
+        await trio.sleep(3_600)
+        assert sup.statistics().lost_leases == 0
+        assert len(rows(postgres, schema)) == 1
+
+
+def test_a_cluster_needs_a_store_that_keeps_members(tmp_path):
+    with pytest.raises(TypeError, match="PostgresStore"):
+        PersistentSupervisor(store=trio_pgs.MemoryStore(),
+                             cluster=trio_pgs.Cluster(secret=b"s" * 16))
+    with pytest.raises(TypeError, match=r"trio_pgs\.Cluster"):
+        PersistentSupervisor(store=trio_pgs.MemoryStore(), cluster={"secret": "x"})
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"secret": b"short"}, "at least 16 bytes"),
+        ({"secret": 12345}, "at least 16 bytes"),
+        ({"secret": b"s" * 16, "listen": "localhost"}, "host:port"),
+        ({"secret": b"s" * 16, "listen": "h:99999"}, "host:port"),
+        ({"secret": b"s" * 16, "advertise": ":80"}, "host:port"),
+        ({"secret": b"s" * 16, "lease": 0.5}, "between 1 and 3600"),
+        ({"secret": b"s" * 16, "lease": True}, "between 1 and 3600"),
+    ],
+)
+def test_a_cluster_refuses_bad_settings(options, error):
+    with pytest.raises((ValueError, TypeError), match=error):
+        trio_pgs.Cluster(**options)
+
+
+def test_a_cluster_keeps_its_secret_out_of_its_repr():
+    cluster = trio_pgs.Cluster(secret="a secret of some length")
+    assert "secret" not in repr(cluster).lower().replace("cluster(", "")
+    assert cluster.secret == b"a secret of some length"
+
+
+def test_tls_needs_both_contexts():
+    import ssl
+
+    with pytest.raises(ValueError, match="both"):
+        trio_pgs.Cluster(secret=b"s" * 16, ssl_context=ssl.create_default_context())
