@@ -161,8 +161,10 @@ async def test_a_supervisor_whose_membership_was_removed_joins_again(postgres: S
         ref = await sup.start(TallyServer, key="a")
         before = await store.members("default")
         execute(postgres, f'DELETE FROM "{schema}".nodes')
-        await sup._node.membership.refresh()
-        after = await store.members("default")
+        await sup._node.membership.refresh()  # learns it; the lease task joins again
+        with trio.fail_after(10):
+            while not (after := await store.members("default")):
+                await trio.sleep(0.05)
         assert [m.incarnation for m in after] == [before[0].incarnation + 1]
         assert sup.statistics().lost_leases == 1
         assert await ref.call(("add", 1)) == 1

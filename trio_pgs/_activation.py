@@ -24,6 +24,7 @@ import trio
 from ._calls import Handling, Kind, Message, current_handling
 from ._entry import Entry, Next, Status, not_found, not_running, quarantined_error
 from ._errors import (
+    ConflictError,
     OutcomeUnknown,
     PersistenceError,
     RequestError,
@@ -764,5 +765,7 @@ def persistence_error(ref: ServerRef, exc: BaseException) -> TrioPGSError:
         text = (f"{ref}: the state could not be committed: {exc}. The server went back "
                 "to its last committed state; retry once the store is healthy")
     error = cls(text)
+    if isinstance(error, ConflictError) and isinstance(exc, ConflictError):
+        error.fenced = exc.fenced  # in a cluster, a fenced call is routed again
     error.__cause__ = exc
     return error

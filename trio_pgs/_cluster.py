@@ -10,6 +10,7 @@ decided here: the store's claims and epochs fence every write (docs/cluster.md).
 from __future__ import annotations
 
 import logging
+import math
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -18,11 +19,11 @@ import attrs
 import trio
 
 from . import _wire as wire
-from ._errors import MessageEncodingError, NodeUnavailable, NotOwner
+from ._errors import ConflictError, MessageEncodingError, NodeUnavailable, NotOwner
 from ._membership import Membership
 from ._placement import owner
 from ._ref import ServerRef
-from ._store import Member, SupportsMembership
+from ._store import Claim, Member, SupportsMembership
 from ._transport import PeerUnavailable, Transport
 
 logger = logging.getLogger("trio_pgs")
@@ -124,6 +125,10 @@ class Local(Protocol):
 
     def _hand_off(self, mine: Callable[[ServerRef], bool]) -> int: ...
 
+    async def _release(self, ref: ServerRef, within: float) -> None: ...
+
+    def _recover(self) -> None: ...
+
     def _stop_serving(self) -> None: ...
 
     def _active_count(self) -> int: ...
@@ -153,6 +158,10 @@ class ClusterNode:
         self._nodes: tuple[str, ...] = ()
         self._addresses: dict[str, tuple[str, int]] = {}
         self._owners: dict[ServerRef, str] = {}
+        #: Every live member but this one, leaving ones included: who may still hold
+        #: a server this node gained, until `_settled_at`.
+        self._others: tuple[str, ...] = ()
+        self._settled_at = -math.inf
         self.forwarded = self.served = self.handoffs = 0
 
     @property
@@ -188,9 +197,36 @@ class ClusterNode:
         with trio.move_on_after(self.membership.lease / 3):
             await self.membership.refresh()
 
+    def guarded(
+        self, claim: Callable[[str, str], Awaitable[Claim]]
+    ) -> Callable[[str, str], Awaitable[Claim]]:
+        """*claim*, preceded while the members settle by asking the node that may
+        still hold the server to hibernate it first: a server moves between nodes
+        without two activations at once (the epochs fence any that slips through)."""
+
+        async def claim_after_hand_off(kind: str, key: str) -> Claim:
+            if trio.current_time() < self._settled_at and self._others:
+                await self._ask_release(ServerRef(self.local.name, kind, key))
+            return await claim(kind, key)
+
+        return claim_after_hand_off
+
+    async def _ask_release(self, ref: ServerRef) -> None:
+        holder = owner(self._others, ref.kind, ref.key)
+        address = self._addresses.get(holder)
+        if address is None or self.transport is None:
+            return
+        request = wire.encode({"op": "release", "kind": ref.kind, "key": ref.key,
+                               "body": None, "chain": []})
+        with trio.move_on_after(min(2.0, self.membership.lease / 3)):
+            try:
+                await self.transport.request(address, request)
+            except PeerUnavailable:
+                pass  # gone, or going: its writes are fenced by this claim anyway
+
     def statistics(self) -> ClusterStatistics:
         return ClusterStatistics(
-            nodes=len(self.membership.members), forwarded=self.forwarded,
+            nodes=max(len(self.membership.members), 1), forwarded=self.forwarded,
             served_for_others=self.served, handoffs=self.handoffs,
             lost_leases=self.membership.lost_leases,
         )
@@ -204,6 +240,10 @@ class ClusterNode:
         self._addresses = {
             m.node: _split(m.address) for m in members if m.clustered and m.address
         }
+        others = tuple(m.node for m in members if m.clustered and m.node != self.node)
+        if others != self._others:
+            self._others = others
+            self._settled_at = trio.current_time() + self.membership.lease
         if nodes != self._nodes:
             logger.info("supervisor %r: node %s sees %d node(s): %s", self.local.name,
                         self.node, len(nodes), ", ".join(nodes))
@@ -211,6 +251,7 @@ class ClusterNode:
             self._owners.clear()
             if self.config is not None:
                 self.handoffs += self.local._hand_off(self.owns)
+                self.local._recover()
 
     def _lost(self) -> None:
         self._owners.clear()
@@ -306,6 +347,10 @@ class ClusterNode:
                            "(%s)", self.local.name, exc)
             return wire.encode({"error": {"type": "TrioPGSError",
                                           "message": "malformed request"}})
+        if op == "release":
+            await self.local._release(ref, min(2.0, self.membership.lease / 3))
+            await self.membership.refresh()  # learn who took it, not to take it back
+            return wire.encode({"ok": None})
         if not self.owns(ref):
             return wire.encode({"moved": True})
         self.served += 1
@@ -314,6 +359,10 @@ class ClusterNode:
             return wire.encode({"ok": wire.pack(result, self.unstructure)})
         except NotOwner:
             return wire.encode({"moved": True})
+        except ConflictError as exc:
+            if exc.fenced:  # another node claimed it meanwhile: the caller routes again
+                return wire.encode({"moved": True})
+            return wire.encode({"error": wire.pack_error(exc, self.unstructure)})
         except MessageEncodingError as exc:
             return wire.encode({"error": wire.pack_error(MessageEncodingError(
                 f"{ref}: the reply cannot be sent back to the calling node: {exc}"

@@ -63,6 +63,10 @@ class Membership:
         self.lost_leases = 0
         self._refreshing: trio.Event | None = None
         self._running = trio.CancelScope()
+        #: The current renewal period (cancelled to wake the run task at a loss).
+        self._keeping = trio.CancelScope()
+        #: The lease is lost; the run task joins again.
+        self._lost = False
 
     @property
     def serving(self) -> bool:
@@ -76,22 +80,22 @@ class Membership:
             lease=self.lease, host=socket.gethostname(), pid=os.getpid(),
         )
         self.valid_until = sent + self.lease * SAFETY
-        await self.refresh()
+        self._lost = False
+        await self._renew()
 
     async def run(self) -> None:
-        """Renew the lease until cancelled; on a loss, tell ``on_lost`` and join again."""
+        """Renew the lease until cancelled; when it is lost, join again. The one task
+        that joins again: a loss noticed elsewhere (`refresh`) only wakes it."""
         interval = self.lease / RENEWALS
         with self._running:
             while True:
-                await self._keep(interval)
-
-    async def _keep(self, interval: float) -> None:
-        """One renewal period: renewed in time, or the lease is lost."""
-        with trio.move_on_at(self.valid_until) as kept:
-            await trio.sleep(interval)
-            await self._renew_until_done(min(interval, 1.0))
-        if kept.cancelled_caught or not self.serving:
-            await self._lose(f"no renewal within {self.lease * SAFETY:.1f} s")
+                with trio.move_on_at(self.valid_until) as self._keeping:
+                    await trio.sleep(interval)
+                    await self._renew_until_done(min(interval, 1.0))
+                if self._lost or not self.serving:
+                    self._note_lost("no renewal in time" if not self._lost else
+                                    "the store says this node is no member any more")
+                    await self._join_again(interval)
 
     async def _renew_until_done(self, pause: float) -> None:
         """Renew, trying again every *pause* seconds while the store fails."""
@@ -114,10 +118,12 @@ class Membership:
 
     async def _renew(self) -> bool:
         """One renewal; False if the store failed (the lease may still hold)."""
-        sent = trio.current_time()
+        if self._lost:
+            return True  # the run task is joining again
+        sent, incarnation = trio.current_time(), self.incarnation
         try:
             members = await self.store.renew(
-                self.supervisor, self.node, self.incarnation, lease=self.lease,
+                self.supervisor, self.node, incarnation, lease=self.lease,
                 active=self.active(), leaving=self.leaving,
             )
         except PersistenceError as exc:
@@ -125,8 +131,12 @@ class Membership:
                            "%.1f s more", self.supervisor, exc,
                            max(self.valid_until - trio.current_time(), 0))
             return False
+        if incarnation != self.incarnation or self._lost:
+            return True  # a renewal of an earlier incarnation: stale
         if members is None:
-            await self._lose("the store says this node is no member any more")
+            self._lost = True
+            self.valid_until = -math.inf
+            self._keeping.cancel()  # wake the run task
             return True
         self.valid_until = sent + self.lease * SAFETY
         if members != self.members:
@@ -134,21 +144,25 @@ class Membership:
             self.on_change(members)
         return True
 
-    async def _lose(self, why: str) -> None:
+    def _note_lost(self, why: str) -> None:
+        self._lost = True
         self.valid_until = -math.inf
         self.lost_leases += 1
         logger.error("supervisor %r: node %s lost its lease (%s); it stops serving and "
                      "joins again", self.supervisor, self.node, why)
         self.on_lost()
+
+    async def _join_again(self, pause: float) -> None:
         while True:
             try:
                 await self.join()
-                logger.warning("supervisor %r: node %s joined again (incarnation %d)",
-                               self.supervisor, self.node, self.incarnation)
-                return
             except PersistenceError as exc:
                 logger.error("supervisor %r: joining again failed: %s", self.supervisor, exc)
-                await trio.sleep(self.lease / RENEWALS)
+                await trio.sleep(pause)
+                continue
+            logger.warning("supervisor %r: node %s joined again (incarnation %d)",
+                           self.supervisor, self.node, self.incarnation)
+            return
 
     async def leave(self) -> None:
         """Leave the members (best effort: else the lease runs out by itself)."""

@@ -45,9 +45,11 @@ def join(
         connection.execute(
             f"SELECT joins FROM {s}.supervisors WHERE supervisor = %s FOR UPDATE", (supervisor,)
         )
-        # Members whose lease ran out are gone: their servers are anyone's now.
+        # Members whose lease ran out are gone: their servers are anyone's now. So is
+        # an earlier incarnation of this node (it joins again after losing its lease).
         connection.execute(
-            f"DELETE FROM {s}.nodes WHERE supervisor = %s AND expires_at <= now()", (supervisor,)
+            f"DELETE FROM {s}.nodes WHERE supervisor = %s AND (expires_at <= now()"
+            " OR node = %s)", (supervisor, node),
         )
         live = [_member(row) for row in connection.execute(
             f"SELECT {_MEMBER} FROM {s}.nodes WHERE supervisor = %s", (supervisor,)

@@ -24,6 +24,7 @@ from ._encoding import Codec
 from ._entry import Counters, Entry, KindInfo, StartRequest, Status
 from ._errors import (
     AlreadyStarted,
+    ConflictError,
     NotOwner,
     ServerNotFound,
     SupervisorEscalated,
@@ -273,6 +274,8 @@ class PersistentSupervisor:
                 except BaseException as exc:  # re-raised as itself below
                     body_error = exc
                 with trio.CancelScope(shield=True):
+                    if self._node is not None and self.cluster is not None:
+                        await self._node.announce_leaving()  # hand servers off first
                     await self._shut_down()
                     await self._leave()
                 nursery.cancel_scope.cancel()
@@ -306,6 +309,8 @@ class PersistentSupervisor:
             return exc
         self._node = node
         self._host.owns = node.owns
+        if self.cluster is not None:
+            self._host.claim = node.guarded(self._host.claim)
         return None
 
     async def _leave(self) -> None:
@@ -339,7 +344,8 @@ class PersistentSupervisor:
             count = 0
             async for record in self.store.scan(info.cls.kind):
                 ref = ServerRef(self.name, record.kind, record.key)
-                if record.quarantined or self._closing or ref in self._entries:
+                if (record.quarantined or self._closing or ref in self._entries
+                        or not self._host.owns(ref)):  # another node's, in a cluster
                     continue
                 self._entry(ref)
                 count += 1
@@ -518,6 +524,24 @@ class PersistentSupervisor:
                 moved += 1
         return moved
 
+    async def _release(self, ref: ServerRef, within: float) -> None:
+        """Another node takes *ref*: hibernate it here first (within *within* s)."""
+        entry = self._entries.get(ref)
+        if entry is None:
+            return
+        entry.hibernate_now = True
+        entry.wake()
+        with trio.move_on_after(within):
+            while self._entries.get(ref) is entry:
+                await self._wait_settled()
+
+    def _recover(self) -> None:
+        """The members changed: recover the PERMANENT servers this node owns now."""
+        if self._nursery is not None and not self._closing and any(
+            info.options.restart is Restart.PERMANENT for info in self._kinds.values()
+        ):
+            self._nursery.start_soon(self._recover_permanent_servers)
+
     def _stop_serving(self) -> None:
         """The lease is about to run out: every server hibernates now."""
         self._hand_off(lambda ref: False)
@@ -567,6 +591,9 @@ class PersistentSupervisor:
                         raise SupervisorNotRunning(
                             f"supervisor {self.name!r} is shutting down"
                         ) from None
+                except ConflictError as exc:
+                    if not exc.fenced:  # fenced: another node claimed it; go there
+                        raise
             else:
                 if request is None:
                     request = node.encode(op, ref, payload, chain)
@@ -901,8 +928,7 @@ class PersistentSupervisor:
             refusals=counters.refusals,
             unflushed=self._unflushed,
             fenced_writes=writer.fenced,
-            **({} if self._node is None or self.cluster is None
-               else attrs.asdict(self._node.statistics())),
+            **({} if self._node is None else attrs.asdict(self._node.statistics())),
         )
 
 
