@@ -26,6 +26,8 @@ from ._encoding import dumps, loads
 #: mistaken for a tag.
 _TUPLE, _DICT = "\0t", "\0d"
 _PLAIN = (str, int, bool, type(None))
+#: The integers every JSON reader here takes (orjson's range).
+_SMALLEST, _LARGEST = -(2**63), 2**64 - 1
 
 Unstructure = Callable[[Any], Any]
 
@@ -47,6 +49,10 @@ def _pack(value: Any, unstructure: Unstructure, depth: int) -> Any:
     if depth > 200:
         raise errors.MessageEncodingError(f"{_short(value)} is nested too deeply")
     kind = type(value)
+    if kind is int and not _SMALLEST <= value <= _LARGEST:
+        raise errors.MessageEncodingError(
+            f"the integer {_short(value)} is beyond 64 bits: it has no portable JSON form"
+        )
     if kind in _PLAIN:
         return value
     if kind is float:
