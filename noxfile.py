@@ -57,6 +57,19 @@ def race(session: nox.Session) -> None:
 
 
 @nox.session
+def cluster(session: nox.Session) -> None:
+    """The cluster's process tests with more kill and pause rounds (CLUSTER_ROUNDS,
+    default 40; the suite does 10). Needs a PostgreSQL: pgserver on Python 3.10 to
+    3.12, or TRIO_PGS_POSTGRES_DSN."""
+    rounds = session.posargs[0] if session.posargs else "40"
+    session.install("-e", ".[dev]")
+    session.run(
+        "pytest", "tests/test_cluster.py", "-q", "-p", "no:cacheprovider",
+        env={"TRIO_PGS_CLUSTER_ROUNDS": rounds},
+    )
+
+
+@nox.session
 def docs(session: nox.Session) -> None:
     """The documentation site, warnings as errors, in docs/_build/html."""
     session.install("-e", ".[docs]")

@@ -45,7 +45,7 @@ ROUNDS = int(os.environ.get("TRIO_PGS_CLUSTER_ROUNDS", "10"))
 #: Short leases keep the test fast: a dead or paused node is replaced within this.
 LEASE = 1.5
 #: What a node waits for before it stops by itself (a test that died).
-NODE_DEADLINE = 150.0
+NODE_DEADLINE = 60.0 + 6.0 * ROUNDS  # a node stops by itself after that long
 #: Only for a node that is stuck, or a machine under heavy load: never reached otherwise.
 TIMEOUT = 30.0
 #: Errors an unacknowledged increment may meet while nodes die, pause or leave (their
