@@ -263,6 +263,26 @@ async def test_stores_opened_together_in_one_nursery_all_succeed(postgres: Serve
     assert schema_version(postgres, schema) == [("schema_version", sql.SCHEMA_VERSION)]
 
 
+async def test_a_schema_of_version_1_is_upgraded_keeping_its_records(postgres: Server):
+    """A store written before membership existed (schema version 1)."""
+    schema = postgres.schema()
+    with connect(postgres) as connection:
+        connection.execute(f'CREATE SCHEMA "{schema}"')
+        connection.execute(f'CREATE TABLE "{schema}".meta (name text PRIMARY KEY,'
+                           " value bigint NOT NULL)")
+        connection.execute(f"INSERT INTO \"{schema}\".meta VALUES ('schema_version', 1)")
+        for statement in sql.MIGRATIONS[0]:
+            connection.execute(statement.format(schema=f'"{schema}"'))
+    async with opened(postgres.store(schema=schema)) as store:
+        await store.commit([Put(record("a", b"1"), 0)])
+    async with PersistentSupervisor(store=postgres.store(schema=schema)):
+        pass  # it joins the members: the new tables work
+    found = snapshot(postgres, schema)
+    assert found["tables"] == [("meta",), ("nodes",), ("records",), ("supervisors",)]
+    assert found["meta"] == [("schema_version", sql.SCHEMA_VERSION)]
+    assert [key for _, key, *_ in found["records"]] == ["a"]
+
+
 @pytest.mark.parametrize("read_only", [False, True], ids=["writable", "read-only"])
 async def test_a_schema_of_a_newer_version_is_refused_and_left_as_it_is(
     postgres: Server, read_only: bool
