@@ -113,6 +113,21 @@ def test_a_request_error_subclass_is_rebuilt_with_its_arguments():
     assert type(again) is Insufficient and (again.balance, again.wanted) == (3, 10)
 
 
+class Formatted(trio_pgs.RequestError):
+    """An error whose __init__ formats its message: its args are not its parameters."""
+
+    def __init__(self, code: int, *, detail: str = "none") -> None:
+        super().__init__(f"refused with code={code} ({detail})")
+        self.code, self.detail = code, detail
+
+
+def test_a_request_error_with_its_own_init_arrives_with_its_fields():
+    again = error_across(Formatted(7, detail="late"))
+    assert type(again) is Formatted
+    assert (again.code, again.detail) == (7, "late")
+    assert str(again) == "refused with code=7 (late)"
+
+
 def test_an_unknown_request_error_class_arrives_as_a_plain_request_error():
     data = wire.pack_error(Insufficient(3, 10), unstructure)
     data["class"] = "elsewhere:Missing"

@@ -9,6 +9,8 @@ decided here: the store's claims and epochs fence every write (docs/cluster.md).
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import math
 import ssl
@@ -19,12 +21,18 @@ import attrs
 import trio
 
 from . import _wire as wire
-from ._errors import ConflictError, MessageEncodingError, NodeUnavailable, NotOwner
+from ._errors import (
+    ConflictError,
+    MessageEncodingError,
+    NodeUnavailable,
+    NotOwner,
+    PersistenceError,
+)
 from ._membership import Membership
 from ._placement import owner
 from ._ref import ServerRef
 from ._store import Claim, Member, SupportsMembership
-from ._transport import PeerUnavailable, Transport
+from ._transport import MAX_FRAME, PeerUnavailable, Transport
 
 logger = logging.getLogger("trio_pgs")
 
@@ -136,6 +144,8 @@ class Local(Protocol):
 
 #: `ClusterNode.forward`'s answer when the node it reached does not own the server.
 MOVED: Any = object()
+#: The largest message that crosses between nodes (a frame, less its header).
+LARGEST = MAX_FRAME - 64
 
 
 class ClusterNode:
@@ -153,7 +163,15 @@ class ClusterNode:
             store, local.name, address="", clustered=config is not None, lease=lease,
             on_change=self._view_changed, on_lost=self._lost, active=local._active_count,
         )
+        if config is not None:
+            secret = config.secret
+            self.membership.proof = lambda node: hmac.new(
+                secret, f"trio-pgs member\0{local.name}\0{node}".encode(), hashlib.sha256
+            ).hexdigest()
         self.transport: Transport | None = None
+        #: Requests from other nodes being handled now (a leaving node lets them end).
+        self._handling = 0
+        self._handled: trio.Event | None = None
         #: Placement: the live nodes that take servers, and where each one listens.
         self._nodes: tuple[str, ...] = ()
         self._addresses: dict[str, tuple[str, int]] = {}
@@ -181,11 +199,24 @@ class ClusterNode:
             bound = await nursery.start(self.transport.serve, host, port)
             self.membership.address = config.advertise or f"{bound[0]}:{bound[1]}"
         await self.membership.join()
+        strangers = self._strangers(self.membership.members)
+        if strangers:
+            await self.membership.leave()
+            raise PersistenceError(
+                f"supervisor {self.local.name!r}: the cluster's other nodes ({strangers}) "
+                "use another secret; give every node the same secret"
+            )
         nursery.start_soon(self.membership.run)
 
     async def leave(self) -> None:
         self.membership.leaving = True
         await self.membership.leave()
+        # Requests from other nodes still being answered ("moved", at this point):
+        # let them end, so that their callers route again instead of losing them.
+        with trio.move_on_after(1.0):
+            while self._handling:
+                self._handled = trio.Event()
+                await self._handled.wait()
         if self.transport is not None:
             await self.transport.aclose()
 
@@ -233,13 +264,34 @@ class ClusterNode:
 
     # -- placement ---------------------------------------------------------------------
 
+    def _strangers(self, members: tuple[Member, ...]) -> str:
+        """The members that do not prove this cluster's secret (none without one)."""
+        proof = self.membership.proof
+        if proof is None:
+            return ""
+        return ", ".join(
+            f"{m.node} at {m.address}" for m in members
+            if m.clustered and not hmac.compare_digest(m.proof, proof(m.node))
+        )
+
     def _view_changed(self, members: tuple[Member, ...]) -> None:
+        strangers = self._strangers(members)
+        if strangers:
+            logger.error("supervisor %r: node(s) %s do not use this cluster's secret; "
+                         "they get no servers and no messages from here",
+                         self.local.name, strangers)
+            proof = self.membership.proof
+            assert proof is not None
+            members = tuple(m for m in members if hmac.compare_digest(m.proof, proof(m.node)))
         nodes = tuple(m.node for m in members if m.clustered and not m.leaving)
         if self.membership.leaving:
             nodes = tuple(n for n in nodes if n != self.node)
-        self._addresses = {
-            m.node: _split(m.address) for m in members if m.clustered and m.address
-        }
+        addresses = {m.node: _split(m.address) for m in members if m.clustered and m.address}
+        if self.transport is not None:
+            for node, address in self._addresses.items():
+                if node not in addresses:  # gone (its lease ran out): fail what waits on it
+                    self.transport.disconnect(address)
+        self._addresses = addresses
         others = tuple(m.node for m in members if m.clustered and m.node != self.node)
         if others != self._others:
             self._others = others
@@ -305,18 +357,24 @@ class ClusterNode:
                chain: tuple[ServerRef, ...]) -> bytes:
         """The request (`MessageEncodingError` before anything is sent)."""
         packed = wire.pack(payload, self.unstructure)
-        return wire.encode({
+        request = wire.encode({
             "op": op, "kind": ref.kind, "key": ref.key, "body": packed,
             "chain": [[hop.kind, hop.key] for hop in chain],
         })
+        if len(request) > LARGEST:
+            raise MessageEncodingError(
+                f"{ref}: the message is {len(request):,} bytes as JSON, over the "
+                f"{LARGEST:,} bytes a message between nodes may have"
+            )
+        return request
 
     async def forward(self, address: tuple[str, int], ref: ServerRef, request: bytes) -> Any:
         """Send *request* to the node at *address*; its reply, or `MOVED`."""
         assert self.transport is not None
         where = f"{address[0]}:{address[1]}"
-        self.forwarded += 1
         try:
             body = await self.transport.request(address, request)
+            self.forwarded += 1
         except PeerUnavailable as exc:
             if not exc.sent:
                 return MOVED  # never reached it: route again
@@ -347,16 +405,37 @@ class ClusterNode:
                            "(%s)", self.local.name, exc)
             return wire.encode({"error": {"type": "TrioPGSError",
                                           "message": "malformed request"}})
+        self._handling += 1
+        try:
+            return await self._serve_decoded(op, ref, payload, chain)
+        finally:
+            self._handling -= 1
+            if self._handled is not None and not self._handling:
+                self._handled.set()
+
+    async def _serve_decoded(
+        self, op: str, ref: ServerRef, payload: Any, chain: tuple[ServerRef, ...]
+    ) -> bytes:
         if op == "release":
             await self.local._release(ref, min(2.0, self.membership.lease / 3))
             await self.membership.refresh()  # learn who took it, not to take it back
             return wire.encode({"ok": None})
+        if not self.owns(ref) and not self.membership.leaving:
+            # The sender sees this node as the owner: maybe this node's view is the
+            # stale one (a member left or joined since its last renewal).
+            await self.membership.refresh()
         if not self.owns(ref):
             return wire.encode({"moved": True})
         self.served += 1
         try:
             result = await self.local._serve_remote(op, ref, payload, chain)
-            return wire.encode({"ok": wire.pack(result, self.unstructure)})
+            reply = wire.encode({"ok": wire.pack(result, self.unstructure)})
+            if len(reply) > LARGEST:
+                raise MessageEncodingError(
+                    f"{ref}: the reply is {len(reply):,} bytes as JSON, over the "
+                    f"{LARGEST:,} bytes a message between nodes may have"
+                )
+            return reply
         except NotOwner:
             return wire.encode({"moved": True})
         except ConflictError as exc:

@@ -57,6 +57,8 @@ class Membership:
         self.address, self.clustered, self.lease = address, clustered, lease
         self.on_change, self.on_lost, self.active = on_change, on_lost, active
         self.members: tuple[Member, ...] = ()
+        #: A cluster node's proof of the secret, for a node id (None: no cluster).
+        self.proof: Callable[[str], str] | None = None
         #: On the trio clock: until when this node may serve (-inf: not a member).
         self.valid_until = -math.inf
         self.leaving = False
@@ -78,6 +80,7 @@ class Membership:
         self.incarnation = await self.store.join(
             self.supervisor, self.node, address=self.address, clustered=self.clustered,
             lease=self.lease, host=socket.gethostname(), pid=os.getpid(),
+            proof=self.proof(self.node) if self.proof is not None else "",
         )
         self.valid_until = sent + self.lease * SAFETY
         self._lost = False
@@ -168,6 +171,7 @@ class Membership:
         """Leave the members (best effort: else the lease runs out by itself)."""
         self._running.cancel()
         self.valid_until = -math.inf
+        self.members = ()
         try:
             await self.store.leave(self.supervisor, self.node, self.incarnation)
         except PersistenceError as exc:

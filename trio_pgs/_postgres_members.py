@@ -24,14 +24,15 @@ if TYPE_CHECKING:
 
 _MEMBER = (
     "supervisor, node, incarnation, address, clustered, host, pid,"
-    " extract(epoch FROM started_at), extract(epoch FROM expires_at - now()), leaving, active"
+    " extract(epoch FROM started_at), extract(epoch FROM expires_at - now()), leaving, active,"
+    " proof"
 )
 _DURABLE = "SET LOCAL synchronous_commit = on"
 
 
 def join(
     connection: psycopg.Connection[Any], schema: str, supervisor: str, node: str, *,
-    address: str, clustered: bool, lease: float, host: str, pid: int,
+    address: str, clustered: bool, lease: float, host: str, pid: int, proof: str = "",
 ) -> int:
     """Add *node* to *supervisor*'s members; return its incarnation, or raise
     `PersistenceError` naming the member that holds the name."""
@@ -71,9 +72,9 @@ def join(
         incarnation = int(row[0])
         connection.execute(
             f"INSERT INTO {s}.nodes (supervisor, node, incarnation, address, clustered,"
-            " host, pid, expires_at) VALUES (%s, %s, %s, %s, %s, %s, %s,"
+            " host, pid, proof, expires_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s,"
             " now() + %s * interval '1 second')",
-            (supervisor, node, incarnation, address, clustered, host, pid, lease),
+            (supervisor, node, incarnation, address, clustered, host, pid, proof, lease),
         )
     return incarnation
 
@@ -129,6 +130,7 @@ def _member(row: Any) -> Member:
         supervisor=row[0], node=row[1], incarnation=int(row[2]), address=row[3],
         clustered=bool(row[4]), host=row[5], pid=int(row[6]), started_at=float(row[7]),
         expires_in=float(row[8]), leaving=bool(row[9]), active=int(row[10]),
+        proof=row[11],
     )
 
 

@@ -76,6 +76,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             expires_at timestamptz NOT NULL,
             leaving boolean NOT NULL DEFAULT false,
             active bigint NOT NULL DEFAULT 0,
+            proof text NOT NULL DEFAULT '',
             PRIMARY KEY (supervisor, node)
         )
         """,

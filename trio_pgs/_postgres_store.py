@@ -326,7 +326,7 @@ class PostgresStore:
 
     async def join(
         self, supervisor: str, node: str, *, address: str, clustered: bool, lease: float,
-        host: str, pid: int,
+        host: str, pid: int, proof: str = "",
     ) -> int:
         self._writable()
         schema = self._queries.schema
@@ -334,7 +334,7 @@ class PostgresStore:
         def join(connection: psycopg.Connection[Any]) -> int:
             return members.join(
                 connection, schema, supervisor, node, address=address, clustered=clustered,
-                lease=lease, host=host, pid=pid,
+                lease=lease, host=host, pid=pid, proof=proof,
             )
 
         return await self._run(join)

@@ -188,6 +188,9 @@ class Member:
     expires_in: float
     leaving: bool = False
     active: int = 0
+    #: A cluster node's proof that it holds the cluster's secret (an HMAC of its
+    #: name and node id): nodes with another secret refuse each other.
+    proof: str = ""
 
 
 @runtime_checkable
@@ -198,7 +201,7 @@ class SupportsMembership(Protocol):
 
     async def join(
         self, supervisor: str, node: str, *, address: str, clustered: bool, lease: float,
-        host: str, pid: int,
+        host: str, pid: int, proof: str = "",
     ) -> int:
         """Add *node* to the members of *supervisor* with a lease of *lease* seconds
         and return its incarnation. Raise `PersistenceError` when the name is taken:

@@ -130,16 +130,18 @@ _BY_NAME: dict[str, type[errors.TrioPGSError]] = {
 def pack_error(exc: BaseException, unstructure: Unstructure) -> dict[str, Any]:
     """*exc*, raised on this node for a remote caller, as data."""
     message = str(exc)
-    if exc.__cause__ is not None and isinstance(exc, errors.ServerCrashed):
-        message = f"{message} (cause: {exc.__cause__!r})"
+    cause = exc.__cause__
+    if cause is not None and isinstance(exc, errors.ServerCrashed) and repr(cause) not in message:
+        message = f"{message} (cause: {cause!r})"
     if isinstance(exc, errors.RequestError):
         cls = type(exc)
         try:
             args = pack(list(exc.args), unstructure)
+            fields = pack(dict(vars(exc)), unstructure)
         except errors.MessageEncodingError:
-            args = None
+            args = fields = None
         return {"type": "RequestError", "class": f"{cls.__module__}:{cls.__qualname__}",
-                "args": args, "message": message}
+                "args": args, "fields": fields, "message": message}
     if isinstance(exc, errors.AlreadyStarted):
         return {"type": "AlreadyStarted", "message": message}
     if isinstance(exc, errors.NodeUnavailable):
@@ -166,15 +168,21 @@ def unpack_error(data: Any, ref: Any, where: str) -> BaseException:
 
 
 def _request_error(data: dict[str, Any], message: str) -> errors.RequestError:
+    """The error as the handler raised it: its class (if loaded here), its ``args``
+    and its attributes, set as they were; its ``__init__`` is not run again (it may
+    take other arguments than the ``args`` it passed on)."""
     wanted = data.get("class")
     found = _loaded_request_errors().get(wanted) if isinstance(wanted, str) else None
-    args = data.get("args")
-    if found is not None and isinstance(args, (list, dict)):
-        try:
-            return found(*unpack(args))
-        except Exception:  # its constructor wants something else: the plain form
-            pass
-    return errors.RequestError(message)
+    args, fields = data.get("args"), data.get("fields")
+    if found is None or not isinstance(args, list) or not isinstance(fields, dict):
+        return errors.RequestError(message)
+    try:
+        error = found.__new__(found)
+        error.args = tuple(unpack(args))
+        error.__dict__.update(unpack(fields))
+    except Exception:  # a class that cannot be made so: the plain form
+        return errors.RequestError(message)
+    return error
 
 
 def _loaded_request_errors() -> dict[str, type[errors.RequestError]]:
