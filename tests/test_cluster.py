@@ -481,6 +481,33 @@ def test_node_paused_past_its_lease_joins_again(postgres: Server, tmp_path: Path
         check_exactly_once(run)
 
 
+def test_calls_in_flight_to_a_node_paused_past_its_lease_fail_and_others_go_on(
+    postgres: Server, tmp_path: Path
+) -> None:
+    """A call waiting on a node that froze must not wait for the freeze to end: once the
+    node's lease has run out, the caller gets NodeUnavailable (its outcome unknown), and
+    its next calls are served by the new owner."""
+    keys = [f"p{i}" for i in range(24)]
+    with cluster_run(postgres, tmp_path) as run:
+        caller, sleeper = run.start_all(["a", "b"])
+        run.wait_nodes([caller, sleeper], 2)
+        remote = caller.request("probe", keys=keys)["remote"]  # the sleeper's keys
+        assert remote
+        caller.request("work", keys=remote, callers=4, pause=0.01)
+        time.sleep(0.5)
+        sleeper.pause()  # every client of the caller waits on it now
+        time.sleep(0.5)
+        before = run.logs().acked_by("a")
+        time.sleep(3 * LEASE)
+        during = run.logs().acked_by("a")
+        sleeper.resume()
+        assert during > before, "calls to the frozen node never ended"
+        assert run.logs().errors()["NodeUnavailable"] >= 1
+        caller.stop()
+        sleeper.stop()
+        check_exactly_once(run)
+
+
 def test_forwarded_calls_under_load_get_their_own_replies(
     postgres: Server, tmp_path: Path
 ) -> None:

@@ -215,3 +215,18 @@ def test_tls_needs_both_contexts():
 
     with pytest.raises(ValueError, match="both"):
         trio_pgs.Cluster(secret=b"s" * 16, ssl_context=ssl.create_default_context())
+
+
+async def test_a_node_joining_a_cluster_of_another_secret_is_refused(postgres: Server):
+    schema = postgres.schema()
+    store = PostgresStore(postgres.dsn, schema=schema)
+    await store.open()
+    try:  # a node of the cluster, whose proof is not of this secret
+        await store.join("default", "n1", address="127.0.0.1:9", clustered=True, lease=600,
+                         host="elsewhere", pid=1, proof="0" * 64)
+    finally:
+        await store.close()
+    with pytest.raises(PersistenceError, match="use another secret"):
+        await _open_and_close(PostgresStore(postgres.dsn, schema=schema),
+                              cluster=trio_pgs.Cluster(secret=b"s" * 16))
+    assert [r[2] for r in rows(postgres, schema)] == ["elsewhere"]  # it left again

@@ -169,3 +169,20 @@ def test_servers_spread_over_the_nodes_and_a_join_moves_only_its_share():
     moved = [key for key in keys if before[key] != after[key]]
     assert all(after[key] == "n4" for key in moved)  # only to the new node
     assert 600 < len(moved) < 900  # about a quarter
+
+
+class _Local:
+    name = "sup"
+
+    def _active_count(self) -> int:
+        return 0
+
+
+def test_a_message_over_the_size_limit_is_refused_before_sending():
+    from trio_pgs._cluster import LARGEST, ClusterNode
+
+    node = ClusterNode(trio_pgs.Cluster(secret=b"s" * 16), None, _Local(), unstructure)
+    ref = trio_pgs.ServerRef("sup", "k", "a")
+    assert node.encode("call", ref, "x" * 1000, ())
+    with pytest.raises(trio_pgs.MessageEncodingError, match="bytes a message between"):
+        node.encode("call", ref, "x" * LARGEST, ())
