@@ -32,6 +32,7 @@ from typing import Any
 
 import attrs
 import psycopg
+import pytest
 import trio
 
 import trio_pgs
@@ -41,6 +42,8 @@ from . import cluster_node
 from .postgres import Server
 
 NODE = Path(cluster_node.__file__)
+pytestmark = pytest.mark.processes
+
 ROUNDS = int(os.environ.get("TRIO_PGS_CLUSTER_ROUNDS", "10"))
 #: Short leases keep the test fast: a dead or paused node is replaced within this.
 LEASE = 1.5
