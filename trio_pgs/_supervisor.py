@@ -554,6 +554,10 @@ class PersistentSupervisor:
         if self._closing:
             raise NotOwner(f"{ref}: this node is shutting down")
         if op == "call" or op == "stop":
+            if chain and live_handling() is None:
+                # From another node's handler: would its wait close a cycle through
+                # the servers waiting here (X here calls Y there, Y calls X)?
+                check_no_deadlock(ref, Handling(chain, None, []))
             entry, message = await self._send(
                 ref, Kind.CALL if op == "call" else Kind.STOP, payload, chain
             )
@@ -597,11 +601,25 @@ class PersistentSupervisor:
             else:
                 if request is None:
                     request = node.encode(op, ref, payload, chain)
-                reply = await node.forward(address, ref, request)
+                reply = await self._forward(node, address, ref, request, handling)
                 if reply is not MOVED:
                     return reply
             await node.reroute(ref, attempt)
         raise AssertionError("unreachable: reroute gives up first")
+
+    async def _forward(
+        self, node: ClusterNode, address: tuple[str, int], ref: ServerRef, request: bytes,
+        handling: Handling | None,
+    ) -> Any:
+        """`ClusterNode.forward`; from a handler, its wait is an edge of the wait-for
+        graph while it lasts (so that a call back from the other node is caught)."""
+        if handling is None:
+            return await node.forward(address, ref, request)
+        handling.waiting_on.append(ref)
+        try:
+            return await node.forward(address, ref, request)
+        finally:
+            handling.waiting_on.remove(ref)
 
     # -- registry ---------------------------------------------------------------------
 
