@@ -5,25 +5,17 @@ mean. Every connection is mutually authenticated with the cluster's shared secre
 any request frame crosses it, and every way a connection ends reaches each waiting
 caller as one `PeerUnavailable`, which says whether the request may have been seen.
 
-Wire format (every frame is a 4-byte big-endian length, then that many bytes)::
+Frames, and the handshake that authenticates a connection (hello, nonces, HMAC proofs),
+live in `trio_pgs._frames`, whose docstring documents them. After the handshake, every
+frame is one message, both ways::
 
-    server -> client   b"TPGS" version(1) server_nonce(32)
-    client -> server   client_nonce(32) client_proof(32) client_node(utf-8)
-    server -> client   server_proof(32) server_node(utf-8)
-    then, both ways    type(1: request 0, reply 1, failure 2) request_id(8) body
-
-A proof is HMAC-SHA256, keyed by the secret, over: the label (``_CLIENT_LABEL`` or
-``_SERVER_LABEL``), the version byte, the server's nonce, the client's nonce, then each of
-the cluster name, the client's node id and (server proof only) the server's node id as a
-4-byte length and UTF-8. Fresh nonces on both sides make a recorded handshake worthless.
+    type(1: request 0, reply 1, failure 2) request_id(8) body
 """
 
 from __future__ import annotations
 
-import hmac
 import itertools
 import logging
-import secrets
 import ssl
 import struct
 from collections.abc import Awaitable, Callable
@@ -32,6 +24,10 @@ import attrs
 import trio
 
 from ._errors import TrioPGSError
+from ._frames import MAX_NODE_ID as _MAX_NODE_ID
+from ._frames import FrameReader as _FrameReader
+from ._frames import Refused as _Refused
+from ._frames import prove_as_client, prove_as_server
 
 __all__ = ["MAX_FRAME", "PeerUnavailable", "Transport", "TransportStatistics"]
 
@@ -40,17 +36,6 @@ logger = logging.getLogger("trio_pgs")
 #: The largest frame body a transport accepts unless told otherwise.
 MAX_FRAME: int = 16 * 2**20
 
-_VERSION = 1
-_MAGIC = b"TPGS"
-_NONCE = 32
-_PROOF = 32
-#: Handshake frames are small: an unauthenticated peer must not make us buffer much.
-_HANDSHAKE_LIMIT = 1024
-_MAX_NODE_ID = _HANDSHAKE_LIMIT - _NONCE - _PROOF
-_CLIENT_LABEL = b"trio-pgs transport: client proof"
-_SERVER_LABEL = b"trio-pgs transport: server proof"
-
-_LENGTH = struct.Struct(">I")
 _MESSAGE = struct.Struct(">BQ")  # a message's header: type, request id
 _HEADER = struct.Struct(">IBQ")  # the frame's length, then the message's header
 _MESSAGE_HEADER = _MESSAGE.size
@@ -89,10 +74,6 @@ class TransportStatistics:
     peers_refused: int
 
 
-class _Refused(Exception):
-    """The peer broke the protocol; the message says how."""
-
-
 @attrs.define
 class _Counters:
     connections_in: int = 0
@@ -100,46 +81,6 @@ class _Counters:
     requests_sent: int = 0
     requests_served: int = 0
     peers_refused: int = 0
-
-
-class _FrameReader:
-    """Whole frames out of a byte stream."""
-
-    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
-        self._stream = stream
-        self._buffer = bytearray()
-
-    async def receive(self, limit: int) -> bytes | None:
-        """The next frame's body; None at a clean end of the stream.
-
-        A length over ``limit`` raises `_Refused` before any of the body is read.
-        """
-        if not await self._fill(_LENGTH.size):
-            return None
-        (length,) = _LENGTH.unpack_from(self._buffer)
-        if length > limit:
-            raise _Refused(f"a frame of {length} bytes is over the limit of {limit}")
-        end = _LENGTH.size + length
-        await self._fill(end)
-        with memoryview(self._buffer) as view:
-            body = bytes(view[_LENGTH.size : end])  # one copy, not two
-        del self._buffer[:end]
-        return body
-
-    async def _fill(self, size: int) -> bool:
-        while len(self._buffer) < size:
-            # Large enough to take a big frame in few reads, small enough that a
-            # claimed length does not allocate a huge buffer by itself.
-            wanted = min(max(size - len(self._buffer), 65536), _BATCH_BYTES)
-            chunk = await self._stream.receive_some(wanted)
-            if not chunk:
-                if not self._buffer:
-                    return False
-                raise _Refused(
-                    f"truncated frame: the stream ended {size - len(self._buffer)} bytes short"
-                )
-            self._buffer += chunk
-        return True
 
 
 class _Link:
@@ -279,20 +220,8 @@ def _peer_of(stream: trio.SocketStream) -> str:
     return _format(host, port)
 
 
-def _frame(body: bytes) -> bytes:
-    return _LENGTH.pack(len(body)) + body
-
-
 def _message(kind: int, request_id: int, body: bytes) -> bytes:
     return _HEADER.pack(len(body) + _MESSAGE_HEADER, kind, request_id) + body
-
-
-def _proof(secret: bytes, label: bytes, nonces: bytes, *fields: str) -> bytes:
-    mac = hmac.new(secret, label + bytes([_VERSION]) + nonces, "sha256")
-    for field in fields:
-        encoded = field.encode()
-        mac.update(_LENGTH.pack(len(encoded)) + encoded)
-    return mac.digest()
 
 
 def _parse(frame: bytes) -> tuple[int, int, bytes]:
@@ -300,25 +229,6 @@ def _parse(frame: bytes) -> tuple[int, int, bytes]:
         raise _Refused(f"a frame of {len(frame)} bytes is too short to be a message")
     kind, request_id = _MESSAGE.unpack_from(frame)
     return kind, request_id, frame[_MESSAGE_HEADER:]
-
-
-def _server_nonce(hello: bytes | None) -> bytes:
-    if hello is None or len(hello) <= len(_MAGIC) or not hello.startswith(_MAGIC):
-        raise _Refused("handshake failed: the peer is not a trio-pgs transport")
-    version = hello[len(_MAGIC)]
-    if version != _VERSION:
-        raise _Refused(f"handshake failed: the peer speaks version {version}, not {_VERSION}")
-    nonce = hello[len(_MAGIC) + 1 :]
-    if len(nonce) != _NONCE:
-        raise _Refused("handshake failed: a malformed hello")
-    return nonce
-
-
-def _node_id(raw: bytes) -> str:
-    try:
-        return raw.decode()
-    except UnicodeDecodeError:
-        raise _Refused("the peer's node id is not UTF-8") from None
 
 
 class Transport:
@@ -425,25 +335,11 @@ class Transport:
                 await tls.do_handshake()
                 wrapped = tls
             reader = _FrameReader(wrapped)
-            client = await self._prove_as_server(wrapped, reader)
+            client = await prove_as_server(
+                wrapped, reader, secret=self._secret, cluster=self._cluster, node=self._node
+            )
             return _Link(wrapped, reader, f"node {client!r} at {peer}")
         raise _Refused(f"handshake not finished within {self._handshake_timeout} s")
-
-    async def _prove_as_server(self, stream: trio.abc.Stream, reader: _FrameReader) -> str:
-        server_nonce = secrets.token_bytes(_NONCE)
-        await stream.send_all(_frame(_MAGIC + bytes([_VERSION]) + server_nonce))
-        answer = await reader.receive(_HANDSHAKE_LIMIT)
-        if answer is None or len(answer) < _NONCE + _PROOF:
-            raise _Refused("handshake failed: no valid answer to the server's hello")
-        client_nonce, proof = answer[:_NONCE], answer[_NONCE : _NONCE + _PROOF]
-        client = _node_id(answer[_NONCE + _PROOF :])
-        nonces = server_nonce + client_nonce
-        expected = _proof(self._secret, _CLIENT_LABEL, nonces, self._cluster, client)
-        if not hmac.compare_digest(proof, expected):
-            raise _Refused(f"handshake failed: node {client!r} has another secret or cluster")
-        mine = _proof(self._secret, _SERVER_LABEL, nonces, self._cluster, client, self._node)
-        await stream.send_all(_frame(mine + self._node.encode()))
-        return client
 
     async def _serve_link(self, link: _Link) -> None:
         async with trio.open_nursery() as nursery:
@@ -577,27 +473,14 @@ class Transport:
                     stream = tls
                     await tls.do_handshake()
                 reader = _FrameReader(stream)
-                server = await self._prove_as_client(stream, reader)
+                server = await prove_as_client(
+                    stream, reader, secret=self._secret, cluster=self._cluster, node=self._node
+                )
             except BaseException:
                 await trio.aclose_forcefully(stream)
                 raise
             return _Link(stream, reader, f"node {server!r} at {_format(host, port)}")
         raise OSError(f"not connected within {self._connect_timeout} s")
-
-    async def _prove_as_client(self, stream: trio.abc.Stream, reader: _FrameReader) -> str:
-        server_nonce = _server_nonce(await reader.receive(_HANDSHAKE_LIMIT))
-        client_nonce = secrets.token_bytes(_NONCE)
-        nonces = server_nonce + client_nonce
-        proof = _proof(self._secret, _CLIENT_LABEL, nonces, self._cluster, self._node)
-        await stream.send_all(_frame(client_nonce + proof + self._node.encode()))
-        answer = await reader.receive(_HANDSHAKE_LIMIT)
-        if answer is None:
-            raise _Refused("handshake failed: the peer hung up (another secret or cluster?)")
-        server = _node_id(answer[_PROOF:])
-        expected = _proof(self._secret, _SERVER_LABEL, nonces, self._cluster, self._node, server)
-        if not hmac.compare_digest(answer[:_PROOF], expected):
-            raise _Refused(f"handshake failed: node {server!r} has another secret or cluster")
-        return server
 
     async def _run_link(self, outgoing: _Outgoing, link: _Link) -> str:
         reason = "connection lost"  # kept only if the sender's failure cancels the reader
