@@ -617,7 +617,7 @@ def _hello(address: tuple[str, int]) -> tuple[socket.socket, bytes]:
 
 def _authenticate(address: tuple[str, int], me: str) -> socket.socket:
     """A client that knows the secret, as tests/cluster_node.py's nodes do (the proof
-    is documented in trio_pgs/_transport.py)."""
+    is documented in trio_pgs/_frames.py)."""
     sock, server_nonce = _hello(address)
     client_nonce = os.urandom(32)
 
@@ -709,3 +709,82 @@ def test_node_closes_bad_peers_and_keeps_serving(postgres: Server, tmp_path: Pat
         for node in (target, other):
             node.stop()
         check_exactly_once(run)
+
+
+CROSSING = '''
+import sys, time, attrs, trio, trio_pgs
+from trio_pgs import PersistentServer, PersistentSupervisor, Reply
+
+@attrs.define
+class S:
+    n: int = 0
+
+class Poker(PersistentServer[S]):
+    kind = "poker"
+    async def init(self): return S()
+    async def handle_call(self, request, state):
+        match request:
+            case ("poke", str(other)):
+                await trio.sleep(0.3)  # the other one is handling its own poke now
+                try:
+                    await trio_pgs.ServerRef(self.ref.supervisor, "poker", other).call("hi")
+                except trio_pgs.CallCycleError:
+                    return Reply("cycle", state, persist=False)
+                return Reply("ok", state, persist=False)
+            case "hi":
+                return Reply("hi", state, persist=False)
+        raise trio_pgs.UnknownRequest(request)
+
+async def main(dsn, schema, role, at, keys):
+    store = trio_pgs.PostgresStore(dsn, schema=schema)
+    cluster = trio_pgs.Cluster(secret=b"s" * 32, lease=%(lease)s)
+    async with PersistentSupervisor(store=store, name="x", servers=[Poker],
+                                    cluster=cluster) as sup:
+        while sup.statistics().nodes < 2:
+            await trio.sleep(0.05)
+        await trio.sleep(%(lease)s)  # both see both
+        owner = sup._node.owner_of
+        keys = next(  # a pair on two nodes: the same on both, from the same view
+            f"x{i},y{i}" for i in range(100)
+            if owner(sup.ref(Poker, f"x{i}")) != owner(sup.ref(Poker, f"y{i}"))
+        )
+        for key in keys.split(","):
+            try:
+                await sup.start(Poker, key=key)
+            except trio_pgs.AlreadyStarted:
+                pass
+        await trio.sleep(max(0, float(at) - time.time()))
+        mine, other = keys.split(",") if role == "a" else reversed(keys.split(","))
+        with trio.fail_after(5):
+            print(await sup.ref(Poker, mine).call(("poke", other)), flush=True)
+        await trio.sleep(1)
+
+trio.run(main, *sys.argv[1:])
+'''
+
+
+def test_servers_on_two_nodes_calling_each_other_get_call_cycle_error(
+    postgres: Server, tmp_path: Path
+) -> None:
+    """X (node a) calls Y (node b) while Y, handling a message of its own, calls X: on
+    one node that is CallCycleError; across nodes it must not wait for ever."""
+    schema = postgres.schema()
+    program = tmp_path / "crossing.py"
+    program.write_text(CROSSING % {"lease": LEASE})
+    keys = "chosen,by the nodes"
+    at = str(time.time() + 8)
+    procs = [
+        subprocess.Popen([sys.executable, str(program), postgres.dsn, schema, role, at, keys],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for role in ("a", "b")
+    ]
+    try:
+        outs = [proc.communicate(timeout=TIMEOUT) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    answers = sorted(out.decode().strip() for out, _ in outs)
+    assert all(proc.returncode == 0 for proc in procs), [err.decode()[-2000:] for _, err in outs]
+    assert "cycle" in answers, answers  # and nobody waited until fail_after
+    assert set(answers) <= {"cycle", "ok"}, answers
