@@ -101,10 +101,10 @@ class ClusterAccount(AccountServer):
 
         Two things only a cluster does make this necessary. The payee's node may be
         dead (`NodeUnavailable`) until its lease runs out. And two accounts on two
-        nodes that deposit to each other at once wait on each other for ever: a node
-        sees only its own servers' waits, so this crossing is not detected as a
-        `CallCycleError` as it is on one node. Giving up after `DEPOSIT_PATIENCE` lets
-        each one handle the other's deposit.
+        nodes that deposit to each other at once may both get `CallCycleError` (one
+        process refuses only the second call), and a longer cycle through three nodes
+        is not detected at all (docs/cluster.md). Giving up after `DEPOSIT_PATIENCE`,
+        or on a cycle, lets each one handle the other's deposit first.
         """
         if not state.outbox:
             return NoReply(state)
