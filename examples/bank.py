@@ -424,16 +424,27 @@ async def main(accounts: int, clients: int, seconds: float, chaos: float, store:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--accounts", type=int, default=200, help="default: 200")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Run it twice: the second run continues every balance from the store and "
+               "finishes the transfers a killed run left in flight.",
+    )
+    parser.add_argument("--accounts", type=int, default=200,
+                        help="Accounts in the bank, each opened with "
+                             f"{OPENING_BALANCE:,} (default: %(default)s).")
     parser.add_argument("--clients", type=int, default=100,
-                        help="concurrent clients, each making one transfer at a time")
-    parser.add_argument("--seconds", type=float, default=10.0, help="how long to transfer")
+                        help="Concurrent clients, each making one transfer at a time "
+                             "(default: %(default)s).")
+    parser.add_argument("--seconds", type=float, default=10.0,
+                        help="How long the clients transfer, in seconds "
+                             "(default: %(default)s).")
     parser.add_argument("--chaos", type=float, default=0.01,
-                        help="probability of a crash at each injected point (default 0.01)")
-    parser.add_argument("--store", default="bank-state", help="the store's directory")
+                        help="Probability that an account crashes at each of the injected "
+                             "points of a transfer; 0 for none (default: %(default)s).")
+    parser.add_argument("--store", default="bank-state",
+                        help="The store's directory (default: %(default)s).")
     parser.add_argument("--quick", action="store_true",
-                        help="a short run: 30 accounts, 20 clients, 2 seconds")
+                        help="A short run: 30 accounts, 20 clients, 2 seconds.")
     args = parser.parse_args()
     if args.quick:
         args.accounts, args.clients, args.seconds = 30, 20, 2.0

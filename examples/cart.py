@@ -234,17 +234,24 @@ async def main(customers: int, edits: int, abandon: float, lag: float, store: st
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--customers", type=int, default=200, help="default: 200")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Run it twice: the abandoned carts are waiting, and the order book goes on.",
+    )
+    parser.add_argument("--customers", type=int, default=200,
+                        help="Customers, each with a cart (default: %(default)s).")
     parser.add_argument("--edits", type=int, default=100,
-                        help="adds and removes per customer (default: 100)")
+                        help="Adds and removes each customer makes (default: %(default)s).")
     parser.add_argument("--abandon", type=float, default=0.2,
-                        help="share of customers who leave without checking out")
+                        help="Share of the customers who leave without checking out, "
+                             "from 0 to 1 (default: %(default)s).")
     parser.add_argument("--lag", type=float, default=CartServer.max_lag,
-                        help="max_lag: seconds a cart's change may wait to be written")
-    parser.add_argument("--store", default="cart-state", help="the store's directory")
+                        help="The carts' max_lag: seconds a change may wait before it is "
+                             "written (default: %(default)s).")
+    parser.add_argument("--store", default="cart-state",
+                        help="The store's directory (default: %(default)s).")
     parser.add_argument("--quick", action="store_true",
-                        help="a short run: 30 customers, 40 edits each")
+                        help="A short run: 30 customers, 40 edits each.")
     args = parser.parse_args()
     if args.quick:
         args.customers, args.edits = 30, 40

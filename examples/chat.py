@@ -243,15 +243,24 @@ async def main(rooms: int, users: int, posts: int, idle: float, store: str) -> N
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rooms", type=int, default=5, help="default: 5")
-    parser.add_argument("--users", type=int, default=40, help="default: 40")
-    parser.add_argument("--posts", type=int, default=20, help="messages each user posts")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Run it twice: the rooms continue with their members and history.",
+    )
+    parser.add_argument("--rooms", type=int, default=5,
+                        help="Chat rooms (default: %(default)s).")
+    parser.add_argument("--users", type=int, default=40,
+                        help="Users, each joining two rooms (default: %(default)s).")
+    parser.add_argument("--posts", type=int, default=20,
+                        help="Messages each user posts (default: %(default)s).")
     parser.add_argument("--idle", type=float, default=RoomServer.idle_timeout,
-                        help="seconds before an idle room hibernates")
-    parser.add_argument("--store", default="chat-state", help="the store's directory")
+                        help="Seconds without a message before a room hibernates "
+                             "(default: %(default)s).")
+    parser.add_argument("--store", default="chat-state",
+                        help="The store's directory (default: %(default)s).")
     parser.add_argument("--quick", action="store_true",
-                        help="a short run: 3 rooms, 12 users, 5 posts, idle 0.5 s")
+                        help="A short run: 3 rooms, 12 users, 5 posts each, idle 0.5 "
+                             "seconds.")
     args = parser.parse_args()
     if args.quick:
         args.rooms, args.users, args.posts, args.idle = 3, 12, 5, 0.5

@@ -223,17 +223,26 @@ async def main(players: int, seconds: float, clients: int, idle: float, spec: st
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--players", type=int, default=10_000, help="default: 10,000")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Run it twice: the second run continues every score from the store.",
+    )
+    parser.add_argument("--players", type=int, default=10_000,
+                        help="Players in the world (default: %(default)s).")
     parser.add_argument("--clients", type=int, default=300,
-                        help="concurrent clients, each playing one session at a time")
-    parser.add_argument("--seconds", type=float, default=20.0, help="how long to play")
+                        help="Clients online at a time, each playing one session after "
+                             "another (default: %(default)s).")
+    parser.add_argument("--seconds", type=float, default=20.0,
+                        help="How long the clients play, in seconds (default: %(default)s).")
     parser.add_argument("--idle", type=float, default=PlayerServer.idle_timeout,
-                        help="seconds before an idle player hibernates")
+                        help="Seconds without a move before a player hibernates "
+                             "(default: %(default)s).")
     parser.add_argument("--store", default="game-state",
-                        help="the store's directory, or a postgresql:// URL")
+                        help="The store: a directory, or a postgresql:// URL "
+                             "(default: %(default)s).")
     parser.add_argument("--quick", action="store_true",
-                        help="a short run: 500 players, 50 clients, 3 seconds, idle 0.5 s")
+                        help="A short run: 500 players, 50 clients, 3 seconds, idle 0.5 "
+                             "seconds.")
     args = parser.parse_args()
     if args.quick:
         args.players, args.clients, args.seconds, args.idle = 500, 50, 3.0, 0.5
