@@ -27,13 +27,14 @@ from typing import Any
 
 import attrs
 import trio
+from progress_line import progress
 
 import trio_pgs
 from trio_pgs import NoReply, PersistentServer, PersistentSupervisor, Reply, Stop
 
 #: How many players are read or created at the same time at startup and at the end.
 WORKERS = 200
-#: Seconds between two progress lines.
+#: Seconds between two progress lines when the output is not a terminal.
 PROGRESS_EVERY = 2.0
 
 
@@ -73,24 +74,35 @@ class PlayerServer(PersistentServer[Player]):
 
 @attrs.define
 class Tally:
-    """What the clients did, for the progress lines."""
+    """What the clients did, for the progress lines and the final check."""
 
     calls: int = 0
     sessions: int = 0
+    points: int = 0  # added by the moves whose new score a client has seen
+    active_at_end: int = 0  # players in memory when the playing time ended
 
 
 def player_key(number: int) -> str:
     return f"p{number:06d}"
 
 
-async def for_every_player(players: int, visit: Callable[[int], Awaitable[None]]) -> None:
-    """Await ``visit(number)`` for every player number, WORKERS at a time."""
+async def for_every_player(
+    players: int, visit: Callable[[int], Awaitable[None]], doing: str
+) -> None:
+    """Await ``visit(number)`` for every player number, WORKERS at a time, showing how
+    many are *doing*."""
+    done = 0
 
     async def worker(first: int) -> None:
+        nonlocal done
         for number in range(first, players, WORKERS):
             await visit(number)
+            done += 1
 
-    async with trio.open_nursery() as nursery:
+    def describe(elapsed: float) -> str:
+        return f"  {elapsed:5.1f}s  {doing}: {done:,} of {players:,} players"
+
+    async with progress(describe, every=PROGRESS_EVERY), trio.open_nursery() as nursery:
         for first in range(min(WORKERS, players)):
             nursery.start_soon(worker, first)
 
@@ -102,7 +114,7 @@ async def read_everyone(sup: PersistentSupervisor, players: int) -> list[Player]
     async def read(number: int) -> None:
         everyone.append(await sup.ref(PlayerServer, player_key(number)).call("show"))
 
-    await for_every_player(players, read)
+    await for_every_player(players, read, "reading back")
     return everyone
 
 
@@ -124,7 +136,7 @@ async def open_world(sup: PersistentSupervisor, players: int) -> tuple[int, int]
             existing += 1
             total_score += player.score
 
-    await for_every_player(players, open_player)
+    await for_every_player(players, open_player, "opening")
     return existing, total_score
 
 
@@ -135,49 +147,85 @@ async def play_sessions(
     while trio.current_time() < deadline:
         player = sup.ref(PlayerServer, player_key(random.randrange(players)))
         for _ in range(random.randint(3, 8)):
-            await player.call(("score", random.randint(1, 10)))
+            points = random.randint(1, 10)
+            await player.call(("score", points))
             tally.calls += 1
+            tally.points += points
             await trio.sleep(random.uniform(0.01, 0.05))  # thinking about the next move
         await player.cast("game-over")
         tally.sessions += 1
         await trio.sleep(random.uniform(0.1, 0.5))  # away between two sessions
 
 
-async def report_progress(sup: PersistentSupervisor, tally: Tally) -> None:
-    """Print a progress line every PROGRESS_EVERY seconds, until cancelled."""
-    started = trio.current_time()
-    while True:
-        await trio.sleep(PROGRESS_EVERY)
-        elapsed = trio.current_time() - started
-        stats = sup.statistics()
-        print(
-            f"  {elapsed:5.1f}s  {tally.calls:7,} calls ({tally.calls / elapsed:5,.0f}/s)"
-            f"  active {stats.active:5,}  hibernations {stats.hibernations:6,}"
-            f"  commits {stats.commits:6,}  mean batch {stats.mean_batch_size:4.1f}"
-        )
-
-
-async def play(sup: PersistentSupervisor, players: int, clients: int, seconds: float) -> None:
-    """Run *clients* concurrent clients for *seconds*, with progress lines."""
+async def play(
+    sup: PersistentSupervisor, players: int, clients: int, seconds: float
+) -> Tally:
+    """Run *clients* concurrent clients for *seconds*, showing their progress."""
     tally = Tally()
     deadline = trio.current_time() + seconds
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(report_progress, sup, tally)
-        async with trio.open_nursery() as clients_nursery:
-            for _ in range(clients):
-                clients_nursery.start_soon(play_sessions, sup, players, deadline, tally)
-        nursery.cancel_scope.cancel()  # the clients are done: stop the progress lines
+
+    def describe(elapsed: float) -> str:
+        stats = sup.statistics()
+        return (
+            f"  {elapsed:5.1f}s  {tally.calls:7,} moves ({tally.calls / elapsed:5,.0f}/s)"
+            f"  active now {stats.active:5,}"
+            f"  so far: {stats.hibernations:6,} hibernations,"
+            f" {stats.commits:5,} commits of {stats.mean_batch_size:4.1f} records"
+        )
+
+    async def at_the_deadline() -> None:
+        await trio.sleep_until(deadline)
+        tally.active_at_end = sup.statistics().active
+
+    async with progress(describe, every=PROGRESS_EVERY), trio.open_nursery() as clients_nursery:
+        clients_nursery.start_soon(at_the_deadline)
+        for _ in range(clients):
+            clients_nursery.start_soon(play_sessions, sup, players, deadline, tally)
     print(f"Played {tally.calls:,} moves in {tally.sessions:,} sessions")
+    return tally
+
+
+async def wait_for_hibernation(sup: PersistentSupervisor, idle: float) -> None:
+    """Wait until every player has hibernated: *idle* seconds after its last message."""
+
+    def describe(elapsed: float) -> str:
+        return f"  {elapsed:5.1f}s  waiting for the players to hibernate: " \
+               f"{sup.statistics().active:,} still active"
+
+    async with progress(describe, every=PROGRESS_EVERY):
+        with trio.fail_after(idle + 10):
+            while sup.statistics().active:
+                await trio.sleep(0.05)
 
 
 def print_statistics(stats: trio_pgs.SupervisorStatistics) -> None:
     print(
         "Supervisor statistics:\n"
-        f"  active {stats.active:,}, hibernated {stats.hibernations:,}, "
-        f"activations {stats.activations:,}, crashes {stats.crashes:,}\n"
-        f"  messages {stats.messages:,}, commits {stats.commits:,}, "
-        f"records written {stats.records_written:,}, "
-        f"mean batch size {stats.mean_batch_size:.1f}"
+        f"  active now: {stats.active:,} servers\n"
+        f"  so far: {stats.activations:,} activations, {stats.hibernations:,} "
+        f"hibernations, {stats.crashes:,} crashes, {stats.messages:,} messages handled\n"
+        f"  written so far: {stats.records_written:,} records in {stats.commits:,} "
+        f"commits (mean batch size {stats.mean_batch_size:.1f})"
+    )
+
+
+def print_what_it_showed(
+    players: int, tally: Tally, gained: int, stats: trio_pgs.SupervisorStatistics
+) -> None:
+    print(
+        "What this run showed:\n"
+        f"  - Hibernation: when the playing time ended, {tally.active_at_end:,} of the "
+        f"{players:,} players were in memory;\n"
+        f"    the others slept on disk, and woke from the store when a client picked them "
+        f"again.\n"
+        f"  - Commits: every move was committed before its client saw the new score: "
+        f"reading every\n"
+        f"    player back finds exactly the {gained:,} points of the {tally.calls:,} moves "
+        f"the clients saw.\n"
+        f"  - Group commit: {stats.records_written:,} records in {stats.commits:,} "
+        f"transactions, {stats.mean_batch_size:.1f} per transaction.\n"
+        f"  - Every player hibernated at the end ({stats.active} active): all of it is "
+        f"on disk."
     )
 
 
@@ -209,16 +257,21 @@ async def main(players: int, seconds: float, clients: int, idle: float, spec: st
             print(f"Created {players - existing:,} new players")
         print(f"Total score before playing: {total_before:,}")
 
-        await play(sup, players, clients, seconds)
+        tally = await play(sup, players, clients, seconds)
 
         everyone = await read_everyone(sup, players)
         total = sum(player.score for player in everyone)
         print(f"Total score after playing: {total:,} (+{total - total_before:,})")
+        if total - total_before != tally.points:
+            raise SystemExit(f"the moves the clients saw added {tally.points:,} points, "
+                             f"the store has {total - total_before:+,}")
         top = sorted(everyone, key=lambda player: player.score, reverse=True)[:3]
         for place, player in enumerate(top, 1):
             print(f"  #{place} {player.name}: {player.score} points in {player.games} games")
-        await trio.sleep(idle + 0.5)  # everyone logs off: every player hibernates
-    print_statistics(sup.statistics())
+        await wait_for_hibernation(sup, idle)  # everyone logged off
+    stats = sup.statistics()
+    print_statistics(stats)
+    print_what_it_showed(players, tally, total - total_before, stats)
     print("Run it again: every score continues from the store.")
 
 
