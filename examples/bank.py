@@ -39,6 +39,7 @@ from typing import Any
 
 import attrs
 import trio
+from progress_line import progress
 
 import trio_pgs
 from trio_pgs import NoReply, PersistentServer, PersistentSupervisor, Reply, ServerRef, Stop
@@ -272,7 +273,12 @@ async def read_all(refs: Sequence[ServerRef]) -> list[Account]:
 
 
 def in_flight(states: Sequence[Account]) -> int:
+    """The money in the accounts' outboxes: debited, not yet deposited."""
     return sum(transfer.amount for state in states for transfer in state.outbox)
+
+
+def transfers_in_flight(states: Sequence[Account]) -> int:
+    return sum(len(state.outbox) for state in states)
 
 
 async def settle(refs: Sequence[ServerRef]) -> list[Account]:
@@ -343,42 +349,55 @@ async def client(refs: Sequence[ServerRef], deadline: float, tally: Tally) -> No
             tally.refused += 1  # no such payee: the money came back
 
 
-async def report_progress(sup: PersistentSupervisor, tally: Tally) -> None:
-    """Print a progress line every second, until cancelled."""
-    started = trio.current_time()
-    while True:
-        await trio.sleep(1.0)
-        stats = sup.statistics()
-        print(
-            f"  {trio.current_time() - started:4.1f}s  {tally.transfers:7,} transfers"
-            f"  {tally.refused:6,} refused  {tally.interrupted:5,} interrupted"
-            f"  crashes {stats.crashes:5,}  commits {stats.commits:6,}"
-            f"  mean batch {stats.mean_batch_size:4.1f}"
-        )
-
-
 async def run_clients(refs: Sequence[ServerRef], clients: int, seconds: float,
-                      sup: PersistentSupervisor) -> None:
+                      sup: PersistentSupervisor) -> Tally:
+    """Run *clients* concurrent clients for *seconds*, showing their progress."""
     tally = Tally()
     deadline = trio.current_time() + seconds
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(report_progress, sup, tally)
-        async with trio.open_nursery() as clients_nursery:
-            for _ in range(clients):
-                clients_nursery.start_soon(client, refs, deadline, tally)
-        nursery.cancel_scope.cancel()  # the clients are done: stop the progress lines
+
+    def describe(elapsed: float) -> str:
+        stats = sup.statistics()
+        return (
+            f"  {elapsed:4.1f}s  {tally.transfers:7,} transfers"
+            f"  {tally.refused:6,} refused  {tally.interrupted:5,} interrupted"
+            f"  so far: {stats.crashes:5,} crashes, {stats.commits:6,} commits"
+            f" of {stats.mean_batch_size:4.1f} records"
+        )
+
+    async with progress(describe, every=1.0), trio.open_nursery() as clients_nursery:
+        for _ in range(clients):
+            clients_nursery.start_soon(client, refs, deadline, tally)
     print(f"Transfers: {tally.transfers:,} done ({tally.moved:,} moved), "
           f"{tally.refused:,} refused, {tally.interrupted:,} interrupted by a crash")
+    return tally
 
 
 def print_statistics(stats: trio_pgs.SupervisorStatistics) -> None:
     print(
         "Supervisor statistics:\n"
-        f"  active {stats.active:,}, activations {stats.activations:,}, "
-        f"hibernated {stats.hibernations:,}, crashes {stats.crashes:,}\n"
-        f"  messages {stats.messages:,}, commits {stats.commits:,}, "
-        f"records written {stats.records_written:,}, "
-        f"mean batch size {stats.mean_batch_size:.1f}"
+        f"  active now: {stats.active:,} servers\n"
+        f"  so far: {stats.activations:,} activations, {stats.hibernations:,} "
+        f"hibernations, {stats.crashes:,} crashes, {stats.messages:,} messages handled\n"
+        f"  written so far: {stats.records_written:,} records in {stats.commits:,} "
+        f"commits (mean batch size {stats.mean_batch_size:.1f})"
+    )
+
+
+def print_what_it_showed(tally: Tally, issued: int, repeats: int,
+                         stats: trio_pgs.SupervisorStatistics) -> None:
+    print(
+        "What this run showed:\n"
+        f"  - {tally.transfers:,} transfers moved {tally.moved:,} between accounts, with "
+        f"{stats.crashes:,} crashes injected\n"
+        f"    between their steps; the {tally.interrupted:,} clients that heard of a crash "
+        f"had their transfers completed.\n"
+        f"  - The balances add up to the {issued:,} the bank issued, before and after: "
+        f"no money was created\n"
+        f"    or lost.\n"
+        f"  - Deposits sent again after a crash were recognised and ignored "
+        f"({repeats:,} in all runs).\n"
+        f"  - A transfer above the balance was refused with the handler's own exception "
+        f"and changed nothing."
     )
 
 
@@ -402,24 +421,28 @@ async def main(accounts: int, clients: int, seconds: float, chaos: float, store:
             print(f"Opened {len(refs) - existing:,} new accounts")
         states = await read_all(refs)
         if in_flight(states):
-            print(f"Finishing the transfers a killed run left in flight: {in_flight(states):,}")
+            print(f"Finishing the transfers a killed run left half-way: "
+                  f"{transfers_in_flight(states):,} transfers, {in_flight(states):,} "
+                  f"money in outboxes")
         states = await settle(refs)
         print_first_account(states)
         check_total("before", states)
         await show_a_refusal(refs[0], refs[1])
 
-        await run_clients(refs, clients, seconds, sup)
+        tally = await run_clients(refs, clients, seconds, sup)
 
         states = await settle(refs)
         print_first_account(states)
         check_total("after", states)
-        print(f"Deposits repeated after a crash and ignored, all runs: "
-              f"{sum(state.repeats for state in states):,}")
+        repeats = sum(state.repeats for state in states)
+        print(f"Deposits repeated after a crash and ignored, all runs: {repeats:,}")
         richest = max(states, key=lambda state: state.balance)
         print(f"Richest: {richest.owner} with {richest.balance:,}; last operations:")
         for line in richest.ledger:
             print(f"    {line}")
-    print_statistics(sup.statistics())
+    stats = sup.statistics()
+    print_statistics(stats)
+    print_what_it_showed(tally, len(states) * OPENING_BALANCE, repeats, stats)
     print("Run it again: every balance continues from the store.")
 
 
