@@ -25,6 +25,7 @@ from typing import Any
 
 import attrs
 import trio
+from progress_line import progress
 
 import trio_pgs
 from trio_pgs import NoReply, PersistentServer, PersistentSupervisor, Reply, ServerRef, Stop
@@ -202,11 +203,11 @@ async def chat(user: str, rooms: Sequence[ServerRef], posts: int, tally: Tally,
 def print_statistics(stats: trio_pgs.SupervisorStatistics) -> None:
     print(
         "Supervisor statistics:\n"
-        f"  active {stats.active:,}, activations {stats.activations:,}, "
-        f"hibernated {stats.hibernations:,}, crashes {stats.crashes:,}\n"
-        f"  messages {stats.messages:,}, commits {stats.commits:,}, "
-        f"records written {stats.records_written:,}, "
-        f"mean batch size {stats.mean_batch_size:.1f}"
+        f"  active now: {stats.active:,} servers\n"
+        f"  so far: {stats.activations:,} activations, {stats.hibernations:,} "
+        f"hibernations, {stats.crashes:,} crashes, {stats.messages:,} messages handled\n"
+        f"  written so far: {stats.records_written:,} records in {stats.commits:,} "
+        f"commits (mean batch size {stats.mean_batch_size:.1f})"
     )
 
 
@@ -220,8 +221,13 @@ async def main(rooms: int, users: int, posts: int, idle: float, store: str) -> N
         await show_rooms(refs)
 
         tally = Tally()
+
+        def describe(elapsed: float) -> str:
+            return (f"  {elapsed:4.1f}s  {tally.posts:,} of {users * posts:,} messages "
+                    f"posted; {tally.received:,} received by listeners")
+
         async with trio.open_nursery() as listeners:
-            async with trio.open_nursery() as users_nursery:
+            async with progress(describe), trio.open_nursery() as users_nursery:
                 for number in range(users):
                     users_nursery.start_soon(chat, user_name(number), refs, posts, tally,
                                              listeners)
@@ -238,7 +244,18 @@ async def main(rooms: int, users: int, posts: int, idle: float, store: str) -> N
 
         print("Rooms after waking from the store:")
         await show_rooms(refs)
-    print_statistics(sup.statistics())
+    stats = sup.statistics()
+    print_statistics(stats)
+    print(
+        "What this run showed:\n"
+        f"  - Every room hibernated when idle ({stats.hibernations:,} hibernations) and "
+        f"woke from the store\n"
+        f"    with its members and its history to answer the last calls.\n"
+        f"  - The listeners' channels lived in an ephemeral field: never stored, and "
+        f"closed by their room\n"
+        f"    when it hibernated ({tally.disconnected:,} of {tally.listeners:,} streams "
+        f"ended that way)."
+    )
     print("Run it again: the rooms continue with their members and history.")
 
 
