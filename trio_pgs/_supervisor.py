@@ -218,6 +218,7 @@ class PersistentSupervisor:
         self._reaper = IdleReaper()
         self._counters = Counters()
         self.cluster = cluster
+        self._recovered_once = False
         #: This supervisor's membership of its name, on a store that keeps members.
         self._node: ClusterNode | None = None
         self._host = _Host(self)
@@ -350,9 +351,10 @@ class PersistentSupervisor:
                 self._entry(ref)
                 count += 1
             if count:
-                logger.info("supervisor %r: activated %d %s server(s) at startup",
+                logger.info("supervisor %r: activated %d %s server(s) it owns now",
                             self.name, count, info.cls.kind)
-        if isinstance(self.store, SupportsKinds):
+        if isinstance(self.store, SupportsKinds) and not self._recovered_once:
+            self._recovered_once = True  # in a cluster, this runs again at each change
             unserved = sorted(set(await self.store.kinds()) - set(self._kinds))
             if unserved:
                 logger.warning(
