@@ -404,6 +404,9 @@ def print_what_it_showed(tally: Tally, issued: int, repeats: int,
 async def main(accounts: int, clients: int, seconds: float, chaos: float, store: str) -> None:
     global CHAOS
     CHAOS = chaos
+    # An application configures logging: crashes are then logged with their traceback
+    # (without it, trio-pgs prints one line per crash), and filters see the exception.
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("trio_pgs").addFilter(HideChaosCrashes())
     print(f"A bank of {accounts:,} accounts in {store!r}, {clients} clients, "
           f"crash probability {chaos:.1%}")

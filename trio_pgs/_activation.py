@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import outcome
 import trio
 
+from . import _logging  # noqa: F401  (one line per crash when logging is not configured)
 from ._calls import Handling, Kind, Message, current_handling
 from ._entry import Entry, Next, Status, not_found, not_running, quarantined_error
 from ._errors import (
