@@ -24,6 +24,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check trio_pgs tests examples benchmarks
 	$(BIN)/mypy --strict trio_pgs
+	$(BIN)/python -m tests.typecheck_user_code
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 

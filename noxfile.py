@@ -24,6 +24,7 @@ def lint(session: nox.Session) -> None:
 def typecheck(session: nox.Session) -> None:
     session.install("-e", ".[dev]")
     session.run("mypy", "--strict", "trio_pgs")
+    session.run("python", "-m", "tests.typecheck_user_code")
 
 
 @nox.session

@@ -42,7 +42,15 @@ import trio
 from progress_line import progress
 
 import trio_pgs
-from trio_pgs import NoReply, PersistentServer, PersistentSupervisor, Reply, ServerRef, Stop
+from trio_pgs import (
+    CallResult,
+    CastResult,
+    NoReply,
+    PersistentServer,
+    PersistentSupervisor,
+    Reply,
+    ServerRef,
+)
 
 #: What every new account starts with: all the money in the bank comes from here.
 OPENING_BALANCE = 1_000
@@ -118,9 +126,7 @@ class AccountServer(PersistentServer[Account]):
             self.send_after(SOON, "send-outbox")
         return state
 
-    async def handle_call(
-        self, request: Any, state: Account
-    ) -> Reply[Account] | NoReply[Account] | Stop[Account]:
+    async def handle_call(self, request: Any, state: Account) -> CallResult[Account]:
         match request:
             case ("transfer", ServerRef() as to, int(amount)) if amount > 0:
                 if to == self.ref:
@@ -163,7 +169,7 @@ class AccountServer(PersistentServer[Account]):
                 return Reply(state, state)
         return await super().handle_call(request, state)
 
-    async def handle_info(self, message: Any, state: Account) -> NoReply[Account] | Stop[Account]:
+    async def handle_info(self, message: Any, state: Account) -> CastResult[Account]:
         match message:
             case "send-outbox":
                 return await self.send_outbox(state)

@@ -30,7 +30,7 @@ import trio
 from progress_line import progress
 
 import trio_pgs
-from trio_pgs import NoReply, PersistentServer, PersistentSupervisor, Reply, ServerRef, Stop
+from trio_pgs import CallResult, PersistentServer, PersistentSupervisor, Reply, ServerRef, Stop
 
 #: What the shop sells, with prices in cents.
 CATALOG = {"apple": 40, "bread": 250, "milk": 120, "tea": 450, "coffee": 899,
@@ -70,9 +70,7 @@ class OrderBookServer(PersistentServer[OrderBook]):
     # The default persistence, EACH_MESSAGE: an order is committed before the cart that
     # placed it hears of it.
 
-    async def handle_call(
-        self, request: Any, book: OrderBook
-    ) -> Reply[OrderBook] | NoReply[OrderBook] | Stop[OrderBook]:
+    async def handle_call(self, request: Any, book: OrderBook) -> CallResult[OrderBook]:
         match request:
             case ("place", Cart() as cart):
                 for order in book.recent:
@@ -102,9 +100,7 @@ class CartServer(PersistentServer[Cart]):
     async def init(self, customer: str, orders: ServerRef) -> Cart:
         return Cart(customer, uuid.uuid4().hex, orders)
 
-    async def handle_call(
-        self, request: Any, cart: Cart
-    ) -> Reply[Cart] | NoReply[Cart] | Stop[Cart]:
+    async def handle_call(self, request: Any, cart: Cart) -> CallResult[Cart]:
         match request:
             case ("add", str(product), int(count)) if product in CATALOG and count > 0:
                 cart = with_count(cart, product, cart.items.get(product, 0) + count)

@@ -28,7 +28,7 @@ import trio
 from progress_line import progress
 
 import trio_pgs
-from trio_pgs import NoReply, PersistentServer, PersistentSupervisor, Reply, ServerRef, Stop
+from trio_pgs import CallResult, PersistentServer, PersistentSupervisor, Reply, ServerRef
 
 #: Messages a room keeps; older ones are forgotten (the count goes on).
 HISTORY = 20
@@ -71,9 +71,7 @@ class RoomServer(PersistentServer[Room]):
     async def init(self, name: str) -> Room:
         return Room(name)
 
-    async def handle_call(
-        self, request: Any, state: Room
-    ) -> Reply[Room] | NoReply[Room] | Stop[Room]:
+    async def handle_call(self, request: Any, state: Room) -> CallResult[Room]:
         match request:
             case ("join", str(user)):
                 state = attrs.evolve(state, members=state.members | {user})

@@ -30,7 +30,7 @@ import trio
 from progress_line import progress
 
 import trio_pgs
-from trio_pgs import NoReply, PersistentServer, PersistentSupervisor, Reply, Stop
+from trio_pgs import CallResult, CastResult, NoReply, PersistentServer, PersistentSupervisor, Reply
 
 #: How many players are read or created at the same time at startup and at the end.
 WORKERS = 200
@@ -54,9 +54,7 @@ class PlayerServer(PersistentServer[Player]):
     async def init(self, name: str) -> Player:
         return Player(name)
 
-    async def handle_call(
-        self, request: Any, state: Player
-    ) -> Reply[Player] | NoReply[Player] | Stop[Player]:
+    async def handle_call(self, request: Any, state: Player) -> CallResult[Player]:
         match request:
             case ("score", int(points)):
                 state = attrs.evolve(state, score=state.score + points)
@@ -65,7 +63,7 @@ class PlayerServer(PersistentServer[Player]):
                 return Reply(state, state, persist=False)  # a read: nothing to write
         return await super().handle_call(request, state)
 
-    async def handle_cast(self, message: Any, state: Player) -> NoReply[Player] | Stop[Player]:
+    async def handle_cast(self, message: Any, state: Player) -> CastResult[Player]:
         match message:
             case "game-over":
                 return NoReply(attrs.evolve(state, games=state.games + 1))

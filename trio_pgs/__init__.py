@@ -27,6 +27,8 @@ from ._ledger import Caller as Caller
 from ._memory_store import MemoryStore as MemoryStore
 from ._postgres_store import PostgresStore as PostgresStore
 from ._ref import ServerRef as ServerRef
+from ._results import CallResult as CallResult
+from ._results import CastResult as CastResult
 from ._results import NoReply as NoReply
 from ._results import Reply as Reply
 from ._results import Stop as Stop

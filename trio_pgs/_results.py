@@ -1,8 +1,8 @@
-"""What a handler returns: `Reply`, `NoReply` or `Stop`."""
+"""What a handler returns: `Reply`, `NoReply` or `Stop` (`CallResult`, `CastResult`)."""
 
 from __future__ import annotations
 
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, Generic, TypeAlias, TypeVar
 
 import attrs
 
@@ -55,3 +55,12 @@ class Stop(Generic[S]):
     reply: Any = attrs.field(default=NO_REPLY, kw_only=True)
     persist: bool = attrs.field(default=True, kw_only=True)
 
+
+#: What `handle_call` returns: ``Reply[S] | NoReply[S] | Stop[S]``. Annotate a handler
+#: as ``async def handle_call(self, request: object, state: Player) ->
+#: CallResult[Player]``.
+CallResult: TypeAlias = Reply[S] | NoReply[S] | Stop[S]
+
+#: What `handle_cast` and `handle_info` return: ``NoReply[S] | Stop[S]`` (a `Reply`
+#: there is a crash, and a type error).
+CastResult: TypeAlias = NoReply[S] | Stop[S]

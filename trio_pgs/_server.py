@@ -15,7 +15,7 @@ import cattrs
 import trio
 
 from ._errors import UnknownRequest
-from ._results import NoReply, Reply, Stop
+from ._results import CallResult, CastResult, NoReply
 
 if TYPE_CHECKING:
     from ._ref import ServerRef
@@ -223,21 +223,21 @@ class PersistentServer(Generic[S]):
         await trio.lowlevel.checkpoint()
         return state
 
-    async def handle_call(self, request: Any, state: S) -> Reply[S] | NoReply[S] | Stop[S]:
+    async def handle_call(self, request: Any, state: S) -> CallResult[S]:
         """Answer a `ServerRef.call`. The default crashes with `UnknownRequest`."""
         raise UnknownRequest(
             f"{self.ref}: {type(self).__qualname__} does not handle the call {request!r}; "
             "define handle_call"
         )
 
-    async def handle_cast(self, message: Any, state: S) -> NoReply[S] | Stop[S]:
+    async def handle_cast(self, message: Any, state: S) -> CastResult[S]:
         """Handle a `ServerRef.cast`. The default crashes with `UnknownRequest`."""
         raise UnknownRequest(
             f"{self.ref}: {type(self).__qualname__} does not handle the cast {message!r}; "
             "define handle_cast"
         )
 
-    async def handle_info(self, message: Any, state: S) -> NoReply[S] | Stop[S]:
+    async def handle_info(self, message: Any, state: S) -> CastResult[S]:
         """Handle `ServerRef.send` and `send_after`. The default logs and ignores it."""
         logger.warning(
             "%s ignored the info %r (define handle_info)", self.ref, message,
