@@ -170,17 +170,18 @@ class PersistentServer(Generic[S]):
     from_persisted: ClassVar[Callable[[Any], Any] | None] = None
 
     _activation: _Running
+    # Whether state_type was given (a type argument for S, or the attribute) on this class
+    # or an ancestor; while it was not, _state_parameter is the TypeVar standing for S
+    # (None: the first type parameter, as in PersistentServer itself).
+    _has_state_type: ClassVar[bool] = False
+    _state_parameter: ClassVar[TypeVar | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "kind" not in cls.__dict__:
             cls.kind = cls.__name__
         check_kind(cls.kind)
-        for base in cls.__dict__.get("__orig_bases__", ()):
-            if typing.get_origin(base) is PersistentServer:
-                (argument,) = typing.get_args(base)
-                if not isinstance(argument, TypeVar):
-                    cls.state_type = argument
+        find_state_type(cls)
         check_shaping(cls)
         for name in _HOOKS:
             hook = getattr(cls, name)
@@ -250,6 +251,40 @@ class PersistentServer(Generic[S]):
         """Called when the activation ends: ``"normal"`` or another stop reason,
         ``"hibernate"``, ``"shutdown"``, or the exception that crashed it."""
         await trio.lowlevel.checkpoint()
+
+
+def find_state_type(cls: type[PersistentServer[Any]]) -> None:
+    """Set ``cls.state_type`` from its bases' type arguments, following the state's
+    TypeVar through generic subclasses (``class Base(PersistentServer[T])``, then
+    ``class Server(Base[Player])``). A class that is not generic and has no state type
+    is refused: its state would come back from the store as plain dicts and lists."""
+    if "state_type" in cls.__dict__:
+        cls._has_state_type = True
+        return
+    for base in cls.__dict__.get("__orig_bases__", ()):
+        origin = typing.get_origin(base)
+        if not (isinstance(origin, type) and issubclass(origin, PersistentServer)):
+            continue
+        if origin._has_state_type:
+            return
+        parameters = getattr(origin, "__parameters__", ())
+        parameter = origin._state_parameter or next(iter(parameters), None)
+        if parameter not in parameters:
+            continue
+        argument = typing.get_args(base)[parameters.index(parameter)]
+        if isinstance(argument, TypeVar):
+            cls._state_parameter = argument
+        else:
+            cls.state_type = argument
+            cls._has_state_type = True
+        return
+    if not cls._has_state_type and not getattr(cls, "__parameters__", ()):
+        raise TypeError(
+            f"{cls.__qualname__} has no state type: without one, its state comes back "
+            f"from the store as plain dicts and lists. Give it as the type argument, "
+            f"class {cls.__name__}(PersistentServer[MyState]) (PersistentServer[Any] to "
+            f"keep the stored JSON shape), or set state_type = MyState in the class"
+        )
 
 
 def check_shaping(cls: type[PersistentServer[Any]]) -> None:
