@@ -205,7 +205,9 @@ class PersistentServer(Generic[S]):
         _check_positive_or_none("delay", delay)
         self._activation.send_after(delay, info)
 
-    async def init(self, *args: Any) -> S:
+    # **kwargs too: a signature of (*args: Any, **kwargs: Any) is one that any override
+    # matches, for pyright as for mypy (start() passes positional arguments only).
+    async def init(self, *args: Any, **kwargs: Any) -> S:
         """Return the first state from the arguments of `PersistentSupervisor.start`.
 
         The default accepts one argument and uses it as the state.
