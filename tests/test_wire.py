@@ -80,6 +80,8 @@ def test_attrs_instances_arrive_unstructured():
         ({1: "a"}, "not a str"),
         (object(), "no JSON form"),
         (2**64, "beyond 64 bits"),
+        ("\ud800", "lone surrogate"),
+        ({"\udfff": 1}, "lone surrogate"),
         ([-(2**63) - 1], "beyond 64 bits"),
     ],
 )
@@ -143,8 +145,10 @@ def test_the_library_errors_arrive_as_themselves():
     assert type(started) is trio_pgs.AlreadyStarted and started.ref == ref
     lost = error_across(trio_pgs.NodeUnavailable("lost", sent=False))
     assert type(lost) is trio_pgs.NodeUnavailable and lost.sent is False
-    crashed = error_across(ValueError("boom"))
+    crashed = error_across(KeyError("boom"))
     assert type(crashed) is trio_pgs.ServerCrashed and "boom" in str(crashed)
+    # misuse on the owner's side (release of an active server) is misuse here too
+    assert type(error_across(ValueError("active"))) is ValueError
 
 
 def test_garbage_for_an_error_is_node_unavailable():

@@ -144,6 +144,9 @@ class Local(Protocol):
 
 #: `ClusterNode.forward`'s answer when the node it reached does not own the server.
 MOVED: Any = object()
+#: How long after a node left the members the requests still waiting on it fail: more
+#: than a graceful leave takes to answer its last ones.
+DISCONNECT_AFTER = 2.0
 #: The largest message that crosses between nodes (a frame, less its header).
 LARGEST = MAX_FRAME - 64
 
@@ -169,9 +172,9 @@ class ClusterNode:
                 secret, f"trio-pgs member\0{local.name}\0{node}".encode(), hashlib.sha256
             ).hexdigest()
         self.transport: Transport | None = None
+        self._nursery: trio.Nursery | None = None
         #: Requests from other nodes being handled now (a leaving node lets them end).
         self._handling = 0
-        self._handled: trio.Event | None = None
         #: Placement: the live nodes that take servers, and where each one listens.
         self._nodes: tuple[str, ...] = ()
         self._addresses: dict[str, tuple[str, int]] = {}
@@ -189,6 +192,7 @@ class ClusterNode:
     async def start(self, nursery: trio.Nursery) -> None:
         """Listen (in a cluster), join, and keep the lease in *nursery*."""
         config = self.config
+        self._nursery = nursery
         if config is not None:
             self.transport = Transport(
                 node=self.node, cluster=self.local.name, secret=config.secret,
@@ -212,13 +216,15 @@ class ClusterNode:
         self.membership.leaving = True
         await self.membership.leave()
         # Requests from other nodes still being answered ("moved", at this point):
-        # let them end, so that their callers route again instead of losing them.
-        with trio.move_on_after(1.0):
-            while self._handling:
-                self._handled = trio.Event()
-                await self._handled.wait()
-        if self.transport is not None:
-            await self.transport.aclose()
+        # let them end and their replies go out before the connections close, so that
+        # their callers route again instead of hearing of a lost node.
+        transport = self.transport
+        if transport is not None:
+            with trio.move_on_after(1.0):
+                while self._handling or transport.answering():  # noqa: ASYNC110 - a
+                    await trio.sleep(0.01)  # shutdown's poll; no event to wait on
+                await trio.sleep(0.05)  # the last replies leave their sender tasks
+            await transport.aclose()
 
     async def announce_leaving(self) -> None:
         """Tell the others this node is leaving: they stop routing to it."""
@@ -243,13 +249,22 @@ class ClusterNode:
         return claim_after_hand_off
 
     async def _ask_release(self, ref: ServerRef) -> None:
-        holder = owner(self._others, ref.kind, ref.key)
-        address = self._addresses.get(holder)
-        if address is None or self.transport is None:
+        """Ask every other live node to hibernate *ref* if it runs it (any of them may,
+        its view a renewal behind), and to learn the members; in parallel, each
+        bounded: a node that does not answer in time is fenced by the claim anyway."""
+        if self.transport is None:
             return
         request = wire.encode({"op": "release", "kind": ref.kind, "key": ref.key,
                                "body": None, "chain": []})
-        with trio.move_on_after(min(2.0, self.membership.lease / 3)):
+        async with trio.open_nursery() as nursery:
+            for node in self._others:
+                address = self._addresses.get(node)
+                if address is not None:
+                    nursery.start_soon(self._release_at, address, request)
+
+    async def _release_at(self, address: tuple[str, int], request: bytes) -> None:
+        assert self.transport is not None
+        with trio.move_on_after(min(2.5, self.membership.lease / 2 + 0.5)):
             try:
                 await self.transport.request(address, request)
             except PeerUnavailable:
@@ -287,10 +302,10 @@ class ClusterNode:
         if self.membership.leaving:
             nodes = tuple(n for n in nodes if n != self.node)
         addresses = {m.node: _split(m.address) for m in members if m.clustered and m.address}
-        if self.transport is not None:
+        if self.transport is not None and self._nursery is not None:
             for node, address in self._addresses.items():
-                if node not in addresses:  # gone (its lease ran out): fail what waits on it
-                    self.transport.disconnect(address)
+                if node not in addresses:  # gone: fail what still waits on it, soon
+                    self._nursery.start_soon(self._disconnect_later, node, address)
         self._addresses = addresses
         others = tuple(m.node for m in members if m.clustered and m.node != self.node)
         if others != self._others:
@@ -304,6 +319,14 @@ class ClusterNode:
             if self.config is not None:
                 self.handoffs += self.local._hand_off(self.owns)
                 self.local._recover()
+
+    async def _disconnect_later(self, node: str, address: tuple[str, int]) -> None:
+        """A node left the members: a paused or cut-off one never answers what was
+        sent to it, so those requests fail (outcome unknown). Not at once: a node that
+        left gracefully is still answering its last requests ("moved")."""
+        await trio.sleep(DISCONNECT_AFTER)
+        if node not in self._addresses and self.transport is not None:
+            self.transport.disconnect(address)
 
     def _lost(self) -> None:
         self._owners.clear()
@@ -410,15 +433,15 @@ class ClusterNode:
             return await self._serve_decoded(op, ref, payload, chain)
         finally:
             self._handling -= 1
-            if self._handled is not None and not self._handling:
-                self._handled.set()
 
     async def _serve_decoded(
         self, op: str, ref: ServerRef, payload: Any, chain: tuple[ServerRef, ...]
     ) -> bytes:
         if op == "release":
-            await self.local._release(ref, min(2.0, self.membership.lease / 3))
-            await self.membership.refresh()  # learn who took it, not to take it back
+            # Learn the members first: this node's own callers stop sending messages to
+            # the server here (which would keep it busy), then let it hibernate.
+            await self.membership.refresh()
+            await self.local._release(ref, min(2.0, self.membership.lease / 2))
             return wire.encode({"ok": None})
         if not self.owns(ref) and not self.membership.leaving:
             # The sender sees this node as the owner: maybe this node's view is the

@@ -567,6 +567,13 @@ class PersistentSupervisor:
         if op == "cast" or op == "info":
             await self._deliver_async_here(ref, op, payload, chain)
             return None
+        if op == "repair":
+            what, steps = payload
+            if what == "release":
+                await self._release_here(ref)
+            else:
+                await self._rollback_here(ref, int(steps))
+            return None
         if op == "start":
             info = self._kinds.get(ref.kind)
             if info is None:
@@ -882,6 +889,12 @@ class PersistentSupervisor:
     async def release(self, ref: ServerRef) -> None:
         """Lift *ref*'s quarantine and forget its recent crashes; the next message
         activates it from its last committed state."""
+        if self.cluster is not None:  # on the node that owns it, which knows if it is active
+            await self._routed(ref, "repair", ["release", 0])
+            return
+        await self._release_here(ref)
+
+    async def _release_here(self, ref: ServerRef) -> None:
         record = await self._load_for_repair(ref)
         await self._writer.commit(
             Put(next_version(record, quarantined=False, crashes=()), record.version)
@@ -894,6 +907,12 @@ class PersistentSupervisor:
         many earlier states are kept) and a server that is not active."""
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be an int >= 1, not {steps!r}")
+        if self.cluster is not None:  # on the node that owns it, which knows if it is active
+            await self._routed(ref, "repair", ["rollback", steps])
+            return
+        await self._rollback_here(ref, steps)
+
+    async def _rollback_here(self, ref: ServerRef, steps: int) -> None:
         record = await self._load_for_repair(ref)
         if len(record.history) < steps:
             raise ValueError(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import socket
 import ssl
 import struct
 from collections.abc import Awaitable, Callable
@@ -212,6 +213,24 @@ def _format(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+#: TCP keepalive: a peer whose host vanished without a reset (a cable pulled, a link
+#: that drops packets) is noticed within about 11 s of silence, and data it never
+#: acknowledges within 15 s ends the connection; its pending requests then fail.
+_KEEP_IDLE, _KEEP_INTERVAL, _KEEP_COUNT, _USER_TIMEOUT_MS = 5, 2, 3, 15_000
+
+
+def _keep_alive(stream: trio.SocketStream) -> None:
+    try:
+        stream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in (("TCP_KEEPIDLE", _KEEP_IDLE), ("TCP_KEEPINTVL", _KEEP_INTERVAL),
+                            ("TCP_KEEPCNT", _KEEP_COUNT), ("TCP_USER_TIMEOUT", _USER_TIMEOUT_MS)):
+            option = getattr(socket, name, None)
+            if option is not None:  # Linux has them all; others keep their defaults
+                stream.setsockopt(socket.IPPROTO_TCP, option, value)
+    except OSError as exc:  # not a TCP socket (tests), or refused: the defaults stay
+        logger.debug("no TCP keepalive on a connection: %s", exc)
+
+
 def _peer_of(stream: trio.SocketStream) -> str:
     try:
         host, port = stream.socket.getpeername()[:2]
@@ -271,7 +290,13 @@ class Transport:
         self._max_in_flight = max_in_flight
         self._outgoing: dict[tuple[str, int], _Outgoing] = {}
         self._counters = _Counters()
+        #: Requests being answered now (from the handler to the reply handed over).
+        self._answering = 0
         self._closed = False
+
+    def answering(self) -> int:
+        """How many requests from other nodes are being answered now."""
+        return self._answering
 
     def statistics(self) -> TransportStatistics:
         """A snapshot of the counters (see `TransportStatistics`); never blocks."""
@@ -304,6 +329,7 @@ class Transport:
             task_status.started((host, bound))
 
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
+        _keep_alive(stream)
         peer = _peer_of(stream)
         try:
             await self._serve_peer(stream, peer)
@@ -372,6 +398,7 @@ class Transport:
     async def _handle(
         self, link: _Link, request_id: int, body: bytes, slots: trio.Semaphore
     ) -> None:
+        self._answering += 1
         try:
             frame = await self._answer(link, request_id, body)
             try:
@@ -380,6 +407,7 @@ class Transport:
                 return  # the connection is closing; its client fails the request itself
             self._counters.requests_served += 1
         finally:
+            self._answering -= 1
             slots.release()
 
     async def _answer(self, link: _Link, request_id: int, body: bytes) -> bytes:
@@ -466,7 +494,9 @@ class Transport:
     async def _open(self, address: tuple[str, int]) -> _Link:
         host, port = address
         with trio.move_on_after(self._connect_timeout):
-            stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+            socket_stream = await trio.open_tcp_stream(host, port)
+            _keep_alive(socket_stream)
+            stream: trio.abc.Stream = socket_stream
             try:
                 if self._client_ssl is not None:
                     tls = trio.SSLStream(stream, self._client_ssl, server_hostname=host)

@@ -53,6 +53,9 @@ def _pack(value: Any, unstructure: Unstructure, depth: int) -> Any:
         raise errors.MessageEncodingError(
             f"the integer {_short(value)} is beyond 64 bits: it has no portable JSON form"
         )
+    if kind is str:
+        _check_text(value)
+        return value
     if kind in _PLAIN:
         return value
     if kind is float:
@@ -64,14 +67,7 @@ def _pack(value: Any, unstructure: Unstructure, depth: int) -> Any:
     if kind is list:
         return [_pack(item, unstructure, depth + 1) for item in value]
     if kind is dict:
-        packed = {}
-        for name, item in value.items():
-            if type(name) is not str:
-                raise errors.MessageEncodingError(
-                    f"a dict key {name!r} is not a str: only str keys cross to another node"
-                )
-            packed[name] = _pack(item, unstructure, depth + 1)
-        return {_DICT: packed} if any(name.startswith("\0") for name in packed) else packed
+        return _pack_dict(value, unstructure, depth)
     raw = unstructure(value)
     if raw is value or type(raw) not in (*_PLAIN, float, list, dict, tuple):
         raise errors.MessageEncodingError(
@@ -79,6 +75,27 @@ def _pack(value: Any, unstructure: Unstructure, depth: int) -> Any:
             "supervisor a cattrs converter that unstructures it, or send plain data"
         )
     return _pack(raw, unstructure, depth + 1)
+
+
+def _pack_dict(value: dict[Any, Any], unstructure: Unstructure, depth: int) -> Any:
+    packed = {}
+    for name, item in value.items():
+        if type(name) is not str:
+            raise errors.MessageEncodingError(
+                f"a dict key {name!r} is not a str: only str keys cross to another node"
+            )
+        _check_text(name)
+        packed[name] = _pack(item, unstructure, depth + 1)
+    return {_DICT: packed} if any(name.startswith("\0") for name in packed) else packed
+
+
+def _check_text(text: str) -> None:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise errors.MessageEncodingError(
+            f"{_short(text)} holds a lone surrogate: it is not text that UTF-8 can carry"
+        ) from None
 
 
 def unpack(data: Any) -> Any:
@@ -149,6 +166,8 @@ def pack_error(exc: BaseException, unstructure: Unstructure) -> dict[str, Any]:
     for cls in type(exc).__mro__:
         if cls.__name__ in _BY_NAME and _BY_NAME[cls.__name__] is cls:
             return {"type": cls.__name__, "message": message}
+    if type(exc) in (ValueError, TypeError):  # misuse (release of an active server...)
+        return {"type": type(exc).__name__, "message": message}
     return {"type": "ServerCrashed", "message": f"{type(exc).__name__}: {message}"}
 
 
@@ -163,6 +182,8 @@ def unpack_error(data: Any, ref: Any, where: str) -> BaseException:
         return errors.AlreadyStarted(message, ref)
     if name == "NodeUnavailable":
         return errors.NodeUnavailable(message, sent=bool(data.get("sent", True)))
+    if name in ("ValueError", "TypeError"):
+        return ValueError(message) if name == "ValueError" else TypeError(message)
     cls = _BY_NAME.get(name) if isinstance(name, str) else None
     return (cls or errors.ServerCrashed)(message)
 
