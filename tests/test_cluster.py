@@ -788,3 +788,83 @@ def test_servers_on_two_nodes_calling_each_other_get_call_cycle_error(
     assert all(proc.returncode == 0 for proc in procs), [err.decode()[-2000:] for _, err in outs]
     assert "cycle" in answers, answers  # and nobody waited until fail_after
     assert set(answers) <= {"cycle", "ok"}, answers
+
+
+RELEASING = '''
+import sys, time, attrs, trio, trio_pgs
+from trio_pgs import PersistentServer, PersistentSupervisor, Reply
+
+@attrs.define
+class Log:
+    ops: list[str] = attrs.Factory(list)
+
+class Behind(PersistentServer[Log]):
+    kind = "behind"
+    persistence = trio_pgs.Persistence.WRITE_BEHIND
+    idle_timeout = None
+    async def init(self): return Log()
+    async def handle_call(self, request, state):
+        match request:
+            case ("add", str(op)):
+                state = Log([*state.ops, op])
+                return Reply(len(state.ops), state)
+        raise trio_pgs.UnknownRequest(request)
+
+async def main(dsn, schema, role):
+    store = trio_pgs.PostgresStore(dsn, schema=schema)
+    cluster = trio_pgs.Cluster(secret=b"s" * 32, lease=%(lease)s)
+    async with PersistentSupervisor(store=store, name="r", servers=[Behind],
+                                    cluster=cluster) as sup:
+        while sup.statistics().nodes < 2:
+            await trio.sleep(0.05)
+        await trio.sleep(%(lease)s)  # both see both
+        me = sup._node.node
+        key = next(f"k{i}" for i in range(100)
+                   if sup._node.owner_of(sup.ref(Behind, f"k{i}")) != me)
+        if role == "b":
+            await trio.sleep(6)  # serve a's calls, then leave (flushing the state)
+            return
+        ref = await sup.start(Behind, key=key)
+        await ref.call(("add", "x1"))
+        try:
+            await sup.release(ref)
+            print("released", flush=True)
+        except ValueError as exc:
+            print("refused:", exc, flush=True)
+        await ref.call(("add", "x2"))
+        print(key, flush=True)
+        await trio.sleep(7)
+
+trio.run(main, *sys.argv[1:])
+'''
+
+
+def test_release_from_a_node_that_does_not_own_the_server_runs_on_its_owner(
+    postgres: Server, tmp_path: Path
+) -> None:
+    """release() of an active WRITE_BEHIND server, called on another node, must be
+    refused as on one node (it is active), not fence the owner's activation and lose
+    its acknowledged updates."""
+    schema = postgres.schema()
+    program = tmp_path / "releasing.py"
+    program.write_text(RELEASING % {"lease": LEASE})
+    procs = [
+        subprocess.Popen([sys.executable, str(program), postgres.dsn, schema, role],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for role in ("a", "b")
+    ]
+    try:
+        outs = [proc.communicate(timeout=TIMEOUT) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    assert all(proc.returncode == 0 for proc in procs), [err.decode()[-2000:] for _, err in outs]
+    lines = outs[0][0].decode().split("\n")
+    assert lines[0].startswith("refused:") and "is active" in lines[0], lines
+    key = lines[1]
+    with psycopg.connect(postgres.dsn, autocommit=True) as connection:
+        data = connection.execute(
+            f'SELECT data FROM "{schema}".records WHERE key = %s', (key,)
+        ).fetchone()
+    assert data is not None and json.loads(bytes(data[0])) == {"ops": ["x1", "x2"]}
