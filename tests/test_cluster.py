@@ -868,3 +868,48 @@ def test_release_from_a_node_that_does_not_own_the_server_runs_on_its_owner(
             f'SELECT data FROM "{schema}".records WHERE key = %s', (key,)
         ).fetchone()
     assert data is not None and json.loads(bytes(data[0])) == {"ops": ["x1", "x2"]}
+
+
+RING = CROSSING.replace(
+    '''        while sup.statistics().nodes < 2:''', '''        while sup.statistics().nodes < 3:'''
+).replace(
+    '''        keys = next(  # a pair on two nodes: the same on both, from the same view
+            f"x{i},y{i}" for i in range(100)
+            if owner(sup.ref(Poker, f"x{i}")) != owner(sup.ref(Poker, f"y{i}"))
+        )''',
+    '''        keys = next(  # three keys on three nodes: the same on all, from the same view
+            f"x{i},y{i},z{i}" for i in range(300)
+            if len({owner(sup.ref(Poker, f"{n}{i}")) for n in "xyz"}) == 3
+        )'''
+).replace(
+    '''        mine, other = keys.split(",") if role == "a" else reversed(keys.split(","))''',
+    '''        ring = keys.split(",")
+        at_ = "abc".index(role)
+        mine, other = ring[at_], ring[(at_ + 1) %% 3]'''
+)
+
+
+def test_three_servers_on_three_nodes_waiting_in_a_ring_get_call_cycle_error(
+    postgres: Server, tmp_path: Path
+) -> None:
+    """X (node a) calls Y (node b), Y calls Z (node c), Z calls X, each while handling
+    a message of its own: no node sees the whole ring, but the last call must not wait
+    for ever."""
+    schema = postgres.schema()
+    program = tmp_path / "ring.py"
+    program.write_text(RING % {"lease": LEASE})
+    at = str(time.time() + 9)
+    procs = [
+        subprocess.Popen([sys.executable, str(program), postgres.dsn, schema, role, at, "-"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for role in ("a", "b", "c")
+    ]
+    try:
+        outs = [proc.communicate(timeout=TIMEOUT) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    answers = sorted(out.decode().strip() for out, _ in outs)
+    assert all(proc.returncode == 0 for proc in procs), [err.decode()[-2000:] for _, err in outs]
+    assert "cycle" in answers and set(answers) <= {"cycle", "ok"}, answers

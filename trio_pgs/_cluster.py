@@ -137,6 +137,8 @@ class Local(Protocol):
 
     def _recover(self) -> None: ...
 
+    def _waits(self, ref: ServerRef) -> list[ServerRef] | None: ...
+
     def _stop_serving(self) -> None: ...
 
     def _active_count(self) -> int: ...
@@ -144,6 +146,8 @@ class Local(Protocol):
 
 #: `ClusterNode.forward`'s answer when the node it reached does not own the server.
 MOVED: Any = object()
+#: How many nodes away a cycle check follows the servers' waits.
+PROBE_HOPS = 4
 #: How long after a node left the members the requests still waiting on it fail: more
 #: than a graceful leave takes to answer its last ones.
 DISCONNECT_AFTER = 2.0
@@ -269,6 +273,41 @@ class ClusterNode:
                 await self.transport.request(address, request)
             except PeerUnavailable:
                 pass  # gone, or going: its writes are fenced by this claim anyway
+
+    async def waits_on(self, start: ServerRef, target: ServerRef, hops: int = PROBE_HOPS) -> bool:
+        """Whether *start* waits, through the servers it is calling (on this node or,
+        up to *hops* nodes away, on others), on *target*: then *target* calling
+        *start* would wait for ever. A node that does not answer counts as no."""
+        todo, seen = [start], set()
+        while todo:
+            ref = todo.pop()
+            if ref in seen:
+                continue
+            seen.add(ref)
+            waits = self.local._waits(ref)
+            if waits is None:
+                if hops > 0 and await self._probe(ref, target, hops - 1):
+                    return True
+                continue
+            if target in waits:
+                return True
+            todo.extend(waits)
+        return False
+
+    async def _probe(self, ref: ServerRef, target: ServerRef, hops: int) -> bool:
+        node = self.owner_of(ref)
+        address = None if node in (None, self.node) else self._addresses.get(node)
+        if address is None or self.transport is None:
+            return False
+        request = wire.encode({"op": "probe", "kind": ref.kind, "key": ref.key,
+                               "body": [target.kind, target.key, hops], "chain": []})
+        with trio.move_on_after(1.0):
+            try:
+                return wire.decode(await self.transport.request(address, request)).get(
+                    "ok") is True
+            except (PeerUnavailable, ValueError):
+                pass
+        return False
 
     def statistics(self) -> ClusterStatistics:
         return ClusterStatistics(
@@ -437,6 +476,10 @@ class ClusterNode:
     async def _serve_decoded(
         self, op: str, ref: ServerRef, payload: Any, chain: tuple[ServerRef, ...]
     ) -> bytes:
+        if op == "probe":
+            kind, key, hops = payload
+            found = await self.waits_on(ref, ServerRef(self.local.name, kind, key), hops)
+            return wire.encode({"ok": found})
         if op == "release":
             # Learn the members first: this node's own callers stop sending messages to
             # the server here (which would keep it busy), then let it hibernate.

@@ -24,6 +24,7 @@ from ._encoding import Codec
 from ._entry import Counters, Entry, KindInfo, StartRequest, Status
 from ._errors import (
     AlreadyStarted,
+    CallCycleError,
     ConflictError,
     NotOwner,
     ServerNotFound,
@@ -537,6 +538,11 @@ class PersistentSupervisor:
             while self._entries.get(ref) is entry:
                 await self._wait_settled()
 
+    def _waits(self, ref: ServerRef) -> list[ServerRef] | None:
+        """What *ref* waits on now, if it runs here (None: not here)."""
+        entry = self._entries.get(ref)
+        return None if entry is None else list(entry.waiting_on)
+
     def _recover(self) -> None:
         """The members changed: recover the PERMANENT servers this node owns now."""
         if self._nursery is not None and not self._closing and any(
@@ -558,8 +564,15 @@ class PersistentSupervisor:
         if op == "call" or op == "stop":
             if chain and live_handling() is None:
                 # From another node's handler: would its wait close a cycle through
-                # the servers waiting here (X here calls Y there, Y calls X)?
+                # the servers waiting here (X here calls Y there, Y calls X), or
+                # through other nodes' (X calls Y calls Z, each on its own node)?
                 check_no_deadlock(ref, Handling(chain, None, []))
+                if self._node is not None and await self._node.waits_on(ref, chain[-1]):
+                    raise CallCycleError(
+                        f"calling {ref} would deadlock: it waits, through other nodes' "
+                        f"servers, on {chain[-1]}, which calls it; use cast, or a "
+                        "deferred reply (current_caller())"
+                    )
             entry, message = await self._send(
                 ref, Kind.CALL if op == "call" else Kind.STOP, payload, chain
             )
