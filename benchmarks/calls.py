@@ -18,6 +18,7 @@ add up to the number of calls made.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -224,7 +225,9 @@ def persisted_rows(servers: int, seconds: float, rounds: int) -> list[Row]:
     ours = persisted_figure(servers, seconds, rounds)
     rows = []
     for label, theirs in baseline_figures(servers, seconds, rounds):
-        ratio = ours.rate / theirs.rate
+        # A baseline that completed nothing in a short run (--quick, small --seconds:
+        # 1,000 threads' first cache.set calls) has no ratio, rather than a crash.
+        ratio = ours.rate / theirs.rate if theirs.rate else math.nan
         goal = target(servers, label)
         rows.append(Row(f"persisted, {servers_name(servers)}", rate_cell(ours), label,
                         rate_cell(theirs), ratio,
