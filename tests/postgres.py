@@ -5,6 +5,8 @@ directory. Each store the tests make gets a schema of its own."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 import uuid
 import warnings
@@ -16,6 +18,29 @@ from trio_pgs import PostgresStore
 from .clocked import Clocked
 
 DSN_VARIABLE = "TRIO_PGS_POSTGRES_DSN"
+
+#: Stops the session's throwaway server when the session dies without stopping it
+#: (killed by a timeout, kill -9, a CI job cancelled): otherwise it runs for ever.
+_WATCHDOG = """
+import os, shutil, signal, sys, time
+session, directory = int(sys.argv[1]), sys.argv[2]
+while True:
+    try:
+        os.kill(session, 0)
+    except ProcessLookupError:
+        break
+    time.sleep(1)
+try:
+    with open(os.path.join(directory, "postmaster.pid")) as f:
+        postmaster = int(f.readline())
+    os.kill(postmaster, signal.SIGQUIT)  # immediate shutdown: nothing to keep
+    for _ in range(100):
+        os.kill(postmaster, 0)
+        time.sleep(0.1)
+except (OSError, ValueError):
+    pass
+shutil.rmtree(directory, ignore_errors=True)
+"""
 
 
 class Server:
@@ -41,7 +66,18 @@ class Server:
                     f"for Python 3.10 to 3.12) or set {DSN_VARIABLE} to a database's DSN"
                 ) from None
             server = pgserver.get_server(directory, cleanup_mode="delete")
-        self._stop = server.cleanup
+        watchdog = subprocess.Popen(
+            [sys.executable, "-c", _WATCHDOG, str(os.getpid()), directory],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,  # outlives a killed session, to stop its server
+        )
+
+        def stop() -> None:
+            watchdog.kill()
+            watchdog.wait()
+            server.cleanup()
+
+        self._stop = stop
         return str(server.get_uri())
 
     def schema(self) -> str:
