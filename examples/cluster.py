@@ -47,16 +47,17 @@ import tempfile
 import urllib.parse
 import uuid
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
 import trio
 from bank import OPENING_BALANCE, Account, AccountServer, InsufficientFunds, account_key
+from progress_line import on_terminal, progress
 
 import trio_pgs
-from trio_pgs import NoReply, PersistentSupervisor, Reply, ServerRef, Stop
+from trio_pgs import CallResult, NoReply, PersistentSupervisor, Reply, ServerRef
 
 NAME = "bank"
 #: The cluster's shared secret. A real deployment reads it from a secret store; every
@@ -81,9 +82,7 @@ class ClusterAccount(AccountServer):
     key, and the account makes the ref itself.
     """
 
-    async def handle_call(
-        self, request: Any, state: Account
-    ) -> Reply[Account] | NoReply[Account] | Stop[Account]:
+    async def handle_call(self, request: Any, state: Account) -> CallResult[Account]:
         match request:
             case ("send", str(payee), int(amount)):
                 to = attrs.evolve(self.ref, key=payee)
@@ -102,9 +101,9 @@ class ClusterAccount(AccountServer):
         Two things only a cluster does make this necessary. The payee's node may be
         dead (`NodeUnavailable`) until its lease runs out. And two accounts on two
         nodes that deposit to each other at once may both get `CallCycleError` (one
-        process refuses only the second call), and a longer cycle through three nodes
-        is not detected at all (docs/cluster.md). Giving up after `DEPOSIT_PATIENCE`,
-        or on a cycle, lets each one handle the other's deposit first.
+        process refuses only the second call), and a ring of deposits through three nodes
+        may get it too (docs/cluster.md). Giving up after `DEPOSIT_PATIENCE`, or on a
+        cycle, lets each one handle the other's deposit first.
         """
         if not state.outbox:
             return NoReply(state)
@@ -265,7 +264,7 @@ class Node:
 
     def __init__(self, number: int, process: trio.Process, ledger: Ledger) -> None:
         self.number, self.process, self.ledger = number, process, ledger
-        self.events_in, self.events = trio.open_memory_channel(100)
+        self.events_in, self.events = trio.open_memory_channel[dict[str, Any]](100)
         self.done = 0
 
     @property
@@ -325,18 +324,19 @@ def split_schema(url: str) -> tuple[str, str | None]:
 @attrs.define
 class PostgreSQL:
     dsn: str
-    cleanup: Any = None
+    cleanup: Callable[[], None] | None = None  # stops a throwaway server
 
 
 def start_postgresql(directory: str) -> PostgreSQL:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs: XDG_RUNTIME_DIR is not set
         try:
-            import pgserver
+            # From its module: pgserver's package does not re-export it for type checkers.
+            from pgserver.postgres_server import get_server
         except ImportError:
             raise SystemExit("no pgserver: pip install pgserver, or give --store "
                              "postgresql://...") from None
-        server = pgserver.get_server(directory, cleanup_mode="delete")
+        server = get_server(directory, cleanup_mode="delete")
     return PostgreSQL(str(server.get_uri()), server.cleanup)
 
 
@@ -374,11 +374,10 @@ async def coordinate(args: argparse.Namespace) -> None:
                 nursery.start_soon(node.read)
             print(f"{at()}  Started {NODES} nodes of supervisor {NAME!r} in schema "
                   f"{schema!r}")
-            with trio.fail_after(30):
-                for node in nodes:
-                    up = await node.expect("up")
-                    print(f"{at()}    {node.name}: pid {node.process.pid}, listening on "
-                          f"{up['address']}, id {up['node']}")
+            ups = await wait_until_up(nodes, at)
+            for node, up in zip(nodes, ups, strict=True):
+                print(f"{at()}    {node.name}: pid {node.process.pid}, listening on "
+                      f"{up['address']}, id {up['node']}")
             await run(args, nodes, ledger, url, at)
             nursery.cancel_scope.cancel()
     except BaseException:
@@ -394,8 +393,36 @@ async def coordinate(args: argparse.Namespace) -> None:
             database.cleanup()
 
 
+async def wait_until_up(nodes: Sequence[Node], at: Callable[[], str]) -> list[dict[str, Any]]:
+    """Each node's "up" event: it says so once it sees all the nodes as members."""
+    ups: list[dict[str, Any]] = []
+
+    def describe(elapsed: float) -> str:
+        return (f"{at()}    waiting for the nodes to join the cluster: {len(ups)} of "
+                f"{len(nodes)} up")
+
+    async with progress(describe):
+        with trio.fail_after(30):
+            for node in nodes:
+                ups.append(await node.expect("up"))
+    return ups
+
+
+def say(line: str) -> None:
+    """Print *line* while a progress line may be showing (on a terminal: over it)."""
+    print(f"\r\033[K{line}" if on_terminal() else line, flush=True)
+
+
+@attrs.define
+class Failover:
+    """When the victim was killed, and what the other nodes' clients had done by then."""
+
+    killed_after: float = 0.0  # seconds into the transfers
+    done_before: int = 0  # transfers done by the survivors' clients before the kill
+
+
 async def run(args: argparse.Namespace, nodes: list[Node], ledger: Ledger, url: str,
-              at: Any) -> None:
+              at: Callable[[], str]) -> None:
     first, victim = nodes[0], nodes[-1]
     survivors = nodes[:-1]
     await first.send("open", args.accounts)
@@ -406,8 +433,39 @@ async def run(args: argparse.Namespace, nodes: list[Node], ledger: Ledger, url: 
     print(f"{at()}  {args.accounts} accounts, spread over the nodes; total balance "
           f"{total:,}")
 
-    print(f"{at()}  Transfers for {args.seconds:g} s: {args.clients} clients on every node, "
-          f"between random accounts")
+    failover = await transfer_and_kill(args, nodes, at)
+    await show_nodes(url, at)
+
+    def describe(elapsed: float) -> str:
+        return (f"{at()}    reading every account, until no money is left in an outbox "
+                f"({elapsed:.0f} s)")
+
+    await first.send("balances", args.accounts)
+    async with progress(describe):
+        after: dict[str, list[int]] = (await first.expect("balances"))["balances"]
+    forwarded = 0
+    for node in survivors:
+        await node.send("stop")
+        stats = await node.expect("stopped")
+        forwarded += stats["forwarded"]
+        print(f"{at()}  {node.name} stopped. So far: {stats['forwarded']:,} messages "
+              f"forwarded to other nodes, {stats['served_for_others']:,} handled for them;\n"
+              f"          {stats['activations']:,} activations, {stats['handoffs']:,} "
+              f"accounts handed to a new owner, {stats['crashes']:,} crashes, "
+              f"{stats['fenced_writes']:,} stale writes refused")
+    applied = print_verdict(ledger, before, after, victim)
+    print_what_it_showed(args, ledger, victim, failover, forwarded, total, applied)
+
+
+async def transfer_and_kill(args: argparse.Namespace, nodes: list[Node],
+                            at: Callable[[], str]) -> Failover:
+    """Every node's clients transfer for ``args.seconds``; the last node is killed with
+    SIGKILL a third of the way through."""
+    victim, survivors = nodes[-1], nodes[:-1]
+    failover = Failover()
+    print(f"{at()}  Transfers for {args.seconds:g} s by {args.clients} clients on every "
+          f"node, between random accounts:")
+    started = trio.current_time()
     for node in nodes:
         await node.send("transfer", args.accounts, args.seconds, args.clients)
 
@@ -415,22 +473,27 @@ async def run(args: argparse.Namespace, nodes: list[Node], ledger: Ledger, url: 
         await trio.sleep(args.seconds / 3)
         victim.process.send_signal(signal.SIGKILL)  # no shutdown, no last commit
         await victim.process.wait()
-        print(f"{at()}  SIGKILL to {victim.name} (pid {victim.process.pid}): its accounts "
-              f"wait for its lease ({LEASE:g} s) to run out")
+        failover.killed_after = trio.current_time() - started
+        failover.done_before = sum(node.done for node in survivors)
+        say(f"{at()}  SIGKILL to {victim.name} (pid {victim.process.pid}): its accounts "
+            f"wait for its lease ({LEASE:g} s) to run out")
 
-    async def show_progress() -> None:
-        while True:
-            await trio.sleep(1)
-            print(f"{at()}    transfers done: " + ", ".join(
-                f"{node.name} {node.done:,}" for node in nodes))
+    def describe(elapsed: float) -> str:
+        return f"{at()}    transfers done: " + ", ".join(
+            f"{node.name} {node.done:,}"
+            + (" (killed)" if node is victim and victim.process.returncode is not None
+               else "")
+            for node in nodes)
 
-    async with trio.open_nursery() as nursery:
+    async with progress(describe, every=1.0), trio.open_nursery() as nursery:
         nursery.start_soon(kill_the_victim)
-        nursery.start_soon(show_progress)
         for node in survivors:
             await node.expect("transferred")
         nursery.cancel_scope.cancel()
+    return failover
 
+
+async def show_nodes(url: str, at: Callable[[], str]) -> None:
     print(f"{at()}  Nodes as `trio-pgs nodes` shows them:")
     shown = await trio.run_process([sys.executable, "-m", "trio_pgs", "nodes", url],
                                    capture_stdout=True)
@@ -440,19 +503,12 @@ async def run(args: argparse.Namespace, nodes: list[Node], ledger: Ledger, url: 
         cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
         print(("      " + "  ".join(cells)).rstrip())
 
-    await first.send("balances", args.accounts)
-    after: dict[str, list[int]] = (await first.expect("balances"))["balances"]
-    for node in survivors:
-        await node.send("stop")
-        stats = await node.expect("stopped")
-        print(f"{at()}  {node.name} stopped: {stats['forwarded']:,} messages forwarded, "
-              f"{stats['served_for_others']:,} served for other nodes, "
-              f"{stats['activations']:,} activations")
-    print_verdict(ledger, before, after, victim)
-
 
 def print_verdict(ledger: Ledger, before: dict[str, list[int]],
-                  after: dict[str, list[int]], victim: Node) -> None:
+                  after: dict[str, list[int]], victim: Node) -> list[tuple[str, str, int]]:
+    """Print what the clients were told and what the balances say; exit with status 1
+    if money was lost or created, or a done transfer is missing or applied twice.
+    Return the unknown transfers that were applied."""
     done = ledger.with_outcome("done")
     unknown = ledger.unknown()
     why = {f"in flight in {victim.name}'s clients when it died":
@@ -460,10 +516,11 @@ def print_verdict(ledger: Ledger, before: dict[str, list[int]],
     for outcome in sorted(set(ledger.outcomes.values())):
         if outcome.startswith("unknown: "):
             why[outcome.removeprefix("unknown: ")] = ledger.count(outcome)
+    reasons = ", ".join(f"{count:,} {reason}" for reason, count in why.items() if count)
     print(f"Transfers: {len(done):,} done, {ledger.count('refused'):,} refused "
           f"(insufficient funds), {ledger.count('not sent'):,} not sent "
-          f"(NodeUnavailable, sent=False), {len(unknown):,} of unknown outcome ("
-          + ", ".join(f"{count} {reason}" for reason, count in why.items() if count) + ")")
+          f"(NodeUnavailable, sent=False)")
+    print(f"Of unknown outcome: {len(unknown):,}" + (f" ({reasons})" if reasons else ""))
     issued, total = (sum(balance for balance, _, _ in state.values())
                      for state in (before, after))
     verdict = "conserved" if total == issued else "NOT CONSERVED"
@@ -475,10 +532,36 @@ def print_verdict(ledger: Ledger, before: dict[str, list[int]],
               "applied twice")
     else:
         print(f"Every account's balance and debits are exactly the {len(done):,} "
-              f"transfers done, plus {len(applied)} of the {len(unknown)} unknown ones: "
+              f"transfers done plus {len(applied)} of\nthe {len(unknown)} unknown ones: "
               f"no done transfer lost, none applied twice")
     if total != issued or applied is None:
         raise SystemExit(1)
+    return applied
+
+
+def print_what_it_showed(args: argparse.Namespace, ledger: Ledger, victim: Node,
+                         failover: Failover, forwarded: int, issued: int,
+                         applied: Sequence[tuple[str, str, int]]) -> None:
+    done = ledger.count("done")
+    done_after_kill = done - victim.done - failover.done_before
+    unknown = len(ledger.unknown())
+    print(
+        "What this run showed:\n"
+        f"  - {NODES} node processes served {args.accounts} accounts from one PostgreSQL "
+        f"database; the {NODES - 1} that ran\n"
+        f"    to the end forwarded {forwarded:,} messages to the nodes that owned their "
+        f"accounts.\n"
+        f"  - {victim.name.capitalize()} was killed with SIGKILL "
+        f"{failover.killed_after:.1f} s into the transfers. Once its lease ran out,\n"
+        f"    its accounts moved to the other nodes, whose clients then got "
+        f"{done_after_kill:,} more transfers done.\n"
+        f"  - The balances add up to the {issued:,} the bank issued: no money was created "
+        f"or lost.\n"
+        f"  - Each of the {done:,} transfers a client was told were done is in the "
+        f"balances, once.\n"
+        f"    Of the {unknown:,} whose outcome no client knew, the balances show that "
+        f"{len(applied):,} happened."
+    )
 
 
 def explain(
@@ -513,15 +596,26 @@ def explain(
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Without ?schema=NAME, each run uses a fresh schema, which it leaves behind "
+               "on a server of yours. The nodes' logs are kept, and named, only when a run "
+               "fails.",
+    )
     parser.add_argument("--store", metavar="URL",
-                        help="postgresql://...[?schema=NAME] (default: a throwaway "
-                        "PostgreSQL in a temporary directory, with pgserver)")
-    parser.add_argument("--accounts", type=int, default=30, help="default: 30")
+                        help="The PostgreSQL database, as postgresql://...[?schema=NAME] "
+                             "(default: a throwaway server in a temporary directory, "
+                             "started with pgserver).")
+    parser.add_argument("--accounts", type=int, default=30,
+                        help="Accounts in the bank, each opened with "
+                             f"{OPENING_BALANCE:,} (default: %(default)s).")
     parser.add_argument("--clients", type=int, default=8,
-                        help="concurrent clients per node (default: 8)")
+                        help="Concurrent clients on each node, each making one transfer "
+                             "at a time (default: %(default)s).")
     parser.add_argument("--seconds", type=float, default=9.0,
-                        help="how long to transfer (default: 9)")
+                        help="How long the clients transfer, in seconds; one node is "
+                             "killed a third of the way through; at least 3 "
+                             "(default: %(default)s).")
     parser.add_argument("--node", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--dsn", help=argparse.SUPPRESS)
     parser.add_argument("--schema", help=argparse.SUPPRESS)
