@@ -514,6 +514,3 @@ class ClusterNode:
             ), self.unstructure)})
         except Exception as exc:
             return wire.encode({"error": wire.pack_error(exc, self.unstructure)})
-
-
-Handler = Callable[[bytes], Awaitable[bytes]]
