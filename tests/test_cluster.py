@@ -711,6 +711,24 @@ def test_node_closes_bad_peers_and_keeps_serving(postgres: Server, tmp_path: Pat
         check_exactly_once(run)
 
 
+def run_programs(program: Path, argvs: list[list[str]]) -> list[str]:
+    """Run *program* once per argument list, all at once; their outputs, once each has
+    exited with status 0 (killed if still running after TIMEOUT)."""
+    procs = [
+        subprocess.Popen([sys.executable, str(program), *argv],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for argv in argvs
+    ]
+    try:
+        outs = [proc.communicate(timeout=TIMEOUT) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    assert all(proc.returncode == 0 for proc in procs), [err.decode()[-2000:] for _, err in outs]
+    return [out.decode() for out, _ in outs]
+
+
 CROSSING = '''
 import sys, time, attrs, trio, trio_pgs
 from trio_pgs import PersistentServer, PersistentSupervisor, Reply
@@ -773,19 +791,8 @@ def test_servers_on_two_nodes_calling_each_other_get_call_cycle_error(
     program.write_text(CROSSING % {"lease": LEASE})
     keys = "chosen,by the nodes"
     at = str(time.time() + 8)
-    procs = [
-        subprocess.Popen([sys.executable, str(program), postgres.dsn, schema, role, at, keys],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        for role in ("a", "b")
-    ]
-    try:
-        outs = [proc.communicate(timeout=TIMEOUT) for proc in procs]
-    finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
-    answers = sorted(out.decode().strip() for out, _ in outs)
-    assert all(proc.returncode == 0 for proc in procs), [err.decode()[-2000:] for _, err in outs]
+    outs = run_programs(program, [[postgres.dsn, schema, role, at, keys] for role in "ab"])
+    answers = sorted(out.strip() for out in outs)
     assert "cycle" in answers, answers  # and nobody waited until fail_after
     assert set(answers) <= {"cycle", "ok"}, answers
 
@@ -848,19 +855,8 @@ def test_release_from_a_node_that_does_not_own_the_server_runs_on_its_owner(
     schema = postgres.schema()
     program = tmp_path / "releasing.py"
     program.write_text(RELEASING % {"lease": LEASE})
-    procs = [
-        subprocess.Popen([sys.executable, str(program), postgres.dsn, schema, role],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        for role in ("a", "b")
-    ]
-    try:
-        outs = [proc.communicate(timeout=TIMEOUT) for proc in procs]
-    finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
-    assert all(proc.returncode == 0 for proc in procs), [err.decode()[-2000:] for _, err in outs]
-    lines = outs[0][0].decode().split("\n")
+    outs = run_programs(program, [[postgres.dsn, schema, role] for role in "ab"])
+    lines = outs[0].split("\n")
     assert lines[0].startswith("refused:") and "is active" in lines[0], lines
     key = lines[1]
     with psycopg.connect(postgres.dsn, autocommit=True) as connection:
@@ -899,17 +895,6 @@ def test_three_servers_on_three_nodes_waiting_in_a_ring_get_call_cycle_error(
     program = tmp_path / "ring.py"
     program.write_text(RING % {"lease": LEASE})
     at = str(time.time() + 9)
-    procs = [
-        subprocess.Popen([sys.executable, str(program), postgres.dsn, schema, role, at, "-"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        for role in ("a", "b", "c")
-    ]
-    try:
-        outs = [proc.communicate(timeout=TIMEOUT) for proc in procs]
-    finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
-    answers = sorted(out.decode().strip() for out, _ in outs)
-    assert all(proc.returncode == 0 for proc in procs), [err.decode()[-2000:] for _, err in outs]
+    outs = run_programs(program, [[postgres.dsn, schema, role, at, "-"] for role in "abc"])
+    answers = sorted(out.strip() for out in outs)
     assert "cycle" in answers and set(answers) <= {"cycle", "ok"}, answers

@@ -109,9 +109,10 @@ async def activate(entry: Entry) -> Activation | None:
     start, entry.start = entry.start, None
     entry.status = Status.ACTIVATING
     if not entry.host.owns(entry.ref):  # another cluster node serves it: sent there
+        elsewhere = not_owner(entry.ref)
         if start is not None:
-            start.slot.set_error(not_owner(entry.ref)())
-        entry.end(not_owner(entry.ref))
+            start.slot.set_error(elsewhere())
+        entry.end(elsewhere)
         return None
     try:
         # The claim fences off any earlier activation: its writes are refused now.

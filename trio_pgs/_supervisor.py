@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -607,7 +608,7 @@ class PersistentSupervisor:
             waits = op in ("call", "stop")
             chain = check_no_deadlock(ref, handling) if waits else handling.chain
         request: bytes | None = None
-        for attempt in range(1_000):
+        for attempt in itertools.count():  # reroute() gives up after ROUTES
             address = node.route(ref)
             if address is None:
                 try:
@@ -627,7 +628,7 @@ class PersistentSupervisor:
                 if reply is not MOVED:
                     return reply
             await node.reroute(ref, attempt)
-        raise AssertionError("unreachable: reroute gives up first")
+        raise AssertionError("unreachable")
 
     async def _forward(
         self, node: ClusterNode, address: tuple[str, int], ref: ServerRef, request: bytes,
