@@ -133,10 +133,12 @@ async def test_dormant_servers_cost_nothing_in_memory(store, autojump_clock):
         assert stats.active == 0 and stats.hibernations == 200
         assert sup._entries == {}
         # nothing per dormant server is left: no task, no timer, no idle deadline
-        # the writer and the idle reaper (and, on a store that keeps members, the lease)
+        # the writer, the idle reaper, the reminders' wakeups (on a store with a due
+        # index) and, on a store that keeps members, the lease: one each, in all
         tasks = {task.name.rsplit(".", 1)[-1] for task in sup._nursery.child_tasks}
         assert tasks <= {"_run_writer", "run"}
-        assert len(sup._nursery.child_tasks) == (3 if sup._node is not None else 2)
+        expected = 2 + (sup._node is not None) + (sup._wakeups is not None)
+        assert len(sup._nursery.child_tasks) == expected
         assert all(not group for group in sup._reaper._groups.values())
         assert sup._reaper._irregular == []
 

@@ -32,6 +32,9 @@ from ._results import CastResult as CastResult
 from ._results import NoReply as NoReply
 from ._results import Reply as Reply
 from ._results import Stop as Stop
+from ._schedule import Due as Due
+from ._schedule import Reminder as Reminder
+from ._schedule import StoredReminder as StoredReminder
 from ._server import Persistence as Persistence
 from ._server import PersistentServer as PersistentServer
 from ._server import Restart as Restart
@@ -46,6 +49,7 @@ from ._store import SupportsClaims as SupportsClaims
 from ._store import SupportsCommitEach as SupportsCommitEach
 from ._store import SupportsKinds as SupportsKinds
 from ._store import SupportsMembership as SupportsMembership
+from ._store import SupportsReminders as SupportsReminders
 from ._store import SupportsReportingScan as SupportsReportingScan
 from ._supervisor import PersistentSupervisor as PersistentSupervisor
 from ._supervisor import SupervisorStatistics as SupervisorStatistics

@@ -38,7 +38,9 @@ from ._errors import (
 from ._events import EventType
 from ._ledger import Caller, ErrorFactory, ReplyLedger
 from ._policy import Deferred, EachMessage, Policy
+from ._reminding import ReminderBook
 from ._results import NO_REPLY, NoReply, Reply, Stop
+from ._schedule import StoredReminder
 from ._server import Persistence, PersistentServer, Restart
 from ._store import Delete, Put, Record, next_record, next_version
 
@@ -63,8 +65,8 @@ class Activation:
     """A server instance running on an entry, from `on_activate` to its end."""
 
     __slots__ = (
-        "closed", "committing", "current", "entry", "idle_timeout", "ledger", "policy",
-        "record", "server", "state", "timers", "volatile",
+        "book", "closed", "committing", "current", "entry", "idle_timeout", "ledger",
+        "policy", "record", "server", "state", "timers", "volatile",
     )
 
     def __init__(
@@ -74,6 +76,10 @@ class Activation:
         self.server = server
         self.state = state
         self.record = record  # the last record handed to the store
+        host = entry.host
+        #: Its durable reminders (docs/reminders.md), committed with the state.
+        self.book = ReminderBook(record.reminders, host.wall_offset, host.reminders_kept,
+                                 entry.ref)
         self.idle_timeout = entry.info.options.idle_timeout
         self.ledger = ReplyLedger(entry)
         self.policy = make_policy(entry)
@@ -99,6 +105,11 @@ class Activation:
             if step is not Next.CONTINUE:
                 return step
         while True:
+            if self.book.due_at <= trio.current_time() and not entry.shutting_down:
+                step = await self._remind()
+                if step is not Next.CONTINUE:
+                    return step
+                continue
             try:
                 message = entry.receive_channel.receive_nowait()
             except trio.WouldBlock:
@@ -123,6 +134,8 @@ class Activation:
         inflight = await self.policy.settle()
         if inflight is not None and inflight.error is not None:
             return await self._failed_later(inflight.error, inflight.previous_state)
+        if self.book.due_at <= trio.current_time() and not self.entry.shutting_down:
+            return Next.CONTINUE  # a reminder is due: delivered before anything else
         if trio.current_time() >= self.policy.due:
             return await self._flush_due()
         if self.entry.shutting_down:
@@ -140,6 +153,11 @@ class Activation:
     @property
     def ref(self) -> ServerRef:
         return self.entry.ref
+
+    @property
+    def reminders(self) -> tuple[StoredReminder, ...]:
+        """The reminders as the handlers left them (what the next write commits)."""
+        return self.book.current
 
     def late_at_shutdown(self) -> str:
         """What a server still running at the shutdown deadline was doing:
@@ -185,6 +203,9 @@ class Activation:
         entry.host.note_settled(entry)  # may ask it to hibernate (max_active)
         if entry.shutting_down or self._may_hibernate():
             return None
+        due = min(self.policy.due, self.book.due_at)  # a deferred write, or a reminder
+        if due <= trio.current_time():
+            return None
         if (
             self.idle_timeout is not None and not self.ledger.owed
             and entry.idle_group is None
@@ -192,7 +213,6 @@ class Activation:
             # Not in the reaper's order of activity (its last owed reply was given by
             # another task): a check at its own due time.
             entry.host.check_idle_at(entry, entry.last_activity + self.idle_timeout)
-        due = self.policy.due
         if due == math.inf:
             message = await entry.receive_channel.receive()
         else:
@@ -215,11 +235,17 @@ class Activation:
             entry.front = None
         if kind is Kind.TIMER:
             origin, info = message.payload
-            if origin is not self:  # armed by an earlier activation: timers are volatile
+            if origin is self.book:  # a reminder, advanced already by `_remind`
+                pass
+            elif origin is not self:  # armed by an earlier activation: timers are volatile
                 logger.debug("%s: a timer of an earlier activation is dropped", entry.ref,
                              extra=entry.extra)
                 return Next.CONTINUE
+            else:
+                self.book.begin()
             message = Message(kind, info, None, ())
+        else:
+            self.book.begin()
         caller = Caller(self.ledger, message.slot) if kind is Kind.CALL else None  # type: ignore[arg-type]
         handling = Handling((*message.chain, entry.ref), caller, entry.waiting_on)
         token = current_handling.set(handling)
@@ -274,13 +300,16 @@ class Activation:
         crash, a stop)."""
         self.volatile = not result.persist
         data = None
+        reminded = self.book.current is not self.record.reminders
         if result.persist:
             try:
                 data = self.entry.info.codec.encode(result.state, str(self.entry.ref))
             except StateEncodingError as exc:
                 return self._crash(message, exc, exc)
-            if data == self.record.data and self.policy.pending is None:
+            if data == self.record.data and self.policy.pending is None and not reminded:
                 data = None  # nothing new to write
+        elif reminded:  # the state stays unwritten; its reminders are committed
+            data = self.policy.pending or self.record.data
         if type(result) is Stop:
             return self._stopping(message, result, data)
         previous, self.state = self.state, result.state
@@ -344,6 +373,9 @@ class Activation:
         entry = self.entry
         entry.host.counters.refusals += 1
         self.current = None
+        self.book.refused()
+        if self.book.current is not self.record.reminders:
+            await self.commit_reminders()  # a reminder it was delivering: delivered
         if message.slot is not None:
             self.ledger.answer(message.slot, outcome.Error(error))
         else:
@@ -372,9 +404,20 @@ class Activation:
         handled or an acknowledged deferred state (*own*: see `_write`)."""
         options = self.entry.info.options
         await self._write(
-            next_record(self.record, data, options.state_version, options.keep_history),
+            next_record(self.record, data, options.state_version, options.keep_history,
+                        self.book.current),
             own=own,
         )
+
+    async def commit_reminders(self) -> None:
+        """Commit the reminders alone, with the last committed state: set in
+        ``on_activate``, or a delivery whose message was refused. A failure is logged:
+        they are committed with the next state, or the reminder is delivered again."""
+        try:
+            await self._commit(self.record.data, own=False)
+        except Exception:
+            logger.exception("%s: its reminders could not be committed; a delivered one "
+                             "is delivered again", self.entry.ref, extra=self.entry.extra)
 
     async def _write(self, record: Record, *, own: bool = True) -> None:
         """Commit *record* (the next version) and wait for it. *own*: a change its
@@ -441,6 +484,7 @@ class Activation:
         the server restarted), and only then does the caller hear of it."""
         entry, ref, options = self.entry, self.entry.ref, self.entry.info.options
         logger.error("%s crashed: %r", ref, exc, exc_info=exc, extra=entry.extra)
+        self.book.crashed()  # what it set is dropped; what it was delivering is due again
         # Deferred modes: the state acknowledged before the crash, not the crashing one's.
         await self.policy.flush(functools.partial(self._commit, own=False))
         await self._terminate(exc)
@@ -624,6 +668,19 @@ class Activation:
             scope.cancel()
 
     # -- timers -----------------------------------------------------------------------
+
+    async def _remind(self) -> Next:
+        """Deliver the reminder due first to ``handle_info``: it is advanced now, and
+        the advance is committed with what the handler changes (at-least-once)."""
+        if self.policy.inflight is not None:
+            inflight = await self.policy.settle()  # as `_handle` would: the output gate
+            if inflight is not None and inflight.error is not None:
+                return await self._failed_later(inflight.error, inflight.previous_state)
+        reminder = self.book.take_due()
+        if reminder is None:
+            return Next.CONTINUE
+        self.entry.host.counters.reminders += 1
+        return await self._handle(Message(Kind.TIMER, (self.book, reminder), None, ()))
 
     def send_after(self, delay: float, info: Any) -> None:
         if self.closed:

@@ -52,12 +52,13 @@ class Counters:
 
     __slots__ = (
         "activations", "crashes", "hibernations", "messages", "migrations", "quarantined",
-        "refusals", "stops",
+        "refusals", "reminders", "stops", "woken_by_reminders",
     )
 
     def __init__(self) -> None:
         self.activations = self.hibernations = self.crashes = self.stops = 0
         self.messages = self.quarantined = self.migrations = self.refusals = 0
+        self.reminders = self.woken_by_reminders = 0
 
 
 class Host(Protocol):
@@ -68,6 +69,10 @@ class Host(Protocol):
     writer: Writer
     counters: Counters
     max_active: int | None
+    #: Wall-clock time is trio time plus this (reminders are due in wall-clock time).
+    wall_offset: float
+    #: Whether the store keeps reminders (has a due index).
+    reminders_kept: bool
 
     #: Claim a server before activating it (`SupportsClaims`, or a plain load).
     claim: Callable[[str, str], Awaitable[Claim]]

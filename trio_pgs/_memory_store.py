@@ -8,7 +8,8 @@ import attrs
 import trio
 
 from ._errors import ConflictError
-from ._store import Claim, Delete, OnSkip, Operation, Put, Record, check_version
+from ._schedule import Due
+from ._store import Claim, Delete, OnSkip, Operation, Put, Record, check_version, due_of
 
 Ident = tuple[str, str]
 
@@ -21,13 +22,15 @@ class MemoryStore:
     offers every capability: kinds, reporting scans (it has no unreadable rows),
     batches that commit each operation on its own, and claims (a claim raises the
     stored epoch at once; a deleted record leaves its last version and epoch behind,
-    so a new one continues them).
+    so a new one continues them), and a due index of reminders.
     """
 
     def __init__(self) -> None:
         self._records: dict[Ident, Record] = {}
         #: Deleted records: their last (version, epoch).
         self._tombstones: dict[Ident, tuple[int, int]] = {}
+        #: The due index: when the first reminder of each record that has one is due.
+        self._due: dict[Ident, float] = {}
         self._open = False
 
     def __repr__(self) -> str:
@@ -78,12 +81,9 @@ class MemoryStore:
                 after[ident] = (None, stored)
         for ident, (written, stored) in after.items():
             if written is not None:
-                self._records[ident] = written
-                self._tombstones.pop(ident, None)
+                self._write(ident, written)
             else:
-                self._records.pop(ident, None)
-                if stored is not None:
-                    self._tombstones[ident] = stored
+                self._drop(ident, stored)
 
     async def commit_each(self, operations: Sequence[Operation]) -> list[ConflictError | None]:
         await trio.lowlevel.checkpoint()
@@ -108,13 +108,36 @@ class MemoryStore:
 
     def _apply(self, ident: Ident, operation: Operation) -> None:
         if isinstance(operation, Put):
-            self._records[ident] = operation.record
-            self._tombstones.pop(ident, None)
-            return
-        stored = self._stored(ident)
+            self._write(ident, operation.record)
+        else:
+            self._drop(ident, self._stored(ident))
+
+    def _write(self, ident: Ident, record: Record) -> None:
+        self._records[ident] = record
+        self._tombstones.pop(ident, None)
+        due = due_of(record)
+        if due is None:
+            self._due.pop(ident, None)
+        else:
+            self._due[ident] = due
+
+    def _drop(self, ident: Ident, stored: tuple[int, int] | None) -> None:
         self._records.pop(ident, None)
+        self._due.pop(ident, None)
         if stored is not None:
             self._tombstones[ident] = stored
+
+    async def due(
+        self, kinds: Sequence[str], *, after: Due | None = None, limit: int = 1000
+    ) -> list[Due]:
+        await trio.lowlevel.checkpoint()
+        wanted = set(kinds)
+        entries = sorted(
+            Due(due, kind, key) for (kind, key), due in self._due.items() if kind in wanted
+        )
+        if after is not None:
+            entries = [entry for entry in entries if entry > after]
+        return entries[:limit]
 
     async def scan(self, kind: str, *, on_skip: OnSkip | None = None) -> AsyncIterator[Record]:
         for record in list(self._records.values()):

@@ -27,6 +27,7 @@ import trio
 
 from ._errors import ConflictError
 from ._ledger import ReplyLedger
+from ._schedule import StoredReminder
 from ._store import Put, Record, next_record
 from ._writer import Writer
 
@@ -38,6 +39,10 @@ class Committer(Protocol):
 
     record: Record
     ledger: ReplyLedger
+
+    @property
+    def reminders(self) -> tuple[StoredReminder, ...]:
+        """Its reminders now: written with the next state."""
 
     def commit_settled(self, error: BaseException | None, touch: bool) -> None: ...
 
@@ -76,7 +81,9 @@ class EachMessage:
         self, owner: Committer, data: bytes, previous_state: Any, touch: bool = True
     ) -> None:
         """Hand *data* to the writer (the ledger keeps holding until it settles)."""
-        record = next_record(owner.record, data, self._state_version, self._keep_history)
+        record = next_record(
+            owner.record, data, self._state_version, self._keep_history, owner.reminders
+        )
         put = Put(record, owner.record.version)
         owner.record = record
         inflight = self.inflight = InFlight(previous_state, touch)
@@ -132,7 +139,8 @@ class Deferred:
     def changed(
         self, owner: Committer, data: bytes, previous_state: Any, touch: bool = True
     ) -> None:
-        self.pending = None if data == owner.record.data else data
+        unchanged = data == owner.record.data and owner.reminders is owner.record.reminders
+        self.pending = None if unchanged else data
         if self.pending is not None and self.due == math.inf:
             self.due = trio.current_time() + self._lag
 

@@ -39,6 +39,7 @@ from ._errors import (
 from ._events import EventType
 from ._ledger import ErrorFactory
 from ._ref import ServerRef
+from ._reminding import Starting
 from ._server import PersistentServer
 from ._store import Claim, Delete, Put, Record, next_version
 
@@ -150,6 +151,9 @@ async def _create(
     """`start()`: run `init`, commit the first record. None: the start failed (its
     caller has been answered and the entry ended)."""
     ref, info = entry.ref, entry.info
+    starting = server._activation = Starting(
+        ref, entry.host.wall_offset, entry.host.reminders_kept
+    )
     try:
         state = await _in_chain(entry, server.init(*start.args))
         check_not_coroutine(state, ref, "init")
@@ -172,6 +176,7 @@ async def _create(
     record = Record(
         kind=ref.kind, key=ref.key, data=data, version=claim.version + 1,
         state_version=info.options.state_version, epoch=claim.epoch, updated_at=time.time(),
+        reminders=starting.book.current,  # set by init: created with the server
     )
     try:
         await entry.host.writer.commit(Put(record, claim.version))
@@ -253,6 +258,8 @@ async def _run_on_activate(
         _activation_failed(entry, exc, start, created)
         return None
     activation.state = state
+    if activation.reminders is not record.reminders:  # on_activate set some
+        await activation.commit_reminders()
     entry.host.counters.activations += 1
     entry.host.emit(EventType.ACTIVATED, ref)
     entry.status = Status.ACTIVE

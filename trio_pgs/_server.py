@@ -15,9 +15,12 @@ import cattrs
 import trio
 
 from ._errors import UnknownRequest
+from ._reminding import ReminderBook
 from ._results import CallResult, CastResult, NoReply
 
 if TYPE_CHECKING:
+    import datetime
+
     from ._ref import ServerRef
 
 
@@ -26,6 +29,9 @@ class _Running(Protocol):
 
     @property
     def ref(self) -> ServerRef: ...
+
+    @property
+    def book(self) -> ReminderBook: ...
 
     def send_after(self, delay: float, info: Any) -> None: ...
 
@@ -204,6 +210,31 @@ class PersistentServer(Generic[S]):
         """
         _check_positive_or_none("delay", delay)
         self._activation.send_after(delay, info)
+
+    def remind(
+        self,
+        name: str,
+        *,
+        at: datetime.datetime | float | None = None,
+        after: float | None = None,
+        every: float | None = None,
+        payload: Any = None,
+    ) -> None:
+        """Set the durable reminder *name* (replacing one of that name): at *at* (an
+        aware datetime, or a timestamp as `time.time`), or *after* seconds, then every
+        *every* seconds if given (with *every* alone, the first is *every* seconds
+        from now). When due, `handle_info` receives a `trio_pgs.Reminder`, the server
+        being activated for it if it is dormant.
+
+        Committed with the state of the message that sets it: a crash drops it, as it
+        drops the state. *payload* is plain JSON data. Works in ``init`` too (the
+        reminder is created with the server). See docs/reminders.md.
+        """
+        self._activation.book.remind(name, at, after, every, payload)
+
+    def cancel_reminder(self, name: str) -> None:
+        """Cancel the reminder *name*, if set (committed like `remind`)."""
+        self._activation.book.cancel(name)
 
     # **kwargs too: a signature of (*args: Any, **kwargs: Any) is one that any override
     # matches, for pyright as for mypy (start() passes positional arguments only).

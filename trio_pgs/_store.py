@@ -9,6 +9,7 @@ from typing import Any, Protocol, runtime_checkable
 import attrs
 
 from ._errors import ConflictError
+from ._schedule import Due, StoredReminder, earliest
 
 
 @attrs.frozen(kw_only=True)
@@ -21,7 +22,8 @@ class Record:
     is the schema version of ``data``. ``crashes`` holds the wall-clock times of the
     server's recent crashes and ``quarantined`` whether it crashed too often, so that
     both survive a process restart. ``history`` holds earlier committed states, newest
-    first, when the server class keeps any (``keep_history``).
+    first, when the server class keeps any (``keep_history``). ``reminders`` are the
+    server's durable reminders, sorted by name, committed with the state.
     """
 
     kind: str
@@ -34,18 +36,31 @@ class Record:
     crashes: tuple[float, ...] = ()
     quarantined: bool = False
     history: tuple[bytes, ...] = ()
+    reminders: tuple[StoredReminder, ...] = ()
 
 
-def next_record(old: Record, data: bytes, state_version: int, keep_history: int) -> Record:
-    """The record that follows *old* with the new state *data*, keeping the last
-    *keep_history* states. The hot path: one `Record` built directly (`attrs.evolve`
-    costs twice as much)."""
+def next_record(
+    old: Record, data: bytes, state_version: int, keep_history: int,
+    reminders: tuple[StoredReminder, ...],
+) -> Record:
+    """The record that follows *old* with the new state *data* and *reminders*,
+    keeping the last *keep_history* states. The hot path: one `Record` built directly
+    (`attrs.evolve` costs twice as much)."""
     history = (old.data, *old.history)[:keep_history] if keep_history else ()
     return Record(
         kind=old.kind, key=old.key, data=data, version=old.version + 1,
         state_version=state_version, epoch=old.epoch, updated_at=time.time(),
         crashes=old.crashes, quarantined=old.quarantined, history=history,
+        reminders=reminders,
     )
+
+
+def due_of(record: Record) -> float | None:
+    """Where *record* stands in a store's due index: when its first reminder is due,
+    or None (no reminders, or quarantined: it gets none until released)."""
+    if record.quarantined or not record.reminders:
+        return None
+    return earliest(record.reminders)
 
 
 def next_version(old: Record, **changes: Any) -> Record:
@@ -164,6 +179,21 @@ class SupportsCommitEach(Protocol):
         index; so is every later operation on the same record. The others commit.
         Any other failure raises, and then none of them was applied (or, for
         `OutcomeUnknown`, nobody knows)."""
+
+
+@runtime_checkable
+class SupportsReminders(Protocol):
+    """A store with a due index of reminders (docs/reminders.md): the supervisor asks
+    it which dormant servers have reminders due, instead of keeping a timer for each.
+
+    The index holds one entry per record whose `due_of` is not None, written in the
+    same transaction as the record (a delete or tombstone removes it)."""
+
+    async def due(
+        self, kinds: Sequence[str], *, after: Due | None = None, limit: int = 1000
+    ) -> list[Due]:
+        """The index entries of *kinds*, in order (earliest first, then kind and
+        key), strictly after *after* if given, at most *limit* of them."""
 
 
 @attrs.frozen(kw_only=True)

@@ -6,6 +6,8 @@ import collections
 import contextlib
 import itertools
 import logging
+import math
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -53,9 +55,12 @@ from ._store import (
     Store,
     SupportsKinds,
     SupportsMembership,
+    SupportsReminders,
     claimer,
+    due_of,
     next_version,
 )
+from ._wakeups import Wakeups, Woken
 from ._writer import Writer
 
 logger = logging.getLogger("trio_pgs")
@@ -89,6 +94,9 @@ class SupervisorStatistics:
         served_for_others: Messages other nodes sent here.
         handoffs: Servers asked to hibernate here because another node owns them now.
         lost_leases: Times this node's lease ran out before it was renewed.
+        reminders: Reminders delivered to ``handle_info`` (a redelivery after a crash
+            counts again).
+        woken_by_reminders: Dormant servers activated because a reminder was due.
     """
 
     name: str
@@ -111,6 +119,8 @@ class SupervisorStatistics:
     served_for_others: int = 0
     handoffs: int = 0
     lost_leases: int = 0
+    reminders: int = 0
+    woken_by_reminders: int = 0
 
     @property
     def mean_batch_size(self) -> float:
@@ -223,6 +233,8 @@ class PersistentSupervisor:
         self._recovered_once = False
         #: This supervisor's membership of its name, on a store that keeps members.
         self._node: ClusterNode | None = None
+        #: Wakes dormant servers whose reminders are due, on a store with a due index.
+        self._wakeups: Wakeups | None = None
         self._host = _Host(self)
         for cls in servers:
             self._register(cls)
@@ -271,6 +283,7 @@ class PersistentSupervisor:
                 self._nursery = nursery
                 nursery.start_soon(self._run_writer)
                 nursery.start_soon(self._reaper.run)
+                self._start_wakeups(nursery)
                 nursery.start_soon(self._recover_permanent_servers)
                 try:
                     yield self
@@ -296,6 +309,31 @@ class PersistentSupervisor:
             )
         if body_error is not None:
             raise body_error
+
+    def _start_wakeups(self, nursery: trio.Nursery) -> None:
+        """Reminders: wall-clock times follow trio's clock from now on; a store with a
+        due index gets the task that wakes dormant servers (docs/reminders.md)."""
+        self._host.wall_offset = _wall_offset()
+        store = self.store
+        if isinstance(store, SupportsReminders) and not getattr(store, "read_only", False):
+            self._wakeups = Wakeups(
+                store, lambda: list(self._kinds),
+                lambda: trio.current_time() + self._host.wall_offset,
+                self._wake_for_reminders,
+            )
+            nursery.start_soon(self._wakeups.run)
+
+    def _wake_for_reminders(self, kind: str, key: str) -> Woken:
+        """A dormant server has a reminder due: activate it (its activation delivers)."""
+        ref = ServerRef(self.name, kind, key)
+        if self._closing or self._nursery is None:
+            return Woken.CLOSED
+        if kind not in self._kinds or not self._host.owns(ref):
+            return Woken.NOT_MINE
+        if ref not in self._entries:
+            self._counters.woken_by_reminders += 1
+            self._entry(ref)
+        return Woken.WOKEN
 
     async def _join(self, nursery: trio.Nursery) -> Exception | None:
         """On a store that keeps members: join the members of this name, and keep
@@ -488,6 +526,12 @@ class PersistentSupervisor:
             del self._entries[entry.ref]
             self._recency.pop(entry.ref, None)
             self._reaper.forget(entry)
+            if self._wakeups is not None:
+                activation = entry.activation
+                due = None if activation is None else due_of(activation.record)
+                if activation is not None and due is None:
+                    due = math.inf  # it has no reminder due (or is quarantined)
+                self._wakeups.ended(entry.ref.kind, entry.ref.key, due)
             if not self._entries and self._all_ended is not None:
                 self._all_ended.set()
         self._note_settled(None)
@@ -550,6 +594,8 @@ class PersistentSupervisor:
             info.options.restart is Restart.PERMANENT for info in self._kinds.values()
         ):
             self._nursery.start_soon(self._recover_permanent_servers)
+        if self._wakeups is not None:
+            self._wakeups.members_changed()
 
     def _stop_serving(self) -> None:
         """The lease is about to run out: every server hibernates now."""
@@ -914,6 +960,8 @@ class PersistentSupervisor:
             Put(next_version(record, quarantined=False, crashes=()), record.version)
         )
         logger.info("%s released from quarantine", ref, extra={"kind": ref.kind, "key": ref.key})
+        if self._wakeups is not None:
+            self._wakeups.kick()  # its reminders are due again (the missed ones folded)
 
     async def rollback(self, ref: ServerRef, steps: int = 1) -> None:
         """Restore the state committed *steps* writes before the current one, and lift
@@ -943,6 +991,8 @@ class PersistentSupervisor:
         await self._writer.commit(Put(rolled, record.version))
         logger.info("%s rolled back %d step(s)", ref, steps,
                     extra={"kind": ref.kind, "key": ref.key})
+        if self._wakeups is not None:
+            self._wakeups.kick()
 
     async def _load_for_repair(self, ref: ServerRef) -> Record:
         self._check_open()
@@ -981,6 +1031,8 @@ class PersistentSupervisor:
             refusals=counters.refusals,
             unflushed=self._unflushed,
             fenced_writes=writer.fenced,
+            reminders=counters.reminders,
+            woken_by_reminders=counters.woken_by_reminders,
             **({} if self._node is None else attrs.asdict(self._node.statistics())),
         )
 
@@ -989,8 +1041,8 @@ class _Host:
     """The supervisor as its servers' entries and activations see it (`Host`)."""
 
     __slots__ = (
-        "claim", "counters", "max_active", "owns", "reaper", "store", "sup", "touch",
-        "writer",
+        "claim", "counters", "max_active", "owns", "reaper", "reminders_kept", "store",
+        "sup", "touch", "wall_offset", "writer",
     )
 
     def __init__(self, sup: PersistentSupervisor) -> None:
@@ -1002,6 +1054,9 @@ class _Host:
         self.counters = sup._counters
         self.max_active = sup.max_active
         self.reaper = sup._reaper
+        #: wall-clock time = trio time + wall_offset (set when the supervisor opens).
+        self.wall_offset = 0.0
+        self.reminders_kept = isinstance(sup.store, SupportsReminders)
         # touch runs for every message: without max_active, it is the reaper's own.
         self.touch: Callable[[Entry, float | None], None] = (
             self.reaper.touch if self.max_active is None else self._touch_with_recency
@@ -1040,6 +1095,21 @@ class _Host:
 
 def _everywhere(ref: ServerRef) -> bool:
     return True
+
+
+#: Wall-clock time minus trio time, fixed for a whole trio run: every supervisor of
+#: the run agrees, and under a virtual clock (trio.testing.MockClock) wall-clock time
+#: moves with it, across a close and a reopen too.
+_WALL_OFFSET: trio.lowlevel.RunVar[float] = trio.lowlevel.RunVar("trio_pgs_wall_offset")
+
+
+def _wall_offset() -> float:
+    try:
+        return _WALL_OFFSET.get()
+    except LookupError:
+        offset = time.time() - trio.current_time()
+        _WALL_OFFSET.set(offset)
+        return offset
 
 
 #: How messages crossing to other nodes are unstructured without a converter=.

@@ -13,6 +13,7 @@ from typing import Any
 import attrs
 
 from .._errors import ConflictError
+from .._schedule import Due, StoredReminder
 from .._store import (
     Delete,
     Put,
@@ -21,6 +22,7 @@ from .._store import (
     SupportsClaims,
     SupportsCommitEach,
     SupportsKinds,
+    SupportsReminders,
     SupportsReportingScan,
 )
 
@@ -125,6 +127,8 @@ async def _round_trip(store: Store) -> None:
     record = _record(
         "a", b'{"x": [1, 2]}', 1, state_version=3, epoch=0, updated_at=123.5,
         crashes=(1.0, 2.5), quarantined=True, history=(b"old", b"older"),
+        reminders=(StoredReminder("a", 1.5e9, None, '{"x":[1]}'),
+                   StoredReminder("b", 2.25e9, 60.0, "null")),
     )
     await store.commit([Put(record, 0)])
     assert await store.load("conformance", "a") == record
@@ -261,9 +265,62 @@ async def _commit_each(store: Store) -> None:
     assert data == {"a": (b"3", 3), "b": (b"1", 1), "c": (b"1", 1)}, data
 
 
+def _reminding(key: str, *dues: float, kind: str = "conformance", **fields: Any) -> Record:
+    reminders = tuple(StoredReminder(f"r{n}", due) for n, due in enumerate(dues))
+    return Record(kind=kind, key=key, data=b"1", reminders=reminders, **fields)
+
+
+async def _due_index(store: Store) -> None:
+    """the due index lists each record with reminders at its earliest, in order, by kind"""
+    if not isinstance(store, SupportsReminders):
+        return
+    await store.commit([
+        Put(_reminding("a", 30.0, 10.0), 0), Put(_reminding("b", 20.0), 0),
+        Put(_reminding("c"), 0), Put(_reminding("d", 10.0), 0),
+        Put(_reminding("q", 5.0, quarantined=True), 0),
+        Put(_reminding("a", 1.0, kind="conformance.other"), 0),
+    ])
+    due = await store.due(["conformance"])
+    assert due == [Due(10.0, "conformance", "a"), Due(10.0, "conformance", "d"),
+                   Due(20.0, "conformance", "b")], due
+    both = await store.due(["conformance", "conformance.other"], limit=2)
+    assert both == [Due(1.0, "conformance.other", "a"), Due(10.0, "conformance", "a")], both
+    page = await store.due(["conformance"], after=Due(10.0, "conformance", "a"), limit=1)
+    assert page == [Due(10.0, "conformance", "d")], page
+    assert await store.due(["nothing"]) == [], "a kind with no records has entries"
+
+
+async def _due_index_follows_commits(store: Store) -> None:
+    """the due index changes with each committed put and delete, and not with a refused one"""
+    if not isinstance(store, SupportsReminders):
+        return
+    await store.commit([Put(_reminding("a", 10.0), 0), Put(_reminding("b", 20.0), 0)])
+    await store.commit([Put(attrs.evolve(_reminding("a", 30.0), version=2), 1)])
+    assert await _conflicts(store, Put(attrs.evolve(_reminding("b", 1.0), version=9), 8))
+    await store.commit([Delete("conformance", "b", 1)])
+    assert await store.due(["conformance"]) == [Due(30.0, "conformance", "a")]
+    await store.commit([Put(attrs.evolve(_reminding("a"), version=3), 2)])
+    assert await store.due(["conformance"]) == [], "a record without reminders is listed"
+    await store.commit([Put(attrs.evolve(_reminding("a", 7.0), version=4), 3)])
+    await store.commit([
+        Put(attrs.evolve(_reminding("a", 7.0), version=5, quarantined=True), 4)
+    ])
+    assert await store.due(["conformance"]) == [], "a quarantined record is listed"
+    await store.commit([Put(attrs.evolve(_reminding("a", 7.0), version=6), 5)])
+    assert await store.due(["conformance"]) == [Due(7.0, "conformance", "a")]
+    if isinstance(store, SupportsCommitEach):
+        outcomes = await store.commit_each([
+            Put(attrs.evolve(_reminding("a", 8.0), version=9), 8),
+            Put(_reminding("n", 3.0), 0),
+        ])
+        assert outcomes[0] is not None and outcomes[1] is None, outcomes
+        due = await store.due(["conformance"])
+        assert due == [Due(3.0, "conformance", "n"), Due(7.0, "conformance", "a")], due
+
+
 _CHECKS = (
     _missing_is_none, _round_trip, _conditional_put, _atomic_batch, _batch_in_order,
     _conditional_delete, _versions_continue_after_delete, _scan_by_kind, _fencing,
     _tombstones_fence, _distinct_names, _second_open_refused, _claims, _kinds,
-    _reporting_scan, _commit_each,
+    _reporting_scan, _commit_each, _due_index, _due_index_follows_commits,
 )

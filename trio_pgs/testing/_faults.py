@@ -12,6 +12,7 @@ import trio
 
 from .._errors import PersistenceError
 from .._memory_store import MemoryStore
+from .._schedule import Due
 from .._store import (
     Claim,
     OnSkip,
@@ -19,6 +20,7 @@ from .._store import (
     Record,
     Store,
     SupportsKinds,
+    SupportsReminders,
     SupportsReportingScan,
     claimer,
 )
@@ -154,6 +156,16 @@ class FaultyStore:
             rows = self.inner.scan(kind)
         async for record in rows:
             yield record
+
+    async def due(
+        self, kinds: Sequence[str], *, after: Due | None = None, limit: int = 1000
+    ) -> list[Due]:
+        """The inner store's due index (empty if it has none), failing and delayed
+        as a load."""
+        await self._before_load()
+        if isinstance(self.inner, SupportsReminders):
+            return await self.inner.due(kinds, after=after, limit=limit)
+        return []
 
     async def kinds(self) -> set[str]:
         """The inner store's kinds (empty if it cannot list them)."""
