@@ -28,6 +28,7 @@ from trio_pgs import (
     RequestError,
     ServerCrashed,
     ServerQuarantined,
+    MemoryStore,
     Store,
 )
 from trio_pgs._schedule import StoredReminder, deliver, make_reminder, unpack_reminders
@@ -321,10 +322,7 @@ async def test_bad_arguments_fail_the_handler_and_change_nothing(store, autojump
 
 
 async def test_a_store_without_a_due_index_refuses_reminders(autojump_clock):
-    class Plain(servers.FaultyStore):
-        due = None  # type: ignore[assignment]
-
-    store = Plain()
+    store = servers.FaultyStore()  # the tests' wrapper: load, commit, claim, no due()
     async with supervisor(store) as sup:
         ref = await sup.start(Reminded, key="a")
         with pytest.raises(ServerCrashed) as caught:
@@ -368,3 +366,48 @@ def test_make_reminder_reads_at_after_and_every():
 def test_stored_reminders_that_are_not_what_was_written_are_refused(text):
     with pytest.raises(ValueError):
         unpack_reminders(text)
+
+
+class Early(PersistentServer[int]):
+    kind = "early"
+
+    async def init(self, use_timer: bool) -> int:
+        assert self.ref.key == "e"  # init knows its ref
+        if use_timer:
+            self.send_after(1, "tick")
+        return 0
+
+
+async def test_init_knows_its_ref_and_send_after_there_says_what_to_use(autojump_clock):
+    async with PersistentSupervisor(store=servers.FaultyStore(), servers=[Early]) as sup:
+        with pytest.raises(ServerCrashed) as caught:
+            await sup.start(Early, True, key="e")
+        assert "use remind()" in str(caught.value.__cause__)
+        await sup.start(Early, False, key="e")
+
+
+class Slow(PersistentServer[int]):
+    """A periodic reminder whose handler takes longer than its period."""
+
+    kind = "slow"
+    idle_timeout = None
+
+    async def init(self) -> int:
+        self.remind("busy", every=0.01)
+        return 0
+
+    async def handle_call(self, request: Any, count: int) -> CallResult[int]:
+        return Reply(count, count)
+
+    async def handle_info(self, message: Any, count: int) -> CastResult[int]:
+        await trio.sleep(0.05)
+        return NoReply(count + 1 + message.missed)
+
+
+async def test_a_reminder_always_due_does_not_starve_the_mailbox(autojump_clock):
+    async with PersistentSupervisor(store=MemoryStore(), servers=[Slow]) as sup:
+        ref = await sup.start(Slow, key="s")
+        await trio.sleep(1)
+        with trio.fail_after(1):
+            ticks = await ref.call("count")
+        assert 50 < ticks < 200  # answered between two deliveries, each folding misses

@@ -106,10 +106,11 @@ class Activation:
                 return step
         while True:
             if self.book.due_at <= trio.current_time() and not entry.shutting_down:
+                # One reminder, then a queued message if any: a reminder due again
+                # at once (a short period, a slow handler) never starves the mailbox.
                 step = await self._remind()
                 if step is not Next.CONTINUE:
                     return step
-                continue
             try:
                 message = entry.receive_channel.receive_nowait()
             except trio.WouldBlock:
