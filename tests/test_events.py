@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import pytest
 import trio
@@ -15,6 +17,7 @@ from trio_pgs import (
     ServerEvent,
     ServerQuarantined,
 )
+from trio_pgs._ref import ServerRef
 
 from .servers import TallyServer
 
@@ -96,3 +99,75 @@ async def test_log_records_about_a_server_carry_its_kind_and_key(caplog, autojum
     about_k = [r for r in caplog.records if "tally/k" in r.getMessage()]
     assert len(about_k) >= 3  # activated, crashed, ignored info, hibernated...
     assert all((r.kind, r.key) == ("tally", "k") for r in about_k)
+
+
+class RecordingTracing:
+    """A `trio_pgs.Tracing` that records what the supervisor asks of it: the context
+    is a contextvar holding the name of the innermost span."""
+
+    def __init__(self) -> None:
+        import contextvars
+
+        self.current = contextvars.ContextVar("span", default="root")
+        self.log: list[tuple[str, ...]] = []
+        self.opened_with: list[object] = []
+
+    def __call__(self, event: ServerEvent) -> None:
+        pass
+
+    def opened(self, supervisor: object) -> None:
+        self.opened_with.append(supervisor)
+
+    def closed(self, supervisor: object) -> None:
+        self.opened_with.remove(supervisor)
+
+    @contextlib.contextmanager
+    def _span(self, name: str, parent: str) -> Iterator[None]:
+        self.log.append((name, parent))
+        token = self.current.set(name)
+        try:
+            yield
+        finally:
+            self.current.reset(token)
+
+    def sending(self, ref: ServerRef, kind: str) -> contextlib.AbstractContextManager[None]:
+        return self._span(f"send {kind} {ref.key}", self.current.get())
+
+    def capture(self) -> str:
+        return self.current.get()
+
+    def handling(
+        self, ref: ServerRef, kind: str, carried: str
+    ) -> contextlib.AbstractContextManager[None]:
+        return self._span(f"handle {kind} {ref.key}", carried)
+
+    def inject(self) -> dict[str, str]:
+        return {"span": self.current.get()}
+
+    def receiving(self, headers: dict[str, str]) -> contextlib.AbstractContextManager[None]:
+        return self._span("received", headers["span"])
+
+
+async def test_a_hook_that_traces_gets_each_handler_inside_its_senders_span(autojump_clock):
+    tracing = RecordingTracing()
+    async with PersistentSupervisor(store=MemoryStore(), on_event=tracing) as sup:
+        assert tracing.opened_with == [sup]
+        ref = await sup.start(TallyServer, key="k")
+        await ref.call(("add", "x"))
+        await ref.cast(("add", "y"))
+        other = await sup.start(TallyServer, key="other")
+        await ref.call(("call", other, "get"))
+    assert tracing.opened_with == []
+    log = tracing.log
+    assert ("send call k", "root") in log and ("handle call k", "send call k") in log
+    assert ("send cast k", "root") in log and ("handle cast k", "send cast k") in log
+    # a call made by a handler is a child of that handler's span, and so on down
+    assert ("send call other", "handle call k") in log
+    assert ("handle call other", "send call other") in log
+
+
+async def test_without_a_tracing_hook_messages_carry_nothing(autojump_clock):
+    _, hook = recorder()
+    async with PersistentSupervisor(store=MemoryStore(), on_event=hook) as sup:
+        assert sup._tracing is None and sup._host.tracing is None
+        assert "_deliver_call" not in vars(sup)  # the plain method: nothing wrapped

@@ -18,6 +18,7 @@ import trio
 from trio_pgs import (
     CallResult,
     CastResult,
+    MemoryStore,
     NoReply,
     Persistence,
     PersistenceError,
@@ -28,7 +29,6 @@ from trio_pgs import (
     RequestError,
     ServerCrashed,
     ServerQuarantined,
-    MemoryStore,
     Store,
 )
 from trio_pgs._schedule import StoredReminder, deliver, make_reminder, unpack_reminders

@@ -277,6 +277,8 @@ class Activation:
 
     def _hook(self, message: Message) -> Coroutine[Any, Any, Any]:
         """The coroutine of the hook that handles *message*."""
+        if message.trace is not None:
+            return self._traced_hook(message)
         server, kind = self.server, message.kind
         if kind is Kind.CALL:
             return server.handle_call(message.payload, self.state)
@@ -285,6 +287,14 @@ class Activation:
         if kind is Kind.STOP or kind is Kind.CRASH:
             return self._internal_hook(message)
         return server.handle_info(message.payload, self.state)
+
+    async def _traced_hook(self, message: Message) -> Any:
+        """The hook, inside the tracing's span for the message (child of the sender's)."""
+        tracing = self.entry.host.tracing
+        assert tracing is not None
+        carried, message.trace = message.trace, None
+        with tracing.handling(self.entry.ref, message.kind.value, carried):
+            return await self._hook(message)
 
     async def _internal_hook(self, message: Message) -> Any:
         """A stop asked through the ref, or `trio_pgs.testing.crash`."""

@@ -23,7 +23,10 @@ class Kind(enum.Enum):
 
 
 class Message:
-    __slots__ = ("chain", "kind", "payload", "slot")
+    __slots__ = ("chain", "kind", "payload", "slot", "trace")
+
+    #: The sender's trace context (`Tracing.capture`), when the supervisor traces.
+    trace: Any
 
     def __init__(
         self,
@@ -36,6 +39,7 @@ class Message:
         self.payload = payload
         self.slot = slot
         self.chain = chain
+        self.trace = None
 
 
 class Handling:

@@ -28,6 +28,7 @@ from ._errors import (
     NotOwner,
     PersistenceError,
 )
+from ._events import Tracing
 from ._membership import Membership
 from ._placement import owner
 from ._ref import ServerRef
@@ -144,6 +145,17 @@ class Local(Protocol):
     def _active_count(self) -> int: ...
 
 
+def _headers(value: object) -> dict[str, str] | None:
+    """A request's trace headers: absent, or a small object of strings."""
+    if value is None:
+        return None
+    if not (isinstance(value, dict) and len(value) <= 16 and all(
+        isinstance(k, str) and isinstance(v, str) and len(v) <= 1024 for k, v in value.items()
+    )):
+        raise ValueError("malformed trace headers")
+    return value
+
+
 #: `ClusterNode.forward`'s answer when the node it reached does not own the server.
 MOVED: Any = object()
 #: How many nodes away a cycle check follows the servers' waits.
@@ -188,6 +200,8 @@ class ClusterNode:
         self._others: tuple[str, ...] = ()
         self._settled_at = -math.inf
         self.forwarded = self.served = self.handoffs = 0
+        #: The supervisor's tracing of messages, if any: the trace context crosses.
+        self.tracing: Tracing | None = None
 
     @property
     def node(self) -> str:
@@ -419,10 +433,13 @@ class ClusterNode:
                chain: tuple[ServerRef, ...]) -> bytes:
         """The request (`MessageEncodingError` before anything is sent)."""
         packed = wire.pack(payload, self.unstructure)
-        request = wire.encode({
+        fields = {
             "op": op, "kind": ref.kind, "key": ref.key, "body": packed,
             "chain": [[hop.kind, hop.key] for hop in chain],
-        })
+        }
+        if self.tracing is not None:
+            fields["trace"] = dict(self.tracing.inject())
+        request = wire.encode(fields)
         if len(request) > LARGEST:
             raise MessageEncodingError(
                 f"{ref}: the message is {len(request):,} bytes as JSON, over the "
@@ -462,6 +479,7 @@ class ClusterNode:
             chain = tuple(ServerRef(self.local.name, k, n) for k, n in message["chain"])
             ref = ServerRef(self.local.name, kind, key)
             payload = wire.unpack(message["body"])
+            headers = _headers(message.get("trace"))
         except (ValueError, KeyError, TypeError) as exc:
             logger.warning("supervisor %r: a malformed request from a node was ignored "
                            "(%s)", self.local.name, exc)
@@ -469,7 +487,10 @@ class ClusterNode:
                                           "message": "malformed request"}})
         self._handling += 1
         try:
-            return await self._serve_decoded(op, ref, payload, chain)
+            if self.tracing is None or headers is None:
+                return await self._serve_decoded(op, ref, payload, chain)
+            with self.tracing.receiving(headers):  # the sender's trace goes on here
+                return await self._serve_decoded(op, ref, payload, chain)
         finally:
             self._handling -= 1
 

@@ -26,7 +26,7 @@ from ._errors import (
     ServerQuarantined,
     SupervisorNotRunning,
 )
-from ._events import EventType
+from ._events import EventType, Tracing
 from ._ledger import ErrorFactory, ReplySlot
 from ._server import Options, PersistentServer
 from ._store import Claim, Store
@@ -73,6 +73,8 @@ class Host(Protocol):
     wall_offset: float
     #: Whether the store keeps reminders (has a due index).
     reminders_kept: bool
+    #: The ``on_event`` hook's tracing of messages, if any.
+    tracing: Tracing | None
 
     #: Claim a server before activating it (`SupportsClaims`, or a plain load).
     claim: Callable[[str, str], Awaitable[Claim]]

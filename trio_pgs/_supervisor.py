@@ -36,7 +36,7 @@ from ._errors import (
     TrioPGSError,
     UnknownKind,
 )
-from ._events import EventType, ServerEvent
+from ._events import EventType, ServerEvent, Tracing, traced_async, traced_call, traced_stop
 from ._idle import IdleReaper
 from ._ledger import ReplySlot
 from ._ref import ServerRef, check_key
@@ -97,6 +97,7 @@ class SupervisorStatistics:
         reminders: Reminders delivered to ``handle_info`` (a redelivery after a crash
             counts again).
         woken_by_reminders: Dormant servers activated because a reminder was due.
+        queued: Messages waiting in the mailboxes of the active servers now.
     """
 
     name: str
@@ -121,6 +122,7 @@ class SupervisorStatistics:
     lost_leases: int = 0
     reminders: int = 0
     woken_by_reminders: int = 0
+    queued: int = 0
 
     @property
     def mean_batch_size(self) -> float:
@@ -224,6 +226,12 @@ class PersistentSupervisor:
         #: The trio run the supervisor is open in: refs are usable from that run only.
         self._trio_token: trio.lowlevel.TrioToken | None = None
         self.on_event = on_event
+        #: The hook's tracing of messages, if it offers it (trio_pgs.otel.Telemetry).
+        self._tracing: Tracing | None = on_event if isinstance(on_event, Tracing) else None
+        if self._tracing is not None:  # wrapped here: nothing to check when not tracing
+            self._deliver_call = traced_call(self._tracing, self._deliver_call)
+            self._deliver_async = traced_async(self._tracing, self._deliver_async)
+            self._deliver_stop = traced_stop(self._tracing, self._deliver_stop)
         self._writer = Writer(
             store, self._emit if on_event is not None else None, self._interrupt
         )
@@ -284,6 +292,8 @@ class PersistentSupervisor:
                 nursery.start_soon(self._run_writer)
                 nursery.start_soon(self._reaper.run)
                 self._start_wakeups(nursery)
+                if self._tracing is not None:
+                    self._tracing.opened(self)
                 nursery.start_soon(self._recover_permanent_servers)
                 try:
                     yield self
@@ -298,6 +308,8 @@ class PersistentSupervisor:
         finally:
             self._closing = True
             del open_supervisors[self.name]
+            if self._tracing is not None and self._nursery is not None:
+                self._tracing.closed(self)
             await self._close_store()
             if refused is not None:
                 raise refused
@@ -349,6 +361,7 @@ class PersistentSupervisor:
         except Exception as exc:
             return exc
         self._node = node
+        node.tracing = self._tracing
         self._host.owns = node.owns
         if self.cluster is not None:
             self._host.claim = node.guarded(self._host.claim)
@@ -836,6 +849,8 @@ class PersistentSupervisor:
         entry = self._entry(ref)
         slot = ReplySlot() if waits or kind is Kind.CRASH else None
         message = Message(kind, payload, slot, chain)
+        if self._tracing is not None:
+            message.trace = self._tracing.capture()
         try:
             entry.send_channel.send_nowait(message)
         except trio.WouldBlock:
@@ -872,6 +887,8 @@ class PersistentSupervisor:
         entry = self._entries.get(ref) or self._entry(ref)
         slot = ReplySlot()
         message = Message(Kind.CALL, request, slot, chain)
+        if self._tracing is not None:
+            message.trace = self._tracing.capture()
         try:
             entry.send_channel.send_nowait(message)
         except trio.WouldBlock:
@@ -1013,7 +1030,8 @@ class PersistentSupervisor:
     # -- introspection ----------------------------------------------------------------
 
     def statistics(self) -> SupervisorStatistics:
-        """A snapshot of the counters; cheap (no I/O)."""
+        """A snapshot of the counters; cheap (no I/O; one look at each active server's
+        mailbox)."""
         counters, writer = self._counters, self._writer
         return SupervisorStatistics(
             name=self.name,
@@ -1033,6 +1051,8 @@ class PersistentSupervisor:
             fenced_writes=writer.fenced,
             reminders=counters.reminders,
             woken_by_reminders=counters.woken_by_reminders,
+            queued=sum(e.receive_channel.statistics().current_buffer_used
+                       for e in self._entries.values()),
             **({} if self._node is None else attrs.asdict(self._node.statistics())),
         )
 
@@ -1042,7 +1062,7 @@ class _Host:
 
     __slots__ = (
         "claim", "counters", "max_active", "owns", "reaper", "reminders_kept", "store",
-        "sup", "touch", "wall_offset", "writer",
+        "sup", "touch", "tracing", "wall_offset", "writer",
     )
 
     def __init__(self, sup: PersistentSupervisor) -> None:
@@ -1056,6 +1076,7 @@ class _Host:
         self.reaper = sup._reaper
         #: wall-clock time = trio time + wall_offset (set when the supervisor opens).
         self.wall_offset = 0.0
+        self.tracing = sup._tracing
         self.reminders_kept = isinstance(sup.store, SupportsReminders)
         # touch runs for every message: without max_active, it is the reaper's own.
         self.touch: Callable[[Entry, float | None], None] = (
