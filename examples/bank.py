@@ -292,12 +292,23 @@ async def settle(refs: Sequence[ServerRef]) -> list[Account]:
 
     Reading an account wakes it, and a woken account sends its outbox: this is how the
     transfers that a crash (or a killed process) interrupted are completed.
+
+    One read is not a snapshot: each account answers at its own moment. A transfer
+    whose deposit and outbox removal both come between the payee's answer and the
+    payer's is in neither, and that read shows empty outboxes and money missing. So a
+    read with nothing in flight counts only once a second read finds every account
+    unchanged: such a transfer would have changed its payee in between.
     """
     states = await read_all(refs)
-    while in_flight(states):
+    while True:
+        if not in_flight(states):
+            again = await read_all(refs)
+            if again == states:
+                return states
+            states = again
+            continue
         await trio.sleep(0.05)
         states = await read_all(refs)
-    return states
 
 
 def print_first_account(states: Sequence[Account]) -> None:
