@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any, cast
 import attrs
 
 from ._errors import ConflictError, PersistenceError
-from ._store import Delete, Operation, Put, check_version
+from ._schedule import pack_reminders
+from ._store import Delete, Operation, Put, Record, check_version, due_of
 
 if TYPE_CHECKING:
     import psycopg
@@ -28,7 +29,7 @@ Ident = tuple[str, str]
 #: The columns of a record, in the order `decode` reads them.
 COLUMNS = (
     "kind, key, version, epoch, deleted, data, state_version, updated_at, crashes,"
-    " quarantined, history"
+    " quarantined, history, reminders"
 )
 #: Where `deleted` is in a row of COLUMNS.
 DELETED = 4
@@ -81,6 +82,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
     ),
+    (
+        # Reminders (docs/howto/reminders.md): kept with the record, as the JSON text
+        # of `pack_reminders`; `due` is the record's place in the due index (NULL: no
+        # reminder, or quarantined), and the partial index is that due index.
+        "ALTER TABLE {schema}.records ADD COLUMN reminders text NOT NULL DEFAULT ''",
+        "ALTER TABLE {schema}.records ADD COLUMN due double precision",
+        "CREATE INDEX records_due ON {schema}.records (due, kind, key) WHERE due IS NOT NULL",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -125,19 +134,19 @@ class Queries:
         )
         self.insert = (
             f"INSERT INTO {s}.records (kind, key, version, epoch, data, state_version,"
-            " updated_at, crashes, quarantined, history)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s::float8[], %s, %s::bytea[])"
+            " updated_at, crashes, quarantined, history, reminders, due)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s::float8[], %s, %s::bytea[], %s, %s)"
             " ON CONFLICT (kind, key) DO NOTHING RETURNING 1"
         )
         self.update = (
             f"UPDATE {s}.records SET version = %s, epoch = %s, deleted = false, data = %s,"
             " state_version = %s, updated_at = %s, crashes = %s::float8[], quarantined = %s,"
-            " history = %s::bytea[]"
+            " history = %s::bytea[], reminders = %s, due = %s"
             " WHERE kind = %s AND key = %s AND version = %s AND epoch <= %s RETURNING 1"
         )
         self.delete = (
             f"UPDATE {s}.records SET deleted = true, data = NULL, crashes = '{{}}',"
-            " quarantined = false, history = '{}', updated_at = %s"
+            " quarantined = false, history = '{}', reminders = '', due = NULL, updated_at = %s"
             " WHERE kind = %s AND key = %s"
             " AND (%s::bigint IS NULL OR version = %s) AND (%s::bigint IS NULL OR epoch <= %s)"
             " RETURNING 1"
@@ -146,26 +155,37 @@ class Queries:
         # times and no history (their arrays cannot go through unnest).
         unnested = (
             "unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::bytea[],"
-            " %s::bigint[], %s::float8[], %s::boolean[], %s::bigint[])"
+            " %s::bigint[], %s::float8[], %s::boolean[], %s::bigint[], %s::text[],"
+            " %s::float8[])"
             " AS u(kind, key, version, epoch, data, state_version, updated_at, quarantined,"
-            " expected)"
+            " expected, reminders, due)"
         )
         self.insert_bulk = (
             f"INSERT INTO {s}.records (kind, key, version, epoch, data, state_version,"
-            " updated_at, quarantined)"
+            " updated_at, quarantined, reminders, due)"
             " SELECT u.kind, u.key, u.version, u.epoch, u.data, u.state_version,"
-            f" u.updated_at, u.quarantined FROM {unnested}"
+            f" u.updated_at, u.quarantined, u.reminders, u.due FROM {unnested}"
             " ON CONFLICT (kind, key) DO NOTHING RETURNING kind, key"
         )
         self.update_bulk = (
             f"UPDATE {s}.records AS r SET version = u.version, epoch = u.epoch,"
             " deleted = false, data = u.data, state_version = u.state_version,"
             " updated_at = u.updated_at, crashes = '{}', quarantined = u.quarantined,"
-            f" history = '{{}}' FROM {unnested}"
+            f" history = '{{}}', reminders = u.reminders, due = u.due FROM {unnested}"
             " WHERE r.kind = u.kind AND r.key = u.key AND r.version = u.expected"
             " AND r.epoch <= u.epoch RETURNING r.kind, r.key"
         )
         self.version = f"SELECT value FROM {s}.meta WHERE name = 'schema_version'"
+        # The due index, a page at a time: through the partial index, in its order.
+        self.due_first = (
+            f"SELECT due, kind, key FROM {s}.records WHERE due IS NOT NULL"
+            " AND kind = ANY(%s) ORDER BY due, kind, key LIMIT %s"
+        )
+        self.due_after = (
+            f"SELECT due, kind, key FROM {s}.records WHERE due IS NOT NULL"
+            " AND kind = ANY(%s) AND (due, kind, key) > (%s, %s, %s)"
+            " ORDER BY due, kind, key LIMIT %s"
+        )
 
 
 # -- the schema ------------------------------------------------------------------------
@@ -474,7 +494,15 @@ def _bulk_params(operations: Sequence[Operation], indexes: list[int]) -> tuple[s
         "{" + ",".join([_float(r.updated_at) for r in records]) + "}",
         "{" + ",".join(["t" if r.quarantined else "f" for r in records]) + "}",
         _integers([put.expected_version for put in puts]),
+        _texts([pack_reminders(r.reminders) for r in records]),
+        "{" + ",".join([_due(r) for r in records]) + "}",
     )
+
+
+def _due(record: Record) -> str:
+    """*record*'s entry of the due index as an array literal's element."""
+    due = due_of(record)
+    return "NULL" if due is None else _float(due)
 
 
 def _texts(values: list[str]) -> str:
@@ -501,14 +529,16 @@ def _insert_params(operation: Operation) -> tuple[Any, ...]:
     assert isinstance(operation, Put)
     r = operation.record
     return (r.kind, r.key, r.version, r.epoch, r.data, r.state_version, r.updated_at,
-            list(r.crashes), r.quarantined, list(r.history))
+            list(r.crashes), r.quarantined, list(r.history), pack_reminders(r.reminders),
+            due_of(r))
 
 
 def _update_params(operation: Operation) -> tuple[Any, ...]:
     assert isinstance(operation, Put)
     r = operation.record
     return (r.version, r.epoch, r.data, r.state_version, r.updated_at, list(r.crashes),
-            r.quarantined, list(r.history), r.kind, r.key, operation.expected_version, r.epoch)
+            r.quarantined, list(r.history), pack_reminders(r.reminders), due_of(r), r.kind,
+            r.key, operation.expected_version, r.epoch)
 
 
 def _delete_params(operation: Operation) -> tuple[Any, ...]:

@@ -28,6 +28,7 @@ import trio
 from . import _postgres_members as members
 from . import _postgres_sql as sql
 from ._errors import ConflictError, OutcomeUnknown, PersistenceError
+from ._schedule import Due, unpack_reminders
 from ._store import Claim, Member, OnSkip, Operation, Record
 
 if TYPE_CHECKING:
@@ -291,6 +292,27 @@ class PostgresStore:
 
         return await self._run(load)
 
+    async def due(
+        self, kinds: Sequence[str], *, after: Due | None = None, limit: int = 1000
+    ) -> list[Due]:
+        """The due index (`SupportsReminders`): a page of the partial index on
+        ``(due, kind, key)``, in its order."""
+        kinds = list(kinds)
+        for kind in kinds:
+            _check_ident(kind, "-")
+        queries = self._queries
+        params: tuple[Any, ...]
+        if after is None:
+            query, params = queries.due_first, (kinds, limit)
+        else:
+            query, params = queries.due_after, (kinds, after.due, after.kind, after.key, limit)
+
+        def due(connection: psycopg.Connection[Any]) -> list[Due]:
+            rows = _read(connection, query, params, "the due index").fetchall()
+            return [Due(float(d), k, n) for d, k, n in rows]
+
+        return await self._run(due)
+
     async def kinds(self) -> set[str]:
         query = self._queries.kinds
 
@@ -550,17 +572,18 @@ def decode(row: Sequence[Any]) -> Record:
             "inspect or purge it"
         )
     _, _, version, epoch, _, data, state_version, updated_at, crashes, quarantined, \
-        history = row
+        history, reminders = row
     return Record(
         kind=kind, key=key, data=bytes(data or b""), version=version,
         state_version=state_version, epoch=epoch, updated_at=updated_at,
         crashes=tuple(crashes), quarantined=quarantined, history=tuple(history),
+        reminders=unpack_reminders(reminders),
     )
 
 
 def _problem(row: Sequence[Any]) -> str | None:
     kind, key, version, epoch, deleted, data, state_version, updated_at, crashes, \
-        _, history = row
+        _, history, reminders = row
     if not kind or not key:
         return "its kind or key is empty"
     if version < 1 or epoch < 0 or state_version < 1:
@@ -573,6 +596,10 @@ def _problem(row: Sequence[Any]) -> str | None:
         return "its history does not hold states only"
     if not math.isfinite(updated_at):
         return "its updated_at is not a number"
+    try:
+        unpack_reminders(reminders)
+    except ValueError as exc:
+        return f"its reminders are not what trio-pgs writes: {exc}"
     return None
 
 
