@@ -14,8 +14,9 @@ from collections.abc import Callable
 from typing import Any
 
 from trio_pgs import PostgresStore
+from trio_pgs._store import Operation
 
-from .clocked import Clocked
+from .clocked import Clocked, _clock_held
 
 DSN_VARIABLE = "TRIO_PGS_POSTGRES_DSN"
 
@@ -106,3 +107,8 @@ class ClockedPostgresStore(Clocked, PostgresStore):
 
     def _is_open(self) -> bool:
         return self._pool is not None
+
+    async def _write(self, operations: list[Operation], atomic: bool, bulk: Any) -> list[Any]:
+        # The writes wait for PostgreSQL on the trio thread, not through _run.
+        with _clock_held():
+            return await super()._write(operations, atomic, bulk)

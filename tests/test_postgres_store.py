@@ -701,6 +701,197 @@ async def test_a_commit_whose_connection_is_killed_while_committing_is_outcome_u
         assert await store.load(KIND, "k") == record("k", b"v2", version=2)
 
 
+# -- the writer's usual batch: one statement from the trio thread -------------------------
+#
+# A batch of plain puts of distinct records (what the group-commit writer hands over
+# most of the time) is one prepared statement that commits by itself, sent through
+# libpq from the trio thread on a connection the writes hold from one batch to the
+# next. These are that path's own ways to be interrupted.
+
+
+def updates(keys: str, version: int) -> list[Put]:
+    """Plain puts of *keys* at *version*, each expecting the one before."""
+    return [Put(record(key, b"v%d" % version, version=version), version - 1) for key in keys]
+
+
+async def test_cancelling_a_batch_cancels_its_statement_in_the_server(postgres: Server):
+    store, name = named_store(postgres)
+    async with opened(store):
+        await store.commit([Put(record(key, b"v1"), 0) for key in "ab"])
+        blocked = Blocked()
+        with row_locked(postgres, store.schema, "b"):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(blocked.run, lambda: store.commit_each(updates("ab", 2)))
+                (pid,) = await eventually(lambda: waiting_on_a_lock(postgres, name),
+                                          "the batch waits for the row lock of b")
+                blocked.scope.cancel()
+                with trio.fail_after(5):
+                    await blocked.done.wait()
+            assert blocked.cancelled and blocked.error is None
+            await eventually(
+                lambda: not backends(postgres, name, f"pid = {pid} AND state = 'active'"),
+                "the cancelled statement ended in the server",
+            )
+        for key in "ab":  # one statement: neither was written
+            assert await store.load(KIND, key) == record(key, b"v1")
+        with trio.fail_after(BOUND):  # on another connection
+            assert await store.commit_each(updates("ab", 2)) == [None, None]
+        for key in "ab":
+            assert await store.load(KIND, key) == record(key, b"v2", version=2)
+
+
+async def test_a_batch_whose_connection_is_killed_is_outcome_unknown(postgres: Server):
+    """The statement commits by itself: once sent, a lost connection leaves its outcome
+    unknown (here it waited for a row lock, and was not written). The next batch runs
+    on another connection."""
+    store, name = named_store(postgres)
+    async with opened(store):
+        await store.commit([Put(record(key, b"v1"), 0) for key in "ab"])
+        blocked = Blocked()
+        with row_locked(postgres, store.schema, "b"):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(blocked.run, lambda: store.commit_each(updates("ab", 2)))
+                pids = await eventually(lambda: waiting_on_a_lock(postgres, name),
+                                        "the batch waits for the row lock of b")
+                terminate(postgres, pids)
+                with trio.fail_after(5):
+                    await blocked.done.wait()
+        assert isinstance(blocked.error, OutcomeUnknown), repr(blocked.error)
+        for key in "ab":
+            assert await store.load(KIND, key) == record(key, b"v1")
+        with trio.fail_after(BOUND):
+            assert await store.commit_each(updates("ab", 2)) == [None, None]
+        for key in "ab":
+            assert await store.load(KIND, key) == record(key, b"v2", version=2)
+
+
+async def test_a_write_connection_the_database_dropped_while_idle_is_replaced(
+    postgres: Server,
+):
+    """The connection the writes hold between batches is terminated while idle (a
+    restart, an idle timeout): the next batch notices before sending anything, and runs
+    on a new connection, as if nothing had happened."""
+    store, name = named_store(postgres)
+    async with opened(store):
+        assert await store.commit_each([Put(record(key, b"v1"), 0) for key in "ab"]) == [
+            None, None]
+        first = backends(postgres, name)
+        terminate(postgres, first)
+        await eventually(lambda: not set(first) & set(backends(postgres, name)),
+                         "the backends are gone")
+        for version in (2, 3):
+            with trio.fail_after(BOUND):
+                assert await store.commit_each(updates("ab", version)) == [None, None]
+        for key in "ab":
+            assert await store.load(KIND, key) == record(key, b"v3", version=3)
+
+
+async def test_a_batch_prepares_its_statement_again_when_it_is_gone(postgres: Server):
+    """The batch's prepared statement was deallocated on its connection (DISCARD ALL,
+    as a connection pooler may send): the batch prepares it again and is written."""
+    async with opened(postgres.store()) as store:
+        await store.commit_each([Put(record(key, b"v1"), 0) for key in "ab"])
+        assert await store.commit_each(updates("ab", 2)) == [None, None]
+        held = store._held
+        assert held is not None
+        held.connection.execute("DEALLOCATE ALL")
+        assert await store.commit_each(updates("ab", 3)) == [None, None]
+        assert store._held is held  # the same connection
+        for key in "ab":
+            assert await store.load(KIND, key) == record(key, b"v3", version=3)
+
+
+async def test_the_writes_give_their_connection_back_to_its_pool_from_time_to_time(
+    postgres: Server, monkeypatch: pytest.MonkeyPatch
+):
+    """The connection the writes hold goes back to its pool after a while (so that the
+    pool can replace it past its max_lifetime) and is taken again: with no while at
+    all, every batch gives it back and takes it again, and the pool of one connection
+    never runs dry."""
+    from trio_pgs import _postgres_store
+
+    monkeypatch.setattr(_postgres_store, "_HOLD", 0.0)
+    async with opened(postgres.store()) as store:
+        await store.commit_each([Put(record(key, b"v1"), 0) for key in "ab"])
+        for version in range(2, 6):
+            with trio.fail_after(BOUND):
+                assert await store.commit_each(updates("ab", version)) == [None, None]
+        await store.commit([Put(record("a", b"v6", version=6), 5)])
+        assert await store.load(KIND, "a") == record("a", b"v6", version=6)
+
+
+async def test_a_store_closed_while_a_batch_runs_leaves_no_connection_behind(
+    postgres: Server,
+):
+    """close() while a batch waits for a row lock: the batch ends when the lock goes
+    (written: nobody cancelled it), and then its connection is closed too."""
+    store, name = named_store(postgres)
+    await store.open()
+    await store.commit([Put(record(key, b"v1"), 0) for key in "ab"])
+    blocked = Blocked()
+    with row_locked(postgres, store.schema, "b") as locker:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(blocked.run, lambda: store.commit_each(updates("ab", 2)))
+            await eventually(lambda: waiting_on_a_lock(postgres, name),
+                             "the batch waits for the row lock of b")
+            await store.close()
+            locker.rollback()
+            with trio.fail_after(BOUND):
+                await blocked.done.wait()
+    assert blocked.error is None, blocked.error
+    await eventually(lambda: not backends(postgres, name), "no connection remains")
+    async with opened(postgres.store(schema=store.schema)) as other:
+        for key in "ab":
+            assert await other.load(KIND, key) == record(key, b"v2", version=2)
+
+
+async def test_a_batch_refused_in_part_writes_the_rest_and_says_why(postgres: Server):
+    """One statement writes what it can; the refused are found by what it did not
+    write, each with its own conflict."""
+    async with opened(postgres.store()) as store:
+        await store.commit([Put(record(key, b"v1"), 0) for key in "abc"])
+        outcomes = await store.commit_each([
+            Put(record("a", b"v2", version=2), 1),
+            Put(record("b", b"v6", version=6), 5),  # stale: b is at 1
+            Put(record("c", b"v2", version=2, epoch=0), 1),  # fenced off: epoch 0 < 1
+        ])
+        assert outcomes[0] is None
+        assert isinstance(outcomes[1], ConflictError) and not outcomes[1].fenced
+        assert isinstance(outcomes[2], ConflictError) and outcomes[2].fenced
+        assert await store.load(KIND, "a") == record("a", b"v2", version=2)
+        for key in "bc":
+            assert await store.load(KIND, key) == record(key, b"v1")
+        outcomes = await store.commit_each([  # creating: one statement too
+            Put(record("a", b"again"), 0),  # a exists
+            Put(record("d", b"v1"), 0),
+        ])
+        assert isinstance(outcomes[0], ConflictError) and outcomes[1] is None
+        assert await store.load(KIND, "d") == record("d", b"v1")
+
+
+async def test_a_batch_writes_any_key_data_and_number_exactly(postgres: Server):
+    """The batch's parameters are array literals and binary arrays the store writes
+    itself: keys that need escaping, every byte value, floats whose text is long or odd,
+    versions near the limit of bigint all come back as they were."""
+    keys = ['a"b', "c\\d", "e,f", "{g}", "h i", "NULL", "ü🎲", "'j'", "k\\"]
+    floats = [5e-324, 1e300, -0.0, 0.1 + 0.2, 1.0, 1_700_000_000.123456]
+    made = [
+        Record(kind=KIND, key=key, data=bytes(range(i, 256)) + bytes(range(i)),
+               version=2**62 + i, epoch=2**40 + i, state_version=2**31 + i,
+               updated_at=floats[i % len(floats)], quarantined=i % 2 == 0)
+        for i, key in enumerate(keys)
+    ]
+    async with opened(postgres.store()) as store:
+        assert await store.commit_each([Put(r, 0) for r in made]) == [None] * len(made)
+        for r in made:
+            assert await store.load(KIND, r.key) == r
+        beyond = attrs.evolve(made[0], version=2**63)  # no bigint holds it
+        with pytest.raises(PersistenceError) as caught:
+            await store.commit_each([Put(beyond, made[0].version)])
+        assert not isinstance(caught.value, OutcomeUnknown)
+        assert await store.load(KIND, made[0].key) == made[0]
+
+
 # -- rows are data ---------------------------------------------------------------------
 
 #: Rows written by hand that the table's types allow and that are no valid record: the

@@ -1,11 +1,15 @@
 """`PostgresStore`: records in a PostgreSQL database, for processes that share them.
 
 psycopg's sync API runs on worker threads, one pooled connection per running
-operation (its async API is asyncio-only). Correctness rests on plain SQL: every write
-is a conditional UPDATE (or an INSERT that fails on an existing row), claims are an
-UPDATE of the stored epoch; nothing depends on advisory locks or LISTEN/NOTIFY, so the
-same SQL runs on PostgreSQL-compatible distributed databases. The SQL and the schema
-are in `_postgres_sql`.
+operation (its async API is asyncio-only). The writes have a connection of their own,
+held from one batch to the next; the group-commit writer's usual batch, one prepared
+statement, goes from the trio thread through libpq's non-blocking calls, trio waiting
+on the socket: no thread hop, no pool checkout, no cursor (`PostgresStore._bulk`).
+
+Correctness rests on plain SQL: every write is a conditional UPDATE (or an INSERT that
+fails on an existing row), claims are an UPDATE of the stored epoch; nothing depends on
+advisory locks or LISTEN/NOTIFY, so the same SQL runs on PostgreSQL-compatible
+distributed databases. The SQL and the schema are in `_postgres_sql`.
 """
 
 from __future__ import annotations
@@ -53,8 +57,19 @@ _SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 #: run again: serialization failure and deadlock (CockroachDB reports the first often).
 _RETRIED = {"40001", "40P01"}
 _ATTEMPTS = 5
+#: How long the writes keep their connection before they give it back to its pool and
+#: take one again (the pool replaces a connection past its max_lifetime only then).
+_HOLD = 60.0
 #: Outcomes of `commit_each`, one per operation: None (applied) or why it was not.
 Outcomes = list[ConflictError | None]
+#: libpq's result statuses (psycopg.pq.ExecStatus), without importing psycopg here.
+_COMMAND_OK = 1
+_TUPLES_OK = 2
+_FATAL_ERROR = 7
+#: SQLSTATE invalid_sql_statement_name: no prepared statement of that name.
+_NO_SUCH_STATEMENT = "26000"
+#: The statements prepared on each connection of the writes (`PostgresStore._bulk`).
+_PREPARED: weakref.WeakKeyDictionary[Any, set[bytes]] = weakref.WeakKeyDictionary()
 
 
 def _psycopg() -> Any:
@@ -78,19 +93,25 @@ class _Running:
     to the server (`cancel_safe`) if a query is running, and the connection, which a
     late cancel could still reach, is closed instead of going back to the pool."""
 
-    __slots__ = ("cancelled", "connection", "lock")
+    __slots__ = ("cancelled", "connection", "finished", "lock")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.connection: psycopg.Connection[Any] | None = None
         self.cancelled = False
+        #: Set by an operation that keeps its connection (`PostgresStore._on_thread`)
+        #: once it is done with it.
+        self.finished = False
 
-    def cancel(self) -> None:  # on the trio thread
+    def cancel(self) -> bool:  # on the trio thread
+        """Cancel the operation; return whether it had finished already."""
         with self.lock:
             self.cancelled = True
             running = self.connection is not None
+            finished = self.finished
         if running:
             threading.Thread(target=self._send_cancel, name="trio-pgs cancel", daemon=True).start()
+        return finished
 
     def _send_cancel(self) -> None:
         with self.lock:  # held: the operation cannot hand the connection on meanwhile
@@ -161,7 +182,10 @@ class PostgresStore:
         self._writes: psycopg_pool.ConnectionPool[Any] | None = None
         self._opening = False
         self._limiter = trio.CapacityLimiter(pool_size)
-        self._writing = trio.CapacityLimiter(1)
+        #: The connection of the writes, taken from `_writes` and held between them.
+        self._held: _Held | None = None
+        #: One write at a time on it.
+        self._writing = trio.Lock()
 
     def __repr__(self) -> str:
         mode = ", read_only=True" if self.read_only else ""
@@ -240,8 +264,13 @@ class PostgresStore:
     async def close(self) -> None:
         pools = [pool for pool in (self._pool, self._writes) if pool is not None]
         self._pool = self._writes = None
+        held = None
+        if not self._writing.locked():  # else the write gives it back when it ends
+            held, self._held = self._held, None
 
         def close() -> None:
+            if held is not None:
+                _give_back(held.pool, held.connection)
             for pool in pools:
                 pool.close()
 
@@ -254,15 +283,13 @@ class PostgresStore:
 
     # -- running on a connection -----------------------------------------------------
 
-    async def _run(
-        self, work: Callable[[psycopg.Connection[Any]], T], *, write: bool = False
-    ) -> T:
-        """Run *work* with a pooled connection on a worker thread (*write*: the
-        connection of the writes). Cancelled, the caller stops waiting at once, the
+    async def _run(self, work: Callable[[psycopg.Connection[Any]], T]) -> T:
+        """Run *work* with a pooled connection on a worker thread (the pool of loads,
+        claims and membership). Cancelled, the caller stops waiting at once, the
         query is cancelled on the server, and the connection is closed once *work*
         returns (its outcome is unknown to the caller, as with any cancelled store
         operation)."""
-        pool = self._writes if write else self._pool
+        pool = self._pool
         if pool is None:
             raise PersistenceError(f"{self!r} is not open (open a supervisor on it)")
         running = _Running()
@@ -271,9 +298,7 @@ class PostgresStore:
             return _attempt(pool, running, work)
 
         try:
-            return await trio.to_thread.run_sync(
-                job, abandon_on_cancel=True, limiter=self._writing if write else self._limiter
-            )
+            return await trio.to_thread.run_sync(job, abandon_on_cancel=True, limiter=self._limiter)
         except trio.Cancelled:
             running.cancel()
             raise
@@ -424,17 +449,225 @@ class PostgresStore:
     async def _commit(self, operations: Sequence[Operation], *, atomic: bool) -> Outcomes:
         self._writable()
         operations = list(operations)
-        for operation in operations:
-            _check_ident(*sql.ident(operation))
+        bulk = None if atomic else sql.bulk(self._queries, operations)
+        if bulk is not None:
+            _check_idents(bulk.kinds, bulk.keys)
+        else:
+            for operation in operations:
+                _check_ident(*sql.ident(operation))
         if not operations:
             await trio.lowlevel.checkpoint()
             return []
+        try:
+            return await self._write(operations, atomic, bulk)
+        except PersistenceError as exc:
+            raise type(exc)(self._secret.scrub(str(exc))) from exc.__cause__
+
+    async def _write(
+        self, operations: list[Operation], atomic: bool, bulk: sql.Bulk | None
+    ) -> Outcomes:
+        """Commit *operations* on the connection of the writes, one batch at a time:
+        the writer's usual batch (*bulk*) as one statement from the trio thread
+        (`_bulk`), any other in a transaction on a worker thread."""
         queries = self._queries
 
         def commit(connection: psycopg.Connection[Any]) -> Outcomes:
             return _transaction(connection, queries, operations, atomic)
 
-        return await self._run(commit, write=True)
+        async with self._writing:
+            try:
+                held = await self._write_connection()
+                if bulk is not None:
+                    return await self._bulk(held, operations, bulk)
+                return await self._on_thread(held, commit)
+            finally:
+                left = self._held
+                if left is not None and left.pool is not self._writes:  # closed meanwhile
+                    self._held = None
+                    _give_back(left.pool, left.connection)  # its pool closes it
+
+    async def _bulk(self, held: _Held, operations: list[Operation], bulk: sql.Bulk) -> Outcomes:
+        """The statement of `sql.bulk`, which commits by itself. Any failure once it
+        may have reached the server (a lost connection, a cancellation) leaves its
+        outcome unknown; an error of the server means it did not commit."""
+        encoding = held.connection.info.encoding
+        try:
+            values, formats = bulk.params(encoding)
+        except UnicodeEncodeError as exc:
+            raise PersistenceError(f"PostgreSQL did not commit: {exc}") from None
+        result = await self._prepared(held, bulk.statement, values, formats)
+        outcomes: Outcomes = [None] * len(operations)
+        if result.ntuples == len(operations):  # every record written: the usual case
+            return outcomes
+        written = set()
+        for row in range(result.ntuples):
+            kind, key = result.get_value(row, 0), result.get_value(row, 1)
+            written.add((bytes(kind or b"").decode(encoding), bytes(key or b"").decode(encoding)))
+        unmatched = sql.refused(operations, written)
+        queries = self._queries
+
+        def explain(connection: psycopg.Connection[Any]) -> list[tuple[int, ConflictError]]:
+            return sql.explained(connection, queries, operations, unmatched)
+
+        try:
+            refusals = await self._on_thread(held, explain)
+        except Exception:  # the statement stands; only its explanation failed
+            refusals = [(index, sql.conflict(None, operations[index])) for index in unmatched]
+        for index, refusal in refusals:
+            outcomes[index] = refusal
+        return outcomes
+
+    async def _prepared(
+        self, held: _Held, statement: tuple[bytes, bytes], values: list[bytes],
+        formats: list[int],
+    ) -> Any:
+        """The result of *statement* run with *values*, as a statement prepared on the
+        connection (as psycopg prepares a query it runs often: the server parses and
+        plans it once, not for every batch). Run again when the server says it did
+        not commit and may be retried; any other error raised."""
+        pg, _ = _psycopg()
+        connection = held.connection
+        pgconn = connection.pgconn
+        name, query = statement
+        prepared = _PREPARED.setdefault(connection, set())
+        for attempt in range(1, _ATTEMPTS + 1):
+            if name not in prepared:
+                result = await self._execute(held, pgconn.send_prepare, name, query)
+                if result.status == _COMMAND_OK:
+                    prepared.add(name)
+            if name in prepared:
+                result = await self._execute(
+                    held, pgconn.send_query_prepared, name, values, formats
+                )
+            if result.status == _TUPLES_OK:
+                return result
+            error = pg.errors.error_from_result(result, encoding=connection.info.encoding)
+            if error.sqlstate == _NO_SUCH_STATEMENT and attempt < _ATTEMPTS:
+                prepared.discard(name)  # deallocated behind the store's back: again
+                continue
+            if error.sqlstate in _RETRIED and attempt < _ATTEMPTS:
+                logger.info("a statement was not committed (%s); running it again",
+                            error.sqlstate)
+                await trio.sleep(0.001 * 2**attempt)
+                continue
+            raise _failure(error, sql.Phase(committing=True), connection.broken) from error
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _execute(self, held: _Held, send: Callable[..., None], *args: Any) -> Any:
+        """``send(*args)``, one of libpq's calls that send a query, on the connection of
+        the writes, from the trio thread without blocking it: libpq's non-blocking
+        calls, trio waiting on the socket. Returns its result, an error of the
+        server's included. Interrupted (a lost connection, a cancellation), the
+        connection is given up: its query cancelled on the server, then closed."""
+        pg, _ = _psycopg()
+        pgconn = held.connection.pgconn
+        try:
+            socket = pgconn.socket
+            send(*args)
+            while pgconn.flush():
+                await trio.lowlevel.wait_writable(socket)
+            result = None
+            while True:
+                pgconn.consume_input()
+                if pgconn.is_busy():
+                    await trio.lowlevel.wait_readable(socket)
+                    continue
+                last = pgconn.get_result()
+                if last is None:
+                    break
+                if result is None or result.status != _FATAL_ERROR:
+                    result = last  # the first error, else the last result
+        except BaseException as exc:
+            self._give_up(held)
+            if isinstance(exc, pg.Error):
+                raise OutcomeUnknown(
+                    f"the connection to PostgreSQL failed while committing ({_first_line(exc)})"
+                ) from exc
+            raise
+        if result is None:  # pragma: no cover - libpq gives a result for every query
+            raise PersistenceError("PostgreSQL returned nothing for a statement")
+        return result
+
+    async def _write_connection(self) -> _Held:
+        """The connection of the writes: the one held since the last write, unless the
+        database dropped it meanwhile (or it was held `_HOLD` seconds: it goes back to
+        its pool); else one from the pool, on a worker thread."""
+        held = self._held
+        pool = self._writes
+        if held is not None:
+            sound = _sound(held.connection)
+            if sound and held.pool is pool and time.monotonic() < held.until:
+                return held
+            self._held = None
+            if not sound:  # the pool discards it, without a query on this thread
+                _CLOSED.add(held.connection)
+                held.connection.close()
+            _give_back(held.pool, held.connection)
+        if pool is None:
+            raise PersistenceError(f"{self!r} is not open (open a supervisor on it)")
+        taken = _Taken()
+        try:
+            await trio.to_thread.run_sync(taken.take, pool, abandon_on_cancel=True)
+        finally:
+            connection = taken.abandon()  # taken or not, the trio side decides now
+            if connection is not None:
+                self._held = _Held(connection, pool, time.monotonic() + _HOLD)
+        assert self._held is not None
+        return self._held
+
+    async def _on_thread(self, held: _Held, work: Callable[[psycopg.Connection[Any]], T]) -> T:
+        """*work* with the connection of the writes, on a worker thread. Cancelled: as
+        `_run` (the query is cancelled on the server, and the connection, closed, goes
+        back to its pool once *work* returns; the next write takes another)."""
+        running = _Running()
+        connection = held.connection
+
+        def job() -> T:
+            pg, _ = _psycopg()
+            with running.lock:
+                began = not running.cancelled
+                running.connection = connection if began else None
+            try:
+                if not began:  # abandoned before it began: do nothing
+                    raise _Abandoned
+                return work(connection)
+            except pg.Error as exc:
+                raise PersistenceError(f"PostgreSQL failed: {_first_line(exc)}") from exc
+            finally:
+                with running.lock:
+                    running.connection = None
+                    running.finished = True
+                    if running.cancelled:
+                        _CLOSED.add(connection)
+                        connection.close()
+                        _give_back(held.pool, connection)
+
+        try:
+            return await trio.to_thread.run_sync(job, abandon_on_cancel=True)
+        except trio.Cancelled:
+            # Finished before the cancellation: the connection is as sound as it was.
+            if not running.cancel() and self._held is held:
+                self._held = None
+            raise
+
+    def _give_up(self, held: _Held) -> None:
+        """The connection of the writes is in an unknown state (interrupted in the
+        middle of a query): cancel its query on the server, close it and give it back
+        to its pool, on a thread of its own; the next write takes another."""
+        if self._held is held:
+            self._held = None
+
+        def give_up() -> None:
+            connection = held.connection
+            try:
+                connection.cancel_safe(timeout=5.0)
+            except Exception as exc:  # it is closed anyway
+                logger.debug("cancelling a query failed: %r", exc)
+            _CLOSED.add(connection)
+            connection.close()
+            _give_back(held.pool, connection)
+
+        threading.Thread(target=give_up, name="trio-pgs cancel", daemon=True).start()
 
     def _writable(self) -> None:
         if self.read_only:
@@ -471,6 +704,80 @@ def _attempt(
         ) from None
     except pg.Error as exc:  # connecting, or giving the connection back
         raise PersistenceError(f"PostgreSQL failed: {_first_line(exc)}") from exc
+
+
+class _Held:
+    """The connection of the writes, its pool, and until when it is held."""
+
+    __slots__ = ("connection", "pool", "until")
+
+    def __init__(
+        self, connection: psycopg.Connection[Any], pool: psycopg_pool.ConnectionPool[Any],
+        until: float,
+    ) -> None:
+        self.connection = connection
+        self.pool = pool
+        self.until = until
+
+
+class _Taken:
+    """A connection taken from a pool on a worker thread, for a trio caller who may
+    stop waiting: whichever comes last, the taking or the caller's giving up
+    (`abandon`), sees the other; a connection nobody will use goes back at once."""
+
+    __slots__ = ("abandoned", "connection", "lock")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.connection: psycopg.Connection[Any] | None = None
+        self.abandoned = False
+
+    def take(self, pool: psycopg_pool.ConnectionPool[Any]) -> None:  # on a worker thread
+        pg, pg_pool = _psycopg()
+        try:
+            connection = pool.getconn()
+        except pg_pool.PoolTimeout:
+            raise PersistenceError(
+                f"no connection to PostgreSQL within {pool.timeout} s (is the database up?)"
+            ) from None
+        except pg.Error as exc:
+            raise PersistenceError(f"PostgreSQL failed: {_first_line(exc)}") from exc
+        with self.lock:
+            if not self.abandoned:
+                self.connection = connection
+                return
+        _give_back(pool, connection)
+
+    def abandon(self) -> psycopg.Connection[Any] | None:  # on the trio thread
+        """The connection taken, if it was: the caller's now."""
+        with self.lock:
+            self.abandoned = True
+            return self.connection
+
+
+def _give_back(
+    pool: psycopg_pool.ConnectionPool[Any], connection: psycopg.Connection[Any]
+) -> None:
+    """Return a connection of the writes to its pool, which discards it if it is
+    closed (a closed pool closes it)."""
+    try:
+        pool.putconn(connection)
+    except Exception as exc:  # a closed pool, say: the connection goes all the same
+        logger.debug("giving a connection back failed: %r", exc)
+        connection.close()
+
+
+def _sound(connection: psycopg.Connection[Any]) -> bool:
+    """Whether a connection held idle can run a query: open, not in a transaction,
+    and not dropped by the database (`_check_idle`)."""
+    pg, _ = _psycopg()
+    if connection.pgconn.transaction_status != pg.pq.TransactionStatus.IDLE:
+        return False
+    try:
+        _check_idle(connection)
+    except pg.Error:
+        return False
+    return True
 
 
 def _given_options(pg: Any, dsn: str) -> str:
@@ -514,10 +821,7 @@ def _transaction(
         except ConflictError:
             raise
         except psycopg.Error as exc:
-            if (
-                exc.sqlstate in _RETRIED and attempt < _ATTEMPTS and not connection.broken
-                and not phase.committed
-            ):
+            if exc.sqlstate in _RETRIED and attempt < _ATTEMPTS and not connection.broken:
                 logger.info("a transaction was not committed (%s); running it again",
                             exc.sqlstate)
                 time.sleep(0.001 * 2**attempt)
@@ -621,6 +925,19 @@ def _check_ident(kind: str, key: str) -> None:
         )
     if not kind or not key:
         raise ValueError(f"a kind and a key are non-empty strings, not {kind!r}/{key!r}")
+
+
+def _check_idents(kinds: list[str], keys: list[str]) -> None:
+    """`_check_ident` of each kind and key (strings, by `sql.bulk`), at once for the
+    usual ones: ASCII, no NUL, none empty, the longest kind and key fitting together."""
+    joined = "".join(kinds) + "".join(keys)
+    if not (
+        joined.isascii() and "\x00" not in joined and min(map(len, kinds)) > 0
+        and min(map(len, keys)) > 0
+        and max(map(len, kinds)) + max(map(len, keys)) <= _MAX_IDENT_BYTES
+    ):
+        for kind, key in zip(kinds, keys, strict=True):
+            _check_ident(kind, key)
 
 
 def _first_line(exc: BaseException) -> str:
