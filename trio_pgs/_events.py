@@ -37,7 +37,8 @@ class ServerEvent:
     """One event, as passed to the supervisor's ``on_event`` callable.
 
     ``time`` is `trio.current_time()`. ``ref`` is None for `EventType.COMMITTED`,
-    which covers the writes of many servers (group commit).
+    which covers the writes of many servers (group commit); ``supervisor`` names the
+    supervisor for every event.
     """
 
     type: EventType
@@ -47,6 +48,7 @@ class ServerEvent:
     reason: str | None = None
     records: int = 0
     seconds: float = 0.0
+    supervisor: str = ""
 
 
 @runtime_checkable

@@ -429,7 +429,8 @@ class PersistentSupervisor:
         if self.on_event is None:
             return
         try:
-            self.on_event(ServerEvent(type, ref, trio.current_time(), **fields))
+            event = ServerEvent(type, ref, trio.current_time(), supervisor=self.name, **fields)
+            self.on_event(event)
         except Exception:
             logger.exception("supervisor %r: on_event raised (event: %s); ignored",
                              self.name, type.value)
