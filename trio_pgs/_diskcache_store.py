@@ -5,9 +5,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import heapq
+import itertools
 import json
 import logging
 import math
+import operator
 import os
 import pathlib
 import socket
@@ -23,7 +26,16 @@ import diskcache.core
 import trio
 
 from ._errors import PersistenceError
-from ._store import Claim, Delete, Operation, Put, Record, check_version
+from ._schedule import (
+    EARLIEST,
+    LATEST,
+    MAX_EVERY,
+    MIN_EVERY,
+    Due,
+    pack_reminders,
+    unpack_reminders,
+)
+from ._store import Claim, Delete, Operation, Put, Record, check_version, due_of
 from ._thread import DedicatedThread
 
 T = TypeVar("T")
@@ -51,6 +63,31 @@ _SELECT_VALUE = "SELECT value FROM Cache WHERE key = ? AND raw = 1"
 #: version and epoch, so that a record created again continues them. It sorts before
 #: every kind (kinds are printable), so scans and kinds() never meet it.
 TOMBSTONE = SEPARATOR + "tombstone" + SEPARATOR
+#: The due index (`SupportsReminders`): a table of its own in the cache's database, one
+#: row per record whose `due_of` is not None, written in the transaction that writes the
+#: record. Ordered by (kind, due, key), so that `due` seeks each kind at its cursor and
+#: SQLite merges the kinds in order (a (due, kind, key) index cannot seek a cursor among
+#: many equal due times, and walks the entries of every other kind).
+DUE_TABLE = "trio_pgs_due"
+_CREATE_DUE = (
+    f"CREATE TABLE IF NOT EXISTS {DUE_TABLE} (kind TEXT NOT NULL, key TEXT NOT NULL,"
+    " due REAL NOT NULL, PRIMARY KEY (kind, key)) WITHOUT ROWID",
+    f"CREATE INDEX IF NOT EXISTS {DUE_TABLE}_order ON {DUE_TABLE} (kind, due, key)",
+)
+_SET_DUE = f"INSERT OR REPLACE INTO {DUE_TABLE} (kind, key, due) VALUES (?, ?, ?)"
+_DROP_DUE = f"DELETE FROM {DUE_TABLE} WHERE kind = ? AND key = ?"
+_ANY_DUE = f"SELECT 1 FROM {DUE_TABLE} WHERE kind = ? LIMIT 1"
+#: What makes a row of the due table an entry `due` returns: a foreign or hand-made
+#: row (another type, an empty key, a time that is no finite number) is never listed.
+_VALID_DUE = (
+    " AND typeof(key) = 'text' AND key <> '' AND typeof(due) = 'real'"
+    " AND abs(due) <= 1.7976931348623157e308"  # not a constraint the index could take
+)
+#: Kinds per query of `due` (a UNION ALL of one SELECT per kind; SQLite allows 500).
+_DUE_KINDS_PER_QUERY = 100
+#: The due entry of a key that this store does not know (see _due_known): NaN, unequal
+#: to every time, and not None, so that the key's next write writes its entry.
+_UNKNOWN = math.nan
 
 
 class RefusedPickle(PersistenceError):
@@ -110,7 +147,9 @@ class SafeDisk(diskcache.Disk):  # type: ignore[misc]
 
 
 def encode_record(record: Record) -> bytes:
-    """A header line of JSON, then the state's bytes, then the history's."""
+    """A header line of JSON, then the state's bytes, the history's, and the
+    reminders' (as `pack_reminders` writes them; a record without reminders is written
+    as before they existed)."""
     version, state_version, epoch, updated_at = (
         record.version, record.state_version, record.epoch, record.updated_at
     )
@@ -121,10 +160,16 @@ def encode_record(record: Record) -> bytes:
     ):
         # The common record, formatted directly: the same bytes as json.dumps below,
         # at a fifth of its cost (this runs once per record written).
-        return b"%s\n%s" % (
-            b'{"v":%d,"sv":%d,"e":%d,"t":%s,"n":[%d]}'
-            % (version, state_version, epoch, repr(updated_at).encode(), len(record.data)),
-            record.data,
+        if not record.reminders:
+            return b"%s\n%s" % (
+                b'{"v":%d,"sv":%d,"e":%d,"t":%s,"n":[%d]}'
+                % (version, state_version, epoch, repr(updated_at).encode(), len(record.data)),
+                record.data,
+            )
+        reminders = _encode_reminders(record)
+        return b'{"v":%d,"sv":%d,"e":%d,"t":%s,"n":[%d],"r":%d}\n%s%s' % (
+            version, state_version, epoch, repr(updated_at).encode(), len(record.data),
+            len(reminders), record.data, reminders,
         )
     header = {
         "v": record.version,
@@ -137,8 +182,39 @@ def encode_record(record: Record) -> bytes:
         header["c"] = list(record.crashes)
     if record.quarantined:
         header["q"] = True
+    reminders = _encode_reminders(record)
+    if reminders:
+        header["r"] = len(reminders)
     encoded = json.dumps(header, separators=(",", ":")).encode()
-    return b"".join((encoded, b"\n", record.data, *record.history))
+    return b"".join((encoded, b"\n", record.data, *record.history, reminders))
+
+
+def _encode_reminders(record: Record) -> bytes:
+    """The record's reminders as the bytes its row keeps after the history (b"" for
+    none). ``ValueError``, and nothing is written, for reminders that `unpack_reminders`
+    would refuse to read back (a time out of its bounds, a name that is no str, names
+    out of order), but for a payload that is not JSON text: checking it would parse
+    every payload on every write, and those made by `make_reminder` and by an import
+    are JSON by construction."""
+    if not record.reminders:
+        return b""
+    text = pack_reminders(record.reminders)  # refuses a time that is NaN or infinite
+    names = []
+    for reminder in record.reminders:
+        name, due, every = reminder.name, reminder.due, reminder.every
+        if (
+            type(name) is not str or not name or type(reminder.payload) is not str
+            or type(due) not in (float, int) or not EARLIEST <= due <= LATEST
+            or not (every is None or (type(every) in (float, int)
+                                      and MIN_EVERY <= every <= MAX_EVERY))
+        ):
+            raise ValueError(f"{record.kind}/{record.key}: the reminder {reminder!r:.200} "
+                             "would not read back as it is; nothing was written")
+        names.append(name)
+    if names != sorted(set(names)):
+        raise ValueError(f"{record.kind}/{record.key}: its reminders are not sorted by "
+                         "name, or a name repeats; nothing was written")
+    return text.encode()
 
 
 def decode_record(kind: str, key: str, value: object) -> Record:
@@ -155,6 +231,10 @@ def decode_record(kind: str, key: str, value: object) -> Record:
         for size in sizes:
             parts.append(body[offset : offset + size])
             offset += size
+        reminders = header.get("r", 0)
+        if type(reminders) is not int or reminders < 0:
+            raise ValueError("the reminders' length in the header is not a count")
+        text, offset = body[offset : offset + reminders], offset + reminders
         if not newline or offset != len(body):
             raise ValueError("the lengths in the header do not match the row")
         return Record(
@@ -168,6 +248,7 @@ def decode_record(kind: str, key: str, value: object) -> Record:
             crashes=tuple(header.get("c", ())),
             quarantined=bool(header.get("q", False)),
             history=tuple(parts[1:]),
+            reminders=unpack_reminders(text.decode()),
         )
     except (ValueError, KeyError, TypeError, IndexError) as exc:
         raise PersistenceError(
@@ -272,6 +353,40 @@ def _unconditional(operation: Operation) -> bool:
         isinstance(operation, Delete)
         and operation.expected_version is None and operation.epoch is None
     )
+
+
+def _due_query(
+    kinds: list[str], after: Due | None, limit: int
+) -> tuple[str, list[object]]:
+    """The query of `DiskCacheStore.due` for *kinds*: for each kind, a seek in the due
+    index to its first entry after *after*, and SQLite merges the kinds in order (a
+    UNION ALL whose parts each come in order needs no sort), reading at most *limit*
+    entries in all."""
+    parts, parameters = [], []
+    for kind in kinds:
+        if after is None:
+            since, values = "", []
+        elif kind == after.kind:
+            since, values = " AND (due, key) > (?, ?)", [after.due, after.key]
+        elif kind > after.kind:  # its entries at after.due come after *after*
+            since, values = " AND due >= ?", [after.due]
+        else:
+            since, values = " AND due > ?", [after.due]
+        parts.append(f"SELECT due, kind, key FROM {DUE_TABLE} WHERE kind = ?{since}{_VALID_DUE}")
+        parameters += [kind, *values]
+    sql = " UNION ALL ".join(parts) + " ORDER BY 1, 2, 3 LIMIT ?"
+    return sql, [*parameters, limit]
+
+
+def _chunks(items: list[str], size: int) -> list[list[str]]:
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+def _has_due_table(connection: sqlite3.Connection) -> bool:
+    found = connection.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (DUE_TABLE,)
+    ).fetchone()
+    return found is not None
 
 
 def _lock_directory(directory: str) -> int:
@@ -408,10 +523,13 @@ class DiskCacheStore:
     ``durable=True`` it runs with ``synchronous=FULL``: a commit survives a power cut,
     at the price of an fsync per batch.
 
-    With ``read_only=True``, the store only reads (`load`, `scan`, `kinds`; `commit`
-    raises `PersistenceError`): it takes no lock, so it works while an application has
-    the store open, and writes nothing, so it works on read-only media. It opens an
-    existing store only.
+    It keeps a due index of reminders (`SupportsReminders`): the table `DUE_TABLE` of
+    the same database, written in the transaction that writes the records.
+
+    With ``read_only=True``, the store only reads (`load`, `scan`, `kinds`, `due`;
+    `commit` raises `PersistenceError`): it takes no lock, so it works while an
+    application has the store open, and writes nothing, so it works on read-only media.
+    It opens an existing store only.
     """
 
     def __init__(
@@ -430,6 +548,13 @@ class DiskCacheStore:
         self._keys: sqlite3.Connection | None = None
         #: See _known_versions: db key -> (version, epoch), or None when absent.
         self._versions: dict[str, tuple[int, int] | None] = {}
+        #: Valid with _versions, and forgotten with them: db key -> its entry in the due
+        #: index as this store committed it (None: it has none). A key missing here is
+        #: _UNKNOWN, unless its kind had no entry (see _unknown_due): its next write
+        #: also deletes whatever entry it may have.
+        self._due_known: dict[str, float | None] = {}
+        #: Valid with _due_known: kind -> whether it had entries when this store looked.
+        self._kinds_indexed: dict[str, bool] = {}
         self._data_version: int | None = None
         self._thread: DedicatedThread | None = None
 
@@ -517,6 +642,10 @@ class DiskCacheStore:
                         "store; give trio-pgs a directory of its own"
                     )
                 cache.set(FORMAT_KEY, FORMAT)
+            # A store from before the due index gets an empty one, which is right: no
+            # record written then has reminders. Creating it reads no record.
+            for statement in _CREATE_DUE:
+                cache._sql(statement)
         except BaseException:
             cache.close()
             raise
@@ -617,8 +746,7 @@ class DiskCacheStore:
             await thread.stop()
 
     def _close(self) -> None:
-        self._versions.clear()
-        self._data_version = None
+        self._forget()
         if self._keys is not None:
             self._keys.close()
             self._keys = None
@@ -659,16 +787,28 @@ class DiskCacheStore:
 
     def _commit(self, operations: list[Operation]) -> None:
         cache = self._writable()
+        db_keys = [_db_key(operation) for operation in operations]
         try:
             with cache.transact():
-                seen, tombstones = self._check(cache, operations)
-                self._apply(cache, operations, tombstones)
+                seen, tombstones = self._check(cache, operations, db_keys)
+                indexed, kinds = self._apply(cache, operations, db_keys, tombstones)
         except (PersistenceError, ValueError):  # refused: nothing was written
             raise
         except Exception as exc:
-            self._versions.clear()  # whatever happened, read again
+            self._forget()  # whatever happened, read again
             raise PersistenceError(f"the store could not commit: {exc}") from exc
+        # Learnt in the transaction, and true once it committed (not before: a batch
+        # rolled back after deleting a kind's last entry leaves that entry).
         self._versions.update(seen)
+        self._due_known.update(indexed)
+        self._kinds_indexed.update(kinds)
+
+    def _forget(self) -> None:
+        """Forget what this store knows of the rows: read them again."""
+        self._versions.clear()
+        self._due_known.clear()
+        self._kinds_indexed.clear()
+        self._data_version = None
 
     def _writable(self) -> diskcache.Cache:
         if self.read_only:
@@ -681,7 +821,7 @@ class DiskCacheStore:
         return cache
 
     def _check(
-        self, cache: diskcache.Cache, operations: list[Operation]
+        self, cache: diskcache.Cache, operations: list[Operation], db_keys: list[str]
     ) -> tuple[dict[str, tuple[int, int] | None], list[tuple[int, int] | None]]:
         """Check every condition before the first write, so a conflict leaves the
         transaction with nothing to roll back. Returns the (version, epoch) each key
@@ -689,8 +829,7 @@ class DiskCacheStore:
         versions = self._known_versions(cache)
         seen: dict[str, tuple[int, int] | None] = {}
         found: list[tuple[int, int] | None] = []
-        for operation in operations:
-            db_key = _db_key(operation)
+        for operation, db_key in zip(operations, db_keys, strict=True):
             if db_key in seen:
                 current = seen[db_key]
             elif db_key in versions:
@@ -712,22 +851,60 @@ class DiskCacheStore:
         self,
         cache: diskcache.Cache,
         operations: list[Operation],
+        db_keys: list[str],
         found: list[tuple[int, int] | None],
-    ) -> None:
+    ) -> tuple[dict[str, float | None], dict[str, bool]]:
+        """Write the batch, and each record's entry in the due index; returns the
+        entries it leaves (see _due_known) and what it learnt of kinds (see
+        _kinds_indexed)."""
         now = time.time()
-        for operation, stored in zip(operations, found, strict=True):
-            db_key = _db_key(operation)
+        indexed: dict[str, float | None] = {}
+        kinds: dict[str, bool] = {}
+        for operation, db_key, stored in zip(operations, db_keys, found, strict=True):
             if isinstance(operation, Put):
-                if not _write_row(cache, db_key, encode_record(operation.record), now):
+                record = operation.record
+                if not _write_row(cache, db_key, encode_record(record), now):
                     # Created: over a tombstone, if it had one (a rare path).
                     cache._sql("DELETE FROM Cache WHERE key = ? AND raw = 1",
                                (TOMBSTONE + db_key,))
-                continue
-            # The row only: diskcache's `delete` would also delete the file that a
-            # (crafted) row names.
-            cache._sql("DELETE FROM Cache WHERE key = ? AND raw = 1", (db_key,))
-            if stored is not None:
-                _write_row(cache, TOMBSTONE + db_key, _encode_tombstone(stored), now)
+                kind, key = record.kind, record.key
+                due = due_of(record) if record.reminders else None
+            else:
+                # The row only: diskcache's `delete` would also delete the file that a
+                # (crafted) row names.
+                cache._sql("DELETE FROM Cache WHERE key = ? AND raw = 1", (db_key,))
+                if stored is not None:
+                    _write_row(cache, TOMBSTONE + db_key, _encode_tombstone(stored), now)
+                kind, key, due = operation.kind, operation.key, None
+            if db_key in indexed:
+                known = indexed[db_key]
+            elif db_key in self._due_known:
+                known = self._due_known[db_key]
+            else:
+                known = self._unknown_due(cache, kind, kinds)
+            if due != known:  # the hot path, a record without reminders, skips this
+                if due is None:
+                    cache._sql(_DROP_DUE, (kind, key))
+                else:
+                    cache._sql(_SET_DUE, (kind, key, due))
+            indexed[db_key] = due
+        return indexed, kinds
+
+    def _unknown_due(
+        self, cache: diskcache.Cache, kind: str, learnt: dict[str, bool]
+    ) -> float | None:
+        """The entry of a key of *kind* missing from _due_known: None if the kind had
+        no entry when this store looked (every entry of the kind added since is in
+        _due_known), else _UNKNOWN. One indexed query per kind (what it finds goes
+        into *learnt*), inside the write transaction, valid as long as _due_known is:
+        a kind without reminders never touches the index, not even on the first write
+        of each key."""
+        has_entries = self._kinds_indexed.get(kind)
+        if has_entries is None:
+            has_entries = learnt.get(kind)
+        if has_entries is None:
+            has_entries = learnt[kind] = cache._sql(_ANY_DUE, (kind,)).fetchone() is not None
+        return _UNKNOWN if has_entries else None
 
     def _stored(self, db_key: str) -> tuple[int, int] | None:
         """The (version, epoch) of a record, or of its tombstone; None if neither."""
@@ -766,7 +943,7 @@ class DiskCacheStore:
         except (PersistenceError, ValueError):  # refused: nothing was written
             raise
         except Exception as exc:
-            self._versions.clear()
+            self._forget()
             raise PersistenceError(f"{kind}/{key}: the store could not claim it: {exc}") from exc
         self._versions[db_key] = (record.version, record.epoch)
         return Claim(record=record, epoch=record.epoch, version=record.version)
@@ -778,7 +955,7 @@ class DiskCacheStore:
         They spare the read of every row before its conditional write."""
         data_version = cache._sql("PRAGMA data_version").fetchone()[0]
         if data_version != self._data_version or len(self._versions) > _VERSIONS_KEPT:
-            self._versions.clear()
+            self._forget()
             self._data_version = data_version
         return self._versions
 
@@ -797,6 +974,45 @@ class DiskCacheStore:
                 after = kind + _AFTER_SEPARATOR  # past every key of that kind
             else:
                 after = db_key + "\x00"  # a row trio-pgs did not write: step over it
+
+    async def due(
+        self, kinds: Sequence[str], *, after: Due | None = None, limit: int = 1000
+    ) -> list[Due]:
+        """The due index's entries of *kinds*, earliest first (then by kind and key),
+        strictly after *after* if given, at most *limit* of them: one job on the store's
+        thread, which reads *limit* entries per query whatever the index holds.
+
+        A row of the index that trio-pgs would not write (another type, an empty key,
+        no finite time) is never listed; an index that cannot be read (its table
+        dropped or replaced) raises `PersistenceError`."""
+        if isinstance(kinds, str):
+            raise TypeError(f"due() takes a sequence of kinds, not the str {kinds!r}")
+        for kind in kinds:
+            row_key(kind, "-")  # a kind that could name no record is refused
+        wanted = sorted(set(kinds))
+        limit = operator.index(limit)
+        if not wanted or limit <= 0:
+            return []
+        return await self._run(lambda: self._due(wanted, after, limit))
+
+    def _due(self, kinds: list[str], after: Due | None, limit: int) -> list[Due]:
+        self._check_file()
+        connection = self._keys if self._cache is None else self._cache._con
+        if connection is None:
+            raise PersistenceError(f"{self!r} is not open")
+        try:
+            if self._cache is None and not _has_due_table(connection):
+                return []  # read-only, a store from before the due index: none is due
+            pages = [
+                connection.execute(*_due_query(chunk, after, limit)).fetchall()
+                for chunk in _chunks(kinds, _DUE_KINDS_PER_QUERY)
+            ]
+        except sqlite3.Error as exc:
+            raise PersistenceError(
+                f"{self!r}: the due index ({DUE_TABLE}) could not be read: {exc}"
+            ) from exc
+        rows = pages[0] if len(pages) == 1 else itertools.islice(heapq.merge(*pages), limit)
+        return [Due(float(due), kind, key) for due, kind, key in rows]
 
     async def scan(
         self, kind: str, *, on_skip: Callable[[str, PersistenceError], None] | None = None

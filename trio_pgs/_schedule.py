@@ -23,6 +23,13 @@ MAX_NAME = 200
 MAX_PAYLOAD = 64 * 1024
 MIN_EVERY = 0.001
 MAX_REMINDERS = 1000
+#: Due times a reminder may have: those a `datetime` can name (years 1 to 9999), so
+#: that the arithmetic of a delivery stays exact enough (a float's spacing near 1e11
+#: is 1e-5 s) and never overflows.
+EARLIEST = -62_135_596_800.0
+LATEST = 253_402_300_799.0
+#: The longest period: a century.
+MAX_EVERY = 100 * 365.25 * 86_400
 
 
 @attrs.frozen
@@ -76,9 +83,9 @@ def make_reminder(
         raise TypeError(f"reminder {name!r}: give at= or after=, not both")
     if every is not None:
         every = _seconds(f"reminder {name!r}: every", every)
-        if every < MIN_EVERY:
-            raise ValueError(f"reminder {name!r}: every must be at least {MIN_EVERY} s, "
-                             f"not {every}")
+        if not MIN_EVERY <= every <= MAX_EVERY:
+            raise ValueError(f"reminder {name!r}: every must be from {MIN_EVERY} s to a "
+                             f"century ({MAX_EVERY:.0f} s), not {every}")
     if at is not None:
         due = _timestamp(name, at)
     elif after is not None:
@@ -90,6 +97,9 @@ def make_reminder(
         due = now + every
     else:
         raise TypeError(f"reminder {name!r}: say when, with at=, after= or every=")
+    if not EARLIEST <= due <= LATEST:
+        raise ValueError(f"reminder {name!r}: it would be due at {due!r}, outside the "
+                         "times a datetime can name (years 1 to 9999)")
     return StoredReminder(name, due, every, encode_payload(name, payload))
 
 
@@ -139,9 +149,11 @@ def deliver(reminder: StoredReminder, now: float) -> tuple[Reminder, StoredRemin
         return Reminder(reminder.name, reminder.due, payload, 0), None
     missed = max(0, math.floor((now - reminder.due) / every))
     following = reminder.due + (missed + 1) * every
-    while following <= now:  # floating point: the next tick is always in the future
+    if following <= now:  # rounded down onto now: the next tick is the one after
         missed += 1
         following = reminder.due + (missed + 1) * every
+    if following <= now:  # beyond what the floats can tell apart: a period from now
+        following = now + every
     return (Reminder(reminder.name, reminder.due, payload, missed),
             attrs.evolve(reminder, due=following))
 
@@ -171,14 +183,16 @@ def without_reminder(
 # -- in a store ---------------------------------------------------------------------------
 
 
+_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
+
+
 def pack_reminders(reminders: tuple[StoredReminder, ...]) -> str:
-    """*reminders* as the JSON text a store keeps (``""`` for none)."""
+    """*reminders* as the JSON text a store keeps (``""`` for none). ``ValueError``
+    for a time that is not a finite number (a store never writes what it cannot read
+    back)."""
     if not reminders:
         return ""
-    return json.dumps(
-        [[r.name, r.due, r.every, r.payload] for r in reminders],
-        allow_nan=False, separators=(",", ":"),
-    )
+    return _ENCODER.encode([[r.name, r.due, r.every, r.payload] for r in reminders])
 
 
 def unpack_reminders(text: str) -> tuple[StoredReminder, ...]:
@@ -206,9 +220,10 @@ def _unpack_one(item: object) -> StoredReminder:
     finite = (int, float)
     if (
         not isinstance(name, str) or not name
-        or isinstance(due, bool) or not isinstance(due, finite) or not math.isfinite(due)
+        or isinstance(due, bool) or not isinstance(due, finite)
+        or not EARLIEST <= due <= LATEST  # NaN and infinities too
         or not (every is None or (isinstance(every, finite) and not isinstance(every, bool)
-                                  and math.isfinite(every) and every > 0))
+                                  and MIN_EVERY <= every <= MAX_EVERY))
         or not isinstance(payload, str)
     ):
         raise ValueError(f"a reminder is [name, due, every, payload], not {item!r:.80}")
