@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import sys
+import time
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import IO
@@ -14,6 +16,7 @@ from typing import IO
 import attrs
 
 from .._errors import PersistenceError
+from .._schedule import StoredReminder
 from .._store import (
     Claim,
     Delete,
@@ -27,8 +30,23 @@ from .._store import (
 from ._exchange import import_refusal, read_records, record_to_json
 from ._exit import EXIT_NOT_STARTED, EXIT_OK, CommandError
 from ._opener import CommandStore, session, shown, store_from_spec
-from ._output import Progress, err, escape, ident, iso, json_text, out, status, table
+from ._output import (
+    Progress,
+    err,
+    err_json,
+    escape,
+    from_now,
+    ident,
+    iso,
+    json_text,
+    out,
+    span,
+    status,
+    table,
+)
 
+#: How much of a reminder's payload `show` prints (``--meta`` prints it whole).
+SHOWN_PAYLOAD = 200
 #: Records per transaction on import: a bound on what one SQLite transaction holds
 #: (and on what an interrupted import leaves half done: whole batches only).
 IMPORT_BATCH = 500
@@ -101,6 +119,7 @@ def show_command(args: argparse.Namespace) -> int:
         ("size", f"{len(record.data)} bytes"),
     ]:
         err(f"{name + ':':<15}{value}")
+    _show_reminders(record, time.time())
     if escape(ident(record.kind, record.key)) != ident(record.kind, record.key):
         err("(the record's name is shown escaped: --meta prints its kind and key exactly, "
             "as JSON)")
@@ -110,6 +129,31 @@ def show_command(args: argparse.Namespace) -> int:
         err("the state is not JSON; here are its bytes in base64:")
         print(exported["data_base64"])
     return EXIT_OK
+
+
+def _show_reminders(record: Record, now: float) -> None:
+    """The reminders of *record*, one line each on stderr: name, when next due (and how
+    far from *now*), period, payload (as JSON, cut short past `SHOWN_PAYLOAD`)."""
+    held = " (none is delivered while the server is quarantined)" if (
+        record.quarantined and record.reminders) else ""
+    err(f"{'reminders:':<15}{len(record.reminders)}{held}")
+    for reminder in record.reminders:
+        pad = " " * max(1, 12 - len(escape(reminder.name)))  # as printed
+        line = (f"  {reminder.name}:{pad}next due {iso(reminder.due, zero=None)}, "
+                f"{from_now(reminder.due, now)}; ")
+        if reminder.every is not None:
+            line += f"every {span(reminder.every, exact=True)}; "
+        _err_payload(line + "payload ", reminder)
+    if any(escape(reminder.name) != reminder.name for reminder in record.reminders):
+        err("(a reminder's name is shown escaped: --meta prints it exactly, as JSON)")
+
+
+def _err_payload(text: str, reminder: StoredReminder) -> None:
+    """*text*, then *reminder*'s payload as JSON (its text escaped, if it is none)."""
+    try:
+        err_json(text, json.loads(reminder.payload), limit=SHOWN_PAYLOAD)
+    except (ValueError, RecursionError):  # a row written behind the store's back: NaN...
+        err(f"{text}{reminder.payload} (not JSON)")
 
 
 def stats_command(args: argparse.Namespace) -> int:

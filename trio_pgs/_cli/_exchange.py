@@ -20,6 +20,7 @@ import attrs
 
 from .._encoding import dumps, loads
 from .._ref import check_key
+from .._schedule import MAX_NAME, MAX_PAYLOAD, MAX_REMINDERS, MIN_EVERY, StoredReminder
 from .._server import check_kind
 from .._store import Record
 from ._exit import EXIT_NOT_STARTED, CommandError
@@ -33,6 +34,12 @@ MAX_STATE_DEPTH = 200
 #: The largest version or epoch: a signed 64-bit integer, what a store's column holds.
 MAX_COUNTER = 2**63 - 1
 _FIELDS = frozenset(field.name for field in attrs.fields(Record)) | {"data_base64"}
+#: The fields of one reminder in an export (``payload`` or ``payload_text``).
+_REMINDER_FIELDS = frozenset({"name", "due", "every", "payload", "payload_text"})
+#: How deeply a reminder's payload may nest to be exported as JSON (``payload``): the
+#: record's object, the list of reminders and the reminder's object hold it, and the
+#: line may nest `MAX_STATE_DEPTH` + 1 deep. A deeper one is exported as ``payload_text``.
+MAX_PAYLOAD_DEPTH = MAX_STATE_DEPTH - 2
 _STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')  # a JSON string, escapes included
 _BRACKET = re.compile(r"[\[\]{}]")
 
@@ -60,7 +67,42 @@ def record_to_json(record: Record) -> dict[str, Any]:
         quarantined=record.quarantined,
         history=[base64.b64encode(old).decode("ascii") for old in record.history],
     )
+    if record.reminders:
+        # Only when there are some: an export of records without reminders stays
+        # importable by a trio-pgs that knows no reminders, and one that has some is
+        # refused there (an unknown field) rather than imported without them.
+        exported["reminders"] = [_reminder_to_json(r) for r in record.reminders]
     return exported
+
+
+def _reminder_to_json(reminder: StoredReminder) -> dict[str, Any]:
+    """One reminder of the export: its payload as JSON when its text is exactly what
+    trio-pgs writes for that JSON (else ``payload_text``, the text itself)."""
+    exported: dict[str, Any] = {
+        "name": reminder.name, "due": reminder.due, "every": reminder.every,
+    }
+    readable, payload = _payload(reminder.payload)
+    if readable:
+        exported["payload"] = payload
+    else:
+        exported["payload_text"] = reminder.payload
+    return exported
+
+
+def _payload(text: str) -> tuple[bool, Any]:
+    """Whether a reminder's payload *text* is exported as JSON, and that JSON."""
+    if _deeper_than(text, MAX_PAYLOAD_DEPTH):
+        return False, None
+    try:
+        payload = json.loads(text)
+        return _payload_text(payload) == text, payload
+    except (ValueError, TypeError, RecursionError):
+        return False, None
+
+
+def _payload_text(payload: Any) -> str:
+    """*payload* as trio-pgs stores a reminder's payload (`_schedule.encode_payload`)."""
+    return json.dumps(payload, allow_nan=False, separators=(",", ":"))
 
 
 def _state(data: bytes) -> tuple[bool, Any]:
@@ -83,8 +125,8 @@ def import_refusal(record: Record, exported: dict[str, Any]) -> str | None:
     would restore *record* as it is)."""
     try:
         restored = record_from_json(exported)
-    except ValueError as exc:
-        return str(exc)
+    except ValueError as exc:  # the export's message names the record already
+        return str(exc).removeprefix(f"{ident(record.kind, record.key)}: ")
     if restored != record:
         return "an import would not restore it as it is"
     return None
@@ -187,10 +229,11 @@ def record_from_json(obj: Any) -> Record:
     if not isinstance(obj.get("quarantined", False), bool):
         raise ValueError("quarantined must be true or false")
     try:
+        kind, key = check_kind(obj["kind"]), _storable_key(obj["key"])
         data = _b64(obj["data_base64"]) if "data_base64" in obj else dumps(obj["data"])
         return Record(
-            kind=check_kind(obj["kind"]),
-            key=_storable_key(obj["key"]),
+            kind=kind,
+            key=key,
             data=data,
             version=_counter(obj, "version", 1),
             state_version=_counter(obj, "state_version", 1),
@@ -199,9 +242,105 @@ def record_from_json(obj: Any) -> Record:
             crashes=tuple(_time(crash, "crashes") for crash in crashes),
             quarantined=obj.get("quarantined", False),
             history=tuple(map(_b64, history)),
+            reminders=_reminders(obj.get("reminders", []), ident(kind, key)),
         )
     except TypeError as exc:  # check_kind, check_key and dumps say what they refuse
         raise ValueError(str(exc)) from None
+
+
+def _reminders(items: object, server: str) -> tuple[StoredReminder, ...]:
+    """The reminders of an export object (sorted by name, as a record keeps them);
+    `ValueError` naming *server* (kind/key) and the reminder says what is wrong."""
+    if not isinstance(items, list):
+        raise ValueError(f"{server}: reminders must be a list of objects, not {items!r:.80}")
+    if len(items) > MAX_REMINDERS:
+        raise ValueError(f"{server}: {len(items)} reminders, over the {MAX_REMINDERS} a "
+                         "server keeps")
+    reminders: dict[str, StoredReminder] = {}
+    for number, item in enumerate(items, 1):
+        reminder = _reminder(item, f"{server}: reminder {number}")
+        if reminder.name in reminders:
+            raise ValueError(f"{server}: two reminders are named '{reminder.name}'")
+        reminders[reminder.name] = reminder
+    return tuple(reminders[name] for name in sorted(reminders))
+
+
+def _reminder(item: object, where: str) -> StoredReminder:
+    """One reminder of an export; *where* begins each message ("tally/a: reminder 2")."""
+    if not isinstance(item, dict):
+        raise ValueError(f"{where} is not a JSON object: {item!r:.80}")
+    name = item.get("name")
+    if not isinstance(name, str) or not name or len(name) > MAX_NAME:
+        raise ValueError(f"{where}: name must be a non-empty string of at most {MAX_NAME} "
+                         f"characters, not {name!r:.80}")
+    where = f"{where} ('{name}')"  # printed escaped, once
+    unknown = sorted(set(item) - _REMINDER_FIELDS)
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)}")
+    if "due" not in item:
+        raise ValueError(f"{where}: due is missing")
+    due = _seconds(item["due"], f"{where}: due must be a time (seconds since the epoch)")
+    every = item.get("every")
+    if every is not None:
+        every = _seconds(every, f"{where}: every must be null or a number of seconds")
+        if every < MIN_EVERY:
+            raise ValueError(f"{where}: every must be null or at least {MIN_EVERY} s, "
+                             f"not {every}")
+    return StoredReminder(
+        _storable(name, f"{where}: name"), due, every,
+        _storable(_payload_of(item, where), f"{where}: payload"),
+    )
+
+
+def _seconds(value: object, must: str) -> float:
+    """*value* as a finite float; else `ValueError`: *must*, and what *value* is."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            if math.isfinite(seconds := float(value)):
+                return seconds
+        except OverflowError:
+            pass
+    raise ValueError(f"{must}, not {value!r:.80}")
+
+
+def _payload_of(item: dict[str, Any], where: str) -> str:
+    """A reminder's payload as the JSON text a store keeps: ``payload`` re-encoded as
+    trio-pgs encodes payloads, or ``payload_text`` checked as strictly as a line."""
+    if "payload" in item and "payload_text" in item:
+        raise ValueError(f"{where}: give the payload as either payload (JSON) or "
+                         "payload_text, not both")
+    if "payload_text" in item:
+        text = item["payload_text"]
+        if not isinstance(text, str):
+            raise ValueError(f"{where}: payload_text must be a string of JSON, not "
+                             f"{text!r:.80}")
+        try:  # as strictly as a line, but as deep as a payload may be
+            json.loads(text, object_pairs_hook=_object, parse_constant=_constant,
+                       parse_float=_finite)
+        except ValueError as exc:
+            raise ValueError(f"{where}: payload_text is not JSON an export writes: "
+                             f"{exc}") from None
+        except RecursionError:
+            raise ValueError(f"{where}: payload_text nests too deeply to be read") from None
+    else:
+        try:
+            text = _payload_text(item.get("payload"))
+        except (ValueError, TypeError) as exc:  # only from a caller's object, never a line
+            raise ValueError(f"{where}: the payload is not JSON data ({exc})") from None
+    if len(text) > MAX_PAYLOAD:
+        raise ValueError(f"{where}: the payload is {len(text)} characters of JSON, over "
+                         f"the {MAX_PAYLOAD} allowed")
+    return text
+
+
+def _storable(text: str, what: str) -> str:
+    """*text*, if a store can hold it: no lone surrogate (JSON can write one)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{what} holds a lone surrogate ({text[exc.start]}), which no "
+                         "store can hold") from None
+    return text
 
 
 def _storable_key(key: object) -> str:

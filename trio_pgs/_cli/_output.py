@@ -12,6 +12,7 @@ reads back; JSON uses JSON's (``\\u001b``), so it stays the same JSON.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -53,6 +54,15 @@ def err(text: str) -> None:
     print(escape(text), file=sys.stderr)
 
 
+def err_json(text: str, value: Any, *, limit: int | None = None) -> None:
+    """Print *text*, escaped, then *value* as JSON (`json_text`: it stays JSON), on one
+    line of stderr; only the first *limit* characters of the JSON, if given."""
+    shown = json_text(value)
+    if limit is not None and len(shown) > limit:
+        shown = f"{shown[:limit]}... ({len(shown)} characters; --meta prints them all)"
+    print(escape(text) + shown, file=sys.stderr)
+
+
 def json_text(value: Any, *, indent: int | None = None, ascii: bool = False) -> str:
     """*value* as JSON text safe for a terminal: printable text as it is (UTF-8, or
     escaped too if *ascii*), every other character as a JSON escape, so that the text
@@ -91,16 +101,51 @@ def table(header: Sequence[str], rows: Iterable[Sequence[object]], numeric: set[
         ).rstrip())
 
 
-def iso(timestamp: float) -> str:
-    """*timestamp* as an ISO 8601 time in UTC; "-" for 0 (never set), and the number
-    itself when no date can show it (NaN, infinite, beyond the year 9999)."""
-    if not timestamp:
-        return "-"
+def iso(timestamp: float, *, zero: str | None = "-") -> str:
+    """*timestamp* as an ISO 8601 time in UTC; *zero* for 0 (never set) unless it is
+    None, and the number itself when no date can show it (NaN, infinite, beyond the
+    year 9999)."""
+    if not timestamp and zero is not None:
+        return zero
     try:
         moment = datetime.fromtimestamp(timestamp, timezone.utc)
     except (ValueError, OverflowError, OSError):
         return repr(timestamp)
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+#: The units of a span of time, largest first.
+_UNITS = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+
+
+def span(seconds: float, *, exact: bool = False) -> str:
+    """A span of *seconds* (not negative) in days, hours, minutes and seconds: its two
+    largest units, cut short ("3h 2m", "5m", "12s", "0s"); if *exact*, every unit, the
+    seconds with their fraction ("1d 30s", "0.5s")."""
+    if not math.isfinite(seconds):
+        return repr(seconds)
+    if exact:  # to the microsecond, so that 59.9999999 is never shown as "60s"
+        seconds = round(seconds, 6)
+    counts: list[tuple[int, str]] = []
+    rest = int(seconds)
+    for unit, size in _UNITS:
+        count, rest = divmod(rest, size)
+        counts.append((count, unit))
+    if exact:
+        last = f"{counts[-1][0] + seconds % 1:.6f}".rstrip("0").rstrip(".")
+        shown = [f"{count}{unit}" for count, unit in counts[:-1] if count]
+        shown += [f"{last}s"] if last != "0" else []
+    else:
+        first = next((n for n, (count, _) in enumerate(counts) if count), len(counts) - 1)
+        shown = [f"{count}{unit}" for count, unit in counts[first : first + 2] if count]
+    return " ".join(shown) or "0s"
+
+
+def from_now(moment: float, now: float) -> str:
+    """How far *moment* is from *now*: "in 3h 2m", or "5m ago (overdue)"."""
+    if moment >= now:
+        return f"in {span(moment - now)}"
+    return f"{span(now - moment)} ago (overdue)"
 
 
 def ident(kind: str, key: str) -> str:
