@@ -135,6 +135,8 @@ class Activation:
         inflight = await self.policy.settle()
         if inflight is not None and inflight.error is not None:
             return await self._failed_later(inflight.error, inflight.previous_state)
+        if not self.entry.mailbox_empty():
+            return Next.CONTINUE  # came while the commit settled: handled first
         if self.book.due_at <= trio.current_time() and not self.entry.shutting_down:
             return Next.CONTINUE  # a reminder is due: delivered before anything else
         if trio.current_time() >= self.policy.due:
@@ -549,6 +551,7 @@ class Activation:
         ref = self.entry.ref
         logger.info("%s: %s raised during the shutdown; its message is not committed",
                     ref, error, extra=self.entry.extra)
+        self.book.crashed()
         self._answer_current(lambda: error)
         self.ledger.fail_held(lambda: error)
         return Next.CONTINUE  # the loop goes on to shut down
@@ -558,6 +561,7 @@ class Activation:
         committed, and the whole supervisor shuts down (then raises it as itself)."""
         logger.error("%s: %r raised in a handler; shutting the supervisor down",
                      self.entry.ref, exc, extra=self.entry.extra)
+        self.book.crashed()  # not committed: neither what it set nor its delivery
         self._answer_current(_interrupted_error(self.entry.ref, exc))
         self.entry.host.interrupt(exc)
         self.entry.shutting_down = True

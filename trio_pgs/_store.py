@@ -187,13 +187,20 @@ class SupportsReminders(Protocol):
     it which dormant servers have reminders due, instead of keeping a timer for each.
 
     The index holds one entry per record whose `due_of` is not None, written in the
-    same transaction as the record (a delete or tombstone removes it)."""
+    same transaction as the record (a delete or tombstone removes it). A wrapper
+    around another store may say it keeps no reminders after all with a
+    ``keeps_reminders`` attribute that is False (see `keeps_reminders`)."""
 
     async def due(
         self, kinds: Sequence[str], *, after: Due | None = None, limit: int = 1000
     ) -> list[Due]:
         """The index entries of *kinds*, in order (earliest first, then kind and
         key), strictly after *after* if given, at most *limit* of them."""
+
+
+def keeps_reminders(store: Store) -> bool:
+    """Whether *store* keeps reminders: it has a due index, and does not say otherwise."""
+    return isinstance(store, SupportsReminders) and getattr(store, "keeps_reminders", True)
 
 
 @attrs.frozen(kw_only=True)

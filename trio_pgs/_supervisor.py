@@ -58,6 +58,7 @@ from ._store import (
     SupportsReminders,
     claimer,
     due_of,
+    keeps_reminders,
     next_version,
 )
 from ._wakeups import Wakeups, Woken
@@ -327,7 +328,10 @@ class PersistentSupervisor:
         due index gets the task that wakes dormant servers (docs/reminders.md)."""
         self._host.wall_offset = _wall_offset()
         store = self.store
-        if isinstance(store, SupportsReminders) and not getattr(store, "read_only", False):
+        if (
+            isinstance(store, SupportsReminders) and keeps_reminders(store)
+            and not getattr(store, "read_only", False)
+        ):
             self._wakeups = Wakeups(
                 store, lambda: list(self._kinds),
                 lambda: trio.current_time() + self._host.wall_offset,
@@ -1078,7 +1082,7 @@ class _Host:
         #: wall-clock time = trio time + wall_offset (set when the supervisor opens).
         self.wall_offset = 0.0
         self.tracing = sup._tracing
-        self.reminders_kept = isinstance(sup.store, SupportsReminders)
+        self.reminders_kept = keeps_reminders(sup.store)
         # touch runs for every message: without max_active, it is the reaper's own.
         self.touch: Callable[[Entry, float | None], None] = (
             self.reaper.touch if self.max_active is None else self._touch_with_recency

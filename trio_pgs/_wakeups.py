@@ -81,8 +81,9 @@ class Wakeups:
         is due (None: none, or not known)."""
         now = self._wall()
         held = self._held.pop((kind, key), None)
-        if held is not None and (due is None or due <= now):
-            # Woken for a reminder that is still due (or may be): not delivered.
+        if held is not None and (due is None or due == held.due):
+            # Woken for a reminder that is still due as it was (or may be): not
+            # delivered. (Due at another time, it was: the next tick may be due now.)
             held.failures += 1
             held.retry_at = now + min(BACKOFF_MAX, BACKOFF * 2 ** (held.failures - 1))
             self._held[(kind, key)] = held

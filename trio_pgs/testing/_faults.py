@@ -23,6 +23,7 @@ from .._store import (
     SupportsReminders,
     SupportsReportingScan,
     claimer,
+    keeps_reminders,
 )
 
 Where = Literal["load", "commit"]
@@ -156,6 +157,11 @@ class FaultyStore:
             rows = self.inner.scan(kind)
         async for record in rows:
             yield record
+
+    @property
+    def keeps_reminders(self) -> bool:
+        """Whether the inner store keeps reminders: then this one does too."""
+        return keeps_reminders(self.inner)
 
     async def due(
         self, kinds: Sequence[str], *, after: Due | None = None, limit: int = 1000
