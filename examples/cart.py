@@ -9,11 +9,15 @@ an order. So checkout places the order with the order book, a server in the defa
 ``EACH_MESSAGE`` mode (the order is committed before checkout returns), and then ends
 the cart with ``Stop(reason="normal")``, which wipes its record.
 
-Customers who do not check out leave their carts behind; the next run finds them.
+Customers who do not check out leave their carts behind; the next run finds them,
+unless they expired first. Each cart keeps a durable reminder, ``expire``, moved
+forward by every edit: when it comes due, the cart is activated if it is dormant (or
+its process was down at the time: then at the next start), tells the order book, and
+stops, which wipes it. No timer task waits in memory for the carts nobody touches.
 
     python examples/cart.py                 # 200 customers, 100 edits each
     python examples/cart.py --quick         # a short run: 30 customers, 40 edits
-    python examples/cart.py --help          # customers, edits, abandon, lag, store
+    python examples/cart.py --help          # customers, edits, abandon, expire, lag, store
 """
 
 from __future__ import annotations
@@ -30,13 +34,25 @@ import trio
 from progress_line import progress
 
 import trio_pgs
-from trio_pgs import CallResult, PersistentServer, PersistentSupervisor, Reply, ServerRef, Stop
+from trio_pgs import (
+    CallResult,
+    CastResult,
+    NoReply,
+    PersistentServer,
+    PersistentSupervisor,
+    Reminder,
+    Reply,
+    ServerRef,
+    Stop,
+)
 
 #: What the shop sells, with prices in cents.
 CATALOG = {"apple": 40, "bread": 250, "milk": 120, "tea": 450, "coffee": 899,
            "socks": 700, "book": 1_500}
 #: Orders the order book keeps in full; older ones only count in the totals.
 RECENT_ORDERS = 1_000
+#: Seconds an untouched cart lives (a day; --expire changes it).
+EXPIRE_AFTER = 86_400.0
 
 
 @attrs.frozen
@@ -47,6 +63,7 @@ class Cart:
     cart_id: str  # unique per cart: the order book recognises a checkout retried with it
     orders: ServerRef  # where this cart checks out: a ref is plain data in a state
     items: dict[str, int] = attrs.field(factory=dict)  # product -> quantity
+    expire_after: float = EXPIRE_AFTER  # seconds untouched before the cart expires
 
 
 @attrs.frozen
@@ -63,6 +80,7 @@ class OrderBook:
     placed: int = 0
     revenue: int = 0  # cents
     recent: tuple[Order, ...] = ()  # the last RECENT_ORDERS orders
+    expired: int = 0  # carts that expired before checkout
 
 
 class OrderBookServer(PersistentServer[OrderBook]):
@@ -90,6 +108,12 @@ class OrderBookServer(PersistentServer[OrderBook]):
                 return Reply(book, book)
         return await super().handle_call(request, book)
 
+    async def handle_cast(self, message: Any, book: OrderBook) -> CastResult[OrderBook]:
+        match message:
+            case ("expired", str()):
+                return NoReply(attrs.evolve(book, expired=book.expired + 1))
+        return await super().handle_cast(message, book)
+
 
 class CartServer(PersistentServer[Cart]):
     kind = "shop.cart"
@@ -97,10 +121,16 @@ class CartServer(PersistentServer[Cart]):
     max_lag = 0.5  # seconds a change may wait before it is written
     idle_timeout = 2.0  # an abandoned cart hibernates (and is written) after this
 
-    async def init(self, customer: str, orders: ServerRef) -> Cart:
-        return Cart(customer, uuid.uuid4().hex, orders)
+    async def init(self, customer: str, orders: ServerRef, expire_after: float) -> Cart:
+        # Durable: created with the cart, in the same commit.
+        self.remind("expire", after=expire_after)
+        return Cart(customer, uuid.uuid4().hex, orders, expire_after=expire_after)
 
     async def handle_call(self, request: Any, cart: Cart) -> CallResult[Cart]:
+        if request != "show" and request != "checkout":
+            # Setting it again replaces it: every edit gives the cart its full time
+            # again (committed with the edit; written behind, like the edit).
+            self.remind("expire", after=cart.expire_after)
         match request:
             case ("add", str(product), int(count)) if product in CATALOG and count > 0:
                 cart = with_count(cart, product, cart.items.get(product, 0) + count)
@@ -119,6 +149,15 @@ class CartServer(PersistentServer[Cart]):
                 return Stop(cart, reason="normal", reply=order, persist=False)
         return await super().handle_call(request, cart)
 
+    async def handle_info(self, message: Any, cart: Cart) -> CastResult[Cart]:
+        match message:
+            case Reminder(name="expire"):
+                # At least once: if this crashed before the stop's commit, it would come
+                # again; the order book's count is an estimate for the report.
+                await cart.orders.cast(("expired", cart.cart_id))
+                return Stop(cart, reason="normal")  # wipes the record, reminders too
+        return await super().handle_info(message, cart)
+
 
 def with_count(cart: Cart, product: str, count: int) -> Cart:
     items = {name: n for name, n in cart.items.items() if name != product}
@@ -133,29 +172,33 @@ class Tally:
     orders: int = 0
     abandoned: int = 0
     continued: int = 0  # carts left by an earlier run
+    gone: int = 0  # carts that expired while their customer was still shopping
 
 
 async def shop(sup: PersistentSupervisor, customer: str, orders: ServerRef, edits: int,
-               abandon: float, tally: Tally) -> None:
+               abandon: float, expire: float, tally: Tally) -> None:
     """One customer: fill a cart (or continue an old one), then check out or walk away."""
     try:
-        cart = await sup.start(CartServer, customer, orders, key=f"cart-{customer}")
+        cart = await sup.start(CartServer, customer, orders, expire, key=f"cart-{customer}")
     except trio_pgs.AlreadyStarted as exc:
         cart = exc.ref  # left by an earlier run, with its items: continue it
         tally.continued += 1
-    for _ in range(edits):
-        product = random.choice(list(CATALOG))
-        if random.random() < 0.7:
-            await cart.call(("add", product, random.randint(1, 3)))
-        else:
-            await cart.call(("remove", product, 1))
-        tally.edits += 1
-        await trio.sleep(random.uniform(0, 0.02))  # browsing
-    if random.random() < abandon:
-        tally.abandoned += 1  # the cart stays: written within max_lag, or at shutdown
-        return
-    if await cart.call("checkout") is not None:
-        tally.orders += 1
+    try:
+        for _ in range(edits):
+            product = random.choice(list(CATALOG))
+            if random.random() < 0.7:
+                await cart.call(("add", product, random.randint(1, 3)))
+            else:
+                await cart.call(("remove", product, 1))
+            tally.edits += 1
+            await trio.sleep(random.uniform(0, 0.02))  # browsing
+        if random.random() < abandon:
+            tally.abandoned += 1  # the cart stays: written within max_lag, or at shutdown
+            return
+        if await cart.call("checkout") is not None:
+            tally.orders += 1
+    except trio_pgs.ServerNotFound:
+        tally.gone += 1  # it expired (its reminder came due) while the customer browsed
 
 
 def describe_progress(sup: PersistentSupervisor, tally: Tally, elapsed: float) -> str:
@@ -190,9 +233,12 @@ def print_statistics(stats: trio_pgs.SupervisorStatistics) -> None:
     )
 
 
-async def main(customers: int, edits: int, abandon: float, lag: float, store: str) -> None:
+async def main(
+    customers: int, edits: int, abandon: float, expire: float, lag: float, store: str
+) -> None:
     print(f"{customers:,} customers making {edits} edits each in {store!r}; "
-          f"carts written at most {lag} s after a change")
+          f"carts written at most {lag} s after a change, expiring {expire:g} s after "
+          "the last one")
     async with PersistentSupervisor(
         store=trio_pgs.DiskCacheStore(store),
         servers=[CartServer, OrderBookServer],
@@ -209,12 +255,15 @@ async def main(customers: int, edits: int, abandon: float, lag: float, store: st
         async with progress(describe, every=1.0), trio.open_nursery() as customers_nursery:
             for number in range(customers):
                 customers_nursery.start_soon(shop, sup, f"c{number:04d}", orders, edits,
-                                             abandon, tally)
+                                             abandon, expire, tally)
 
         print(f"Edits: {tally.edits:,}; orders placed: {tally.orders:,}; carts continued "
               f"from the last run: {tally.continued:,}; carts abandoned: {tally.abandoned:,}")
         book = await orders.call("show")
         print_book("after", book)
+        print(f"Carts expired so far (all runs): {book.expired:,}; expired while their "
+              f"customer shopped in this run: {tally.gone:,}; reminders delivered in "
+              f"this run: {sup.statistics().reminders:,}")
         print_orders(book.recent[-3:])
     stats = sup.statistics()
     print_statistics(stats)
@@ -233,7 +282,8 @@ async def main(customers: int, edits: int, abandon: float, lag: float, store: st
         f"    stopped its cart, which wiped the cart's record ({tally.orders:,} orders).\n"
         f"  - The {tally.abandoned:,} abandoned carts are in the store (written within "
         f"max_lag, or at shutdown):\n"
-        f"    the next run finds them."
+        f"    the next run finds them, unless their expiry reminder is due by then:\n"
+        f"    a reminder that came due while nothing ran fires as soon as the store opens."
     )
     print("Run it again: the abandoned carts are waiting, and the order book goes on.")
 
@@ -250,6 +300,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--abandon", type=float, default=0.2,
                         help="Share of the customers who leave without checking out, "
                              "from 0 to 1 (default: %(default)s).")
+    parser.add_argument("--expire", type=float, default=EXPIRE_AFTER,
+                        help="Seconds an untouched cart lives before its reminder expires "
+                             "it (default: %(default)s, a day).")
     parser.add_argument("--lag", type=float, default=CartServer.max_lag,
                         help="The carts' max_lag: seconds a change may wait before it is "
                              "written (default: %(default)s).")
@@ -265,5 +318,5 @@ def parse_args() -> argparse.Namespace:
 
 if __name__ == "__main__":
     options = parse_args()
-    trio.run(main, options.customers, options.edits, options.abandon, options.lag,
-             options.store)
+    trio.run(main, options.customers, options.edits, options.abandon, options.expire,
+             options.lag, options.store)

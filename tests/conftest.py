@@ -17,7 +17,8 @@ from .postgres import Server
 #: parameter).
 ON_EVERY_BACKEND = {
     "test_edges", "test_events", "test_hibernation", "test_lifecycle", "test_messages",
-    "test_modes", "test_persistence", "test_ref", "test_state", "test_supervisor",
+    "test_modes", "test_persistence", "test_ref", "test_reminders", "test_state",
+    "test_supervisor",
 }
 BACKENDS = ["memory", "diskcache", "postgres"]
 

@@ -13,6 +13,11 @@ Its stdout is the record the test checks, one line per event, each written with 
 - ``C <op>``: the cast ``("apply", op)`` was accepted. Not durable: a cast is
   acknowledged when it is queued, not when it is committed.
 
+Beside them, the tickers: servers with a periodic reminder (every TICK_EVERY s), each
+delivery counted in the state with the ticks it folds (``count += 1 + missed``), so
+that a stored ticker's count is exactly the ticks from its first due time to its
+reminder's next one: none lost, none counted twice, whatever the kills did.
+
 Op ids are ``<RUN_ID>-<client>-<n>``; each client sends n = 0, 1, 2, ... and sends n+1
 only after it wrote the line for n. Anything unexpected (a fresh op refused as a
 duplicate, an acknowledged op applied again, an error) ends the worker with a message on
@@ -30,7 +35,7 @@ import attrs
 import trio
 
 import trio_pgs
-from trio_pgs import NoReply, PersistentServer, PersistentSupervisor, Reply
+from trio_pgs import NoReply, PersistentServer, PersistentSupervisor, Reminder, Reply
 
 HOT = [f"hot-{i}" for i in range(10)]
 NAPPING = [f"nap-{i}" for i in range(10)]
@@ -95,6 +100,33 @@ class NappingLedgerServer(LedgerServer):
 
 SERVERS = [LedgerServer, NappingLedgerServer]
 
+TICKERS = [f"tick-{i}" for i in range(6)]
+TICK_EVERY = 0.03
+
+
+@attrs.define
+class Ticks:
+    count: int = 0
+    #: The due time of the first tick delivered (0.0: none yet).
+    first_due: float = 0.0
+
+
+class TickerServer(PersistentServer[Ticks]):
+    """Counts the ticks of its periodic reminder; dormant between some of them."""
+
+    kind = "durability.ticker"
+    idle_timeout = 0.05
+
+    async def init(self) -> Ticks:
+        self.remind("tick", every=TICK_EVERY)
+        return Ticks()
+
+    async def handle_info(self, message: Any, state: Ticks) -> Any:
+        if isinstance(message, Reminder):
+            first = state.first_due or message.due
+            return NoReply(Ticks(state.count + 1 + message.missed, first))
+        return await super().handle_info(message, state)
+
 
 def make_store(backend: str, target: str) -> trio_pgs.Store:
     """The store of BACKEND at TARGET (see the module)."""
@@ -116,10 +148,11 @@ def fail(message: str) -> None:
 
 async def start_or_reuse(
     sup: PersistentSupervisor,
-    cls: type[LedgerServer],
+    cls: type[PersistentServer[Any]],
     key: str,
     refs: dict[str, trio_pgs.ServerRef],
 ) -> None:
+    """Start *key*, or take the ref of the one an earlier run started."""
     try:
         refs[key] = await sup.start(cls, key=key)
     except trio_pgs.AlreadyStarted as exc:
@@ -159,9 +192,11 @@ async def main(backend: str, target: str, run_id: str) -> None:
     rng = random.Random()
     store = make_store(backend, target)
     with trio.move_on_after(DEADLINE):
-        async with PersistentSupervisor(store=store, servers=SERVERS) as sup:
+        async with PersistentSupervisor(store=store, servers=[*SERVERS, TickerServer]) as sup:
             refs: dict[str, trio_pgs.ServerRef] = {}
             async with trio.open_nursery() as nursery:
+                for key in TICKERS:
+                    nursery.start_soon(start_or_reuse, sup, TickerServer, key, refs)
                 for key in HOT:
                     nursery.start_soon(start_or_reuse, sup, LedgerServer, key, refs)
                 for key in NAPPING:

@@ -898,3 +898,71 @@ def test_three_servers_on_three_nodes_waiting_in_a_ring_get_call_cycle_error(
     outs = run_programs(program, [[postgres.dsn, schema, role, at, "-"] for role in "abc"])
     answers = sorted(out.strip() for out in outs)
     assert "cycle" in answers and set(answers) <= {"cycle", "ok"}, answers
+
+
+REMINDING = '''
+import sys, time, attrs, trio, trio_pgs
+from trio_pgs import NoReply, PersistentServer, PersistentSupervisor, Reminder
+
+@attrs.define
+class Got:
+    by: list[str] = attrs.Factory(list)
+
+class Reminded(PersistentServer[Got]):
+    kind = "reminded"
+    idle_timeout = 0.5
+    async def init(self, at):
+        self.remind("once", at=float(at))
+        return Got()
+    async def handle_info(self, message, state):
+        assert isinstance(message, Reminder)
+        return NoReply(Got([*state.by, sys.argv[3]]))
+
+async def main(dsn, schema, role, at):
+    store = trio_pgs.PostgresStore(dsn, schema=schema)
+    cluster = trio_pgs.Cluster(secret=b"s" * 32, lease=%(lease)s)
+    async with PersistentSupervisor(store=store, name="m", servers=[Reminded],
+                                    cluster=cluster) as sup:
+        while sup.statistics().nodes < 2:
+            await trio.sleep(0.05)
+        await trio.sleep(%(lease)s)  # both see both
+        for i in range(12):
+            await sup.start(Reminded, at, key=f"{role}{i}")
+        await trio.sleep(max(0, float(at) - time.time()) + 3)
+        mine = [k for k in [f"{r}{i}" for r in "ab" for i in range(12)]
+                if sup._node.owner_of(sup.ref(Reminded, k)) == sup._node.node]
+        stats = sup.statistics()
+        print(role, stats.reminders, stats.woken_by_reminders, ",".join(mine), flush=True)
+        await trio.sleep(1)
+
+trio.run(main, *sys.argv[1:])
+'''
+
+
+def test_a_due_reminder_is_delivered_once_by_the_node_that_owns_its_server(
+    postgres: Server, tmp_path: Path
+) -> None:
+    """24 dormant servers, started half on each node, with a reminder due at the same
+    moment: each is delivered exactly once, by the node a call would be routed to."""
+    schema = postgres.schema()
+    program = tmp_path / "reminding.py"
+    program.write_text(REMINDING % {"lease": LEASE})
+    at = str(time.time() + 10)
+    outs = run_programs(program, [[postgres.dsn, schema, role, at] for role in "ab"])
+    owners: dict[str, str] = {}
+    delivered = 0
+    for out in outs:
+        role, reminders, woken, mine = out.split()
+        delivered += int(reminders)
+        assert int(woken) == int(reminders), out  # dormant when due: woken for it
+        owners.update(dict.fromkeys(mine.split(","), role))
+    assert len(owners) == 24 and delivered == 24, outs
+    with psycopg.connect(postgres.dsn, autocommit=True) as connection:
+        rows = connection.execute(
+            f'SELECT key, data, reminders FROM "{schema}".records WHERE kind = %s',
+            ("reminded",),
+        ).fetchall()
+    assert len(rows) == 24
+    for key, data, reminders in rows:
+        assert json.loads(bytes(data)) == {"by": [owners[key]]}, (key, owners[key])
+        assert reminders == "", key  # a one-off is gone once delivered

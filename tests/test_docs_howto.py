@@ -1,8 +1,9 @@
-"""The how-to pages' code runs as written: in docs/howto/testing.md and
-docs/howto/migrations.md, a block that starts with a file name comment
-(``# conftest.py``) begins that file, and the python blocks after it, up to the next
-named one, continue it. The files make a new project whose tests pass under pytest,
-with ``trio_pgs.testing.pytest_plugin`` enabled the way the page tells users to."""
+"""The how-to pages' code runs as written: in docs/howto/testing.md,
+docs/howto/migrations.md and docs/howto/reminders.md, a block that starts with a file
+name comment (``# conftest.py``) begins that file, and the python blocks after it, up
+to the next named one, continue it (a ``py`` block is an excerpt of an example, not
+run here). The files make a new project whose tests pass under pytest, with
+``trio_pgs.testing.pytest_plugin`` enabled the way the page tells users to."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import sys
 from pathlib import Path
 
 HOWTO = Path(__file__).parent.parent / "docs" / "howto"
-PAGES = ["testing.md", "migrations.md"]
+PAGES = ["testing.md", "migrations.md", "reminders.md"]
 FENCE = re.compile(r"^```(\w+)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 FILE_COMMENT = re.compile(r"# ([\w.]+\.(?:py|toml))\n")
 
@@ -34,8 +35,8 @@ def files_from(pages: list[str]) -> dict[str, str]:
 
 def test_howto_pages_name_the_files_this_test_writes():
     assert sorted(files_from(PAGES)) == [
-        "conftest.py", "counter.py", "player.py", "pyproject.toml",
-        "test_counter.py", "test_player.py",
+        "conftest.py", "counter.py", "energy.py", "player.py", "pyproject.toml",
+        "test_counter.py", "test_energy.py", "test_player.py",
     ]
 
 
@@ -48,4 +49,4 @@ def test_howto_code_passes_as_a_users_project_with_the_pytest_plugin(tmp_path):
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "9 passed" in result.stdout, result.stdout
+    assert "11 passed" in result.stdout, result.stdout

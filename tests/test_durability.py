@@ -2,7 +2,9 @@
 killed with SIGKILL at random moments, restarted, and checked after the last kill.
 
 Every call acknowledged by any run (written by tests/durability_worker.py after `call`
-returned) must be in the store exactly once; nothing was applied twice; nothing is stored
+returned) must be in the store exactly once; every tick of the tickers' periodic
+reminders is counted exactly once (none lost to a kill during its delivery, none
+counted twice); nothing was applied twice; nothing is stored
 that no run sent; the store opens and every record decodes (and, for diskcache, the SQLite
 file is intact; for PostgreSQL, the killed workers' connections all ended). Real
 processes and real time, necessarily: ``DURABILITY_KILLS`` (default 20) sets the number
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import os
 import random
 import signal
@@ -147,6 +150,22 @@ def sequences(ops: list[str]) -> dict[str, list[int]]:
     return by_client
 
 
+async def read_tickers(target: Target) -> dict[str, tuple[int, float, float]]:
+    """Each stored ticker's (count, first due, next due), read from its record."""
+    store = target.store()
+    await store.open()
+    try:
+        found = {}
+        async for record in store.scan(worker.TickerServer.kind):
+            state = json.loads(record.data)
+            (tick,) = record.reminders
+            assert tick.name == "tick" and tick.every == worker.TICK_EVERY, record
+            found[record.key] = (state["count"], state["first_due"], tick.due)
+        return found
+    finally:
+        await store.close()
+
+
 async def read_store(
     target: Target,
 ) -> tuple[dict[str, list[str]], trio_pgs.SupervisorStatistics]:
@@ -246,6 +265,18 @@ def test_every_acknowledged_call_survives_sigkill(
                 f"{client}: {count} casts accepted, stored {have[:5]}...{have[-5:]}"
             )
 
+    # Every tick of every ticker counted once: the count is the ticks from the first
+    # one delivered to the reminder's next (a kill during a delivery left the tick due,
+    # and it was delivered again; one folded with missed ticks counts them all).
+    tickers = trio.run(read_tickers, target)
+    assert sorted(tickers) == sorted(worker.TICKERS), "a ticker or its reminder was lost"
+    for key, (count, first_due, next_due) in tickers.items():
+        if count == 0:
+            continue  # started, never ticked before the kills: nothing to count
+        ticks = (next_due - first_due) / worker.TICK_EVERY
+        assert abs(ticks - count) < 0.01, f"{key}: {count} ticks counted, {ticks:.2f} came"
+    assert any(count for count, _, _ in tickers.values()), "no ticker ever ticked"
+
     if backend == "diskcache":  # the SQLite file itself is intact
         with contextlib.closing(sqlite3.connect(Path(target.where) / "cache.db")) as db:
             assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
@@ -262,5 +293,7 @@ def test_every_acknowledged_call_survives_sigkill(
         f"{sum(run.early for run in runs)} at random moments from spawn); "
         f"{len(acked)} acknowledged calls checked, none lost; {len(stored)} ops stored, "
         f"none twice ({casts} casts accepted, {sum(1 for op in stored if '-k' in op)} "
-        f"stored); workers {worked:.1f}s, check {time.monotonic() - started - worked:.1f}s"
+        f"stored); {sum(count for count, _, _ in tickers.values())} reminder ticks "
+        f"counted once each; workers {worked:.1f}s, "
+        f"check {time.monotonic() - started - worked:.1f}s"
     )

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+import trio_pgs
 
 ROOT = Path(__file__).parent.parent
 
@@ -165,11 +172,42 @@ def test_cart_writes_behind_and_checkout_places_orders(tmp_path):
     assert messages >= 30 * 40
     assert commits < written < messages / 4  # many edits, few writes
 
+    assert "Carts expired so far (all runs): 0;" in first  # they live a day
+
     second = run_example("cart", "--quick", "--store", store)
     assert f"Order book before: {orders:,} orders" in second
     assert f"carts continued from the last run: {abandoned:,};" in second
     orders_again = number(r"orders placed: ([\d,]+)", second)
     assert f"Order book after: {orders + orders_again:,} orders" in second
+
+
+def load_example(name: str) -> Any:
+    """An example's module, imported (examples import their neighbours by name)."""
+    examples = str(Path(__file__).parent.parent / "examples")
+    if examples not in sys.path:
+        sys.path.insert(0, examples)
+    return importlib.import_module(name)
+
+
+async def test_a_cart_nobody_touches_expires_by_its_reminder(autojump_clock):
+    cart = load_example("cart")
+    async with trio_pgs.PersistentSupervisor(
+        store=trio_pgs.MemoryStore(), servers=[cart.CartServer, cart.OrderBookServer],
+        name="cart-expiry",
+    ) as sup:
+        orders = await sup.start(cart.OrderBookServer, cart.OrderBook(), key="orders")
+        ann = await sup.start(cart.CartServer, "ann", orders, 60.0, key="cart-ann")
+        await ann.call(("add", "tea", 1))
+        await trio.sleep(50)
+        assert await ann.call(("add", "tea", 1)) == 2  # an edit: 60 s more from now
+        await trio.sleep(55)  # dormant meanwhile: the reminder is in the store
+        assert sup.statistics().active == 1  # the order book alone
+        assert await ann.call("show") == {"tea": 2}
+        await trio.sleep(61)  # "show" is no edit: it expires 60 s after the last edit
+        with pytest.raises(trio_pgs.ServerNotFound):
+            await ann.call("show")
+        assert (await orders.call("show")).expired == 1
+        assert sup.statistics().reminders == 1
 
 
 def test_cluster_keeps_every_transfer_when_a_node_is_killed(postgres):
