@@ -135,8 +135,10 @@ class Activation:
         inflight = await self.policy.settle()
         if inflight is not None and inflight.error is not None:
             return await self._failed_later(inflight.error, inflight.previous_state)
-        if not self.entry.mailbox_empty():
-            return Next.CONTINUE  # came while the commit settled: handled first
+        if self.entry.shutting_down and not self.entry.mailbox_empty():
+            # Accepted while the commit settled: handled before the shutdown, as a
+            # server that was waiting would (a hibernation sends them on, as it is).
+            return Next.CONTINUE
         if self.book.due_at <= trio.current_time() and not self.entry.shutting_down:
             return Next.CONTINUE  # a reminder is due: delivered before anything else
         if trio.current_time() >= self.policy.due:
