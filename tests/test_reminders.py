@@ -411,3 +411,21 @@ async def test_a_reminder_always_due_does_not_starve_the_mailbox(autojump_clock)
         with trio.fail_after(1):
             ticks = await ref.call("count")
         assert 50 < ticks < 200  # answered between two deliveries, each folding misses
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_reminders_deadline_is_the_first_trio_time_it_is_due(seed):
+    """The activation's deadline and the wall clock agree to the last bit: at the
+    deadline ``trio time + offset >= due``, and one step before it not (else a server
+    woken for a due reminder could find it not due yet, and hibernate)."""
+    import math
+    import random
+
+    from trio_pgs._reminding import trio_time_of
+
+    rng = random.Random(seed)
+    for _ in range(2000):
+        due, offset = rng.uniform(1e9, 3e9), rng.uniform(1e9, 3e9) * rng.choice([1, -1])
+        deadline = trio_time_of(due, offset)
+        assert deadline + offset >= due
+        assert not math.nextafter(deadline, -math.inf) + offset >= due

@@ -31,6 +31,25 @@ if TYPE_CHECKING:
     from ._ref import ServerRef
 
 
+def trio_time_of(wall: float, offset: float) -> float:
+    """The first trio time at which the wall-clock time (trio time + *offset*) is
+    *wall* or later: the deadline of a reminder due then. (``wall - offset`` alone may
+    round a hair early, and a server woken at its deadline would find nothing due.)"""
+    # The sum rounds to a step of wall's size: search between a step below and above.
+    step = math.ulp(wall) + math.ulp(offset)
+    low, high = wall - offset - 2 * step, wall - offset + 2 * step
+    if low + offset >= wall or not high + offset >= wall:  # pragma: no cover
+        return wall - offset  # not a bracket (values beyond any clock): plain
+    while True:  # the smallest t with t + offset >= wall, to the last bit
+        middle = low + (high - low) / 2
+        if middle in (low, high):
+            return high
+        if middle + offset >= wall:
+            high = middle
+        else:
+            low = middle
+
+
 class ReminderBook:
     """The reminders of one activation (or of a ``start()`` running ``init``)."""
 
@@ -56,7 +75,7 @@ class ReminderBook:
 
     def _deadline(self) -> float:
         first = earliest(self.current)
-        return math.inf if first is None else first - self._offset
+        return math.inf if first is None else trio_time_of(first, self._offset)
 
     def remind(
         self, name: str, at: datetime.datetime | float | None, after: float | None,

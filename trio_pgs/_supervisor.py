@@ -977,10 +977,8 @@ class PersistentSupervisor:
         await self._release_here(ref)
 
     async def _release_here(self, ref: ServerRef) -> None:
-        record = await self._load_for_repair(ref)
-        await self._writer.commit(
-            Put(next_version(record, quarantined=False, crashes=()), record.version)
-        )
+        await self._repair(ref, lambda record: next_version(record, quarantined=False,
+                                                            crashes=()))
         logger.info("%s released from quarantine", ref, extra={"kind": ref.kind, "key": ref.key})
         if self._wakeups is not None:
             self._wakeups.kick()  # its reminders are due again (the missed ones folded)
@@ -997,30 +995,48 @@ class PersistentSupervisor:
         await self._rollback_here(ref, steps)
 
     async def _rollback_here(self, ref: ServerRef, steps: int) -> None:
-        record = await self._load_for_repair(ref)
-        if len(record.history) < steps:
-            raise ValueError(
-                f"{ref} keeps {len(record.history)} earlier state(s), cannot roll back "
-                f"{steps}; set keep_history on {self._kinds[ref.kind].cls.__qualname__}"
+        def rolled(record: Record) -> Record:
+            if len(record.history) < steps:
+                raise ValueError(
+                    f"{ref} keeps {len(record.history)} earlier state(s), cannot roll back "
+                    f"{steps}; set keep_history on {self._kinds[ref.kind].cls.__qualname__}"
+                )
+            return next_version(
+                record,
+                data=record.history[steps - 1],
+                history=record.history[steps:],
+                quarantined=False,
+                crashes=(),
             )
-        rolled = next_version(
-            record,
-            data=record.history[steps - 1],
-            history=record.history[steps:],
-            quarantined=False,
-            crashes=(),
-        )
-        await self._writer.commit(Put(rolled, record.version))
+
+        await self._repair(ref, rolled)
         logger.info("%s rolled back %d step(s)", ref, steps,
                     extra={"kind": ref.kind, "key": ref.key})
         if self._wakeups is not None:
             self._wakeups.kick()
+
+    async def _repair(self, ref: ServerRef, change: Callable[[Record], Record]) -> None:
+        """Commit *change* of *ref*'s stored record (a release, a rollback). A message
+        racing it (its activation finds the server quarantined) or another repair
+        claims the record meanwhile: its write is fenced off, and it is done again on
+        the record as it is then."""
+        for attempt in range(REPAIR_ATTEMPTS):
+            record = await self._load_for_repair(ref)
+            try:
+                await self._writer.commit(Put(change(record), record.version))
+                return
+            except ConflictError as exc:
+                if not exc.fenced or attempt == REPAIR_ATTEMPTS - 1:
+                    raise
 
     async def _load_for_repair(self, ref: ServerRef) -> Record:
         self._check_open()
         if ref.kind not in self._kinds:
             raise self._unknown_kind(ref.kind)
         entry = self._entries.get(ref)
+        if entry is not None and entry.status is Status.ACTIVATING:
+            await entry.activated.wait()  # a quarantined server's ends at once
+            entry = self._entries.get(ref)
         if entry is not None and entry.status is not Status.ENDED:
             raise ValueError(
                 f"{ref} is active; release and rollback apply to quarantined or dormant "
@@ -1122,6 +1138,9 @@ class _Host:
 def _everywhere(ref: ServerRef) -> bool:
     return True
 
+
+#: How many times a release or rollback fenced off by a racing claim is done again.
+REPAIR_ATTEMPTS = 5
 
 #: Wall-clock time minus trio time, fixed for a whole trio run: every supervisor of
 #: the run agrees, and under a virtual clock (trio.testing.MockClock) wall-clock time
