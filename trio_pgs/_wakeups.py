@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 
 import trio
 
+from ._calls import current_handling
 from ._schedule import Due
 from ._store import SupportsReminders
 
@@ -102,7 +103,11 @@ class Wakeups:
                 del self._held[ident]
         self.kick()
 
+    @trio.lowlevel.enable_ki_protection
     async def run(self) -> None:
+        """The task (KI-protected, as every task of the supervisor's: a Ctrl-C goes to
+        the application's own code, whose exit from the supervisor shuts it down)."""
+        current_handling.set(None)  # it inherited its spawner's context
         while True:
             self._kick = trio.Event()
             try:
