@@ -446,7 +446,8 @@ def postgres_section(seconds: float, rounds: int, quick: bool, full: bool) -> Se
         "rowcount is checked; (b) and (c) are rows/s, compared with calls/s: one call "
         "commits one row.",
         "The store writes the whole record (version, epoch, data, state_version, "
-        "updated_at, crashes, quarantined, history), a batch of plain records as one "
+        "updated_at, crashes, quarantined, history, reminders and their due time), a "
+        "batch of plain records as one "
         "prepared `UPDATE ... FROM unnest(...) RETURNING kind, key` that commits by "
         "itself, sent from the trio thread through libpq (no worker thread) on a "
         "connection it holds from batch to batch; the baselines write data and version "
