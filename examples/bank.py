@@ -468,7 +468,7 @@ async def main(accounts: int, clients: int, seconds: float, chaos: float, store:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
+        description=(__doc__ or "").split("\n\n")[0],
         epilog="Run it twice: the second run continues every balance from the store and "
                "finishes the transfers a killed run left in flight.",
     )

@@ -290,7 +290,7 @@ async def main(
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
+        description=(__doc__ or "").split("\n\n")[0],
         epilog="Run it twice: the abandoned carts are waiting, and the order book goes on.",
     )
     parser.add_argument("--customers", type=int, default=200,

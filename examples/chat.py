@@ -259,7 +259,7 @@ async def main(rooms: int, users: int, posts: int, idle: float, store: str) -> N
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
+        description=(__doc__ or "").split("\n\n")[0],
         epilog="Run it twice: the rooms continue with their members and history.",
     )
     parser.add_argument("--rooms", type=int, default=5,

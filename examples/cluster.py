@@ -606,7 +606,7 @@ def explain(
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
+        description=(__doc__ or "").split("\n\n")[0],
         epilog="Without ?schema=NAME, each run uses a fresh schema, which it leaves behind "
                "on a server of yours. The nodes' logs are kept, and named, only when a run "
                "fails.",

@@ -275,7 +275,7 @@ async def main(players: int, seconds: float, clients: int, idle: float, spec: st
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
+        description=(__doc__ or "").split("\n\n")[0],
         epilog="Run it twice: the second run continues every score from the store.",
     )
     parser.add_argument("--players", type=int, default=10_000,
