@@ -30,6 +30,12 @@ Sections (all by default, in this order; ``--only`` picks some):
   local one (p50, p90), and 100 servers' calls/s on one node against three, every node
   a process on this machine (benchmarks/cluster.py); the same PostgreSQL as
   ``postgres``, skipped likewise.
+- ``reminders``: supervisor startup time and RSS on a `DiskCacheStore` of 1,000,000
+  dormant servers with one reminder each, against the same records without reminders
+  (a fresh process per figure); 10,000 reminders due in the same second, delivered
+  and committed per second, against 10,000 calls each activating a dormant server
+  (benchmarks/reminders.py). ``--reminder-servers`` and ``--reminders-due`` change
+  the sizes (``--quick``: 20,000 and 2,000).
 
 Every figure is the median of ``--rounds`` rounds, each on a fresh temporary
 directory (memory: in a fresh process). Compare ratios, not absolute figures:
@@ -55,10 +61,12 @@ from common import Row, Section
 from memory import memory_section
 from peer import peer_section
 from postgres import postgres_section
+from reminders import reminders_section
 
 import trio_pgs
 
-SECTIONS = ("calls", "modes", "activation", "memory", "scale", "peer", "postgres", "cluster")
+SECTIONS = ("calls", "modes", "activation", "memory", "scale", "peer", "postgres", "cluster",
+            "reminders")
 #: --scale: (servers started and hibernated, dormant records, active servers for memory)
 SCALES = {"default": (20_000, 200_000, 10_000), "full": (100_000, 1_000_000, 10_000)}
 
@@ -103,6 +111,12 @@ def main() -> None:
     parser.add_argument("--servers", type=int, help="servers started and hibernated "
                         "(overrides --scale)")
     parser.add_argument("--dormant", type=int, help="dormant records (overrides --scale)")
+    parser.add_argument("--reminder-servers", type=int, metavar="N",
+                        help="reminders section: dormant servers with one reminder each "
+                             "at startup (default 1,000,000; --quick: 20,000)")
+    parser.add_argument("--reminders-due", type=int, metavar="N",
+                        help="reminders section: reminders due in the same second, and "
+                             "calls of its baseline (default 10,000; --quick: 2,000)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per figure (median)")
     parser.add_argument("--seconds", type=float, default=2.0,
                         help="measured seconds per round of the 100-server scenarios "
@@ -120,6 +134,13 @@ def main() -> None:
         servers, dormant, active = 2_000, 20_000, 2_000
     servers = args.servers or servers
     dormant = args.dormant or dormant
+    reminder_servers, reminders_due = (20_000, 2_000) if args.quick else (1_000_000, 10_000)
+    if args.reminder_servers is not None:
+        reminder_servers = args.reminder_servers
+    if args.reminders_due is not None:
+        reminders_due = args.reminders_due
+    if reminder_servers < 1 or reminders_due < 1:
+        parser.error("--reminder-servers and --reminders-due must be >= 1")
     if dormant <= 10_000:
         parser.error("--dormant must be above 10,000 (it is compared with 10,000)")
     chosen = args.only or list(SECTIONS)
@@ -144,6 +165,7 @@ def main() -> None:
         "postgres": lambda: postgres_section(seconds, rounds, args.quick,
                                              args.scale == "full"),
         "cluster": lambda: cluster_section(seconds, rounds),
+        "reminders": lambda: reminders_section(reminder_servers, reminders_due, rounds),
     }
     began = time.perf_counter()
     sections = []

@@ -29,7 +29,10 @@ logger = logging.getLogger("trio_pgs")
 #: At most this long between two looks at the index: reminders written by another
 #: process (the CLI, another node) are seen within it.
 POLL = 30.0
-#: Index entries read per query.
+#: Index entries read per query: the first query reads FIRST_PAGE (usually the next
+#: entry is not due yet, and one is all it takes to know when to look again), each
+#: next one twice as many, up to PAGE.
+FIRST_PAGE = 16
 PAGE = 500
 #: A server whose due reminder was not delivered is tried again after this, doubled
 #: at each failure up to BACKOFF_MAX.
@@ -129,8 +132,9 @@ class Wakeups:
         look_again = now + POLL
         after: Due | None = None
         seen: set[tuple[str, str]] = set()
+        limit = FIRST_PAGE
         while True:
-            page = await self._store.due(kinds, after=after, limit=PAGE)
+            page = await self._store.due(kinds, after=after, limit=limit)
             for entry in page:
                 if entry.due > now:
                     self._prune(seen)
@@ -140,10 +144,11 @@ class Wakeups:
                 if retry_at == -math.inf:
                     return retry_at
                 look_again = min(look_again, retry_at)
-            if len(page) < PAGE:
+            if len(page) < limit:
                 self._prune(seen)
                 return look_again
             after = page[-1]
+            limit = min(PAGE, 2 * limit)
 
     def _prune(self, seen: set[tuple[str, str]]) -> None:
         """Forget the servers passed over that are due no more (delivered elsewhere,
