@@ -105,7 +105,8 @@ class Activation:
             if step is not Next.CONTINUE:
                 return step
         while True:
-            if self.book.due_at <= trio.current_time() and not entry.shutting_down:
+            due_at = self.book.due_at  # inf without reminders: no clock read per message
+            if due_at != math.inf and due_at <= trio.current_time() and not entry.shutting_down:
                 # One reminder, then a queued message if any: a reminder due again
                 # at once (a short period, a slow handler) never starves the mailbox.
                 step = await self._remind()

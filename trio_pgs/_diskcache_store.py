@@ -27,10 +27,6 @@ import trio
 
 from ._errors import PersistenceError
 from ._schedule import (
-    EARLIEST,
-    LATEST,
-    MAX_EVERY,
-    MIN_EVERY,
     Due,
     pack_reminders,
     unpack_reminders,
@@ -191,30 +187,14 @@ def encode_record(record: Record) -> bytes:
 
 def _encode_reminders(record: Record) -> bytes:
     """The record's reminders as the bytes its row keeps after the history (b"" for
-    none). ``ValueError``, and nothing is written, for reminders that `unpack_reminders`
-    would refuse to read back (a time out of its bounds, a name that is no str, names
-    out of order), but for a payload that is not JSON text: checking it would parse
-    every payload on every write, and those made by `make_reminder` and by an import
-    are JSON by construction."""
+    none). ``ValueError``, and nothing is written, for reminders that would not read
+    back (`pack_reminders` says which)."""
     if not record.reminders:
         return b""
-    text = pack_reminders(record.reminders)  # refuses a time that is NaN or infinite
-    names = []
-    for reminder in record.reminders:
-        name, due, every = reminder.name, reminder.due, reminder.every
-        if (
-            type(name) is not str or not name or type(reminder.payload) is not str
-            or type(due) not in (float, int) or not EARLIEST <= due <= LATEST
-            or not (every is None or (type(every) in (float, int)
-                                      and MIN_EVERY <= every <= MAX_EVERY))
-        ):
-            raise ValueError(f"{record.kind}/{record.key}: the reminder {reminder!r:.200} "
-                             "would not read back as it is; nothing was written")
-        names.append(name)
-    if names != sorted(set(names)):
-        raise ValueError(f"{record.kind}/{record.key}: its reminders are not sorted by "
-                         "name, or a name repeats; nothing was written")
-    return text.encode()
+    try:
+        return pack_reminders(record.reminders).encode()
+    except ValueError as exc:
+        raise ValueError(f"{record.kind}/{record.key}: {exc}; nothing was written") from None
 
 
 def decode_record(kind: str, key: str, value: object) -> Record:

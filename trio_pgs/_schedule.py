@@ -188,10 +188,18 @@ _ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
 
 def pack_reminders(reminders: tuple[StoredReminder, ...]) -> str:
     """*reminders* as the JSON text a store keeps (``""`` for none). ``ValueError``
-    for a time that is not a finite number (a store never writes what it cannot read
-    back)."""
+    for reminders that `unpack_reminders` would refuse to read back (a time out of its
+    bounds, a name that is no str, names out of order): a store never writes what it
+    cannot read. A payload is not parsed again here: those made by `make_reminder`
+    and by an import are JSON by construction, and this runs for every write."""
     if not reminders:
         return ""
+    for r in reminders:
+        if not _readable(r.name, r.due, r.every, r.payload):
+            raise ValueError(f"the reminder {r!r:.200} would not read back as it is")
+    names = [r.name for r in reminders]
+    if names != sorted(set(names)):
+        raise ValueError("reminders are not sorted by name, or a name repeats")
     return _ENCODER.encode([[r.name, r.due, r.every, r.payload] for r in reminders])
 
 
@@ -213,19 +221,25 @@ def unpack_reminders(text: str) -> tuple[StoredReminder, ...]:
     return tuple(reminders)
 
 
+def _readable(name: object, due: object, every: object, payload: object) -> bool:
+    """Whether these are the fields of a reminder as `unpack_reminders` reads one
+    (the payload's JSON aside)."""
+    finite = (int, float)
+    return (
+        isinstance(name, str) and bool(name)
+        and not isinstance(due, bool) and isinstance(due, finite)
+        and EARLIEST <= due <= LATEST  # NaN and infinities fail too
+        and (every is None or (isinstance(every, finite) and not isinstance(every, bool)
+                               and MIN_EVERY <= every <= MAX_EVERY))
+        and isinstance(payload, str)
+    )
+
+
 def _unpack_one(item: object) -> StoredReminder:
     if not (isinstance(item, list) and len(item) == 4):
         raise ValueError(f"a reminder is [name, due, every, payload], not {item!r:.80}")
     name, due, every, payload = item
-    finite = (int, float)
-    if (
-        not isinstance(name, str) or not name
-        or isinstance(due, bool) or not isinstance(due, finite)
-        or not EARLIEST <= due <= LATEST  # NaN and infinities too
-        or not (every is None or (isinstance(every, finite) and not isinstance(every, bool)
-                                  and MIN_EVERY <= every <= MAX_EVERY))
-        or not isinstance(payload, str)
-    ):
+    if not _readable(name, due, every, payload):
         raise ValueError(f"a reminder is [name, due, every, payload], not {item!r:.80}")
     try:
         json.loads(payload)

@@ -71,7 +71,8 @@ def json_text(value: Any, *, indent: int | None = None, ascii: bool = False) -> 
     if text.replace("\n", "").isprintable():
         return text
     # json.dumps escapes C0 already; what it leaves raw (DEL, C1, bidi controls, line
-    # separators, lone surrogates) can only be inside a string, where \uXXXX is the same.
+    # separators, lone surrogates) can only be inside a string, where its \u escape
+    # (four hex digits) means the same.
     return "".join(
         char if char.isprintable() or char == "\n" else _json_escape(char) for char in text
     )
