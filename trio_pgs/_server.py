@@ -36,6 +36,7 @@ class _Running(Protocol):
     def send_after(self, delay: float, info: Any) -> None: ...
 
 S = TypeVar("S")
+Init_co = TypeVar("Init_co", covariant=True)
 logger = logging.getLogger("trio_pgs.server")
 
 
@@ -48,6 +49,22 @@ class Restart(enum.Enum):
     TRANSIENT = "transient"
     #: A crash or an abnormal stop restarts it at once; a normal stop wipes it.
     PERMANENT = "permanent"
+
+
+class HasInit(Protocol[Init_co]):
+    """For type checkers only: a class whose ``init``, bound, is an *Init_co*.
+    `PersistentSupervisor.start` is typed ``type[HasInit[Callable[[*Args],
+    Awaitable[Any]]]]`` with ``*args: *Args``, so that mypy and pyright check the
+    arguments of ``start`` against the class's ``init`` (its defaults and ``*args``
+    included). ``init`` is matched as a callable attribute, not as a method, because
+    inferring a TypeVarTuple from a protocol's method ignores its defaults. A class
+    without the options of a server (its ``restart``) is refused as well."""
+
+    @property
+    def restart(self) -> Restart: ...
+
+    @property
+    def init(self) -> Init_co: ...
 
 
 class Persistence(enum.Enum):

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import attrs
 import cattrs
@@ -43,6 +43,7 @@ from ._ref import ServerRef, check_key
 from ._registry import open_supervisors
 from ._runtime import serve
 from ._server import (
+    HasInit,
     PersistentServer,
     Restart,
     check_option_names,
@@ -63,6 +64,12 @@ from ._store import (
 )
 from ._wakeups import Wakeups, Woken
 from ._writer import Writer
+
+if TYPE_CHECKING:  # Python 3.10's typing has neither (type checkers only)
+    from typing_extensions import TypeVarTuple, Unpack
+
+    #: The positional parameters of a server class's ``init`` (see `HasInit`).
+    InitArgs = TypeVarTuple("InitArgs")
 
 logger = logging.getLogger("trio_pgs")
 
@@ -810,12 +817,18 @@ class PersistentSupervisor:
                 excess -= 1
 
     async def start(
-        self, cls: type[PersistentServer[Any]], *args: Any, key: str | None = None
+        self,
+        cls: type[HasInit[Callable[[Unpack[InitArgs]], Awaitable[Any]]]],
+        *args: Unpack[InitArgs],
+        key: str | None = None,
     ) -> ServerRef:
         """Create server *key* (a fresh UUID if None) with ``init(*args)``, commit its
-        first state and activate it. Raises `AlreadyStarted` if *key* has a record."""
+        first state and activate it. Raises `AlreadyStarted` if *key* has a record.
+
+        Type checkers check *args* against ``cls.init``, as trio's ``start_soon``
+        checks its arguments against the function's."""
         key = uuid.uuid4().hex if key is None else check_key(key)
-        info = self._register(cls)
+        info = self._register(cast("type[PersistentServer[Any]]", cls))
         ref = ServerRef(self.name, info.cls.kind, key)
         if self._node is not None and self.cluster is not None:
             self._check_open()
