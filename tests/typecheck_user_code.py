@@ -1,6 +1,7 @@
 """Type-check code as a user writes it: the examples and the tutorial's program pass
-``mypy --strict``, and in tests/typing_cases/ mypy reports an error on every line
-marked ``# error`` and on no other. `make test` runs this
+``mypy --strict``, and in tests/typing_cases/ mypy and pyright (basedpyright's build,
+which brings its own Node.js from a wheel) each report an error on every line marked
+``# error`` and on no other. `make test` runs this
 (``python -m tests.typecheck_user_code``).
 
 mypy runs from a temporary directory, not from the repository, so it finds trio_pgs the
@@ -10,6 +11,7 @@ install that only an import hook can follow fails here), not the working directo
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -43,32 +45,62 @@ def user_code(directory: str) -> bool:
     return result.returncode == 0
 
 
+def pyright(paths: list[Path], directory: str) -> subprocess.CompletedProcess[str]:
+    command = [
+        sys.executable, "-m", "basedpyright", "--outputjson",
+        "--pythonpath", sys.executable, *map(str, paths),
+    ]
+    return subprocess.run(command, cwd=directory, capture_output=True, text=True)
+
+
+def mypy_errors(paths: list[Path], directory: str) -> tuple[set[tuple[str, int]], str]:
+    result = mypy(paths, directory)
+    found = re.findall(r"^(.+?):(\d+): error:", result.stdout, re.MULTILINE)
+    if result.returncode not in (0, 1) or (result.returncode == 1 and not found):
+        return set(), result.stdout + result.stderr  # mypy itself failed
+    return {(path, int(number)) for path, number in found}, result.stdout
+
+
+def pyright_errors(paths: list[Path], directory: str) -> tuple[set[tuple[str, int]], str]:
+    result = pyright(paths, directory)
+    try:
+        diagnostics = json.loads(result.stdout)["generalDiagnostics"]
+    except (ValueError, KeyError):
+        return set(), result.stdout + result.stderr  # pyright itself failed
+    errors = [item for item in diagnostics if item["severity"] == "error"]
+    text = "".join(
+        f"{item['file']}:{item['range']['start']['line'] + 1}: {item['message']}\n"
+        for item in errors
+    )
+    return {(item["file"], item["range"]["start"]["line"] + 1) for item in errors}, text
+
+
 def cases(directory: str) -> bool:
-    """The refusals: the lines marked ``# error`` are exactly the lines reported."""
+    """The refusals: the lines marked ``# error`` are exactly the lines reported, by
+    mypy and by pyright."""
     paths = sorted((ROOT / "tests" / "typing_cases").glob("*.py"))
-    print("mypy --strict, errors where marked:", ", ".join(
-        str(path.relative_to(ROOT)) for path in paths
-    ))
     expected = {
         (str(path), number)
         for path in paths
         for number, line in enumerate(path.read_text().splitlines(), 1)
         if line.rstrip().endswith("# error")
     }
-    result = mypy(paths, directory)
-    reported = {
-        (path, int(number))
-        for path, number in re.findall(r"^(.+?):(\d+): error:", result.stdout, re.MULTILINE)
-    }
-    for path, number in sorted(expected - reported):
-        print(f"{path}:{number}: marked # error, but mypy accepts it")
-    for path, number in sorted(reported - expected):
-        print(f"{path}:{number}: mypy reports an error on a line not marked # error")
-    if not expected or result.returncode not in (0, 1) or reported != expected:
-        print(result.stdout, result.stderr, sep="", end="")
-        return False
-    print(f"  {len(expected)} marked lines refused, no other")
-    return True
+    passed = bool(expected)
+    for checker, errors in (("mypy --strict", mypy_errors), ("pyright", pyright_errors)):
+        print(f"{checker}, errors where marked:", ", ".join(
+            str(path.relative_to(ROOT)) for path in paths
+        ))
+        reported, output = errors(paths, directory)
+        for path, number in sorted(expected - reported):
+            print(f"{path}:{number}: marked # error, but {checker} accepts it")
+        for path, number in sorted(reported - expected):
+            print(f"{path}:{number}: {checker} reports an error on a line not marked # error")
+        if reported != expected:
+            print(output, end="")
+            passed = False
+        else:
+            print(f"  {len(expected)} marked lines refused, no other")
+    return passed
 
 
 def main() -> int:

@@ -58,10 +58,11 @@ class HasInit(Protocol[Init_co]):
     arguments of ``start`` against the class's ``init`` (its defaults and ``*args``
     included). ``init`` is matched as a callable attribute, not as a method, because
     inferring a TypeVarTuple from a protocol's method ignores its defaults. A class
-    without the options of a server (its ``restart``) is refused as well."""
+    without a server's ``ref`` is refused as well (not ``restart``: pyright refuses a
+    class attribute declared ``ClassVar`` for a protocol's property)."""
 
     @property
-    def restart(self) -> Restart: ...
+    def ref(self) -> ServerRef: ...
 
     @property
     def init(self) -> Init_co: ...

@@ -12,12 +12,13 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import attrs
 import cattrs
 import trio
 from cattrs.preconf.json import make_converter as make_json_converter
+from typing_extensions import TypeVarTuple, Unpack
 
 from ._activation import TERMINATE_GRACE
 from ._calls import Handling, Kind, Message, current_handling, live_handling
@@ -65,11 +66,10 @@ from ._store import (
 from ._wakeups import Wakeups, Woken
 from ._writer import Writer
 
-if TYPE_CHECKING:  # Python 3.10's typing has neither (type checkers only)
-    from typing_extensions import TypeVarTuple, Unpack
-
-    #: The positional parameters of a server class's ``init`` (see `HasInit`).
-    InitArgs = TypeVarTuple("InitArgs")
+#: The positional parameters of a server class's ``init`` (see `HasInit`). From
+#: typing_extensions (Python 3.10's typing has no TypeVarTuple), and defined at run time
+#: so that ``typing.get_type_hints`` works on `PersistentSupervisor.start`.
+InitArgs = TypeVarTuple("InitArgs")
 
 logger = logging.getLogger("trio_pgs")
 
@@ -826,7 +826,8 @@ class PersistentSupervisor:
         first state and activate it. Raises `AlreadyStarted` if *key* has a record.
 
         Type checkers check *args* against ``cls.init``, as trio's ``start_soon``
-        checks its arguments against the function's."""
+        checks its arguments against the function's (a list unpacked into fixed
+        parameters is refused, its length being unknown: unpack a tuple)."""
         key = uuid.uuid4().hex if key is None else check_key(key)
         info = self._register(cast("type[PersistentServer[Any]]", cls))
         ref = ServerRef(self.name, info.cls.kind, key)
