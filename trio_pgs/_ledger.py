@@ -49,7 +49,8 @@ class ReplySlot:
         if self._done:
             return
         self._done = True
-        self.drop_edge()
+        if self.edge is not None:  # a call from a handler (`drop_edge`)
+            self.drop_edge()
         if self._task is not None:
             task, self._task = self._task, None
             trio.lowlevel.reschedule(task, result)
@@ -149,10 +150,12 @@ class ReplyLedger:
     def reply(self, caller: Caller, result: outcome.Outcome[Any]) -> None:
         """The handler's `Reply` to its caller: held like any reply."""
         caller._replied = True
-        if self.holding:
-            self.answer(caller._slot, result)
+        if not self.holding:
+            caller._slot.set(result)
+        elif self._held is None:  # the hot path (`answer`, inlined)
+            self._held = [(caller._slot, result)]
         else:
-            caller._slot.set(result)  # the hot path
+            self._held.append((caller._slot, result))
 
     def owe(self, caller: Caller) -> None:
         """The handler deferred its reply (`NoReply` without replying yet)."""

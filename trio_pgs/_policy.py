@@ -28,7 +28,7 @@ import trio
 from ._errors import ConflictError
 from ._ledger import ReplyLedger
 from ._schedule import StoredReminder
-from ._store import Put, Record, next_record
+from ._store import Record, next_record, put
 from ._writer import Writer
 
 logger = logging.getLogger("trio_pgs")
@@ -48,11 +48,14 @@ class Committer(Protocol):
 
 
 class InFlight:
-    """A commit handed to the writer: done once its outcome is known."""
+    """A commit handed to the writer: done once its outcome is known. It is the
+    writer's callback for that commit too (one object per commit, no closure)."""
 
-    __slots__ = ("done", "error", "previous_state", "touch", "waiter")
+    __slots__ = ("done", "error", "owner", "previous_state", "touch", "waiter")
 
-    def __init__(self, previous_state: Any, touch: bool) -> None:
+    def __init__(self, owner: Committer, previous_state: Any, touch: bool) -> None:
+        #: Told of the outcome; forgotten then (no cycle through its policy after).
+        self.owner: Committer | None = owner
         #: The state before this commit's: what the server falls back to if it fails.
         self.previous_state = previous_state
         #: Whether the commit counts as activity (timer infos do not).
@@ -60,6 +63,16 @@ class InFlight:
         self.done = False
         self.error: BaseException | None = None
         self.waiter: trio.lowlevel.Task | None = None
+
+    def __call__(self, error: BaseException | None) -> None:
+        """The writer's callback: the commit's outcome (None: committed)."""
+        owner, self.owner = self.owner, None
+        self.done, self.error = True, error
+        if owner is not None:  # always: the writer calls back once
+            owner.commit_settled(error, self.touch)
+        if self.waiter is not None:
+            task, self.waiter = self.waiter, None
+            trio.lowlevel.reschedule(task)
 
 
 class EachMessage:
@@ -81,21 +94,25 @@ class EachMessage:
         self, owner: Committer, data: bytes, previous_state: Any, touch: bool = True
     ) -> None:
         """Hand *data* to the writer (the ledger keeps holding until it settles)."""
+        old = owner.record
         record = next_record(
-            owner.record, data, self._state_version, self._keep_history, owner.reminders
+            old, data, self._state_version, self._keep_history, owner.reminders
         )
-        put = Put(record, owner.record.version)
         owner.record = record
-        inflight = self.inflight = InFlight(previous_state, touch)
+        inflight = self.inflight = InFlight(owner, previous_state, touch)
+        self._writer.submit(put(record, old.version), inflight)
 
-        def committed(error: BaseException | None) -> None:
-            inflight.done, inflight.error = True, error
-            owner.commit_settled(error, inflight.touch)
-            if inflight.waiter is not None:
-                task, inflight.waiter = inflight.waiter, None
-                trio.lowlevel.reschedule(task)
-
-        self._writer.submit(put, committed)
+    def settled(self) -> bool:
+        """Whether nothing is in flight, without waiting: the commit handed off last,
+        if any, has committed (it is forgotten now). False: `settle` waits for it, or
+        returns it with its error. (The hot path: usually committed by now.)"""
+        inflight = self.inflight
+        if inflight is None:
+            return True
+        if inflight.done and inflight.error is None:
+            self.inflight = None
+            return True
+        return False
 
     async def settle(self) -> InFlight | None:
         """Wait for the commit in flight, if any (its outcome is usually known), and
@@ -143,6 +160,9 @@ class Deferred:
         self.pending = None if unchanged else data
         if self.pending is not None and self.due == math.inf:
             self.due = trio.current_time() + self._lag
+
+    def settled(self) -> bool:
+        return True
 
     async def settle(self) -> None:
         return None

@@ -52,7 +52,7 @@ class ServerRef:
         `CallCycleError`, `SupervisorNotRunning` (see the docs of each). Use
         `trio.fail_after` for a timeout; a cancelled call is still handled.
         """
-        return await self._supervisor()._deliver_call(self, request)
+        return await find_supervisor(self)._deliver_call(self, request)  # the hot path
 
     async def cast(self, message: Any) -> None:
         """Send *message* to `handle_cast`; returns once the server accepted it."""

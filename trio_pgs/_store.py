@@ -39,20 +39,54 @@ class Record:
     reminders: tuple[StoredReminder, ...] = ()
 
 
+def _slot_setters(cls: type, names: str) -> tuple[Callable[[Any, Any], None], ...]:
+    """The slots' own setters of the frozen attrs class *cls*, for its fields *names*
+    in order: see `next_record`. Checked here, once: they must be every field and
+    every slot (no cached hash), none with a converter, a validator or an on_setattr
+    hook (which those setters skip)."""
+    fields, wanted = attrs.fields(cls), names.split()
+    if (
+        [field.name for field in fields] != wanted
+        or [slot for slot in cls.__dict__["__slots__"] if slot != "__weakref__"] != wanted
+        or any(
+            field.converter is not None or field.validator is not None
+            or field.on_setattr not in (None, attrs.setters.NO_OP)
+            for field in fields
+        )
+    ):
+        raise TypeError(f"{cls.__name__}'s fields changed: update _slot_setters' callers")
+    return tuple(cls.__dict__[name].__set__ for name in names.split())
+
+
+# A persisted message builds one Record and one Put. attrs' frozen `__init__` sets
+# every slot through `object.__setattr__` by name; the slots' own descriptors set them
+# in less than half the time (3.3 against 1.4 us for a Record, here).
+(_kind, _key, _data, _version, _state_version, _epoch, _updated_at, _crashes,
+ _quarantined, _history, _reminders) = _slot_setters(
+    Record, "kind key data version state_version epoch updated_at crashes quarantined "
+    "history reminders")
+
+
 def next_record(
     old: Record, data: bytes, state_version: int, keep_history: int,
     reminders: tuple[StoredReminder, ...],
 ) -> Record:
     """The record that follows *old* with the new state *data* and *reminders*,
-    keeping the last *keep_history* states. The hot path: one `Record` built directly
-    (`attrs.evolve` costs twice as much)."""
-    history = (old.data, *old.history)[:keep_history] if keep_history else ()
-    return Record(
-        kind=old.kind, key=old.key, data=data, version=old.version + 1,
-        state_version=state_version, epoch=old.epoch, updated_at=time.time(),
-        crashes=old.crashes, quarantined=old.quarantined, history=history,
-        reminders=reminders,
-    )
+    keeping the last *keep_history* states. The hot path: its slots set one by one
+    (`attrs.evolve` costs four times as much, `Record(...)` twice)."""
+    record: Record = object.__new__(Record)
+    _kind(record, old.kind)
+    _key(record, old.key)
+    _data(record, data)
+    _version(record, old.version + 1)
+    _state_version(record, state_version)
+    _epoch(record, old.epoch)
+    _updated_at(record, time.time())
+    _crashes(record, old.crashes)
+    _quarantined(record, old.quarantined)
+    _history(record, (old.data, *old.history)[:keep_history] if keep_history else ())
+    _reminders(record, reminders)
+    return record
 
 
 def due_of(record: Record) -> float | None:
@@ -75,6 +109,18 @@ class Put:
 
     record: Record
     expected_version: int
+
+
+_put_record, _put_expected = _slot_setters(Put, "record expected_version")
+
+
+def put(record: Record, expected_version: int) -> Put:
+    """``Put(record, expected_version)``, built as `next_record` builds its record
+    (the hot path: one per persisted message)."""
+    operation: Put = object.__new__(Put)
+    _put_record(operation, record)
+    _put_expected(operation, expected_version)
+    return operation
 
 
 @attrs.frozen

@@ -21,7 +21,8 @@ logger = logging.getLogger("trio_pgs.writer")
 
 
 #: Called in the writer's task once an operation handed to `Writer.submit` is durable
-#: (with None) or failed (with the store's error). It must not block or raise.
+#: (with None: at `Writer.settled_at`) or failed (with the store's error). It must not
+#: block or raise.
 Callback = Callable[[BaseException | None], None]
 
 
@@ -87,6 +88,9 @@ class Writer:
         #: Operations refused for their epoch (a later claim took the record).
         self.fenced = 0
         self._busy = False
+        #: When the outcome of the last batch was known (trio time), told to its
+        #: callbacks: a committed operation's time, read once per batch.
+        self.settled_at = 0.0
 
     def idle(self) -> bool:
         """Whether nothing is pending or being committed."""
@@ -119,14 +123,18 @@ class Writer:
             callback(_not_committed())
             return
         batch = self._pending
-        batch.callbacks.append((len(batch.operations), callback))
-        batch.operations.append(operation)
-        self._wakeup.set()
+        operations = batch.operations
+        batch.callbacks.append((len(operations), callback))
+        operations.append(operation)
+        if len(operations) == 1:  # else set already: see `run`
+            self._wakeup.set()
 
     async def run(self) -> None:
         """Serve commits until cancelled; then fail what is left (see the module)."""
         try:
             while True:
+                # Set once the pending batch has an operation, and replaced by an Event
+                # not set only together with that batch (no checkpoint in between).
                 await self._wakeup.wait()
                 self._wakeup = trio.Event()
                 # The batch lives in _run's frame only: once committed, nothing here
@@ -162,9 +170,12 @@ class Writer:
         for error in batch.errors.values():
             if isinstance(error, ConflictError) and error.fenced:
                 self.fenced += 1
+        errors = batch.errors
+        if batch.callbacks:
+            self.settled_at = trio.current_time()
         for index, callback in batch.callbacks:
             try:
-                callback(batch.errors.get(index))
+                callback(errors.get(index) if errors else None)
             except Exception:  # a bug of ours: never let it stop the writer
                 logger.exception("a commit callback raised")
         batch.done.set()
