@@ -16,6 +16,7 @@ import pytest
 import trio
 
 from trio_pgs import (
+    AlreadyStarted,
     CallResult,
     CastResult,
     MemoryStore,
@@ -32,6 +33,7 @@ from trio_pgs import (
     Store,
 )
 from trio_pgs._schedule import StoredReminder, deliver, make_reminder, unpack_reminders
+from trio_pgs.testing import FaultyStore
 
 from . import servers
 
@@ -306,6 +308,48 @@ async def test_reminders_due_at_shutdown_fire_after_the_restart(store, autojump_
     async with supervisor(store) as sup:
         await trio.sleep(0.1)
         assert ATTEMPTS == ["r"]
+
+
+class GatedClaims(FaultyStore):
+    """Claims (the loads of activations and starts) wait until the gate opens."""
+
+    def __init__(self, inner: Store) -> None:
+        super().__init__(inner)
+        self.gate = trio.Event()
+
+    async def claim(self, kind: str, key: str) -> Any:
+        await self.gate.wait()
+        return await super().claim(kind, key)
+
+
+async def test_start_of_a_dormant_server_with_a_reminder_due_delays_nothing(
+    store, autojump_clock
+):
+    # The tutorial's pattern: start, and on AlreadyStarted take the ref. Here the
+    # reminders' task finds the server due while that start is loading it: the
+    # start's entry, ending without an activation, is not a failed delivery, and the
+    # reminder comes at once, not after a back-off.
+    async with supervisor(store) as sup:
+        await sup.start(Reminded, ("r", {"every": 10}), key="a")
+    await trio.sleep(25)
+    gated = GatedClaims(store)
+    async with supervisor(gated) as sup:
+        caught: list[AlreadyStarted] = []
+
+        async def start() -> None:
+            with pytest.raises(AlreadyStarted) as raised:
+                await sup.start(Reminded, key="a")
+            caught.append(raised.value)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(start)
+            await trio.sleep(0.01)  # the reminders' task has looked: "a" is due
+            assert ATTEMPTS == []
+            gated.gate.set()
+        assert caught[0].ref == sup.ref(Reminded, "a")
+        await trio.sleep(0.1)
+        assert ATTEMPTS == ["r"]
+        assert [s[:2] for s in await caught[0].ref.call("seen")] == [["r", 1]]
 
 
 async def test_bad_arguments_fail_the_handler_and_change_nothing(store, autojump_clock):

@@ -203,6 +203,9 @@ def _refuse_start(entry: Entry, start: StartRequest) -> bool:
     `on_activate` runs for a call that fails)."""
     start.slot.set_error(_already_started(entry.ref))
     if entry.mailbox_empty():
+        # Kept on the entry as it ends: a refused start tried nothing, which the
+        # reminders' task is told (it may have taken this entry for the server woken).
+        entry.start = start
         entry.end(not_found(entry.ref))
         return True
     return False

@@ -552,14 +552,26 @@ class PersistentSupervisor:
             self._recency.pop(entry.ref, None)
             self._reaper.forget(entry)
             if self._wakeups is not None:
-                activation = entry.activation
-                due = None if activation is None else due_of(activation.record)
-                if activation is not None and due is None:
-                    due = math.inf  # it has no reminder due (or is quarantined)
-                self._wakeups.ended(entry.ref.kind, entry.ref.key, due)
+                self._wakeups_ended(entry)
             if not self._entries and self._all_ended is not None:
                 self._all_ended.set()
         self._note_settled(None)
+
+    def _wakeups_ended(self, entry: Entry) -> None:
+        """Tell the reminders' task that *entry* ended, and whether it left a reminder
+        due (then, if it woke it, it tries again after a backoff)."""
+        assert self._wakeups is not None
+        kind, key = entry.ref.kind, entry.ref.key
+        activation = entry.activation
+        if activation is None and entry.start is not None:
+            # A start refused with AlreadyStarted (`_runtime._refuse_start`): it
+            # delivered nothing and tried nothing.
+            self._wakeups.untried(kind, key)
+            return
+        due = None if activation is None else due_of(activation.record)
+        if activation is not None and due is None:
+            due = math.inf  # it has no reminder due (or is quarantined)
+        self._wakeups.ended(kind, key, due)
 
     def _note_settled(self, entry: Entry | None) -> None:
         """A server began waiting for a message (or one ended): wake `_wait_settled`,

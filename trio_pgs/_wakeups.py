@@ -95,6 +95,13 @@ class Wakeups:
         if due is not None and due < self._next:
             self.kick()
 
+    def untried(self, kind: str, key: str) -> None:
+        """The entry of (*kind*, *key*) ended without trying to deliver anything: a
+        `start` that found the record (`AlreadyStarted`), whose entry the index saw
+        as the server woken. Wake it again at once: no failure, no backoff."""
+        if self._held.pop((kind, key), None) is not None:
+            self.kick()
+
     def kick(self) -> None:
         """Look at the index now: the members changed, a server was released."""
         self._kick.set()
