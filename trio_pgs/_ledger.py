@@ -150,12 +150,7 @@ class ReplyLedger:
     def reply(self, caller: Caller, result: outcome.Outcome[Any]) -> None:
         """The handler's `Reply` to its caller: held like any reply."""
         caller._replied = True
-        if not self.holding:
-            caller._slot.set(result)
-        elif self._held is None:  # the hot path (`answer`, inlined)
-            self._held = [(caller._slot, result)]
-        else:
-            self._held.append((caller._slot, result))
+        self.answer(caller._slot, result)
 
     def owe(self, caller: Caller) -> None:
         """The handler deferred its reply (`NoReply` without replying yet)."""

@@ -67,9 +67,9 @@ class InFlight:
     def __call__(self, error: BaseException | None) -> None:
         """The writer's callback: the commit's outcome (None: committed)."""
         owner, self.owner = self.owner, None
+        assert owner is not None, "the writer calls back once"
         self.done, self.error = True, error
-        if owner is not None:  # always: the writer calls back once
-            owner.commit_settled(error, self.touch)
+        owner.commit_settled(error, self.touch)
         if self.waiter is not None:
             task, self.waiter = self.waiter, None
             trio.lowlevel.reschedule(task)
