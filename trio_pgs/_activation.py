@@ -112,7 +112,7 @@ class Activation:
                 step = await self._remind()
                 if step is not Next.CONTINUE:
                     return step
-            message = _next_queued(entry.receive_channel)
+            message = entry.mailbox.next_queued()
             if message is None:
                 message = await self._wait_for_message()
                 if message is None:
@@ -219,10 +219,10 @@ class Activation:
             # another task): a check at its own due time.
             entry.host.check_idle_at(entry, entry.last_activity + self.idle_timeout)
         if due == math.inf:
-            message = await entry.receive_channel.receive()
+            message = await entry.mailbox.receive()
         else:
             with trio.move_on_at(due):
-                message = await entry.receive_channel.receive()
+                message = await entry.mailbox.receive()
                 return None if message.kind is Kind.WAKE else message
             return None
         return None if message.kind is Kind.WAKE else message
@@ -721,46 +721,7 @@ class Activation:
                 # Tagged with this activation: one that fired just before hibernation
                 # must not reach the next activation.
                 message = Message(Kind.TIMER, (self, info), None, ())
-                await self.entry.send_channel.send(message)
-
-
-def _peek_next(channel: trio.MemoryReceiveChannel[Message]) -> Message | None:
-    """The message `receive_nowait` would return, or None if the mailbox is empty,
-    seen in the channel's buffer: not raising and catching its WouldBlock saves a
-    few percent of a persisted call (at one caller per server, the mailbox is empty
-    after every message). trio's private state: `_can_peek` checks it is as read."""
-    state = channel._state
-    if state.data or state.send_tasks:  # a message, or a sender blocked on a full one
-        return channel.receive_nowait()
-    return None
-
-
-def _try_next(channel: trio.MemoryReceiveChannel[Message]) -> Message | None:
-    """`_peek_next` through trio's public interface only."""
-    try:
-        return channel.receive_nowait()
-    except trio.WouldBlock:
-        return None
-
-
-def _can_peek() -> bool:
-    """Whether trio's memory channels keep their buffer and their blocked senders
-    where `_peek_next` looks (checked once, on a channel of its own)."""
-    send, receive = trio.open_memory_channel[object](1)
-    try:
-        state = receive._state
-        empty = not state.data and not state.send_tasks
-        send.send_nowait(None)
-        return empty and len(state.data) == 1 and not state.send_tasks
-    except Exception:  # pragma: no cover - another trio
-        return False
-    finally:
-        send.close()
-        receive.close()
-
-
-#: The next message queued in a mailbox, without waiting; None if there is none.
-_next_queued = _peek_next if _can_peek() else _try_next
+                await self.entry.mailbox.send(message)
 
 
 #: Seconds `terminate("shutdown")` may take for a server cut off at shutdown.

@@ -28,6 +28,7 @@ from ._errors import (
 )
 from ._events import EventType, Tracing
 from ._ledger import ErrorFactory, ReplySlot
+from ._mailbox import Mailbox
 from ._server import Options, PersistentServer
 from ._store import Claim, Store
 from ._writer import Writer
@@ -154,9 +155,8 @@ class Entry:
         "idle_group",
         "info",
         "last_activity",
-        "receive_channel",
+        "mailbox",
         "ref",
-        "send_channel",
         "shutting_down",
         "start",
         "status",
@@ -174,9 +174,7 @@ class Entry:
         self.host = host
         self.info = info
         self.ref = ref
-        self.send_channel, self.receive_channel = trio.open_memory_channel[Message](
-            info.options.mailbox_size
-        )
+        self.mailbox: Mailbox[Message] = Mailbox(info.options.mailbox_size)
         self.status = Status.ACTIVATING
         self.activated = trio.Event()
         self.activation_error: ErrorFactory | None = None
@@ -214,17 +212,17 @@ class Entry:
 
     def waiting(self) -> bool:
         """Whether the server is waiting for a message (so its mailbox is empty)."""
-        return self.receive_channel.statistics().tasks_waiting_receive > 0
+        return self.mailbox.receiver_waiting
 
     def wake(self) -> None:
         """Make the server re-check, now, whether to hibernate or shut down, if it is
         waiting for a message (a busy server checks when it next waits)."""
         if self.waiting():
-            self.send_channel.send_nowait(WAKE)  # handed straight to the waiting task
+            self.mailbox.send_nowait(WAKE)  # handed straight to the waiting task
 
     def mailbox_empty(self) -> bool:
         return (
-            self.front is None and self.receive_channel.statistics().current_buffer_used == 0
+            self.front is None and not self.mailbox
         )
 
     def end(self, error: ErrorFactory) -> None:
@@ -235,10 +233,10 @@ class Entry:
             if self.front is not None:
                 message, self.front = self.front, None
             else:
-                try:
-                    message = self.receive_channel.receive_nowait()
-                except trio.WouldBlock:
+                queued = self.mailbox.next_queued()
+                if queued is None:
                     break
+                message = queued
             if message.slot is not None:
                 message.slot.set_error(error())
             else:

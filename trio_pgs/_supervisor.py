@@ -883,7 +883,7 @@ class PersistentSupervisor:
         if self._tracing is not None:
             message.trace = self._tracing.capture()
         try:
-            entry.send_channel.send_nowait(message)
+            entry.mailbox.send_nowait(message)
         except trio.WouldBlock:
             await self._send_blocked(entry, message, handling)
         else:
@@ -896,13 +896,13 @@ class PersistentSupervisor:
     ) -> None:
         """The mailbox is full: wait for room (the one fallback of every send)."""
         if handling is None:
-            await entry.send_channel.send(message)
+            await entry.mailbox.send(message)
             return
         if message.kind is not Kind.CALL and message.kind is not Kind.STOP:
             check_no_deadlock(entry.ref, handling)  # a cast about to block on a cycle
         handling.waiting_on.append(entry.ref)
         try:
-            await entry.send_channel.send(message)
+            await entry.mailbox.send(message)
         finally:
             handling.waiting_on.remove(entry.ref)
 
@@ -921,7 +921,7 @@ class PersistentSupervisor:
         if self._tracing is not None:
             message.trace = self._tracing.capture()
         try:
-            entry.send_channel.send_nowait(message)
+            entry.mailbox.send_nowait(message)
         except trio.WouldBlock:
             await self._send_blocked(entry, message, handling)
         if handling is None:
@@ -1098,7 +1098,7 @@ class PersistentSupervisor:
             fenced_writes=writer.fenced,
             reminders=counters.reminders,
             woken_by_reminders=counters.woken_by_reminders,
-            queued=sum(e.receive_channel.statistics().current_buffer_used
+            queued=sum(len(e.mailbox)
                        for e in self._entries.values()),
             **({} if self._node is None else attrs.asdict(self._node.statistics())),
         )
