@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
+
 import trio
 import trio.testing
 
-from trio_pgs import NoReply, PersistentSupervisor, Reply, current_caller
+from trio_pgs import NoReply, PersistentSupervisor, Reply, current_caller, testing
 
-from .servers import FaultyStore, TallyServer
+from .servers import FaultyStore, Tally, TallyServer
 
 
 async def test_idle_server_hibernates_after_idle_timeout(store, autojump_clock, lifecycle):
@@ -230,3 +234,54 @@ async def test_a_server_hibernates_once_another_task_gives_its_last_owed_reply(
         await trio.testing.wait_all_tasks_blocked()
         assert sup.statistics().active == 0
         assert sup.statistics().hibernations == 1
+
+
+class Sleeper(TallyServer):
+    kind = "sleeper"
+    idle_timeout = 100.0
+
+    async def handle_call(self, request, state):
+        if request == "sleep 4":
+            await trio.sleep(4)
+            return Reply("slept", Tally([*state.items, "slept"]))
+        return await super().handle_call(request, state)
+
+
+@contextlib.contextmanager
+def hang_guard(seconds: float = 10.0) -> Iterator[None]:
+    """Fail, rather than hang, a block whose tasks never all wait: under
+    autojump_clock virtual time then stands still. A thread cancels the block after
+    *seconds* of real time."""
+    token = trio.lowlevel.current_trio_token()
+    done = threading.Event()
+    with trio.CancelScope() as scope:
+
+        def watch() -> None:
+            if not done.wait(seconds):
+                token.run_sync_soon(scope.cancel)
+
+        threading.Thread(target=watch, daemon=True).start()
+        try:
+            yield
+        finally:
+            done.set()
+    assert not scope.cancelled_caught, f"still running after {seconds} s of real time"
+
+
+async def test_testing_hibernate_of_a_busy_server_returns_once_it_has_hibernated(
+    store, autojump_clock
+):
+    """`testing.hibernate` asked while the handler runs: the server hibernates as soon
+    as that message is handled and committed (not at its idle timeout), and the
+    helper waits for it without keeping virtual time from passing."""
+    async with PersistentSupervisor(store=store) as sup:
+        ref = await sup.start(Sleeper, key="s")
+        with hang_guard():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ref.call, "sleep 4")
+                await trio.testing.wait_all_tasks_blocked()
+                await testing.hibernate(ref)
+        assert 4 <= trio.current_time() < 5
+        assert sup.statistics().active == 0
+        assert sup.statistics().hibernations == 1
+        assert (await ref.call("get")) == ["slept"]

@@ -376,7 +376,12 @@ class Activation:
             if touch and not self.closed:
                 # The idle time counts from the commit (its batch's: one clock read).
                 self._touch(self.entry.host.writer.settled_at)
-            self.entry.host.note_settled(None)  # idle now: max_active, wait_all_idle
+            entry = self.entry
+            entry.host.note_settled(None)  # idle now: max_active, wait_all_idle
+            if entry.hibernate_now:
+                # Asked to hibernate while it handled this message: it began waiting
+                # with this commit in flight, so it did not then; it may now.
+                entry.wake()
         else:
             ref = self.entry.ref
             self.ledger.fail_held(lambda: persistence_error(ref, error))

@@ -35,7 +35,9 @@ async def hibernate(ref: ServerRef) -> None:
         if not entry.hibernate_now:  # asked again after a message kept it awake
             entry.hibernate_now = True
             entry.wake()
-        await trio.lowlevel.checkpoint()  # a checkpoint per turn: the server task runs meanwhile
+        # Until a server settles or ends: waiting, not spinning, so that virtual time
+        # (autojump_clock) passes while the server is busy.
+        await sup._wait_settled()
 
 
 async def wait_all_idle(sup: PersistentSupervisor) -> None:
