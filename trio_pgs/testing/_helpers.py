@@ -27,6 +27,7 @@ async def hibernate(ref: ServerRef) -> None:
     until it has. A server that is busy or owes replies hibernates once idle; a
     dormant one is left alone."""
     sup = find_supervisor(ref)
+    assert isinstance(sup, PersistentSupervisor)
     entry: Any = sup._entries.get(ref)
     if entry is None:
         await trio.lowlevel.checkpoint()
