@@ -566,11 +566,13 @@ def test_rolling_restart_loses_no_acknowledged_increment(
         logs, stored = check_exactly_once(run)
     fenced = [bye["bye"]["fenced_writes"] for bye in byes]
     print(f"\ncluster rolling restart: {summary(logs, stored)}; fenced writes {fenced}")
-    # LIBRARY BUG (seen about one run in three): with every lease holding, a joining
-    # node activates servers it now owns before their old owner, which learns of the
-    # join up to a renewal later, has hibernated them: two activations at once, the old
-    # one's write fenced off and its caller answered ConflictError. Section 14 promises
-    # at most one activation while leases hold, and handoffs that hibernate first.
+    # Guards a fixed bug (once about one run in three): with every lease holding, a
+    # joining node activated servers it now owns before their old owner, which learns
+    # of the join up to a renewal later, had hibernated them: two activations at once,
+    # the old one's write fenced off and its caller answered ConflictError. Section 14
+    # promises at most one activation while leases hold, and handoffs that hibernate
+    # first (`ClusterNode.guarded` asks the old owner to hibernate the server, and a
+    # busy server hibernates once its commit settles).
     assert sum(fenced) == 0, f"fenced writes per node: {fenced}"
     assert "ConflictError" not in logs.errors(), logs.errors()
 
