@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import linecache
+import signal
+import sys
+from collections.abc import Iterator
+from typing import Any
+
 import pytest
 import trio
 import trio.testing
@@ -131,3 +139,56 @@ async def test_a_second_receiver_is_refused() -> None:
 def test_a_mailbox_holds_at_least_one_message() -> None:
     with pytest.raises(ValueError, match="at least one"):
         Mailbox(0)
+
+
+@contextlib.contextmanager
+def _ctrl_c_before(function: Any, text: str) -> Iterator[None]:
+    """A SIGINT raised inside *function*, just before its line that contains *text*
+    runs (trio's handler then decides: deliver it at a checkpoint, or raise it there)."""
+    code = inspect.unwrap(function).__code__
+
+    def in_function(frame: Any, event: str, arg: Any) -> Any:
+        if event == "line" and text in linecache.getline(code.co_filename, frame.f_lineno):
+            signal.raise_signal(signal.SIGINT)
+        return in_function
+
+    def calls(frame: Any, event: str, arg: Any) -> Any:
+        return in_function if frame.f_code is code else None
+
+    sys.settrace(calls)
+    try:
+        yield
+    finally:
+        sys.settrace(None)
+
+
+def test_a_ctrl_c_while_a_message_is_handed_over_strands_no_task() -> None:
+    """As trio's channels, the mailbox is protected from KeyboardInterrupt: a Ctrl-C
+    landing between taking the waiting receiver and waking it is delivered at the
+    sender's next checkpoint, and the receiver still gets the message."""
+    got: list[str] = []
+
+    async def main() -> None:
+        box: Mailbox[str] = Mailbox(1)
+
+        async def receive() -> None:
+            got.append(await box.receive())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(receive)
+            await trio.testing.wait_all_tasks_blocked()
+            with _ctrl_c_before(Mailbox.send_nowait, "reschedule("):
+                box.send_nowait("x")
+            await trio.sleep(1)
+
+    with pytest.raises(BaseException) as raised:
+        trio.run(main)
+    assert _ctrl_c_in(raised.value)
+    assert got == ["x"]
+
+
+def _ctrl_c_in(error: BaseException) -> bool:
+    """Whether *error* is a KeyboardInterrupt, or a group holding one."""
+    if isinstance(error, KeyboardInterrupt):
+        return True
+    return any(_ctrl_c_in(inner) for inner in getattr(error, "exceptions", ()))

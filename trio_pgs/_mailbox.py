@@ -6,7 +6,9 @@ in order; `send` and `receive` are checkpoints; a cancelled wait leaves nothing
 behind) and drops what a mailbox does not need: closing, cloning, several receivers.
 What that buys is the hot path's: one message handed straight to the waiting
 receiver, or appended, with no lookup in a table of waiting tasks and no exception to
-say it is empty (`next_queued`).
+say it is empty (`next_queued`). Like trio's channels, every method that changes it is
+protected from KeyboardInterrupt (senders are user tasks): a Ctrl-C never lands
+between taking the waiting receiver and waking it.
 
 Only the entry's own task receives (its activations, one after another); a second
 receiver waiting at the same time is a bug of ours, refused with `trio.BusyResourceError`.
@@ -25,6 +27,7 @@ from trio.lowlevel import (
     cancel_shielded_checkpoint,
     checkpoint_if_cancelled,
     current_task,
+    enable_ki_protection,
     reschedule,
     wait_task_rescheduled,
 )
@@ -61,6 +64,7 @@ class Mailbox(Generic[T]):
 
     # -- sending --------------------------------------------------------------------
 
+    @enable_ki_protection
     def send_nowait(self, item: T) -> None:
         """Hand *item* to the waiting receiver, or queue it; `trio.WouldBlock` if the
         mailbox is full."""
@@ -73,6 +77,7 @@ class Mailbox(Generic[T]):
         else:
             raise trio.WouldBlock
 
+    @enable_ki_protection
     async def send(self, item: T) -> None:
         """`send_nowait`, waiting for room while the mailbox is full (after the
         senders that waited before)."""
@@ -95,6 +100,7 @@ class Mailbox(Generic[T]):
 
     # -- receiving ------------------------------------------------------------------
 
+    @enable_ki_protection
     def next_queued(self) -> T | None:
         """The next item if there is one (the mailbox holds no None), else None."""
         items = self._items
@@ -105,6 +111,7 @@ class Mailbox(Generic[T]):
             self._admit()
         return item
 
+    @enable_ki_protection
     def receive_nowait(self) -> T:
         """The next item; `trio.WouldBlock` if there is none."""
         item = self.next_queued()
@@ -112,6 +119,7 @@ class Mailbox(Generic[T]):
             raise trio.WouldBlock
         return item
 
+    @enable_ki_protection
     async def receive(self) -> T:
         """The next item, waiting for one."""
         await checkpoint_if_cancelled()
@@ -130,6 +138,7 @@ class Mailbox(Generic[T]):
 
         return await wait_task_rescheduled(abort)  # type: ignore[no-any-return]
 
+    @enable_ki_protection
     def _admit(self) -> None:
         """Room was made: the first waiting sender's item joins the queue."""
         task, item = self._senders.popitem(last=False)
