@@ -371,21 +371,21 @@ class Activation:
     def commit_settled(self, error: BaseException | None, touch: bool) -> None:
         """The writer's callback for a handed-off commit: the held replies go out, or
         fail with the commit's error (and a waiting server goes back to its record)."""
+        entry = self.entry
         if error is None:
             self.ledger.release()
             if touch and not self.closed:
                 # The idle time counts from the commit (its batch's: one clock read).
-                self._touch(self.entry.host.writer.settled_at)
-            entry = self.entry
+                self._touch(entry.host.writer.settled_at)
             entry.host.note_settled(None)  # idle now: max_active, wait_all_idle
             if entry.hibernate_now:
                 # Asked to hibernate while it handled this message: it began waiting
                 # with this commit in flight, so it did not then; it may now.
                 entry.wake()
         else:
-            ref = self.entry.ref
+            ref = entry.ref
             self.ledger.fail_held(lambda: persistence_error(ref, error))
-            self.entry.wake()  # waiting for a message: go back to the stored record now
+            entry.wake()  # waiting for a message: go back to the stored record now
 
     async def _refused(self, message: Message, error: RequestError) -> Next:
         """A `RequestError`: the request is refused, the state stays, not a crash.

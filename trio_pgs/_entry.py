@@ -221,9 +221,7 @@ class Entry:
             self.mailbox.send_nowait(WAKE)  # handed straight to the waiting task
 
     def mailbox_empty(self) -> bool:
-        return (
-            self.front is None and not self.mailbox
-        )
+        return self.front is None and not self.mailbox
 
     def end(self, error: ErrorFactory) -> None:
         """Fail what is still queued with *error* and forget the entry. Synchronous,

@@ -6,7 +6,7 @@ in order; `send` and `receive` are checkpoints; a cancelled wait leaves nothing
 behind) and drops what a mailbox does not need: closing, cloning, several receivers.
 What that buys is the hot path's: one message handed straight to the waiting
 receiver, or appended, with no lookup in a table of waiting tasks and no exception to
-say it is empty (`next_queued`). Like trio's channels, every method that changes it is
+say it is empty (`next_queued`). Like trio's channels, every way in that changes it is
 protected from KeyboardInterrupt (senders are user tasks): a Ctrl-C never lands
 between taking the waiting receiver and waking it.
 
@@ -111,7 +111,6 @@ class Mailbox(Generic[T]):
             self._admit()
         return item
 
-    @enable_ki_protection
     def receive_nowait(self) -> T:
         """The next item; `trio.WouldBlock` if there is none."""
         item = self.next_queued()
@@ -138,9 +137,9 @@ class Mailbox(Generic[T]):
 
         return await wait_task_rescheduled(abort)  # type: ignore[no-any-return]
 
-    @enable_ki_protection
     def _admit(self) -> None:
-        """Room was made: the first waiting sender's item joins the queue."""
+        """Room was made: the first waiting sender's item joins the queue (called
+        from `next_queued`, whose protection from KeyboardInterrupt covers it)."""
         task, item = self._senders.popitem(last=False)
         self._items.append(item)
         reschedule(task)

@@ -1098,8 +1098,7 @@ class PersistentSupervisor:
             fenced_writes=writer.fenced,
             reminders=counters.reminders,
             woken_by_reminders=counters.woken_by_reminders,
-            queued=sum(len(e.mailbox)
-                       for e in self._entries.values()),
+            queued=sum(len(e.mailbox) for e in self._entries.values()),
             **({} if self._node is None else attrs.asdict(self._node.statistics())),
         )
 
