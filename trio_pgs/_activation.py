@@ -36,7 +36,7 @@ from ._errors import (
     TrioPGSError,
 )
 from ._events import EventType
-from ._ledger import Caller, ErrorFactory, ReplyLedger
+from ._ledger import ErrorFactory, ReplyLedger
 from ._policy import Deferred, EachMessage, Policy
 from ._reminding import ReminderBook
 from ._results import NO_REPLY, NoReply, Reply, Stop
@@ -251,8 +251,8 @@ class Activation:
             message = Message(kind, info, None, ())
         else:
             self.book.begin()
-        caller = Caller(self.ledger, message.slot) if kind is Kind.CALL else None  # type: ignore[arg-type]
-        handling = Handling((*message.chain, entry.ref), caller, entry.waiting_on)
+        handling = Handling(entry.ref, message.chain, entry.waiting_on,
+                            message.slot if kind is Kind.CALL else None, self.ledger)
         token = current_handling.set(handling)
         self.ledger.holding = True  # replies wait for this message's outcome
         self.current = message
@@ -276,7 +276,7 @@ class Activation:
             handling.live = False
             current_handling.reset(token)
         entry.host.counters.messages += 1
-        step = self._handled(message, caller, result)
+        step = self._handled(message, handling, result)
         return step if type(step) is Next else await step  # type: ignore[misc]
 
     def _hook(self, message: Message) -> Coroutine[Any, Any, Any]:
@@ -308,7 +308,7 @@ class Activation:
         return Stop(self.state, reason=message.payload, persist=False)
 
     def _handled(
-        self, message: Message, caller: Caller | None, result: Any
+        self, message: Message, handling: Handling, result: Any
     ) -> Next | Coroutine[Any, Any, Next]:
         """The handler returned *result*: hand its state to the policy and answer.
         Synchronous on the hot path; a coroutine to await where it must wait (a
@@ -332,11 +332,12 @@ class Activation:
         timer = message.kind is Kind.TIMER
         if data is None and self.policy.inflight is None:
             self.ledger.release()  # nothing to wait for: the reply goes out at once
-        if caller is not None:
+        if message.kind is Kind.CALL:  # its caller's token exists if the handler took it
             if type(result) is Reply:
-                self.ledger.reply(caller, outcome.Value(result.value))
+                value = outcome.Value(result.value)
+                self.ledger.reply(message.slot, handling.caller, value)  # type: ignore[arg-type]
             else:
-                self.ledger.owe(caller)
+                self.ledger.owe(handling.caller_token())  # type: ignore[arg-type]
         if data is not None:
             # After the reply is in the ledger: a commit that fails at once (the
             # writer stopped) fails it too.

@@ -6,7 +6,7 @@ import contextvars
 import enum
 from typing import TYPE_CHECKING, Any
 
-from ._ledger import Caller, ReplySlot
+from ._ledger import Caller, ReplyLedger, ReplySlot
 
 if TYPE_CHECKING:
     from ._ref import ServerRef
@@ -48,21 +48,45 @@ class Handling:
 
     Tasks that a handler spawns inherit the context variable; `live` tells them apart:
     once the hook has returned, they are not part of the call chain any more.
+
+    The call chain and the caller's token are made when first asked for: most
+    handlers call no server and reply by returning.
     """
 
-    __slots__ = ("caller", "chain", "live", "waiting_on")
+    __slots__ = ("_ledger", "_slot", "caller", "live", "ref", "sent_by", "waiting_on")
 
     def __init__(
         self,
-        chain: tuple[ServerRef, ...],
-        caller: Caller | None,
+        ref: ServerRef,
+        sent_by: tuple[ServerRef, ...],
         waiting_on: list[ServerRef],
+        slot: ReplySlot | None = None,
+        ledger: ReplyLedger | None = None,
     ) -> None:
-        self.chain = chain
-        self.caller = caller
+        #: The server handling, and the chain of the message it handles (the servers
+        #: whose handlers wait on it, its sender last).
+        self.ref = ref
+        self.sent_by = sent_by
         #: The servers this server's handler is waiting on now (its entry's list).
         self.waiting_on = waiting_on
+        #: A call's reply slot, and the ledger its reply goes through.
+        self._slot = slot
+        self._ledger = ledger
+        #: The caller's token, once the handler asked for it (`caller_token`).
+        self.caller: Caller | None = None
         self.live = True
+
+    @property
+    def chain(self) -> tuple[ServerRef, ...]:
+        """The servers waiting on one another down to this one, this one last."""
+        return (*self.sent_by, self.ref)
+
+    def caller_token(self) -> Caller | None:
+        """The token of the call being handled (None for another message)."""
+        if self.caller is None and self._slot is not None:
+            assert self._ledger is not None
+            self.caller = Caller(self._ledger, self._slot)
+        return self.caller
 
 
 current_handling: contextvars.ContextVar[Handling | None] = contextvars.ContextVar(
@@ -84,6 +108,7 @@ def current_caller() -> Caller:
     owes replies does not hibernate; if it crashes, its callers get `ServerCrashed`.
     """
     handling = live_handling()
-    if handling is None or handling.caller is None:
+    caller = None if handling is None else handling.caller_token()
+    if caller is None:
         raise RuntimeError("current_caller() is only available inside handle_call")
-    return handling.caller
+    return caller

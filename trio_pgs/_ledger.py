@@ -147,10 +147,14 @@ class ReplyLedger:
         else:
             self._held.append((slot, result))
 
-    def reply(self, caller: Caller, result: outcome.Outcome[Any]) -> None:
-        """The handler's `Reply` to its caller: held like any reply."""
-        caller._replied = True
-        self.answer(caller._slot, result)
+    def reply(
+        self, slot: ReplySlot, caller: Caller | None, result: outcome.Outcome[Any]
+    ) -> None:
+        """The handler's `Reply` to the caller of *slot*: held like any reply. *caller*
+        is the caller's token if the handler took one (`current_caller`), else None."""
+        if caller is not None:
+            caller._replied = True
+        self.answer(slot, result)
 
     def owe(self, caller: Caller) -> None:
         """The handler deferred its reply (`NoReply` without replying yet)."""

@@ -276,7 +276,7 @@ async def _run_on_activate(
 async def _in_chain(entry: Entry, hook: Any) -> Any:
     """Await the coroutine of `init` or `on_activate` as part of the call chain: a
     server it calls that calls back is a cycle (`CallCycleError`), not a deadlock."""
-    handling = Handling((entry.ref,), None, entry.waiting_on)
+    handling = Handling(entry.ref, (), entry.waiting_on)
     token = current_handling.set(handling)
     try:
         return await hook

@@ -650,7 +650,7 @@ class PersistentSupervisor:
                 # From another node's handler: would its wait close a cycle through
                 # the servers waiting here (X here calls Y there, Y calls X), or
                 # through other nodes' (X calls Y calls Z, each on its own node)?
-                check_no_deadlock(ref, Handling(chain, None, []))
+                check_no_deadlock(ref, Handling(chain[-1], chain[:-1], []))
                 if self._node is not None and await self._node.waits_on(ref, chain[-1]):
                     raise CallCycleError(
                         f"calling {ref} would deadlock: it waits, through other nodes' "
