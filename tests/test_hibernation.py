@@ -6,6 +6,7 @@ import contextlib
 import threading
 from collections.abc import Iterator
 
+import pytest
 import trio
 import trio.testing
 
@@ -282,6 +283,31 @@ async def test_testing_hibernate_of_a_busy_server_returns_once_it_has_hibernated
                 await trio.testing.wait_all_tasks_blocked()
                 await testing.hibernate(ref)
         assert 4 <= trio.current_time() < 5
+        assert sup.statistics().active == 0
+        assert sup.statistics().hibernations == 1
+        assert (await ref.call("get")) == ["slept"]
+
+
+@pytest.mark.parametrize("how", ["release", "hand_off"])
+async def test_a_busy_server_handed_to_another_node_hibernates_once_its_message_is_done(
+    store, autojump_clock, how
+):
+    """A cluster node gives a server to another one (`_release` when the other takes
+    it, `_hand_off` when the members change) while its handler runs: the server
+    hibernates as soon as that message is handled and committed, not at its idle
+    timeout (which would hold the other node's activation for that long)."""
+    async with PersistentSupervisor(store=store) as sup:
+        ref = await sup.start(Sleeper, key="s")
+        with hang_guard():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ref.call, "sleep 4")
+                await trio.testing.wait_all_tasks_blocked()
+                if how == "release":
+                    await sup._release(ref, 30.0)
+                else:
+                    assert sup._hand_off(lambda ref: False) == 1
+                    await trio.sleep(5)
+        assert trio.current_time() < 6
         assert sup.statistics().active == 0
         assert sup.statistics().hibernations == 1
         assert (await ref.call("get")) == ["slept"]
