@@ -16,9 +16,9 @@ from .postgres import Server
 #: on a MemoryStore, a DiskCacheStore and a PostgresStore (the `store_backend`
 #: parameter).
 ON_EVERY_BACKEND = {
-    "test_edges", "test_events", "test_hibernation", "test_lifecycle", "test_messages",
-    "test_modes", "test_persistence", "test_ref", "test_reminders", "test_state",
-    "test_supervisor",
+    "test_caller_hostile", "test_edges", "test_events", "test_hibernation",
+    "test_lifecycle", "test_messages", "test_modes", "test_persistence", "test_ref",
+    "test_reminders", "test_state", "test_supervisor",
 }
 BACKENDS = ["memory", "diskcache", "postgres"]
 

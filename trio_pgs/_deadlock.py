@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NoReturn
+import itertools
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ._errors import CallCycleError
 from ._registry import open_supervisors
@@ -15,13 +16,13 @@ if TYPE_CHECKING:
 def check_no_deadlock(target: ServerRef, handling: Handling) -> tuple[ServerRef, ...]:
     """Raise `CallCycleError` if waiting on *target* from this handler cannot end.
 
-    Two checks: *target* is already waiting in this call chain (A calls B calls A, or
+    Two checks: *target* is still waiting in this call chain (A calls B calls A, or
     a self-call), or *target* is waiting, through the servers it is calling now, on
     this server (A calls B while B, handling another message, calls A). Returns the
     chain the message carries.
     """
     chain = handling.chain
-    if target in chain:
+    if target in chain and _still_waiting(chain, target):
         _raise_cycle(target, (*chain, target))
     path = _wait_path(target, chain[-1])
     if path is not None:
@@ -32,7 +33,32 @@ def check_no_deadlock(target: ServerRef, handling: Handling) -> tuple[ServerRef,
 def would_deadlock(target: ServerRef, handling: Handling) -> bool:
     """Whether waiting on *target* from this handler could never end (the checks of
     `check_no_deadlock`, as a question)."""
-    return target in handling.chain or _wait_path(target, handling.chain[-1]) is not None
+    chain = handling.chain
+    return (
+        (target in chain and _still_waiting(chain, target))
+        or _wait_path(target, chain[-1]) is not None
+    )
+
+
+def _still_waiting(chain: tuple[ServerRef, ...], target: ServerRef) -> bool:
+    """Whether the servers of *chain* from *target* on still wait, each on the next.
+
+    A chain is what its message's senders waited on when they sent it; a caller that
+    gave up since (cancelled) waits no more, and a call back to it is no cycle. A
+    server of this process tells (its wait-for edges); one of another node is taken
+    to wait still (its node answers for it, `ClusterNode.waits_on`)."""
+    links = chain[len(chain) - 1 - chain[::-1].index(target):]  # from its last wait on
+    for waiter, waited in itertools.pairwise(links):
+        entry = _local_entry(waiter)
+        if entry is not None and waited not in entry.waiting_on:
+            return False
+    return True
+
+
+def _local_entry(ref: ServerRef) -> Any:
+    """The entry of *ref* if it runs in this process, else None."""
+    sup = open_supervisors.get(ref.supervisor)
+    return None if sup is None else sup._entries.get(ref)
 
 
 def _wait_path(target: ServerRef, me: ServerRef) -> tuple[ServerRef, ...] | None:
@@ -44,8 +70,7 @@ def _wait_path(target: ServerRef, me: ServerRef) -> tuple[ServerRef, ...] | None
         if ref in seen:
             continue
         seen.add(ref)
-        sup = open_supervisors.get(ref.supervisor)
-        entry = None if sup is None else sup._entries.get(ref)
+        entry = _local_entry(ref)
         if entry is None:
             continue
         for waited in entry.waiting_on:

@@ -686,10 +686,9 @@ class PersistentSupervisor:
         assert node is not None
         await trio.lowlevel.checkpoint_if_cancelled()
         handling = live_handling()
-        chain: tuple[ServerRef, ...] = ()
-        if handling is not None:
-            waits = op in ("call", "stop")
-            chain = check_no_deadlock(ref, handling) if waits else handling.chain
+        chain: tuple[ServerRef, ...] = ()  # a cast waits on nobody: it carries no chain
+        if handling is not None and op in ("call", "stop"):
+            chain = check_no_deadlock(ref, handling)
         request: bytes | None = None
         for attempt in itertools.count():  # reroute() gives up after ROUTES
             address = node.route(ref)
@@ -851,6 +850,20 @@ class PersistentSupervisor:
         return ref
 
     async def _start_here(self, info: KindInfo, ref: ServerRef, args: tuple[Any, ...]) -> None:
+        handling = live_handling()
+        if handling is None:
+            await self._create(info, ref, args)
+            return
+        # From a handler: it waits on the new server's init and on_activate (an edge
+        # of the wait-for graph while it lasts), so that a call back from them is a
+        # cycle, not a deadlock.
+        handling.waiting_on.append(ref)
+        try:
+            await self._create(info, ref, args)
+        finally:
+            handling.waiting_on.remove(ref)
+
+    async def _create(self, info: KindInfo, ref: ServerRef, args: tuple[Any, ...]) -> None:
         while (entry := self._entries.get(ref)) is not None:
             if entry.status is Status.ACTIVATING and not entry.activated.is_set():
                 await entry.activated.wait()
@@ -873,10 +886,8 @@ class PersistentSupervisor:
         await trio.lowlevel.checkpoint_if_cancelled()
         handling = live_handling()
         waits = kind is Kind.CALL or kind is Kind.STOP
-        if chain is None:
-            chain = ()
-            if handling is not None:
-                chain = check_no_deadlock(ref, handling) if waits else handling.chain
+        if chain is None:  # a cast waits on nobody: it carries no chain
+            chain = check_no_deadlock(ref, handling) if handling is not None and waits else ()
         entry = self._entry(ref)
         slot = ReplySlot() if waits or kind is Kind.CRASH else None
         message = Message(kind, payload, slot, chain)
