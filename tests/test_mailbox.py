@@ -38,6 +38,35 @@ async def test_a_full_mailbox_refuses_send_nowait_and_keeps_what_it_has() -> Non
     assert [box.receive_nowait(), box.receive_nowait()] == [1, 2]
 
 
+async def test_a_waiting_sender_is_told_when_its_item_is_let_in_before_it_resumes() -> None:
+    """`send(item, admitted)`: *admitted* runs the moment room lets the item in, in the
+    receiver's step (before the sender resumes); never for a sender that did not wait
+    or that gave up."""
+    box: Mailbox[str] = Mailbox(1)
+    told: list[str] = []
+    await box.send("first", lambda: told.append("first"))  # room: no wait, not told
+    resumed = []
+
+    async def sender(item: str, scope: trio.CancelScope) -> None:
+        with scope:
+            await box.send(item, lambda: told.append(item))
+            resumed.append(item)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sender, "second", trio.CancelScope())
+        await trio.testing.wait_all_tasks_blocked()
+        gave_up = trio.CancelScope()
+        nursery.start_soon(sender, "never", gave_up)  # queued behind "second"
+        await trio.testing.wait_all_tasks_blocked()
+        gave_up.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        assert box.receive_nowait() == "first"
+        assert told == ["second"] and resumed == []  # let in, not resumed yet
+    assert resumed == ["second"]
+    assert box.receive_nowait() == "second"
+    assert box.next_queued() is None
+
+
 async def test_a_waiting_receiver_gets_the_item_at_once() -> None:
     box: Mailbox[str] = Mailbox(1)
     got: list[str] = []

@@ -49,10 +49,22 @@ def _still_waiting(chain: tuple[ServerRef, ...], target: ServerRef) -> bool:
     to wait still (its node answers for it, `ClusterNode.waits_on`)."""
     links = chain[len(chain) - 1 - chain[::-1].index(target):]  # from its last wait on
     for waiter, waited in itertools.pairwise(links):
-        entry = _local_entry(waiter)
-        if entry is not None and waited not in entry.waiting_on:
+        waits = _waits_of(waiter)
+        if waits is not None and waited not in waits:
             return False
     return True
+
+
+def _waits_of(ref: ServerRef) -> list[ServerRef] | None:
+    """What *ref* waits on now, if this process serves it (nothing when it is
+    dormant); None if another node serves it (not known here)."""
+    sup = open_supervisors.get(ref.supervisor)
+    if sup is None:
+        return None
+    entry = sup._entries.get(ref)
+    if entry is not None:
+        return entry.waiting_on  # type: ignore[no-any-return]
+    return [] if sup._serves(ref) else None
 
 
 def _local_entry(ref: ServerRef) -> Any:

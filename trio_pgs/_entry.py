@@ -27,7 +27,7 @@ from ._errors import (
     SupervisorNotRunning,
 )
 from ._events import EventType, Tracing
-from ._ledger import ErrorFactory, ReplySlot
+from ._ledger import ErrorFactory, ReplySlot, WaitEdge
 from ._mailbox import Mailbox
 from ._server import Options, PersistentServer
 from ._store import Claim, Store
@@ -148,6 +148,7 @@ class Entry:
         "activated",
         "activation",
         "activation_error",
+        "activation_waits",
         "check_due",
         "front",
         "hibernate_now",
@@ -178,6 +179,9 @@ class Entry:
         self.status = Status.ACTIVATING
         self.activated = trio.Event()
         self.activation_error: ErrorFactory | None = None
+        #: The wait-for edges of handlers waiting for this activation (a cast to a
+        #: dormant server): dropped when it ends, before they resume.
+        self.activation_waits: list[WaitEdge] | None = None
         self.start = start
         self.shutting_down = False
         #: Set by the supervisor above max_active: hibernate at the next wait.
@@ -209,6 +213,9 @@ class Entry:
         """Wake whoever waits for the activation, and drop the entry's own Event."""
         event, self.activated = self.activated, _ACTIVATED
         event.set()
+        waits, self.activation_waits = self.activation_waits, None
+        for edge in waits or ():
+            edge.drop()
 
     def waiting(self) -> bool:
         """Whether the server is waiting for a message (so its mailbox is empty)."""

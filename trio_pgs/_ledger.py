@@ -27,6 +27,25 @@ if TYPE_CHECKING:
 ErrorFactory = Callable[[], BaseException]
 
 
+class WaitEdge:
+    """An edge of the wait-for graph: a server waits on *target* (its *waiting_on* list
+    holds it) until `drop`. Whoever ends the wait drops it, before the waiter resumes
+    (so that the server it waited on may call it back at once); the waiter drops it
+    too, however its wait ended. Dropped once."""
+
+    __slots__ = ("_target", "_waiting_on")
+
+    def __init__(self, waiting_on: list[ServerRef], target: ServerRef) -> None:
+        waiting_on.append(target)
+        self._waiting_on: list[ServerRef] | None = waiting_on
+        self._target = target
+
+    def drop(self) -> None:
+        if self._waiting_on is not None:
+            waiting_on, self._waiting_on = self._waiting_on, None
+            waiting_on.remove(self._target)
+
+
 class ReplySlot:
     """Where one call's outcome goes. The caller may stop waiting (cancelled): the
     server still handles the request and the outcome is dropped."""

@@ -17,6 +17,7 @@ receiver waiting at the same time is a bug of ours, refused with `trio.BusyResou
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 import outcome
@@ -47,8 +48,9 @@ class Mailbox(Generic[T]):
         self._items: deque[T] = deque()
         #: The task waiting in `receive`, if any (then nothing is queued).
         self._receiver: Task | None = None
-        #: The tasks waiting in `send` for room, in order, with what each sends.
-        self._senders: OrderedDict[Task, T] = OrderedDict()
+        #: The tasks waiting in `send` for room, in order, with what each sends and
+        #: what to call when it is let in.
+        self._senders: OrderedDict[Task, tuple[T, Callable[[], None] | None]] = OrderedDict()
 
     def __len__(self) -> int:
         """How many items are queued (not counting the waiting senders')."""
@@ -78,9 +80,10 @@ class Mailbox(Generic[T]):
             raise trio.WouldBlock
 
     @enable_ki_protection
-    async def send(self, item: T) -> None:
+    async def send(self, item: T, admitted: Callable[[], None] | None = None) -> None:
         """`send_nowait`, waiting for room while the mailbox is full (after the
-        senders that waited before)."""
+        senders that waited before). *admitted* is called if it waits, the moment its
+        item is let in (before it resumes): it must not raise."""
         await checkpoint_if_cancelled()
         try:
             self.send_nowait(item)  # full while senders wait: none is overtaken
@@ -90,7 +93,7 @@ class Mailbox(Generic[T]):
             await cancel_shielded_checkpoint()
             return
         task = current_task()
-        self._senders[task] = item
+        self._senders[task] = (item, admitted)
 
         def abort(_: Any) -> Abort:
             del self._senders[task]
@@ -140,6 +143,8 @@ class Mailbox(Generic[T]):
     def _admit(self) -> None:
         """Room was made: the first waiting sender's item joins the queue (called
         from `next_queued`, whose protection from KeyboardInterrupt covers it)."""
-        task, item = self._senders.popitem(last=False)
+        task, (item, admitted) = self._senders.popitem(last=False)
         self._items.append(item)
         reschedule(task)
+        if admitted is not None:
+            admitted()

@@ -31,6 +31,9 @@ class Reachable(Protocol):
 
     async def _deliver_crash(self, ref: Any) -> None: ...
 
+    def _serves(self, ref: Any) -> bool:
+        """Whether this process serves *ref* (in a cluster: this node owns it)."""
+
 
 open_supervisors: dict[str, Reachable] = {}
 

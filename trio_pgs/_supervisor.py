@@ -39,7 +39,7 @@ from ._errors import (
 )
 from ._events import EventType, ServerEvent, Tracing, traced_async, traced_call, traced_stop
 from ._idle import IdleReaper
-from ._ledger import ReplySlot
+from ._ledger import ReplySlot, WaitEdge
 from ._ref import ServerRef, check_key
 from ._registry import open_supervisors
 from ._runtime import serve
@@ -620,6 +620,10 @@ class PersistentSupervisor:
             while self._entries.get(ref) is entry:
                 await self._wait_settled()
 
+    def _serves(self, ref: ServerRef) -> bool:
+        """Whether this node serves *ref* (every ref, outside a cluster)."""
+        return self._host.owns(ref)
+
     def _waits(self, ref: ServerRef) -> list[ServerRef] | None:
         """What *ref* waits on now, if it runs here (None: not here)."""
         entry = self._entries.get(ref)
@@ -909,13 +913,16 @@ class PersistentSupervisor:
         if handling is None:
             await entry.mailbox.send(message)
             return
-        if message.kind is not Kind.CALL and message.kind is not Kind.STOP:
+        waits = message.kind is Kind.CALL or message.kind is Kind.STOP
+        if not waits:
             check_no_deadlock(entry.ref, handling)  # a cast about to block on a cycle
-        handling.waiting_on.append(entry.ref)
+        edge = WaitEdge(handling.waiting_on, entry.ref)
         try:
-            await entry.mailbox.send(message)
+            # A cast's wait ends once it is let in (the edge goes then); a call's goes
+            # on, for the reply (its edge, added before this task resumes from here).
+            await entry.mailbox.send(message, None if waits else edge.drop)
         finally:
-            handling.waiting_on.remove(entry.ref)
+            edge.drop()
 
     async def _deliver_call(self, ref: ServerRef, request: Any) -> Any:
         # The hot path: `_send` and `_wait_reply` for a call, inlined.
@@ -983,11 +990,14 @@ class PersistentSupervisor:
         if would_deadlock(entry.ref, handling):
             await trio.lowlevel.checkpoint()
             return False
-        handling.waiting_on.append(entry.ref)
+        edge = WaitEdge(handling.waiting_on, entry.ref)  # dropped by the activation
+        if entry.activation_waits is None:
+            entry.activation_waits = []
+        entry.activation_waits.append(edge)
         try:
             await entry.activated.wait()
         finally:
-            handling.waiting_on.remove(entry.ref)
+            edge.drop()
         return True
 
     async def _deliver_crash(self, ref: ServerRef) -> None:
