@@ -56,9 +56,9 @@ class ReplySlot:
         self._task: trio.lowlevel.Task | None = None
         self._result: outcome.Outcome[Any] | None = None
         self._done = False
-        #: The wait-for edge (the calling server's list, the callee) this call adds;
-        #: removed as soon as the outcome is known, before the caller even resumes.
-        self.edge: tuple[list[ServerRef], ServerRef] | None = None
+        #: The wait-for edge this call adds, from a handler: dropped as soon as the
+        #: outcome is known, before the caller even resumes.
+        self.edge: WaitEdge | None = None
 
     @property
     def done(self) -> bool:
@@ -68,19 +68,13 @@ class ReplySlot:
         if self._done:
             return
         self._done = True
-        if self.edge is not None:  # a call from a handler (`drop_edge`)
-            self.drop_edge()
+        if self.edge is not None:  # a call from a handler
+            self.edge.drop()
         if self._task is not None:
             task, self._task = self._task, None
             trio.lowlevel.reschedule(task, result)
         else:
             self._result = result
-
-    def drop_edge(self) -> None:
-        if self.edge is not None:
-            waiting_on, target = self.edge
-            self.edge = None
-            waiting_on.remove(target)
 
     def set_error(self, error: BaseException) -> None:
         self.set(outcome.Error(error))

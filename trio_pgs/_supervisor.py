@@ -724,11 +724,11 @@ class PersistentSupervisor:
         graph while it lasts (so that a call back from the other node is caught)."""
         if handling is None:
             return await node.forward(address, ref, request)
-        handling.waiting_on.append(ref)
+        edge = WaitEdge(handling.waiting_on, ref)
         try:
             return await node.forward(address, ref, request)
         finally:
-            handling.waiting_on.remove(ref)
+            edge.drop()
 
     # -- registry ---------------------------------------------------------------------
 
@@ -861,11 +861,11 @@ class PersistentSupervisor:
         # From a handler: it waits on the new server's init and on_activate (an edge
         # of the wait-for graph while it lasts), so that a call back from them is a
         # cycle, not a deadlock.
-        handling.waiting_on.append(ref)
+        edge = WaitEdge(handling.waiting_on, ref)
         try:
             await self._create(info, ref, args)
         finally:
-            handling.waiting_on.remove(ref)
+            edge.drop()
 
     async def _create(self, info: KindInfo, ref: ServerRef, args: tuple[Any, ...]) -> None:
         while (entry := self._entries.get(ref)) is not None:
@@ -952,12 +952,11 @@ class PersistentSupervisor:
         handling = live_handling()
         if handling is None:
             return await slot.wait()
-        handling.waiting_on.append(ref)
-        slot.edge = (handling.waiting_on, ref)
+        edge = slot.edge = WaitEdge(handling.waiting_on, ref)
         try:
             return await slot.wait()
         finally:
-            slot.drop_edge()  # cancelled: this server no longer waits
+            edge.drop()  # cancelled: this server no longer waits
 
     async def _deliver_async(self, ref: ServerRef, kind: str, payload: Any) -> None:
         """A cast or an info: accepted once queued and the server activated (a key
