@@ -75,6 +75,14 @@ async def quiet() -> None:
     await trio.testing.wait_all_tasks_blocked()
 
 
+async def call_into(got: list[Any], ref: trio_pgs.ServerRef, request: Any) -> None:
+    """Call *ref*; append its reply, or the trio-pgs error it raised, to *got*."""
+    try:
+        got.append(await ref.call(request))
+    except trio_pgs.TrioPGSError as exc:
+        got.append(exc)
+
+
 # --------------------------------------------------------------------------- servers
 
 
@@ -187,11 +195,7 @@ async def test_current_caller_twice_around_an_await_is_one_caller(
         ref = await sup.start(Deferrer, 0, key="a")
         async with trio.open_nursery() as nursery:
             got: list[Any] = []
-
-            async def call() -> None:
-                got.append(await ref.call(("twice", "t")))
-
-            nursery.start_soon(call)
+            nursery.start_soon(call_into, got, ref, ("twice", "t"))
             await trio.sleep(2)
             first, second = TOKENS["t:1"], TOKENS["t:2"]
             used, other = (first, second) if through == "first" else (second, first)
@@ -212,11 +216,7 @@ async def test_current_caller_around_a_nested_deferred_call_is_still_ours(
         b = await sup.start(Deferrer, 0, key="b")
         async with trio.open_nursery() as nursery:
             got: list[Any] = []
-
-            async def call() -> None:
-                got.append(await a.call(("twice-around-call", "n", b)))
-
-            nursery.start_soon(call)
+            nursery.start_soon(call_into, got, a, ("twice-around-call", "n", b))
             await quiet()
             first, second = TOKENS["n:1"], TOKENS["n:2"]
             assert not first.replied and not second.replied
@@ -247,11 +247,7 @@ async def test_reply_through_token_then_noreply_is_released_after_commit(autojum
         got: list[Any] = []
         async with trio.open_nursery() as nursery:
             store.hold_commits()
-
-            async def call() -> None:
-                got.append(await ref.call(("reply-now", "v")))
-
-            nursery.start_soon(call)
+            nursery.start_soon(call_into, got, ref, ("reply-now", "v"))
             await trio.sleep(10)
             assert got == []  # the commit is held: the reply is not released
             store.release_commits()
@@ -299,11 +295,7 @@ async def test_stale_token_of_an_answered_call_does_not_answer_the_next(
         assert await ref.call(("take-but-reply", "old", "first")) == "first"
         got: list[Any] = []
         async with trio.open_nursery() as nursery:
-
-            async def call() -> None:
-                got.append(await ref.call(("keep", "new")))
-
-            nursery.start_soon(call)
+            nursery.start_soon(call_into, got, ref, ("keep", "new"))
             await quiet()
             await TOKENS["old"].reply("stale")
             await trio.sleep(1)
@@ -321,14 +313,7 @@ async def test_stale_token_does_not_answer_a_noreply_without_token(
         assert await ref.call(("take-but-reply", "old", "first")) == "first"
         got: list[Any] = []
         async with trio.open_nursery() as nursery:
-
-            async def call() -> None:
-                try:
-                    got.append(await ref.call("noreply-no-token"))
-                except ServerCrashed as exc:
-                    got.append(exc)
-
-            nursery.start_soon(call)
+            nursery.start_soon(call_into, got, ref, "noreply-no-token")
             await quiet()
             await TOKENS["old"].reply("stale")
             await trio.sleep(1)
@@ -347,14 +332,7 @@ async def test_noreply_without_token_owes_a_reply_and_never_hibernates(
         ref = await sup.start(Deferrer, 0, key="a")
         got: list[Any] = []
         async with trio.open_nursery() as nursery:
-
-            async def call() -> None:
-                try:
-                    got.append(await ref.call("noreply-no-token"))
-                except ServerCrashed as exc:
-                    got.append(exc)
-
-            nursery.start_soon(call)
+            nursery.start_soon(call_into, got, ref, "noreply-no-token")
             await trio.sleep(Deferrer.idle_timeout * 10)
             assert got == []
             assert sup.statistics().hibernations == 0
@@ -370,14 +348,7 @@ async def test_noreply_without_token_then_stop_gives_server_crashed(
         ref = await sup.start(Deferrer, 0, key="a")
         got: list[Any] = []
         async with trio.open_nursery() as nursery:
-
-            async def call() -> None:
-                try:
-                    got.append(await ref.call("noreply-no-token"))
-                except ServerCrashed as exc:
-                    got.append(exc)
-
-            nursery.start_soon(call)
+            nursery.start_soon(call_into, got, ref, "noreply-no-token")
             await quiet()
             await ref.stop(reason="kept")
         assert len(got) == 1 and isinstance(got[0], ServerCrashed)
@@ -390,14 +361,7 @@ async def test_noreply_without_token_at_shutdown_gives_outcome_unknown(
     async with trio.open_nursery() as nursery:
         async with PersistentSupervisor(store=store) as sup:
             ref = await sup.start(Deferrer, 0, key="a")
-
-            async def call() -> None:
-                try:
-                    got.append(await ref.call("noreply-no-token"))
-                except trio_pgs.TrioPGSError as exc:
-                    got.append(exc)
-
-            nursery.start_soon(call)
+            nursery.start_soon(call_into, got, ref, "noreply-no-token")
             await quiet()
         await quiet()
     assert len(got) == 1 and isinstance(got[0], OutcomeUnknown), got
@@ -410,14 +374,7 @@ async def test_kept_token_at_shutdown_gives_outcome_unknown_and_late_reply_is_ig
     async with trio.open_nursery() as nursery:
         async with PersistentSupervisor(store=store) as sup:
             ref = await sup.start(Deferrer, 0, key="a")
-
-            async def call() -> None:
-                try:
-                    got.append(await ref.call(("keep", "k")))
-                except trio_pgs.TrioPGSError as exc:
-                    got.append(exc)
-
-            nursery.start_soon(call)
+            nursery.start_soon(call_into, got, ref, ("keep", "k"))
             await quiet()
         await quiet()
     assert len(got) == 1 and isinstance(got[0], OutcomeUnknown), got
@@ -435,11 +392,7 @@ async def test_reply_from_another_servers_handler(store, autojump_clock):
         b = await sup.start(Deferrer, 0, key="b")
         got: list[Any] = []
         async with trio.open_nursery() as nursery:
-
-            async def call() -> None:
-                got.append(await a.call(("keep", "k")))
-
-            nursery.start_soon(call)
+            nursery.start_soon(call_into, got, a, ("keep", "k"))
             await quiet()
             assert await b.call(("answer", "k", "from-b")) == "answered"
         assert got == ["from-b"]
@@ -451,11 +404,7 @@ async def test_reply_from_the_same_servers_later_message(store, autojump_clock):
         a = await sup.start(Deferrer, 0, key="a")
         got: list[Any] = []
         async with trio.open_nursery() as nursery:
-
-            async def call() -> None:
-                got.append(await a.call(("keep", "k")))
-
-            nursery.start_soon(call)
+            nursery.start_soon(call_into, got, a, ("keep", "k"))
             await quiet()
             assert await a.call(("answer", "k", "later")) == "answered"
         assert got == ["later"]
@@ -466,14 +415,7 @@ async def test_late_reply_after_owner_crashed_is_ignored(store, autojump_clock):
         ref = await sup.start(Deferrer, 0, key="a")
         got: list[Any] = []
         async with trio.open_nursery() as nursery:
-
-            async def call() -> None:
-                try:
-                    got.append(await ref.call(("keep", "k")))
-                except ServerCrashed as exc:
-                    got.append(exc)
-
-            nursery.start_soon(call)
+            nursery.start_soon(call_into, got, ref, ("keep", "k"))
             await quiet()
             with pytest.raises(ServerCrashed):
                 await ref.call("boom")
@@ -489,14 +431,7 @@ async def test_late_reply_after_owner_stopped_is_ignored(store, autojump_clock):
         ref = await sup.start(Deferrer, 0, key="a")
         got: list[Any] = []
         async with trio.open_nursery() as nursery:
-
-            async def call() -> None:
-                try:
-                    got.append(await ref.call(("keep", "k")))
-                except ServerCrashed as exc:
-                    got.append(exc)
-
-            nursery.start_soon(call)
+            nursery.start_soon(call_into, got, ref, ("keep", "k"))
             await quiet()
             await ref.stop()
         assert len(got) == 1 and isinstance(got[0], ServerCrashed)
@@ -664,11 +599,7 @@ async def test_task_in_outer_nursery_sees_token_only_while_handler_runs(
         got: list[Any] = []
         async with trio.open_nursery() as nursery:
             NURSERY["outer"] = nursery
-
-            async def call() -> None:
-                got.append(await ref.call("go"))
-
-            nursery.start_soon(call)
+            nursery.start_soon(call_into, got, ref, "go")
             await event("task-probed").wait()
             await quiet()
             assert await ref.call("state") == 1  # the "go" handler has returned
@@ -1140,11 +1071,7 @@ async def test_cancelled_caller_with_pending_deferred_reply(store, autojump_cloc
         await TOKENS["gone"].reply("nobody listens")  # no error
         got: list[Any] = []
         async with trio.open_nursery() as nursery:
-
-            async def call() -> None:
-                got.append(await ref.call(("keep", "next")))
-
-            nursery.start_soon(call)
+            nursery.start_soon(call_into, got, ref, ("keep", "next"))
             await quiet()
             await TOKENS["gone"].reply("stale again")
             await trio.sleep(1)
@@ -1279,14 +1206,7 @@ async def test_forced_hibernation_waits_while_a_reply_is_owed(
         ref = await sup.start(Deferrer, 0, key="a")
         got: list[Any] = []
         async with trio.open_nursery() as nursery:
-
-            async def call() -> None:
-                try:
-                    got.append(await ref.call(request_))
-                except ServerCrashed as exc:
-                    got.append(exc)
-
-            nursery.start_soon(call)
+            nursery.start_soon(call_into, got, ref, request_)
             await quiet()
             nursery.start_soon(testing.hibernate, ref)
             await trio.sleep(Deferrer.idle_timeout * 4)
@@ -1310,14 +1230,7 @@ async def test_max_active_never_hibernates_a_server_that_owes(
         ref = await sup.start(Deferrer, 0, key="a")
         got: list[Any] = []
         async with trio.open_nursery() as nursery:
-
-            async def call() -> None:
-                try:
-                    got.append(await ref.call(request_))
-                except ServerCrashed as exc:
-                    got.append(exc)
-
-            nursery.start_soon(call)
+            nursery.start_soon(call_into, got, ref, request_)
             await quiet()
             others = [await sup.start(Deferrer, 0, key=f"o{i}") for i in range(3)]
             for other in others:

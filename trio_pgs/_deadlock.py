@@ -61,10 +61,8 @@ def _waits_of(ref: ServerRef) -> list[ServerRef] | None:
     sup = open_supervisors.get(ref.supervisor)
     if sup is None:
         return None
-    entry = sup._entries.get(ref)
-    if entry is not None:
-        return entry.waiting_on  # type: ignore[no-any-return]
-    return [] if sup._serves(ref) else None
+    waits = sup._waits(ref)
+    return [] if waits is None and sup._serves(ref) else waits
 
 
 def _local_entry(ref: ServerRef) -> Any:

@@ -31,6 +31,9 @@ class Reachable(Protocol):
 
     async def _deliver_crash(self, ref: Any) -> None: ...
 
+    def _waits(self, ref: Any) -> list[Any] | None:
+        """What *ref* waits on now, if it runs here (None: not here)."""
+
     def _serves(self, ref: Any) -> bool:
         """Whether this process serves *ref* (in a cluster: this node owns it)."""
 
