@@ -10,7 +10,7 @@ import sys
 import tempfile
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from trio_pgs import PostgresStore
@@ -108,7 +108,8 @@ class ClockedPostgresStore(Clocked, PostgresStore):
     def _is_open(self) -> bool:
         return self._pool is not None
 
-    async def _write(self, operations: list[Operation], atomic: bool, bulk: Any) -> list[Any]:
-        # The writes wait for PostgreSQL on the trio thread, not through _run.
+    async def _commit(self, operations: Sequence[Operation], *, atomic: bool) -> list[Any]:
+        # The writes wait for PostgreSQL on the trio thread (`_postgres_writes`), not
+        # through _run.
         with _clock_held():
-            return await super()._write(operations, atomic, bulk)
+            return await super()._commit(operations, atomic=atomic)

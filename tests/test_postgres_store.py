@@ -792,11 +792,11 @@ async def test_a_batch_prepares_its_statement_again_when_it_is_gone(postgres: Se
     async with opened(postgres.store()) as store:
         await store.commit_each([Put(record(key, b"v1"), 0) for key in "ab"])
         assert await store.commit_each(updates("ab", 2)) == [None, None]
-        held = store._held
+        held = store._writes._held
         assert held is not None
         held.connection.execute("DEALLOCATE ALL")
         assert await store.commit_each(updates("ab", 3)) == [None, None]
-        assert store._held is held  # the same connection
+        assert store._writes._held is held  # the same connection
         for key in "ab":
             assert await store.load(KIND, key) == record(key, b"v3", version=3)
 
@@ -808,9 +808,9 @@ async def test_the_writes_give_their_connection_back_to_its_pool_from_time_to_ti
     pool can replace it past its max_lifetime) and is taken again: with no while at
     all, every batch gives it back and takes it again, and the pool of one connection
     never runs dry."""
-    from trio_pgs import _postgres_store
+    from trio_pgs import _postgres_writes
 
-    monkeypatch.setattr(_postgres_store, "_HOLD", 0.0)
+    monkeypatch.setattr(_postgres_writes, "_HOLD", 0.0)
     async with opened(postgres.store()) as store:
         await store.commit_each([Put(record(key, b"v1"), 0) for key in "ab"])
         for version in range(2, 6):

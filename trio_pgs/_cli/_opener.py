@@ -18,7 +18,8 @@ import trio
 
 from .._diskcache_store import DiskCacheStore
 from .._errors import ConflictError, PersistenceError
-from .._postgres_store import PostgresStore, without_password
+from .._postgres_conn import without_password
+from .._postgres_store import PostgresStore
 from .._store import Operation, Record
 from ._exit import EXIT_FAILED, EXIT_NOT_STARTED, CommandError
 
