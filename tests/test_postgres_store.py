@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
+import resource
 import socket
 import threading
 import uuid
@@ -41,6 +43,7 @@ from trio_pgs import (
     Record,
 )
 from trio_pgs import _postgres_sql as sql
+from trio_pgs._postgres_conn import without_password
 
 from .postgres import ClockedPostgresStore, Server
 from .servers import TallyServer
@@ -366,6 +369,25 @@ async def test_an_unreachable_database_is_refused_at_once_without_its_password(
         assert password not in str(error), f"{type(error).__name__}: {error}"
     assert password not in repr(store)
     assert "could not be opened" in str(caught.value)
+
+
+@pytest.mark.parametrize("password", [
+    "Xy7&Secret9", r"Xy7\ Secret9", r"'Xy7 Secret9\'s'", r"'Xy7&Sec\\ret9 x'",
+])
+async def test_a_password_libpq_reads_with_a_separator_or_escape_is_hidden_whole(
+    password: str, tmp_path: Path
+):
+    """In a key=value DSN, ``&`` is part of a password (it separates parameters only
+    in a URL), and libpq reads backslash escapes and quotes: none of the password may
+    show in the store's repr or in its errors."""
+    dsn = f"host={tmp_path} user=app password={password} dbname=games"
+    parsed = psycopg.conninfo.conninfo_to_dict(dsn)["password"]
+    store = PostgresStore(dsn, schema="trio_pgs", connect_timeout=1)
+    with trio.fail_after(5), pytest.raises(PersistenceError) as caught:
+        await store.open()
+    for shown in (repr(store), str(caught.value), without_password(dsn)):
+        for part in ("Secret9", "Sec", parsed):
+            assert part not in shown, shown
 
 
 @pytest.mark.parametrize(
@@ -786,6 +808,41 @@ async def test_a_write_connection_the_database_dropped_while_idle_is_replaced(
             assert await store.load(KIND, key) == record(key, b"v3", version=3)
 
 
+@contextlib.contextmanager
+def descriptors_above(number: int) -> Iterator[None]:
+    """Hold open files until the next descriptor the process opens is above *number*
+    (as a server with many sockets does), raising the soft limit if needed."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = number + 256
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        pytest.skip(f"the hard limit of open files ({hard}) is below {wanted}")
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    held: list[int] = []
+    try:
+        while not held or held[-1] <= number:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+        yield
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_a_store_works_with_descriptors_above_select_s_limit(postgres: Server):
+    """A process holding more than 1,024 open files (FD_SETSIZE, select's limit) gets
+    connections whose descriptors are above it: checking them before use must not
+    refuse every one of them (each load and write then waited for connect_timeout and
+    failed, "is the database up?")."""
+    with descriptors_above(1100):
+        store = postgres.store(connect_timeout=3)
+        async with opened(store):
+            with trio.fail_after(2):
+                assert await store.commit_each([Put(record("a", b"v1"), 0)]) == [None]
+                assert await store.commit_each(updates("a", 2)) == [None]
+                assert await store.load(KIND, "a") == record("a", b"v2", version=2)
+
+
 async def test_a_batch_prepares_its_statement_again_when_it_is_gone(postgres: Server):
     """The batch's prepared statement was deallocated on its connection (DISCARD ALL,
     as a connection pooler may send): the batch prepares it again and is written."""
@@ -903,6 +960,10 @@ BAD_ROWS = {
     "crash-infinite": {"crashes": "ARRAY['Infinity']::float8[]"},
     "history-null": {"history": "ARRAY[NULL]::bytea[]"},
     "updated-at-nan": {"updated_at": "'NaN'"},
+    # No room for the next write: PostgreSQL would refuse the version after it, and
+    # with it the whole batch of the other servers' writes.
+    "version-at-the-top": {"version": "9223372036854775807"},
+    "epoch-at-the-top": {"epoch": "9223372036854775807"},
 }
 
 
@@ -910,10 +971,11 @@ def write_bad_rows(postgres: Server, schema: str, kind: str) -> None:
     with connect(postgres) as connection:
         for key, columns in BAD_ROWS.items():
             values = {"data": "%(data)s", "crashes": "'{}'", "history": "'{}'",
-                      "updated_at": "1.0", **columns}
+                      "updated_at": "1.0", "version": "1", "epoch": "1", **columns}
             connection.execute(
                 f'INSERT INTO "{schema}".records (kind, key, version, epoch, state_version,'
-                " data, crashes, history, updated_at) VALUES (%(kind)s, %(key)s, 1, 1, 1, "
+                " data, crashes, history, updated_at) VALUES (%(kind)s, %(key)s, "
+                f"{values['version']}, {values['epoch']}, 1, "
                 f"{values['data']}, {values['crashes']}, {values['history']},"
                 f" {values['updated_at']})",
                 {"kind": kind, "key": key, "data": tally("x")},

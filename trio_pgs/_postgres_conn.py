@@ -208,10 +208,20 @@ def check_idle(connection: psycopg.Connection[Any]) -> None:
     pg, _ = import_psycopg()
     if connection.closed or connection.broken:
         raise pg.OperationalError("closed")
-    readable, _, _ = select.select([connection.fileno()], [], [], 0)
-    if readable:
+    if _readable(connection.fileno()):
         connection.close()  # so that the pool discards it, and replaces it
         raise pg.OperationalError("the database dropped this connection while it was idle")
+
+
+def _readable(fd: int) -> bool:
+    """Whether *fd* has something to read, or was hung up, now. Through poll, not
+    select: select refuses a descriptor at or above FD_SETSIZE (1,024), which any
+    process with many sockets open hands to its new connections."""
+    if not hasattr(select, "poll"):  # pragma: no cover - Windows, whose select has no such limit
+        return bool(select.select([fd], [], [], 0)[0])
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def read(
@@ -229,9 +239,11 @@ def first_line(exc: BaseException) -> str:
 
 
 class Secret:
-    """What of a DSN must never be shown: its password, in a URL's user information
-    or as a ``password`` parameter. `masked` is the DSN without it; `scrub` takes it
-    (and the whole DSN) out of a message, such as libpq's, which may quote them."""
+    """What of a DSN must never be shown: its password, in a URL's user information or
+    query, or as a ``password`` parameter of a key=value DSN (quoted or not, with
+    libpq's backslash escapes, and ``&`` as part of it: it separates parameters only
+    in a URL). `masked` is the DSN without it; `scrub` takes it (and the whole DSN)
+    out of a message, such as libpq's, which may quote them."""
 
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
@@ -245,14 +257,18 @@ class Secret:
             if at and colon and password:
                 passwords.append(password)
                 masked = f"{scheme}://{user}:***@{rest[len(userinfo) + 1:]}"
-        for match in _PASSWORD_PARAMETER.finditer(dsn):
+        parameter = _URL_PASSWORD if sep else _KEYWORD_PASSWORD
+        for match in parameter.finditer(dsn):
             value = match.group(2)
             if value:
-                passwords.append(value.strip("'"))
-        masked = _PASSWORD_PARAMETER.sub(r"\1***", masked)
-        self.masked = masked
+                quoted = len(value) > 1 and value[0] == value[-1] == "'"
+                passwords += [value, _BACKSLASHED.sub(r"\1", value[1:-1] if quoted else value)]
+        self.masked = parameter.sub(r"\1***", masked)
+        parsed = _parsed_password(dsn)
+        if parsed:
+            passwords.append(parsed)
         self._passwords = sorted(
-            {p for p in passwords} | {urllib.parse.unquote(p) for p in passwords},
+            {p for p in passwords if p} | {urllib.parse.unquote(p) for p in passwords if p},
             key=len, reverse=True,
         )
 
@@ -263,12 +279,27 @@ class Secret:
         return text
 
 
+def _parsed_password(dsn: str) -> str | None:
+    """The password as libpq reads it from *dsn*, if psycopg can parse it."""
+    try:
+        pg, _ = import_psycopg()
+        return pg.conninfo.conninfo_to_dict(dsn).get("password")  # type: ignore[no-any-return]
+    except Exception:  # a DSN libpq refuses: connecting will say so, scrubbed
+        return None
+
+
 def without_password(dsn: str) -> str:
     """*dsn* fit for a message: its password hidden."""
     return Secret(dsn).masked
 
 
-_PASSWORD_PARAMETER = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^&\s]*)", re.IGNORECASE)
+#: A password parameter and its value: in a URL's query, up to the next parameter; in
+#: a key=value DSN, quoted or up to a blank, libpq's backslash escapes included.
+_URL_PASSWORD = re.compile(r"([?&]password=)([^&#]*)", re.IGNORECASE)
+_KEYWORD_PASSWORD = re.compile(
+    r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|(?:[^\s\\]|\\.)+)", re.IGNORECASE
+)
+_BACKSLASHED = re.compile(r"\\(.)")
 #: Connections closed after a cancellation: the pool's warning about each is expected.
 CLOSED: weakref.WeakSet[Any] = weakref.WeakSet()
 

@@ -19,6 +19,12 @@ from ._store import Record
 #: The most bytes a kind and a key may take together: a btree index entry holds at
 #: most 2,704 bytes (PostgreSQL's page size / 3), with room to spare for its header.
 MAX_IDENT_BYTES = 2_600
+#: The highest version or epoch of a record read back: its writes and claims count up
+#: from it in a bigint column (at most 2**63 - 1), and a write PostgreSQL refuses for
+#: its version would fail the whole statement, so the other servers' writes in its
+#: batch. A row above it (written by hand) is refused; below it, a server has 2**32
+#: writes of room, more than it makes in decades.
+MAX_COUNT = 2**63 - 2**32
 
 
 def decode(row: Sequence[Any]) -> Record:
@@ -52,6 +58,8 @@ def _problem(row: Sequence[Any]) -> str | None:
         return "its kind or key is empty"
     if version < 1 or epoch < 0 or state_version < 1:
         return "its version or state_version is below 1, or its epoch below 0"
+    if version > MAX_COUNT or epoch > MAX_COUNT:
+        return f"its version or epoch is above {MAX_COUNT}: no room left for its writes"
     if data is None and not deleted:
         return "it has no data"
     if not all(type(t) is float and math.isfinite(t) for t in crashes):
