@@ -92,6 +92,10 @@ def _check_positive_or_none(name: str, value: object) -> None:
         raise ValueError(f"{name} must be > 0 (or None for never), not {value!r}")
 
 
+#: The largest state_version: what a signed 64-bit integer column holds.
+_MAX_STATE_VERSION = 2**63 - 1
+
+
 def _check_count(name: str, value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{name} must be an int, not {value!r}")
@@ -125,6 +129,13 @@ class Options:
         _check_count("max_crashes", self.max_crashes)
         _check_positive_or_none("crash_window", self.crash_window)
         _check_count("state_version", self.state_version)
+        if self.state_version > _MAX_STATE_VERSION:
+            # Stores keep it in a 64-bit integer: PostgreSQL would refuse the statement
+            # of a whole batch for it, and the other servers' writes with it.
+            raise ValueError(
+                f"state_version must be at most {_MAX_STATE_VERSION} (stores keep it in a "
+                f"64-bit integer), not {self.state_version!r}"
+            )
         _check_positive_or_none("max_lag", self.max_lag)
         if self.max_lag is None:
             raise ValueError("max_lag must be a number of seconds (use ON_STOP for never)")
