@@ -39,6 +39,7 @@ from ._server import Persistence as Persistence
 from ._server import PersistentServer as PersistentServer
 from ._server import Restart as Restart
 from ._shaping import ephemeral as ephemeral
+from ._statistics import SupervisorStatistics as SupervisorStatistics
 from ._store import Claim as Claim
 from ._store import Delete as Delete
 from ._store import Member as Member
@@ -52,6 +53,5 @@ from ._store import SupportsMembership as SupportsMembership
 from ._store import SupportsReminders as SupportsReminders
 from ._store import SupportsReportingScan as SupportsReportingScan
 from ._supervisor import PersistentSupervisor as PersistentSupervisor
-from ._supervisor import SupervisorStatistics as SupervisorStatistics
 
 __version__ = "0.1.0"

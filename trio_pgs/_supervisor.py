@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import itertools
 import logging
 import math
 import time
@@ -20,17 +19,16 @@ import trio
 from cattrs.preconf.json import make_converter as make_json_converter
 from typing_extensions import TypeVarTuple, Unpack
 
+from . import _routing as routing
 from ._activation import TERMINATE_GRACE
 from ._calls import Handling, Kind, Message, current_handling, live_handling
-from ._cluster import MOVED, Cluster, ClusterNode
+from ._cluster import Cluster, ClusterNode
 from ._deadlock import check_no_deadlock, would_deadlock
 from ._encoding import Codec
 from ._entry import Counters, Entry, KindInfo, StartRequest, Status
 from ._errors import (
     AlreadyStarted,
-    CallCycleError,
     ConflictError,
-    NotOwner,
     ServerNotFound,
     SupervisorEscalated,
     SupervisorNotRunning,
@@ -51,6 +49,7 @@ from ._server import (
     check_shaping,
     resolve_options,
 )
+from ._statistics import SupervisorStatistics
 from ._store import (
     Put,
     Record,
@@ -72,72 +71,6 @@ from ._writer import Writer
 InitArgs = TypeVarTuple("InitArgs")
 
 logger = logging.getLogger("trio_pgs")
-
-
-@attrs.frozen
-class SupervisorStatistics:
-    """A snapshot of a supervisor's counters (see `PersistentSupervisor.statistics`).
-
-    Attributes:
-        name: The supervisor's name.
-        active: Servers active or in transition now (dormant ones cost nothing).
-        activations: Activations since the supervisor opened (first ones included).
-        hibernations: Activations that ended because the server was idle.
-        crashes: Handler, init and activation failures.
-        stops: Servers that stopped (any reason).
-        messages: Messages handled successfully.
-        commits: Store transactions the writer committed.
-        records_written: Records written (or wiped) in those transactions.
-        failed_commits: Operations the store refused or failed.
-        quarantined: Servers put in quarantine since the supervisor opened.
-        migrations: Records migrated to the class's state_version (and committed).
-        refusals: Requests refused by a handler raising a `RequestError` (not crashes).
-        unflushed: Servers whose last change was not committed at shutdown: a handler
-            cut off at ``shutdown_timeout``, or a deferred (``WRITE_BEHIND``,
-            ``ON_STOP``) state the store refused; empty until shutdown.
-        fenced_writes: Writes the store refused for their epoch: a later activation
-            (another process, another node) had claimed the server.
-        nodes: The live nodes of the cluster (1 outside a cluster).
-        forwarded: Messages sent to the node that owns their server.
-        served_for_others: Messages other nodes sent here.
-        handoffs: Servers asked to hibernate here because another node owns them now.
-        lost_leases: Times this node's lease ran out before it was renewed.
-        reminders: Reminders delivered to ``handle_info`` (a redelivery after a crash
-            counts again).
-        woken_by_reminders: Dormant servers activated because a reminder was due.
-        queued: Messages waiting in the mailboxes of the active servers now.
-    """
-
-    name: str
-    active: int
-    activations: int
-    hibernations: int
-    crashes: int
-    stops: int
-    messages: int
-    commits: int
-    records_written: int
-    failed_commits: int
-    quarantined: int
-    migrations: int = 0
-    refusals: int = 0
-    unflushed: tuple[str, ...] = ()
-    fenced_writes: int = 0
-    nodes: int = 1
-    forwarded: int = 0
-    served_for_others: int = 0
-    handoffs: int = 0
-    lost_leases: int = 0
-    reminders: int = 0
-    woken_by_reminders: int = 0
-    queued: int = 0
-
-    @property
-    def mean_batch_size(self) -> float:
-        """The mean number of records per store transaction (``records_written /
-        commits``, 0.0 before the first commit), which shows how well group commit
-        batches."""
-        return self.records_written / self.commits if self.commits else 0.0
 
 
 class PersistentSupervisor:
@@ -645,90 +578,13 @@ class PersistentSupervisor:
     async def _serve_remote(
         self, op: str, ref: ServerRef, payload: Any, chain: tuple[ServerRef, ...]
     ) -> Any:
-        """A message for *ref* that this node serves: delivered here (`NotOwner` if
-        the server turns out to be another node's)."""
-        if self._closing:
-            raise NotOwner(f"{ref}: this node is shutting down")
-        if op == "call" or op == "stop":
-            if chain and live_handling() is None:
-                # From another node's handler: would its wait close a cycle through
-                # the servers waiting here (X here calls Y there, Y calls X), or
-                # through other nodes' (X calls Y calls Z, each on its own node)?
-                check_no_deadlock(ref, Handling(chain[-1], chain[:-1], []))
-                if self._node is not None and await self._node.waits_on(ref, chain[-1]):
-                    raise CallCycleError(
-                        f"calling {ref} would deadlock: it waits, through other nodes' "
-                        f"servers, on {chain[-1]}, which calls it; use cast, or a "
-                        "deferred reply (current_caller())"
-                    )
-            entry, message = await self._send(
-                ref, Kind.CALL if op == "call" else Kind.STOP, payload, chain
-            )
-            return await self._wait_reply(ref, entry, message)
-        if op == "cast" or op == "info":
-            await self._deliver_async_here(ref, op, payload, chain)
-            return None
-        if op == "repair":
-            what, steps = payload
-            if what == "release":
-                await self._release_here(ref)
-            else:
-                await self._rollback_here(ref, int(steps))
-            return None
-        if op == "start":
-            info = self._kinds.get(ref.kind)
-            if info is None:
-                raise self._unknown_kind(ref.kind)
-            await self._start_here(info, ref, tuple(payload))
-            return None
-        raise ValueError(f"unknown operation {op!r}")
+        """A message from another node for *ref*, which this node serves (`routing.serve`)."""
+        return await routing.serve(self, op, ref, payload, chain)
 
     async def _routed(self, ref: ServerRef, op: str, payload: Any) -> Any:
-        """Deliver a message in a cluster: here when this node owns *ref*, else to
-        its owner; routed again when the owner moved meanwhile."""
-        node = self._node
-        assert node is not None
-        await trio.lowlevel.checkpoint_if_cancelled()
-        handling = live_handling()
-        chain: tuple[ServerRef, ...] = ()  # a cast waits on nobody: it carries no chain
-        if handling is not None and op in ("call", "stop"):
-            chain = check_no_deadlock(ref, handling)
-        request: bytes | None = None
-        for attempt in itertools.count():  # reroute() gives up after ROUTES
-            address = node.route(ref)
-            if address is None:
-                try:
-                    return await self._serve_remote(op, ref, payload, chain)
-                except NotOwner:
-                    if self._closing:
-                        raise SupervisorNotRunning(
-                            f"supervisor {self.name!r} is shutting down"
-                        ) from None
-                except ConflictError as exc:
-                    if not exc.fenced:  # fenced: another node claimed it; go there
-                        raise
-            else:
-                if request is None:
-                    request = node.encode(op, ref, payload, chain)
-                reply = await self._forward(node, address, ref, request, handling)
-                if reply is not MOVED:
-                    return reply
-            await node.reroute(ref, attempt)
-        raise AssertionError("unreachable")
-
-    async def _forward(
-        self, node: ClusterNode, address: tuple[str, int], ref: ServerRef, request: bytes,
-        handling: Handling | None,
-    ) -> Any:
-        """`ClusterNode.forward`; from a handler, its wait is an edge of the wait-for
-        graph while it lasts (so that a call back from the other node is caught)."""
-        if handling is None:
-            return await node.forward(address, ref, request)
-        edge = WaitEdge(handling.waiting_on, ref)
-        try:
-            return await node.forward(address, ref, request)
-        finally:
-            edge.drop()
+        """Deliver a message in a cluster (`routing.route`)."""
+        assert self._node is not None
+        return await routing.route(self, self._node, ref, op, payload)
 
     # -- registry ---------------------------------------------------------------------
 

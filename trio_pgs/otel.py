@@ -23,7 +23,8 @@ from . import __version__
 from ._errors import RequestError
 from ._events import EventType, ServerEvent
 from ._ref import ServerRef
-from ._supervisor import PersistentSupervisor, SupervisorStatistics
+from ._statistics import SupervisorStatistics
+from ._supervisor import PersistentSupervisor
 
 _missing: ImportError | None = None
 try:
