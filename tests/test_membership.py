@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+from typing import Any
 
 import psycopg
 import pytest
@@ -15,8 +16,9 @@ import trio
 
 import trio_pgs
 from trio_pgs import Member, PersistenceError, PersistentSupervisor, PostgresStore
+from trio_pgs._placement import owner
 
-from .postgres import Server
+from .postgres import ClockedPostgresStore, Server
 from .servers import TallyServer
 
 HOST = socket.gethostname()
@@ -195,6 +197,10 @@ def test_a_cluster_needs_a_store_that_keeps_members(tmp_path):
         ({"secret": b"s" * 16, "listen": "localhost"}, "host:port"),
         ({"secret": b"s" * 16, "listen": "h:99999"}, "host:port"),
         ({"secret": b"s" * 16, "advertise": ":80"}, "host:port"),
+        ({"secret": b"s" * 16, "listen": "127.0.0.1:\u00b2"}, "host:port"),
+        ({"secret": b"s" * 16, "advertise": "0.0.0.0:7000"}, "connect to"),
+        ({"secret": b"s" * 16, "advertise": "[::]:7000"}, "connect to"),
+        ({"secret": b"s" * 16, "advertise": "10.0.0.1:0"}, "connect to"),
         ({"secret": b"s" * 16, "lease": 0.5}, "between 1 and 3600"),
         ({"secret": b"s" * 16, "lease": True}, "between 1 and 3600"),
     ],
@@ -230,3 +236,61 @@ async def test_a_node_joining_a_cluster_of_another_secret_is_refused(postgres: S
         await _open_and_close(PostgresStore(postgres.dsn, schema=schema),
                               cluster=trio_pgs.Cluster(secret=b"s" * 16))
     assert [r[2] for r in rows(postgres, schema)] == ["elsewhere"]  # it left again
+
+
+async def test_a_stranger_joining_after_a_node_gets_no_messages_and_no_second_owner(
+    postgres: Server,
+):
+    """A node of another secret joins while this one's lease had run out (so nobody
+    refused it), and this one joins again: neither may serve the servers placement
+    gives the other. This node keeps its own share, sends nothing to the stranger,
+    and a call to the stranger's share fails as unavailable, not sent, instead of
+    activating here too (two activations at once while both leases hold)."""
+    schema = postgres.schema()
+    store = PostgresStore(postgres.dsn, schema=schema)
+    cluster = trio_pgs.Cluster(secret=b"s" * 16, listen="127.0.0.1:0")
+    async with PersistentSupervisor(store=store, cluster=cluster, servers=[TallyServer]) as sup:
+        keys = [f"k{i}" for i in range(40)]
+        for key in keys:  # alone, this node owns them all
+            await sup.start(TallyServer, "a", key=key)
+        await store.join("default", "n1", address="127.0.0.1:9", clustered=True, lease=600,
+                         host="elsewhere", pid=1, proof="0" * 64)
+        node = sup._node
+        await node.membership.refresh()
+        mine = [k for k in keys if owner((node.node, "n1"), TallyServer.kind, k) == node.node]
+        theirs = [k for k in keys if k not in mine]
+        assert mine and theirs
+        for key in mine:
+            assert await sup.ref(TallyServer, key).call("get") == ["a"]
+        for key in theirs:
+            with pytest.raises(trio_pgs.NodeUnavailable) as caught:
+                await sup.ref(TallyServer, key).call("get")
+            assert not caught.value.sent and "secret" in str(caught.value)
+
+
+class HangingRenewals(ClockedPostgresStore):
+    """A store whose lease renewals never answer once `hang` is set (a database that
+    stopped answering)."""
+
+    hang = False
+
+    async def renew(self, *args: Any, **kwargs: Any) -> Any:
+        if self.hang:
+            await trio.sleep_forever()
+        return await super().renew(*args, **kwargs)
+
+
+async def test_a_cluster_node_exits_within_shutdown_timeout_when_the_database_hangs(
+    postgres: Server, autojump_clock
+):
+    """Leaving tells the others first (a renewal saying "leaving"); with a database that
+    does not answer, that wait comes out of ``shutdown_timeout``: the exit still takes
+    at most ``shutdown_timeout`` plus a second, as the guide says, not a third of the
+    lease more."""
+    store = HangingRenewals(postgres.dsn, schema=postgres.schema())
+    cluster = trio_pgs.Cluster(secret=b"s" * 16, listen="127.0.0.1:0", lease=60)
+    async with PersistentSupervisor(store=store, cluster=cluster, shutdown_timeout=1) as sup:
+        await sup.start(TallyServer, key="a")
+        store.hang = True
+        began = trio.current_time()
+    assert trio.current_time() - began <= 1 + 1

@@ -49,9 +49,25 @@ def _address(value: object) -> str:
     return value
 
 
+def _advertised(value: object) -> str:
+    """An address the other nodes connect to: a real port, and not a wildcard host
+    (which names no machine to connect to)."""
+    address = _address(value)
+    host, port = _split(address)
+    if port == 0 or host in ("0.0.0.0", "::", ""):
+        raise ValueError(
+            f"advertise must be a host and port the other nodes can connect to, not "
+            f"{address!r} (a wildcard host or port 0 names no place to connect to)"
+        )
+    return address
+
+
 def _split(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+    if (
+        not sep or not host or not (port.isascii() and port.isdigit())
+        or not 0 <= int(port) < 65536
+    ):
         raise ValueError(f"an address must be 'host:port', not {address!r}")
     return host.strip("[]"), int(port)
 
@@ -98,7 +114,7 @@ class Cluster:
     secret: bytes = attrs.field(converter=_secret, repr=False)
     listen: str = attrs.field(default="127.0.0.1:0", converter=_address)
     advertise: str | None = attrs.field(
-        default=None, converter=attrs.converters.optional(_address)
+        default=None, converter=attrs.converters.optional(_advertised)
     )
     lease: float = attrs.field(default=10.0, converter=_lease)
     ssl_context: ssl.SSLContext | None = attrs.field(default=None, converter=_ssl)
@@ -194,6 +210,8 @@ class ClusterNode:
         #: Placement: the live nodes that take servers, and where each one listens.
         self._nodes: tuple[str, ...] = ()
         self._addresses: dict[str, tuple[str, int]] = {}
+        #: The members that do not prove the secret: placed, never sent to.
+        self._strange: frozenset[str] = frozenset()
         self._owners: dict[ServerRef, str] = {}
         #: Every live member but this one, leaving ones included: who may still hold
         #: a server this node gained, until `_settled_at`.
@@ -244,12 +262,13 @@ class ClusterNode:
                 await trio.sleep(0.05)  # the last replies leave their sender tasks
             await transport.aclose()
 
-    async def announce_leaving(self) -> None:
-        """Tell the others this node is leaving: they stop routing to it."""
+    async def announce_leaving(self, by: float = math.inf) -> None:
+        """Tell the others this node is leaving: they stop routing to it. Waits for the
+        database a third of the lease at most, and not past *by* (trio time)."""
         self.membership.leaving = True
         self._nodes = tuple(n for n in self._nodes if n != self.node)
         self._owners.clear()
-        with trio.move_on_after(self.membership.lease / 3):
+        with trio.move_on_at(min(trio.current_time() + self.membership.lease / 3, by)):
             await self.membership.refresh()
 
     def guarded(
@@ -344,17 +363,27 @@ class ClusterNode:
 
     def _view_changed(self, members: tuple[Member, ...]) -> None:
         strangers = self._strangers(members)
+        strange: frozenset[str] = frozenset()
         if strangers:
             logger.error("supervisor %r: node(s) %s do not use this cluster's secret; "
-                         "they get no servers and no messages from here",
-                         self.local.name, strangers)
+                         "they get no messages from here, and nobody here serves their "
+                         "share of the servers", self.local.name, strangers)
             proof = self.membership.proof
             assert proof is not None
-            members = tuple(m for m in members if hmac.compare_digest(m.proof, proof(m.node)))
+            strange = frozenset(
+                m.node for m in members if not hmac.compare_digest(m.proof, proof(m.node))
+            )
+        # A stranger keeps its place in the placement: it holds a lease, and may serve
+        # its share as it sees it (it joined while no node could refuse it). Serving
+        # that share here too would make two activations at once; messages for it fail.
+        self._strange = strange
         nodes = tuple(m.node for m in members if m.clustered and not m.leaving)
         if self.membership.leaving:
             nodes = tuple(n for n in nodes if n != self.node)
-        addresses = {m.node: _split(m.address) for m in members if m.clustered and m.address}
+        addresses = {
+            m.node: _split(m.address)
+            for m in members if m.clustered and m.address and m.node not in strange
+        }
         if self.transport is not None and self._nursery is not None:
             for node, address in self._addresses.items():
                 if node not in addresses:  # gone: fail what still waits on it, soon
@@ -417,6 +446,11 @@ class ClusterNode:
             return None
         address = self._addresses.get(node)
         if address is None:
+            if node in self._strange:
+                raise NodeUnavailable(
+                    f"{ref}: its node {node} does not prove this cluster's secret; give "
+                    "every node the same secret", sent=False,
+                )
             raise NodeUnavailable(f"{ref}: its node {node} gave no address", sent=False)
         return address
 

@@ -241,9 +241,12 @@ class PersistentSupervisor:
                 except BaseException as exc:  # re-raised as itself below
                     body_error = exc
                 with trio.CancelScope(shield=True):
+                    # One deadline for all of it: telling the others first comes out
+                    # of shutdown_timeout (a database that does not answer included).
+                    deadline = trio.current_time() + self.shutdown_timeout
                     if self._node is not None and self.cluster is not None:
-                        await self._node.announce_leaving()  # hand servers off first
-                    await self._shut_down()
+                        await self._node.announce_leaving(by=deadline)  # hand off first
+                    await self._shut_down(deadline)
                     await self._leave()
                 nursery.cancel_scope.cancel()
         finally:
@@ -313,7 +316,11 @@ class PersistentSupervisor:
 
     async def _leave(self) -> None:
         if self._node is not None:
-            with trio.move_on_after(TERMINATE_GRACE):
+            # Within the shutdown's grace, which closing the store shares.
+            end = trio.current_time() + TERMINATE_GRACE
+            if self._grace_end is not None:
+                end = min(end, self._grace_end)
+            with trio.move_on_at(end):
                 await self._node.leave()
 
     async def _close_store(self) -> None:
@@ -421,8 +428,9 @@ class PersistentSupervisor:
         with self._writer_scope:
             await self._writer.run()
 
-    async def _shut_down(self) -> None:
-        """Every server shuts down within one deadline, ``shutdown_timeout`` from now.
+    async def _shut_down(self, deadline: float | None = None) -> None:
+        """Every server shuts down within one deadline, ``shutdown_timeout`` from now
+        (or *deadline*, the shutdown's, if given).
 
         Past it, handlers still running are cancelled (their callers are told nothing
         was committed), and the writer stops waiting for the store: callers whose
@@ -430,7 +438,8 @@ class PersistentSupervisor:
         ``terminate`` hooks and closing the store then share TERMINATE_GRACE
         seconds."""
         self._closing = True
-        deadline = trio.current_time() + self.shutdown_timeout
+        if deadline is None:
+            deadline = trio.current_time() + self.shutdown_timeout
         self._grace_end = deadline + TERMINATE_GRACE
         for entry in list(self._entries.values()):
             entry.shutting_down = True
