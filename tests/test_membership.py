@@ -16,7 +16,6 @@ import trio
 
 import trio_pgs
 from trio_pgs import Member, PersistenceError, PersistentSupervisor, PostgresStore
-from trio_pgs._placement import owner
 
 from .postgres import ClockedPostgresStore, Server
 from .servers import TallyServer
@@ -201,6 +200,9 @@ def test_a_cluster_needs_a_store_that_keeps_members(tmp_path):
         ({"secret": b"s" * 16, "advertise": "0.0.0.0:7000"}, "connect to"),
         ({"secret": b"s" * 16, "advertise": "[::]:7000"}, "connect to"),
         ({"secret": b"s" * 16, "advertise": "10.0.0.1:0"}, "connect to"),
+        ({"secret": b"s" * 16, "advertise": "[::0]:7000"}, "connect to"),
+        ({"secret": b"s" * 16, "advertise": "0:7000"}, "connect to"),
+        ({"secret": b"s" * 16, "listen": "0.0.0.0:7000"}, "give advertise"),
         ({"secret": b"s" * 16, "lease": 0.5}, "between 1 and 3600"),
         ({"secret": b"s" * 16, "lease": True}, "between 1 and 3600"),
     ],
@@ -238,34 +240,47 @@ async def test_a_node_joining_a_cluster_of_another_secret_is_refused(postgres: S
     assert [r[2] for r in rows(postgres, schema)] == ["elsewhere"]  # it left again
 
 
-async def test_a_stranger_joining_after_a_node_gets_no_messages_and_no_second_owner(
+async def test_a_stranger_that_joined_after_this_node_changes_nothing_here(
     postgres: Server,
 ):
-    """A node of another secret joins while this one's lease had run out (so nobody
-    refused it), and this one joins again: neither may serve the servers placement
-    gives the other. This node keeps its own share, sends nothing to the stranger,
-    and a call to the stranger's share fails as unavailable, not sent, instead of
-    activating here too (two activations at once while both leases hold)."""
+    """A node of another secret joins after this one (it is refused as it starts, and
+    leaves again; or it lingers): this node keeps serving every server it served, and
+    the stranger gets none of them and no message."""
     schema = postgres.schema()
     store = PostgresStore(postgres.dsn, schema=schema)
     cluster = trio_pgs.Cluster(secret=b"s" * 16, listen="127.0.0.1:0")
     async with PersistentSupervisor(store=store, cluster=cluster, servers=[TallyServer]) as sup:
-        keys = [f"k{i}" for i in range(40)]
-        for key in keys:  # alone, this node owns them all
-            await sup.start(TallyServer, "a", key=key)
+        refs = [await sup.start(TallyServer, "a", key=f"k{i}") for i in range(20)]
         await store.join("default", "n1", address="127.0.0.1:9", clustered=True, lease=600,
                          host="elsewhere", pid=1, proof="0" * 64)
-        node = sup._node
-        await node.membership.refresh()
-        mine = [k for k in keys if owner((node.node, "n1"), TallyServer.kind, k) == node.node]
-        theirs = [k for k in keys if k not in mine]
-        assert mine and theirs
-        for key in mine:
-            assert await sup.ref(TallyServer, key).call("get") == ["a"]
-        for key in theirs:
+        await sup._node.membership.refresh()
+        for ref in refs:
+            assert await ref.call("get") == ["a"]
+        assert sup.statistics().active == 20
+
+
+async def test_a_node_joining_again_after_a_stranger_got_in_serves_nothing(postgres: Server):
+    """This node's lease ran out (paused, cut off), a node of another secret joined
+    meanwhile, with nobody there to refuse it, and may serve every server; this node
+    joins again: it serves none (a server active on both would answer from two
+    states), and a call through it fails as unavailable, not sent, naming the secret."""
+    schema = postgres.schema()
+    store = PostgresStore(postgres.dsn, schema=schema)
+    cluster = trio_pgs.Cluster(secret=b"s" * 16, listen="127.0.0.1:0")
+    async with PersistentSupervisor(store=store, cluster=cluster, servers=[TallyServer]) as sup:
+        refs = [await sup.start(TallyServer, "a", key=f"k{i}") for i in range(20)]
+        execute(postgres, f'DELETE FROM "{schema}".nodes')  # its lease is gone
+        await store.join("default", "n1", address="127.0.0.1:9", clustered=True, lease=600,
+                         host="elsewhere", pid=1, proof="0" * 64)
+        await sup._node.membership.refresh()  # learns it; the lease task joins again
+        with trio.fail_after(10):
+            while sup.statistics().active:  # every server handed off
+                await trio.sleep(0.05)
+        for ref in refs:
             with pytest.raises(trio_pgs.NodeUnavailable) as caught:
-                await sup.ref(TallyServer, key).call("get")
+                await ref.call("get")
             assert not caught.value.sent and "secret" in str(caught.value)
+        assert sup.statistics().active == 0
 
 
 class HangingRenewals(ClockedPostgresStore):
@@ -294,3 +309,69 @@ async def test_a_cluster_node_exits_within_shutdown_timeout_when_the_database_ha
         store.hang = True
         began = trio.current_time()
     assert trio.current_time() - began <= 1 + 1
+
+
+class SlowToEnd(TallyServer):
+    """A handler that outlasts any shutdown_timeout, and a terminate that outlasts the
+    grace it gets once cut off."""
+
+    kind = "slow-to-end"
+
+    async def terminate(self, reason: Any, state: Any) -> None:
+        await trio.sleep(60)
+
+
+async def test_a_shutdown_that_uses_its_whole_grace_still_leaves_the_membership(
+    postgres: Server, autojump_clock
+):
+    """A server cut off at the deadline whose terminate takes all of the grace: the
+    supervisor still leaves the membership, so that its name is free at once (a
+    membership left behind refuses the name until its lease runs out)."""
+    schema = postgres.schema()
+    store = postgres.store(schema=schema)
+    async with trio.open_nursery() as nursery:
+        async with PersistentSupervisor(
+            store=store, servers=[SlowToEnd], shutdown_timeout=0.5
+        ) as sup:
+            ref = await sup.start(SlowToEnd, key="a")
+            nursery.start_soon(ref.call, ("sleep", 60))
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+    assert rows(postgres, schema) == []
+    async with PersistentSupervisor(store=postgres.store(schema=schema)):
+        pass  # the name is free
+
+
+class HeldRenewals(ClockedPostgresStore):
+    """A store that records the ``leaving`` of each renewal, and holds them while
+    `held` is set (a slow database)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.leaving: list[bool] = []
+        self.held: trio.Event | None = None
+
+    async def renew(self, *args: Any, **kwargs: Any) -> Any:
+        self.leaving.append(kwargs["leaving"])
+        if self.held is not None:
+            await self.held.wait()
+        return await super().renew(*args, **kwargs)
+
+
+async def test_a_node_leaving_while_a_renewal_is_under_way_still_says_it_leaves(
+    postgres: Server, autojump_clock
+):
+    """The notice that a node leaves is a renewal saying so: one already under way
+    when the node begins to leave says it stays, so another goes after it."""
+    store = HeldRenewals(postgres.dsn, schema=postgres.schema())
+    cluster = trio_pgs.Cluster(secret=b"s" * 16, listen="127.0.0.1:0", lease=60)
+    async with PersistentSupervisor(store=store, cluster=cluster) as sup:
+        store.held = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sup._node.membership.refresh)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(sup._node.announce_leaving)
+            await trio.testing.wait_all_tasks_blocked()
+            held, store.held = store.held, None
+            held.set()
+        assert store.leaving[-2:] == [False, True]

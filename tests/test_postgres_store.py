@@ -44,7 +44,7 @@ from trio_pgs import (
     Record,
 )
 from trio_pgs import _postgres_sql as sql
-from trio_pgs._postgres_conn import without_password
+from trio_pgs._postgres_conn import Secret, without_password
 
 from .postgres import ClockedPostgresStore, Server
 from .servers import TallyServer
@@ -381,6 +381,28 @@ async def test_an_unreachable_database_is_refused_at_once_without_its_password(
         assert password not in str(error), f"{type(error).__name__}: {error}"
     assert password not in repr(store)
     assert "could not be opened" in str(caught.value)
+
+
+@pytest.mark.parametrize("dsn", [
+    "host=h user=u password=ab://cdSecret9 dbname=d",
+    "host=/tmp application_name=svc://x password=Secret9 dbname=d",
+    "host=h user=u sslpassword=Secret9 dbname=d",
+    "postgres://u@h/d?password=Secret9#frag",
+    "postgresql://u:pa?Secret9@h/d",
+    "postgresql://u@h/d?pass%77ord=Secret9",
+    "postgresql://u@h/d?sslpassword=Sec%72et9",
+])
+def test_every_secret_of_a_dsn_is_hidden_as_libpq_reads_it(dsn: str):
+    """Whatever libpq would read as a password or sslpassword, in any form of DSN,
+    shows neither in the DSN as trio-pgs shows it nor in a message quoting it."""
+    secret = psycopg.conninfo.conninfo_to_dict(dsn).get("password") or (
+        psycopg.conninfo.conninfo_to_dict(dsn)["sslpassword"])
+    assert "Secret9" in secret
+    for shown in (without_password(dsn), Secret(dsn).scrub(f"could not connect: {dsn}")):
+        assert "Secret9" not in shown and "et9" not in shown, shown
+        parsed = psycopg.conninfo.conninfo_to_dict(shown.removeprefix("could not connect: "))
+        assert parsed.get("password") in (None, "***") and parsed.get("sslpassword") in (
+            None, "***"), shown
 
 
 @pytest.mark.parametrize("password", [

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import logging
 import math
 import ssl
@@ -54,12 +55,22 @@ def _advertised(value: object) -> str:
     (which names no machine to connect to)."""
     address = _address(value)
     host, port = _split(address)
-    if port == 0 or host in ("0.0.0.0", "::", ""):
+    if port == 0 or _wildcard(host):
         raise ValueError(
             f"advertise must be a host and port the other nodes can connect to, not "
             f"{address!r} (a wildcard host or port 0 names no place to connect to)"
         )
     return address
+
+
+def _wildcard(host: str) -> bool:
+    """Whether *host* names every interface rather than one machine (0.0.0.0, ::)."""
+    if host in ("", "0"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:  # a name
+        return False
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -121,6 +132,12 @@ class Cluster:
     client_ssl_context: ssl.SSLContext | None = attrs.field(default=None, converter=_ssl)
 
     def __attrs_post_init__(self) -> None:
+        if self.advertise is None and _wildcard(_split(self.listen)[0]):
+            raise ValueError(
+                f"listen={self.listen!r} accepts on every interface, which the other nodes "
+                "cannot connect to as such: give advertise='HOST:PORT', an address of this "
+                "machine that they reach"
+            )
         if (self.ssl_context is None) != (self.client_ssl_context is None):
             raise ValueError(
                 "give both ssl_context (to accept connections) and client_ssl_context (to "
@@ -210,8 +227,9 @@ class ClusterNode:
         #: Placement: the live nodes that take servers, and where each one listens.
         self._nodes: tuple[str, ...] = ()
         self._addresses: dict[str, tuple[str, int]] = {}
-        #: The members that do not prove the secret: placed, never sent to.
-        self._strange: frozenset[str] = frozenset()
+        #: A member that does not prove the secret joined before this node: this node
+        #: serves nothing (`_without_strangers`).
+        self._deferring = False
         self._owners: dict[ServerRef, str] = {}
         #: Every live member but this one, leaving ones included: who may still hold
         #: a server this node gained, until `_settled_at`.
@@ -269,7 +287,7 @@ class ClusterNode:
         self._nodes = tuple(n for n in self._nodes if n != self.node)
         self._owners.clear()
         with trio.move_on_at(min(trio.current_time() + self.membership.lease / 3, by)):
-            await self.membership.refresh()
+            await self.membership.refresh(again=True)  # one under way says "staying"
 
     def guarded(
         self, claim: Callable[[str, str], Awaitable[Claim]]
@@ -351,6 +369,31 @@ class ClusterNode:
 
     # -- placement ---------------------------------------------------------------------
 
+    def _without_strangers(
+        self, members: tuple[Member, ...]
+    ) -> tuple[tuple[Member, ...], bool]:
+        """*members* without those that do not prove the secret, and whether this node
+        must serve nothing. A stranger that joined after this node did (a higher
+        incarnation: one refused as it started, say) is left out. One that joined
+        before (it got in while no node was there to refuse it, and this node joined
+        again after losing its lease) may be serving every server as it sees them:
+        this node then serves none, so that no server is active on both."""
+        strangers = self._strangers(members)
+        if not strangers:
+            return members, False
+        proof = self.membership.proof
+        assert proof is not None
+        strange = [m for m in members if not hmac.compare_digest(m.proof, proof(m.node))]
+        mine = [m.incarnation for m in members if m.node == self.node]
+        deferring = bool(mine) and any(m.incarnation < mine[0] for m in strange)
+        logger.error(
+            "supervisor %r: node(s) %s do not use this cluster's secret; they get no "
+            "servers and no messages from here%s", self.local.name, strangers,
+            " (one joined before this node: this node serves nothing until it leaves)"
+            if deferring else "",
+        )
+        return tuple(m for m in members if m not in strange), deferring
+
     def _strangers(self, members: tuple[Member, ...]) -> str:
         """The members that do not prove this cluster's secret (none without one)."""
         proof = self.membership.proof
@@ -362,28 +405,14 @@ class ClusterNode:
         )
 
     def _view_changed(self, members: tuple[Member, ...]) -> None:
-        strangers = self._strangers(members)
-        strange: frozenset[str] = frozenset()
-        if strangers:
-            logger.error("supervisor %r: node(s) %s do not use this cluster's secret; "
-                         "they get no messages from here, and nobody here serves their "
-                         "share of the servers", self.local.name, strangers)
-            proof = self.membership.proof
-            assert proof is not None
-            strange = frozenset(
-                m.node for m in members if not hmac.compare_digest(m.proof, proof(m.node))
-            )
-        # A stranger keeps its place in the placement: it holds a lease, and may serve
-        # its share as it sees it (it joined while no node could refuse it). Serving
-        # that share here too would make two activations at once; messages for it fail.
-        self._strange = strange
+        members, deferring = self._without_strangers(members)
+        self._deferring = deferring
         nodes = tuple(m.node for m in members if m.clustered and not m.leaving)
         if self.membership.leaving:
             nodes = tuple(n for n in nodes if n != self.node)
-        addresses = {
-            m.node: _split(m.address)
-            for m in members if m.clustered and m.address and m.node not in strange
-        }
+        if deferring:
+            nodes = ()  # nobody here takes servers: the stranger may serve them all
+        addresses = {m.node: _split(m.address) for m in members if m.clustered and m.address}
         if self.transport is not None and self._nursery is not None:
             for node, address in self._addresses.items():
                 if node not in addresses:  # gone: fail what still waits on it, soon
@@ -436,6 +465,12 @@ class ClusterNode:
         """Where to send a message for *ref*: None to handle it here, else an address.
         `NodeUnavailable` (not sent) when no node takes servers now."""
         node = self.owner_of(ref)
+        if node is None and self._deferring:
+            raise NodeUnavailable(
+                f"{ref}: a node that does not prove this cluster's secret joined before "
+                "this one, and this one serves nothing meanwhile; give every node the "
+                "same secret", sent=False,
+            )
         if node is None:
             raise NodeUnavailable(f"{ref}: no node of the cluster takes servers now",
                                   sent=False)
@@ -446,11 +481,6 @@ class ClusterNode:
             return None
         address = self._addresses.get(node)
         if address is None:
-            if node in self._strange:
-                raise NodeUnavailable(
-                    f"{ref}: its node {node} does not prove this cluster's secret; give "
-                    "every node the same secret", sent=False,
-                )
             raise NodeUnavailable(f"{ref}: its node {node} gave no address", sent=False)
         return address
 

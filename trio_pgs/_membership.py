@@ -107,11 +107,14 @@ class Membership:
             await trio.sleep(pause)
             renewed = await self._renew()
 
-    async def refresh(self) -> None:
-        """Renew now (learning the members), or wait for a renewal under way."""
-        if self._refreshing is not None:
+    async def refresh(self, *, again: bool = False) -> None:
+        """Renew now (learning the members), or wait for a renewal under way; with
+        *again*, renew after it too (one sent before a change, such as ``leaving``,
+        does not carry it)."""
+        while self._refreshing is not None:
             await self._refreshing.wait()
-            return
+            if not again:
+                return
         self._refreshing = done = trio.Event()
         try:
             await self._renew()

@@ -239,38 +239,47 @@ def first_line(exc: BaseException) -> str:
 
 
 class Secret:
-    """What of a DSN must never be shown: its password, in a URL's user information or
-    query, or as a ``password`` parameter of a key=value DSN (quoted or not, with
-    libpq's backslash escapes, and ``&`` as part of it: it separates parameters only
-    in a URL). `masked` is the DSN without it; `scrub` takes it (and the whole DSN)
-    out of a message, such as libpq's, which may quote them."""
+    """What of a DSN must never be shown: its passwords (``password`` and
+    ``sslpassword``), in a URL's user information or query, or as parameters of a
+    key=value DSN (quoted or not, with libpq's backslash escapes, ``&`` and ``://``
+    being part of a value there). `masked` is the DSN without them; `scrub` takes
+    them (and the whole DSN) out of a message, such as libpq's, which may quote them.
+
+    The masking is checked against libpq's own reading of the DSN: if libpq would
+    still find a password in `masked` (an encoding the patterns do not know), `masked`
+    is rebuilt from libpq's reading instead, every secret replaced."""
 
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
-        passwords = []
-        scheme, sep, rest = dsn.partition("://")
+        parsed = _parsed(dsn)
+        passwords = [parsed[name] for name in _SECRETS if parsed and parsed.get(name)]
         masked = dsn
-        if sep:
-            authority = rest.split("?", 1)[0]
-            userinfo, at, _ = authority.rpartition("@")
+        url = _URL.match(dsn) is not None  # libpq's are postgres(ql)://; any, to be safe
+        if url:
+            scheme, _, rest = dsn.partition("://")
+            # Up to the last @ before the query: what a user means as the password,
+            # "/" and "@" in it included (libpq's own reading is among `parsed`).
+            userinfo, at, _ = rest.split("?", 1)[0].rpartition("@")
             user, colon, password = userinfo.partition(":")
             if at and colon and password:
                 passwords.append(password)
                 masked = f"{scheme}://{user}:***@{rest[len(userinfo) + 1:]}"
-        parameter = _URL_PASSWORD if sep else _KEYWORD_PASSWORD
+        parameter = _URL_PASSWORD if url else _KEYWORD_PASSWORD
         for match in parameter.finditer(dsn):
             value = match.group(2)
             if value:
                 quoted = len(value) > 1 and value[0] == value[-1] == "'"
                 passwords += [value, _BACKSLASHED.sub(r"\1", value[1:-1] if quoted else value)]
-        self.masked = parameter.sub(r"\1***", masked)
-        parsed = _parsed_password(dsn)
-        if parsed:
-            passwords.append(parsed)
         self._passwords = sorted(
             {p for p in passwords if p} | {urllib.parse.unquote(p) for p in passwords if p},
             key=len, reverse=True,
         )
+        masked = parameter.sub(r"\1***", masked)
+        for password in self._passwords:
+            masked = masked.replace(password, "***")
+        if parsed is not None and not _hidden(masked):
+            masked = _rebuilt(parsed)
+        self.masked = masked
 
     def scrub(self, text: str) -> str:
         text = text.replace(self.dsn, self.masked)
@@ -279,13 +288,33 @@ class Secret:
         return text
 
 
-def _parsed_password(dsn: str) -> str | None:
-    """The password as libpq reads it from *dsn*, if psycopg can parse it."""
+#: A DSN shaped as a URL (libpq takes postgresql:// and postgres:// only).
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+#: The parameters of a DSN that hold secrets.
+_SECRETS = ("password", "sslpassword")
+
+
+def _parsed(dsn: str) -> dict[str, str] | None:
+    """*dsn*'s parameters as libpq reads them, if psycopg can parse it."""
     try:
         pg, _ = import_psycopg()
-        return pg.conninfo.conninfo_to_dict(dsn).get("password")  # type: ignore[no-any-return]
+        return dict(pg.conninfo.conninfo_to_dict(dsn))
     except Exception:  # a DSN libpq refuses: connecting will say so, scrubbed
         return None
+
+
+def _hidden(masked: str) -> bool:
+    """Whether libpq reads no secret but ``***`` (or none) in *masked*."""
+    parsed = _parsed(masked)
+    return parsed is not None and all(parsed.get(name) in (None, "", "***") for name in _SECRETS)
+
+
+def _rebuilt(parsed: dict[str, str]) -> str:
+    """A key=value DSN of *parsed*, its secrets replaced by ``***``."""
+    pg, _ = import_psycopg()
+    shown = {name: ("***" if name in _SECRETS and value else value)
+             for name, value in parsed.items()}
+    return str(pg.conninfo.make_conninfo("", **shown))
 
 
 def without_password(dsn: str) -> str:
@@ -293,11 +322,12 @@ def without_password(dsn: str) -> str:
     return Secret(dsn).masked
 
 
-#: A password parameter and its value: in a URL's query, up to the next parameter; in
-#: a key=value DSN, quoted or up to a blank, libpq's backslash escapes included.
-_URL_PASSWORD = re.compile(r"([?&]password=)([^&#]*)", re.IGNORECASE)
+#: A password parameter (or sslpassword) and its value: in a URL's query, up to the
+#: next parameter (libpq reads a "#" as part of it); in a key=value DSN, quoted or up
+#: to a blank, libpq's backslash escapes included.
+_URL_PASSWORD = re.compile(r"([?&](?:ssl)?password=)([^&]*)", re.IGNORECASE)
 _KEYWORD_PASSWORD = re.compile(
-    r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|(?:[^\s\\]|\\.)+)", re.IGNORECASE
+    r"(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|(?:[^\s\\]|\\.)+)", re.IGNORECASE
 )
 _BACKSLASHED = re.compile(r"\\(.)")
 #: Connections closed after a cancellation: the pool's warning about each is expected.

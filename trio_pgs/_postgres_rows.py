@@ -14,17 +14,11 @@ from typing import Any
 
 from ._errors import PersistenceError
 from ._schedule import unpack_reminders
-from ._store import Record
+from ._store import MAX_COUNT, Record
 
 #: The most bytes a kind and a key may take together: a btree index entry holds at
 #: most 2,704 bytes (PostgreSQL's page size / 3), with room to spare for its header.
 MAX_IDENT_BYTES = 2_600
-#: The highest version or epoch of a record read back: its writes and claims count up
-#: from it in a bigint column (at most 2**63 - 1), and a write PostgreSQL refuses for
-#: its version would fail the whole statement, so the other servers' writes in its
-#: batch. A row above it (written by hand) is refused; below it, a server has 2**32
-#: writes of room, more than it makes in decades.
-MAX_COUNT = 2**63 - 2**32
 
 
 def decode(row: Sequence[Any]) -> Record:

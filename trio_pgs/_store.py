@@ -67,6 +67,15 @@ def _slot_setters(cls: type, names: str) -> tuple[Callable[[Any, Any], None], ..
     "history reminders")
 
 
+
+#: The largest version or epoch a record may have: its writes and claims count up
+#: from it, and a store keeps it in a signed 64-bit integer (at most 2**63 - 1). A
+#: write PostgreSQL refuses for its number fails its whole batch statement, the other
+#: servers' writes with it; below this bound a server has 2**32 writes of room, more
+#: than it makes in decades. Stores refuse a stored row above it, and the CLI's import
+#: a record above it.
+MAX_COUNT = 2**63 - 2**32
+
 def next_record(
     old: Record, data: bytes, state_version: int, keep_history: int,
     reminders: tuple[StoredReminder, ...],

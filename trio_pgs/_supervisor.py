@@ -65,6 +65,9 @@ from ._store import (
 from ._wakeups import Wakeups, Woken
 from ._writer import Writer
 
+#: The least time a cluster node's shutdown gives its "leaving" notice (else its
+#: ``shutdown_timeout``), so that the others stop routing to it before it goes.
+LEAVING_NOTICE = 0.25
 #: The positional parameters of a server class's ``init`` (see `HasInit`). From
 #: typing_extensions (Python 3.10's typing has no TypeVarTuple), and defined at run time
 #: so that ``typing.get_type_hints`` works on `PersistentSupervisor.start`.
@@ -243,9 +246,12 @@ class PersistentSupervisor:
                 with trio.CancelScope(shield=True):
                     # One deadline for all of it: telling the others first comes out
                     # of shutdown_timeout (a database that does not answer included).
-                    deadline = trio.current_time() + self.shutdown_timeout
+                    now = trio.current_time()
+                    deadline = now + self.shutdown_timeout
                     if self._node is not None and self.cluster is not None:
-                        await self._node.announce_leaving(by=deadline)  # hand off first
+                        # Hand off first; a moment at least, even with no timeout.
+                        notice = max(deadline, now + LEAVING_NOTICE)
+                        await self._node.announce_leaving(by=notice)
                     await self._shut_down(deadline)
                     await self._leave()
                 nursery.cancel_scope.cancel()
@@ -315,12 +321,11 @@ class PersistentSupervisor:
         return None
 
     async def _leave(self) -> None:
+        # A second of its own, even after a shutdown that used all of its grace: a
+        # membership left behind holds the name (and, in a cluster, the others' routes)
+        # until its lease runs out.
         if self._node is not None:
-            # Within the shutdown's grace, which closing the store shares.
-            end = trio.current_time() + TERMINATE_GRACE
-            if self._grace_end is not None:
-                end = min(end, self._grace_end)
-            with trio.move_on_at(end):
+            with trio.move_on_after(TERMINATE_GRACE):
                 await self._node.leave()
 
     async def _close_store(self) -> None:

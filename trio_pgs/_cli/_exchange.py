@@ -22,7 +22,7 @@ from .._encoding import dumps, loads
 from .._ref import check_key
 from .._schedule import MAX_NAME, MAX_PAYLOAD, MAX_REMINDERS, MIN_EVERY, StoredReminder
 from .._server import check_kind
-from .._store import Record
+from .._store import MAX_COUNT, Record
 from ._exit import EXIT_NOT_STARTED, CommandError
 from ._output import ident
 
@@ -31,8 +31,9 @@ from ._output import ident
 #: (the record's own object), and a deeper one is refused before it is parsed: JSON
 #: readers recurse, and 100,000 levels overflow the stack.
 MAX_STATE_DEPTH = 200
-#: The largest version or epoch: a signed 64-bit integer, what a store's column holds.
-MAX_COUNTER = 2**63 - 1
+#: The largest version or epoch a record may have (`_store.MAX_COUNT`: a store would
+#: refuse to read one above it).
+MAX_COUNTER = MAX_COUNT
 _FIELDS = frozenset(field.name for field in attrs.fields(Record)) | {"data_base64"}
 #: The fields of one reminder in an export (``payload`` or ``payload_text``).
 _REMINDER_FIELDS = frozenset({"name", "due", "every", "payload", "payload_text"})
