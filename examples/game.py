@@ -20,7 +20,9 @@ one schema each (``postgresql://...?schema=NAME``).
 from __future__ import annotations
 
 import argparse
+import math
 import random
+import sys
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -273,19 +275,41 @@ async def main(players: int, seconds: float, clients: int, idle: float, spec: st
     print("Run it again: every score continues from the store.")
 
 
+def _count(text: str) -> int:
+    """A number of players or clients: a whole number, 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """A duration: a finite number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text}")
+    return value
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=(__doc__ or "").split("\n\n")[0],
         epilog="Run it twice: the second run continues every score from the store.",
     )
-    parser.add_argument("--players", type=int, default=10_000,
+    parser.add_argument("--players", type=_count, default=10_000,
                         help="Players in the world (default: %(default)s).")
-    parser.add_argument("--clients", type=int, default=300,
+    parser.add_argument("--clients", type=_count, default=300,
                         help="Clients online at a time, each playing one session after "
                              "another (default: %(default)s).")
-    parser.add_argument("--seconds", type=float, default=20.0,
+    parser.add_argument("--seconds", type=_seconds, default=20.0,
                         help="How long the clients play, in seconds (default: %(default)s).")
-    parser.add_argument("--idle", type=float, default=PlayerServer.idle_timeout,
+    parser.add_argument("--idle", type=_seconds, default=PlayerServer.idle_timeout,
                         help="Seconds without a move before a player hibernates "
                              "(default: %(default)s).")
     parser.add_argument("--store", default="game-state",
@@ -293,14 +317,27 @@ def parse_args() -> argparse.Namespace:
                              "(default: %(default)s).")
     parser.add_argument("--quick", action="store_true",
                         help="A short run: 500 players, 50 clients, 3 seconds, idle 0.5 "
-                             "seconds.")
+                             "seconds (the options given as well win).")
     args = parser.parse_args()
-    if args.quick:
-        args.players, args.clients, args.seconds, args.idle = 500, 50, 3.0, 0.5
+    if args.quick:  # the defaults of a short run, under what was given
+        quick = {"players": 500, "clients": 50, "seconds": 3.0, "idle": 0.5}
+        given = {arg.split("=")[0].lstrip("-") for arg in sys.argv[1:] if arg.startswith("--")}
+        for name, value in quick.items():
+            if name not in given:
+                setattr(args, name, value)
     return args
 
 
 if __name__ == "__main__":
     options = parse_args()
-    trio.run(main, options.players, options.seconds, options.clients, options.idle,
-             options.store)
+    try:
+        trio.run(main, options.players, options.seconds, options.clients, options.idle,
+                 options.store)
+    except BaseException as exc:  # Ctrl-C: every score so far is in the store
+        split = getattr(exc, "subgroup", None)  # the clients' nursery may group it
+        if not isinstance(exc, KeyboardInterrupt) and (
+            split is None or split(KeyboardInterrupt) is None
+        ):
+            raise
+        print("\ninterrupted; run it again to continue", file=sys.stderr)
+        sys.exit(130)

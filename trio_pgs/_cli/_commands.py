@@ -8,6 +8,7 @@ import functools
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
@@ -76,7 +77,7 @@ async def _each(store: CommandStore, kind: str | None, visit: Callable[[Record],
 def _load(spec: str, kind: str, key: str) -> Record:
     record = session(store_from_spec(spec, write=False), lambda store: store.load(kind, key))
     if record is None:
-        raise CommandError(f"{ident(kind, key)}: no such record in {spec}")
+        raise CommandError(f"{ident(kind, key)}: no such record in {shown(spec)}")
     return record
 
 
@@ -304,9 +305,20 @@ def export_command(args: argparse.Namespace) -> int:
     else:
         # Written aside and renamed at the end: a failed export leaves no partial file.
         path = Path(args.output)
-        partial = path.with_name(path.name + ".part")
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            raise CommandError(
+                f"{args.output} is not a regular file (a link, a directory, a device, a "
+                "pipe); export writes a new file and renames it there: give another path, "
+                "or write to stdout", EXIT_NOT_STARTED,
+            )
+        try:  # a name of its own: never another file's
+            handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
+                                            suffix=".part")
+        except OSError as exc:
+            raise CommandError(f"cannot write {args.output}: {exc}") from None
+        partial = Path(name)
         try:
-            with partial.open("w", encoding="utf-8") as output:
+            with open(handle, "w", encoding="utf-8") as output:
                 count, unreadable = export(output, quiet=False)
             os.replace(partial, path)
         except OSError as exc:
@@ -330,7 +342,10 @@ def import_command(args: argparse.Namespace) -> int:
     store = store_from_spec(args.store, write=True, create=True)
     source = "<stdin>" if args.file in (None, "-") else args.file
     if source == "<stdin>":
-        records = read_records(sys.stdin, source)
+        try:
+            records = read_records(sys.stdin, source)
+        except UnicodeDecodeError as exc:
+            raise CommandError(f"cannot read {source}: {exc}", EXIT_NOT_STARTED) from None
     else:
         try:
             with open(source, encoding="utf-8") as lines:
@@ -343,26 +358,29 @@ def import_command(args: argparse.Namespace) -> int:
             f"{source} holds no records; nothing was imported. Pass --allow-empty to "
             "import it all the same (into a new directory, that makes an empty store)"
         )
-    written = 0
+    written = sending = 0
 
     async def import_(opened: CommandStore) -> None:
-        nonlocal written
+        nonlocal written, sending
         if not args.replace:
             await _refuse_stored(opened, records, shown(args.store))
         operations = await _imports(opened, records)
         progress = Progress("imported", len(operations))
         for start in range(0, len(operations), IMPORT_BATCH):
             batch = operations[start : start + IMPORT_BATCH]
+            sending = len(batch)
             await opened.commit(batch)
-            written += len(batch)
+            written, sending = written + len(batch), 0
             progress.step(len(batch))
         progress.done()
 
     try:
         session(store, import_)
     except (CommandError, KeyboardInterrupt):
-        if written:
-            err(f"{written} of {len(records)} record(s) were imported before that")
+        if written or sending:
+            maybe = (f", and the {sending} of the batch being written may have been "
+                     "too (the store has it whole or not at all)") if sending else ""
+            err(f"{written} of {len(records)} record(s) were imported before that{maybe}")
         raise
     out(f"imported {len(records)} record(s) into {shown(args.store)}")
     return EXIT_OK

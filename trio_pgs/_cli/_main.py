@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from .. import __version__
+from .._postgres_conn import Secret
 from .._ref import check_key
 from . import _commands as run
 from ._exit import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_NOT_STARTED, CommandError
@@ -23,18 +26,52 @@ def _kind(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"a kind must be non-empty and hold no \\x1f, not {text!r}"
         )
+    return _utf8(text, "kind")
+
+
+def _utf8(text: str, what: str) -> str:
+    """*text*, if UTF-8 holds it (an argument of bytes that are not UTF-8 comes as
+    lone surrogates, which no store can hold)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"the {what} {text!r} is not UTF-8") from None
     return text
 
 
 def _key(text: str) -> str:
     try:
-        return check_key(text)
+        check_key(text)
     except (TypeError, ValueError) as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    return _utf8(text, "key")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, its usage errors scrubbed of the secrets of the arguments
+    (a store URL given where a command belongs is quoted back)."""
+
+    scrub: Callable[[str], str] = staticmethod(lambda text: text)
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_NOT_STARTED, f"{self.prog}: error: {_Parser.scrub(message)}\n")
+
+
+def _scrubber(argv: Sequence[str]) -> Callable[[str], str]:
+    """What takes the secrets of *argv* (any DSN among them) out of a message."""
+    secrets = [Secret(arg) for arg in argv if "=" in arg or "://" in arg or "@" in arg]
+
+    def scrub(text: str) -> str:
+        for secret in secrets:
+            text = secret.scrub(text)
+        return text
+
+    return scrub
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="trio-pgs",
         description="Inspect and repair the servers stored in a trio-pgs store. STORE is "
         "its directory, or a store URL: diskcache:PATH, diskcache:///absolute/path, "
@@ -60,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
         return sub
 
     command("list", run.list_command, "One row per stored server.").add_argument(
-        "--kind", help="only the servers of this kind"
+        "--kind", type=_kind, help="only the servers of this kind"
     )
     command("show", run.show_command, "Print a server's stored state as JSON (its metadata "
             "on stderr).", ident=True).add_argument(
@@ -94,6 +131,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``trio-pgs`` command with *argv* (default: ``sys.argv[1:]``); return
     its exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    scrub = _Parser.scrub = _scrubber(argv)
+    if sys.stdout is None:  # started with its standard output closed
+        err("trio-pgs: the standard output is closed")
+        return EXIT_NOT_STARTED
     try:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # --help, --version, or a usage error (already printed)
@@ -101,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         status: int = args.run(args)
     except CommandError as exc:
-        err(f"trio-pgs: {exc}")
+        err(f"trio-pgs: {scrub(str(exc))}")
         return exc.code
     except KeyboardInterrupt:
         print(file=sys.stderr)
@@ -109,5 +151,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `trio-pgs export DIR | head`: the output is cut short
         # Python would fail again flushing stdout at exit; point it at /dev/null.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
+    except OSError as exc:  # writing the output failed (a full disk, say)
+        err(f"trio-pgs: cannot write the output: {scrub(str(exc))}")
+        with contextlib.suppress(OSError):  # nor will it at exit: point it at /dev/null
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILED
     return status

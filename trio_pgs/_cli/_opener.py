@@ -86,6 +86,8 @@ def session(store: CommandStore, work: Callable[[CommandStore], Awaitable[T]]) -
 
     try:
         return trio.run(run)
+    except (ValueError, UnicodeError) as exc:  # a kind or key this store cannot hold
+        raise CommandError(str(exc), EXIT_NOT_STARTED) from None
     except ConflictError as exc:
         raise CommandError(f"{exc}. That change was not made; look again, then retry.") from None
     except PersistenceError as exc:
