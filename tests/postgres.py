@@ -108,11 +108,6 @@ class ClockedPostgresStore(Clocked, PostgresStore):
     def _is_open(self) -> bool:
         return self._pool is not None
 
-    async def claim(self, kind: str, key: str) -> Any:
-        # Claims run on a thread of their own, not through _run (`_postgres_claims`).
-        with _clock_held():
-            return await super().claim(kind, key)
-
     async def _commit(self, operations: Sequence[Operation], *, atomic: bool) -> list[Any]:
         # The writes wait for PostgreSQL on the trio thread (`_postgres_writes`), not
         # through _run.

@@ -18,7 +18,6 @@ import re
 import resource
 import socket
 import threading
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -156,17 +155,6 @@ async def eventually(check: Any, what: str) -> Any:
                 return found
             await trio.sleep(0.01)
     raise AssertionError(f"not within {BOUND} s: {what}")
-
-
-@contextlib.contextmanager
-def table_locked(postgres: Server, schema: str) -> Iterator[psycopg.Connection[Any]]:
-    """Hold the records table locked against reads too until the block ends."""
-    with connect(postgres, autocommit=False) as connection:
-        connection.execute(f'LOCK TABLE "{schema}".records IN ACCESS EXCLUSIVE MODE')
-        try:
-            yield connection
-        finally:
-            connection.rollback()
 
 
 @contextlib.contextmanager
@@ -583,131 +571,6 @@ async def test_two_supervisors_on_one_schema_fence_each_other_off(postgres: Serv
         assert items(await store.load(KIND, "shared")) == ["a", "b", "c", "d"]
 
 
-# -- claims ------------------------------------------------------------------------------
-
-
-async def test_a_burst_of_activations_claims_its_servers_in_a_few_statements(postgres: Server):
-    """200 dormant servers called at once (a broadcast, a restart): each is claimed
-    once, its epoch raised by one, and the claims share statements instead of taking
-    one round trip (and one pooled connection) each."""
-    schema = postgres.schema()
-    store = postgres.store(schema=schema)
-    keys = [f"d{i}" for i in range(200)]
-    async with opened(store):
-        await store.commit([Put(record(key, tally("x")), 0) for key in keys])
-    async with PersistentSupervisor(store=store, servers=[TallyServer]) as sup:
-        got: dict[str, Any] = {}
-
-        async def call(key: str) -> None:
-            got[key] = await sup.ref(TallyServer, key).call("get")
-
-        async with trio.open_nursery() as nursery:
-            for key in keys:
-                nursery.start_soon(call, key)
-        assert got == {key: ["x"] for key in keys}
-        assert store._claims.claims == 200
-        assert store._claims.statements < 50
-    async with opened(postgres.store(schema=schema)) as again:
-        for key in keys:
-            stored = await again.load(KIND, key)
-            assert stored is not None and stored.epoch == 2, stored
-            assert json.loads(stored.data) == {"items": ["x"]}
-
-
-async def test_claims_of_one_record_at_once_each_fence_the_one_before(postgres: Server):
-    """Claims of one record made at the same time never share a statement: each gets
-    an epoch of its own, as one after the other would. Others' claims go alongside."""
-    store = postgres.store()
-    async with opened(store):
-        await store.commit([Put(record(key), 0) for key in ("k", "a", "b")])
-        epochs: list[tuple[str, int]] = []
-
-        async def claim(key: str) -> None:
-            epochs.append((key, (await store.claim(KIND, key)).epoch))
-
-        async with trio.open_nursery() as nursery:
-            for key in ("k", "a", "k", "b", "k", "k"):
-                nursery.start_soon(claim, key)
-        assert sorted(epoch for key, epoch in epochs if key == "k") == [2, 3, 4, 5]
-        assert sorted(epoch for key, epoch in epochs if key != "k") == [2, 2]
-        assert (await store.load(KIND, "k")).epoch == 5  # type: ignore[union-attr]
-
-
-async def test_a_row_that_is_no_record_fails_its_own_claim_only(postgres: Server):
-    """A claim of a row that is no record, in the same statement as good ones: that
-    claimer gets the `PersistenceError` naming it, the others their records."""
-    store = postgres.store()
-    async with opened(store):
-        await store.commit([Put(record(key), 0) for key in ("g1", "g2")])
-        write_bad_rows(postgres, store.schema, KIND)
-        outcomes: dict[str, Any] = {}
-
-        async def claim(key: str) -> None:
-            try:
-                outcomes[key] = (await store.claim(KIND, key)).epoch
-            except PersistenceError as exc:
-                outcomes[key] = exc
-
-        async with trio.open_nursery() as nursery:
-            for key in ("g1", "data-null", "g2", "version-at-the-top"):
-                nursery.start_soon(claim, key)
-        assert outcomes["g1"] == outcomes["g2"] == 2
-        for key in ("data-null", "version-at-the-top"):
-            assert isinstance(outcomes[key], PersistenceError), outcomes[key]
-            assert f"{KIND}/{key}" in str(outcomes[key])
-
-
-async def test_a_claim_cancelled_before_its_statement_claims_nothing(postgres: Server):
-    """A claim that waits for the statement before it and is cancelled meanwhile is
-    never sent: its record keeps its epoch, and the other claims go on."""
-    store, name = named_store(postgres)
-    async with opened(store):
-        await store.commit([Put(record(key), 0) for key in ("first", "gone", "kept")])
-        with table_locked(postgres, store.schema) as locker:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(store.claim, KIND, "first")
-                await eventually(lambda: waiting_on_a_lock(postgres, name),
-                                 "the first claim waits for the table lock")
-                with trio.move_on_after(0.2):
-                    async with trio.open_nursery() as inner:
-                        inner.start_soon(store.claim, KIND, "gone")
-                nursery.start_soon(store.claim, KIND, "kept")
-                await trio.sleep(0.1)
-                locker.rollback()
-        epochs = {key: (await store.load(KIND, key)).epoch  # type: ignore[union-attr]
-                  for key in ("first", "gone", "kept")}
-        assert epochs == {"first": 2, "gone": 1, "kept": 2}
-
-
-def test_a_claim_left_running_by_an_ended_trio_run_holds_up_no_later_run(postgres: Server):
-    """A trio run ends (its claim cancelled) while the claim's statement still waits on
-    a lock; the same store, used again in a later run, claims at once instead of
-    waiting for a statement whose report nobody will ever receive."""
-    store, _ = named_store(postgres)
-
-    async def setup() -> None:
-        await store.open()
-        await store.commit([Put(record(key), 0) for key in ("a", "b")])
-
-    async def first() -> None:
-        with trio.move_on_after(0.5):
-            await store.claim(KIND, "a")
-
-    async def second() -> int:
-        try:
-            with trio.fail_after(BOUND):
-                return (await store.claim(KIND, "b")).epoch
-        finally:
-            await store.close()
-
-    trio.run(setup)
-    with table_locked(postgres, store.schema) as locker:
-        trio.run(first)
-        locker.rollback()
-    time.sleep(0.2)  # the statement ends, on its thread, after the run it served
-    assert trio.run(second) == 2
-
-
 # -- cancellation and lost connections ---------------------------------------------------
 
 
@@ -776,19 +639,14 @@ async def test_a_store_whose_connections_were_killed_works_again(postgres: Serve
         async def racing_claim() -> None:
             epochs.append((await store.claim(KIND, "k")).epoch)
 
-        async def load() -> None:
-            assert await store.load(KIND, "k") is not None
-
-        # Three loads at once behind a lock of the whole table, so that the pool holds
-        # several connections (the writes have one of their own); and three claims
-        # of one record, which go one after the other (each fences the one before).
-        with table_locked(postgres, store.schema) as locker:
+        # Three claims at once, so that the pool holds several connections (the
+        # writes have a connection of their own).
+        with row_locked(postgres, store.schema, "k") as locker:
             async with trio.open_nursery() as nursery:
                 for _ in range(3):
-                    nursery.start_soon(load)
                     nursery.start_soon(racing_claim)
-                await eventually(lambda: len(waiting_on_a_lock(postgres, name)) == 4,
-                                 "three loads and a claim wait for the table lock")
+                await eventually(lambda: len(waiting_on_a_lock(postgres, name)) == 3,
+                                 "three claims wait for the row lock")
                 locker.rollback()
         assert sorted(epochs) == [2, 3, 4], epochs
         pids = backends(postgres, name)

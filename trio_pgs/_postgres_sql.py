@@ -134,12 +134,6 @@ class Queries:
             f"UPDATE {s}.records SET epoch = epoch + 1 WHERE kind = %s AND key = %s"
             f" RETURNING {COLUMNS}"
         )
-        self.claim_many = (
-            f"UPDATE {s}.records AS r SET epoch = r.epoch + 1"
-            " FROM unnest(%s::text[], %s::text[]) AS u(kind, key)"
-            " WHERE r.kind = u.kind AND r.key = u.key"
-            " RETURNING " + ", ".join(f"r.{column.strip()}" for column in COLUMNS.split(","))
-        )
         self.stored = (
             f"SELECT key, version, epoch FROM {s}.records WHERE kind = %s AND key = ANY(%s)"
         )

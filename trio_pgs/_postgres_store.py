@@ -23,13 +23,11 @@ import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import outcome
 import trio
 
 from . import _postgres_members as members
 from . import _postgres_sql as sql
 from ._errors import PersistenceError
-from ._postgres_claims import Claims, Ident, Rows
 from ._postgres_conn import (
     Running,
     Secret,
@@ -122,7 +120,6 @@ class PostgresStore:
         #: WAL flush (`_ASYNC_COMMIT`); and the writes, on one connection that does.
         self._pool: psycopg_pool.ConnectionPool[Any] | None = None
         self._writes = Writes(self._queries, self)
-        self._claims = Claims(self._start_claims)
         self._opening = False
         self._limiter = trio.CapacityLimiter(pool_size)
 
@@ -354,57 +351,28 @@ class PostgresStore:
     # -- writing ---------------------------------------------------------------------
 
     async def claim(self, kind: str, key: str) -> Claim:
-        """`SupportsClaims.claim`: claims made while another runs share one statement
-        (`_postgres_claims`)."""
         check_ident(kind, key)
         self._writable()
-        row = await self._claims.claim(kind, key)
-        if row is None:
-            return Claim(record=None, epoch=1, version=0)
-        record = decode(row)
-        if row[sql.DELETED]:
-            return Claim(record=None, epoch=record.epoch, version=record.version)
-        return Claim(record=record, epoch=record.epoch, version=record.version)
+        query = self._queries.claim
 
-    def _start_claims(
-        self, idents: list[Ident], deliver: Callable[[outcome.Outcome[Rows]], None]
-    ) -> None:
-        """Run the claims of *idents* on a pooled connection on a worker thread, then
-        *deliver* their rows in the trio thread (`Claims`)."""
-        pool = self._pool
-        if pool is None:
-            raise PersistenceError(f"{self!r} is not open (open a supervisor on it)")
-        queries, secret = self._queries, self._secret
-        token = trio.lowlevel.current_trio_token()
+        def claim(connection: psycopg.Connection[Any]) -> Claim:
+            row = read(connection, query, (kind, key), f"{kind}/{key}").fetchone()
+            if row is None:
+                return Claim(record=None, epoch=1, version=0)
+            record = decode(row)
+            if row[sql.DELETED]:
+                return Claim(record=None, epoch=record.epoch, version=record.version)
+            return Claim(record=record, epoch=record.epoch, version=record.version)
 
-        def claim(connection: psycopg.Connection[Any]) -> Rows:
-            if len(idents) == 1:  # a lone claim: the statement of one
-                (kind, key), = idents
-                rows = read(connection, queries.claim, (kind, key), f"{kind}/{key}").fetchall()
-            else:
-                kinds, keys = [kind for kind, _ in idents], [key for _, key in idents]
-                rows = read(connection, queries.claim_many, (kinds, keys), "claims").fetchall()
-            return {(row[0], row[1]): row for row in rows}
-
-        def give(result: outcome.Outcome[Rows]) -> None:  # on the worker thread
-            if isinstance(result, outcome.Error) and isinstance(result.error, PersistenceError):
-                scrubbed = type(result.error)(secret.scrub(str(result.error)))
-                scrubbed.__cause__ = result.error.__cause__
-                result = outcome.Error(scrubbed)
-            try:
-                token.run_sync_soon(deliver, result)
-            except trio.RunFinishedError:  # nobody waits any more
-                pass
-
-        trio.lowlevel.start_thread_soon(lambda: attempt(pool, Running(), claim), give)
+        return await self._run(claim)
 
     async def commit(self, operations: Sequence[Operation]) -> None:
         """Apply *operations* in one transaction, all or none: the first whose condition
         fails raises its `ConflictError` and nothing is written."""
         outcomes = await self._commit(operations, atomic=True)
-        for refused in outcomes:
-            if refused is not None:  # pragma: no cover - atomic raises first
-                raise refused
+        for outcome in outcomes:
+            if outcome is not None:  # pragma: no cover - atomic raises first
+                raise outcome
 
     async def commit_each(self, operations: Sequence[Operation]) -> Outcomes:
         """Apply *operations* in one transaction, each on its own condition: one that
