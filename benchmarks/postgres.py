@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import os
 import statistics
+import sys
 import tempfile
 import time
 import uuid
@@ -98,6 +99,15 @@ class Database:
 
     def __init__(self, dsn: str, stop: Callable[[], None] | None, origin: str) -> None:
         self.dsn, self._stop, self.origin = dsn, stop, origin
+
+    @classmethod
+    def from_argv(cls, usage: str) -> Database:
+        """The server a script names as its first argument (else by
+        ``TRIO_PGS_POSTGRES_DSN``); exits with *usage* if neither does."""
+        dsn = sys.argv[1] if len(sys.argv) > 1 else os.environ.get(DSN_VARIABLE)
+        if not dsn:
+            sys.exit(f"usage: {usage} (or set {DSN_VARIABLE})")
+        return cls(dsn, None, "argument")
 
     @classmethod
     def open(cls) -> Database | str:

@@ -12,13 +12,12 @@ the part of the cycle the runtime, not the store, takes.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
 import trio
 from common import drive, start_counters
-from postgres import DSN_VARIABLE, Database
+from postgres import Database
 
 import trio_pgs
 
@@ -46,11 +45,9 @@ async def cycle(db: Database, seconds: float) -> str:
 
 
 def main() -> None:
-    dsn = sys.argv[1] if len(sys.argv) > 1 else os.environ.get(DSN_VARIABLE)
-    if not dsn:
-        sys.exit(f"usage: postgres_cycle.py DSN [SECONDS] (or set {DSN_VARIABLE})")
+    db = Database.from_argv("postgres_cycle.py DSN [SECONDS]")
     seconds = float(sys.argv[2]) if len(sys.argv) > 2 else 5.0
-    print(trio.run(cycle, Database(dsn, None, "argument"), seconds))
+    print(trio.run(cycle, db, seconds))
 
 
 if __name__ == "__main__":

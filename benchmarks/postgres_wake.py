@@ -10,13 +10,12 @@ activations").
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
 import trio
 from common import Counter
-from postgres import DSN_VARIABLE, Database, write_dormant
+from postgres import Database, write_dormant
 
 import trio_pgs
 
@@ -37,11 +36,9 @@ async def wake(db: Database, servers: int) -> str:
 
 
 def main() -> None:
-    dsn = sys.argv[1] if len(sys.argv) > 1 else os.environ.get(DSN_VARIABLE)
-    if not dsn:
-        sys.exit(f"usage: postgres_wake.py DSN [N] (or set {DSN_VARIABLE})")
+    db = Database.from_argv("postgres_wake.py DSN [N]")
     servers = int(sys.argv[2]) if len(sys.argv) > 2 else 1000
-    print(trio.run(wake, Database(dsn, None, "argument"), servers))
+    print(trio.run(wake, db, servers))
 
 
 if __name__ == "__main__":

@@ -318,14 +318,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="A short run: 500 players, 50 clients, 3 seconds, idle 0.5 "
                              "seconds (the options given as well win).")
-    args = parser.parse_args()
-    if args.quick:  # the defaults of a short run, under what was given
-        quick = {"players": 500, "clients": 50, "seconds": 3.0, "idle": 0.5}
-        given = {arg.split("=")[0].lstrip("-") for arg in sys.argv[1:] if arg.startswith("--")}
-        for name, value in quick.items():
-            if name not in given:
-                setattr(args, name, value)
-    return args
+    if parser.parse_known_args()[0].quick:  # the defaults of a short run
+        parser.set_defaults(players=500, clients=50, seconds=3.0, idle=0.5)
+    return parser.parse_args()
 
 
 if __name__ == "__main__":

@@ -73,6 +73,10 @@ def _wildcard(host: str) -> bool:
         return False
 
 
+def _named(members: list[Member]) -> str:
+    return ", ".join(f"{m.node} at {m.address}" for m in members)
+
+
 def _split(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if (
@@ -261,8 +265,8 @@ class ClusterNode:
         if strangers:
             await self.membership.leave()
             raise PersistenceError(
-                f"supervisor {self.local.name!r}: the cluster's other nodes ({strangers}) "
-                "use another secret; give every node the same secret"
+                f"supervisor {self.local.name!r}: the cluster's other nodes "
+                f"({_named(strangers)}) use another secret; give every node the same secret"
             )
         nursery.start_soon(self.membership.run)
 
@@ -381,28 +385,25 @@ class ClusterNode:
         strangers = self._strangers(members)
         if not strangers:
             return members, False
-        proof = self.membership.proof
-        assert proof is not None
-        strange = [m for m in members if not hmac.compare_digest(m.proof, proof(m.node))]
         mine = [m.incarnation for m in members if m.node == self.node]
-        deferring = bool(mine) and any(m.incarnation < mine[0] for m in strange)
+        deferring = bool(mine) and any(m.incarnation < mine[0] for m in strangers)
         logger.error(
             "supervisor %r: node(s) %s do not use this cluster's secret; they get no "
-            "servers and no messages from here%s", self.local.name, strangers,
+            "servers and no messages from here%s", self.local.name, _named(strangers),
             " (one joined before this node: this node serves nothing until it leaves)"
             if deferring else "",
         )
-        return tuple(m for m in members if m not in strange), deferring
+        return tuple(m for m in members if m not in strangers), deferring
 
-    def _strangers(self, members: tuple[Member, ...]) -> str:
+    def _strangers(self, members: tuple[Member, ...]) -> list[Member]:
         """The members that do not prove this cluster's secret (none without one)."""
         proof = self.membership.proof
         if proof is None:
-            return ""
-        return ", ".join(
-            f"{m.node} at {m.address}" for m in members
+            return []
+        return [
+            m for m in members
             if m.clustered and not hmac.compare_digest(m.proof, proof(m.node))
-        )
+        ]
 
     def _view_changed(self, members: tuple[Member, ...]) -> None:
         members, deferring = self._without_strangers(members)

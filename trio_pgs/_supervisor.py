@@ -433,9 +433,9 @@ class PersistentSupervisor:
         with self._writer_scope:
             await self._writer.run()
 
-    async def _shut_down(self, deadline: float | None = None) -> None:
-        """Every server shuts down within one deadline, ``shutdown_timeout`` from now
-        (or *deadline*, the shutdown's, if given).
+    async def _shut_down(self, deadline: float) -> None:
+        """Every server shuts down within one deadline, *deadline* (``shutdown_timeout``
+        from the start of the shutdown).
 
         Past it, handlers still running are cancelled (their callers are told nothing
         was committed), and the writer stops waiting for the store: callers whose
@@ -443,8 +443,6 @@ class PersistentSupervisor:
         ``terminate`` hooks and closing the store then share TERMINATE_GRACE
         seconds."""
         self._closing = True
-        if deadline is None:
-            deadline = trio.current_time() + self.shutdown_timeout
         self._grace_end = deadline + TERMINATE_GRACE
         for entry in list(self._entries.values()):
             entry.shutting_down = True

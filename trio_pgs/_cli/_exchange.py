@@ -31,9 +31,6 @@ from ._output import ident
 #: (the record's own object), and a deeper one is refused before it is parsed: JSON
 #: readers recurse, and 100,000 levels overflow the stack.
 MAX_STATE_DEPTH = 200
-#: The largest version or epoch a record may have (`_store.MAX_COUNT`: a store would
-#: refuse to read one above it).
-MAX_COUNTER = MAX_COUNT
 _FIELDS = frozenset(field.name for field in attrs.fields(Record)) | {"data_base64"}
 #: The fields of one reminder in an export (``payload`` or ``payload_text``).
 _REMINDER_FIELDS = frozenset({"name", "due", "every", "payload", "payload_text"})
@@ -359,8 +356,8 @@ def _storable_key(key: object) -> str:
 
 def _counter(obj: dict[str, Any], name: str, minimum: int) -> int:
     value = obj.get(name, minimum)
-    if type(value) is not int or not minimum <= value <= MAX_COUNTER:
-        raise ValueError(f"{name} must be an int from {minimum} to {MAX_COUNTER}, not {value!r}")
+    if type(value) is not int or not minimum <= value <= MAX_COUNT:
+        raise ValueError(f"{name} must be an int from {minimum} to {MAX_COUNT}, not {value!r}")
     return value
 
 
