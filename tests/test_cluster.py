@@ -902,6 +902,78 @@ def test_three_servers_on_three_nodes_waiting_in_a_ring_get_call_cycle_error(
     assert "cycle" in answers and set(answers) <= {"cycle", "ok"}, answers
 
 
+GIVING_UP = '''
+import sys, time, attrs, trio, trio_pgs
+from trio_pgs import PersistentServer, PersistentSupervisor, Reply
+
+@attrs.define
+class S:
+    n: int = 0
+
+class Asker(PersistentServer[S]):
+    kind = "asker"
+    async def init(self): return S()
+    async def handle_call(self, request, state):
+        match request:
+            case ("ask", str(other), float(patience)):  # 0.3 s: gives up before the answer
+                with trio.move_on_after(patience):
+                    await trio_pgs.ServerRef(self.ref.supervisor, "asker", other).call(
+                        ("back", self.ref.key))
+                return Reply("asked", state, persist=False)
+            case ("back", str(caller)):  # calls back its caller, which waits no more
+                await trio.sleep(1.0)
+                try:
+                    answer = await trio_pgs.ServerRef(
+                        self.ref.supervisor, "asker", caller).call("hi")
+                except trio_pgs.CallCycleError as exc:
+                    answer = f"cycle: {exc}"
+                print("back:", answer, flush=True)
+                return Reply(answer, state, persist=False)
+            case "hi":
+                return Reply("hi", state, persist=False)
+        raise trio_pgs.UnknownRequest(request)
+
+async def main(dsn, schema, role, patience):
+    store = trio_pgs.PostgresStore(dsn, schema=schema)
+    cluster = trio_pgs.Cluster(secret=b"s" * 32, lease=%(lease)s)
+    async with PersistentSupervisor(store=store, name="g", servers=[Asker],
+                                    cluster=cluster) as sup:
+        while sup.statistics().nodes < 2:
+            await trio.sleep(0.05)
+        await trio.sleep(%(lease)s)  # both see both
+        owner = sup._node.owner_of
+        x, y = next(  # a pair on two nodes: the same on both, from the same view
+            (f"x{i}", f"y{i}") for i in range(100)
+            if owner(sup.ref(Asker, f"x{i}")) != owner(sup.ref(Asker, f"y{i}"))
+        )
+        if role == "a":
+            for key in (x, y):
+                await sup.start(Asker, key=key)
+            with trio.fail_after(8):
+                print(await sup.ref(Asker, x).call(("ask", y, float(patience))), flush=True)
+        await trio.sleep(4)  # the call back, on either node
+
+trio.run(main, *sys.argv[1:])
+'''
+
+
+@pytest.mark.parametrize(("patience", "answer"), [("0.3", "back: hi"), ("5", "back: cycle")])
+def test_a_call_back_to_a_caller_on_another_node_is_a_cycle_only_while_it_waits(
+    postgres: Server, tmp_path: Path, patience: str, answer: str
+) -> None:
+    """X calls Y on another node; Y, handling that call, calls X back a second later.
+    If X gave up (cancelled after 0.3 s) it waits on nobody: no cycle, X answers (it
+    was a `CallCycleError`, falsely, when a server of another node was taken to be
+    waiting still). If X still waits, the call back is a `CallCycleError`."""
+    schema = postgres.schema()
+    program = tmp_path / "giving_up.py"
+    program.write_text(GIVING_UP % {"lease": LEASE})
+    outs = run_programs(program, [[postgres.dsn, schema, role, patience] for role in "ab"])
+    lines = [line for out in outs for line in out.splitlines()]
+    assert "asked" in lines, lines
+    assert [line[:len(answer)] for line in lines if line.startswith("back:")] == [answer], lines
+
+
 REMINDING = '''
 import sys, time, attrs, trio, trio_pgs
 from trio_pgs import NoReply, PersistentServer, PersistentSupervisor, Reminder

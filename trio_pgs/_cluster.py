@@ -349,6 +349,12 @@ class ClusterNode:
             todo.extend(waits)
         return False
 
+    async def still_waits(self, waiter: ServerRef, waited: ServerRef) -> bool:
+        """Whether *waiter*, a link of a call chain, still waits on *waited* (through
+        the servers of its own node): asked of the node that serves it. A caller that
+        gave up waits no more; a node that does not answer counts as no."""
+        return await self.waits_on(waiter, waited, hops=1)
+
     async def _probe(self, ref: ServerRef, target: ServerRef, hops: int) -> bool:
         node = self.owner_of(ref)
         address = None if node in (None, self.node) else self._addresses.get(node)

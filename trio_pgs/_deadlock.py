@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from ._errors import CallCycleError
@@ -19,15 +20,32 @@ def check_no_deadlock(target: ServerRef, handling: Handling) -> tuple[ServerRef,
     Two checks: *target* is still waiting in this call chain (A calls B calls A, or
     a self-call), or *target* is waiting, through the servers it is calling now, on
     this server (A calls B while B, handling another message, calls A). Returns the
-    chain the message carries.
+    chain the message carries. A link of the chain that another node serves is taken
+    to hold here; in a cluster, `check_across` asks that node instead.
     """
     chain = handling.chain
-    if target in chain and _still_waiting(chain, target):
+    if unseen_links(chain, target) is not None:
         _raise_cycle(target, (*chain, target))
-    path = _wait_path(target, chain[-1])
-    if path is not None:
-        _raise_cycle(target, path)
+    _check_wait_path(target, chain[-1])
     return chain
+
+
+async def check_across(
+    target: ServerRef, chain: tuple[ServerRef, ...],
+    holds: Callable[[ServerRef, ServerRef], Awaitable[bool]],
+) -> None:
+    """`check_no_deadlock` for a message of *chain* (its sender last) in a cluster:
+    each link of the chain that another node serves is asked of that node (*holds*:
+    whether its waiter still waits on the next server), so that a caller there that
+    gave up (cancelled) is not taken to be waiting still."""
+    links = unseen_links(chain, target)
+    if links is not None:
+        for waiter, waited in links:
+            if not await holds(waiter, waited):
+                break
+        else:
+            _raise_cycle(target, (*chain, target))
+    _check_wait_path(target, chain[-1])
 
 
 def would_deadlock(target: ServerRef, handling: Handling) -> bool:
@@ -35,24 +53,32 @@ def would_deadlock(target: ServerRef, handling: Handling) -> bool:
     `check_no_deadlock`, as a question)."""
     chain = handling.chain
     return (
-        (target in chain and _still_waiting(chain, target))
+        unseen_links(chain, target) is not None
         or _wait_path(target, chain[-1]) is not None
     )
 
 
-def _still_waiting(chain: tuple[ServerRef, ...], target: ServerRef) -> bool:
-    """Whether the servers of *chain* from *target* on still wait, each on the next.
+def unseen_links(
+    chain: tuple[ServerRef, ...], target: ServerRef
+) -> list[tuple[ServerRef, ServerRef]] | None:
+    """Whether the servers of *chain* from *target* on may still wait, each on the next.
 
     A chain is what its message's senders waited on when they sent it; a caller that
     gave up since (cancelled) waits no more, and a call back to it is no cycle. A
-    server of this process tells (its wait-for edges); one of another node is taken
-    to wait still (its node answers for it, `ClusterNode.waits_on`)."""
+    server of this process tells (its wait-for edges). None: no cycle (*target* is
+    not in the chain, or a link of this process broke). Else the links whose waiter
+    another node serves, not known here: an empty list is a sure cycle."""
+    if target not in chain:
+        return None
     links = chain[len(chain) - 1 - chain[::-1].index(target):]  # from its last wait on
+    unseen = []
     for waiter, waited in itertools.pairwise(links):
         waits = _waits_of(waiter)
-        if waits is not None and waited not in waits:
-            return False
-    return True
+        if waits is None:
+            unseen.append((waiter, waited))
+        elif waited not in waits:
+            return None
+    return unseen
 
 
 def _waits_of(ref: ServerRef) -> list[ServerRef] | None:
@@ -88,6 +114,12 @@ def _wait_path(target: ServerRef, me: ServerRef) -> tuple[ServerRef, ...] | None
                 return (*path, me)
             stack.append((waited, (*path, waited)))
     return None
+
+
+def _check_wait_path(target: ServerRef, me: ServerRef) -> None:
+    path = _wait_path(target, me)
+    if path is not None:
+        _raise_cycle(target, path)
 
 
 def _raise_cycle(ref: ServerRef, path: tuple[ServerRef, ...]) -> NoReturn:

@@ -20,7 +20,7 @@ import trio
 
 from ._calls import Handling, Kind, Message, live_handling
 from ._cluster import MOVED, ClusterNode
-from ._deadlock import check_no_deadlock
+from ._deadlock import check_across, check_no_deadlock
 from ._errors import CallCycleError, ConflictError, NotOwner, SupervisorNotRunning
 from ._ledger import WaitEdge
 
@@ -72,7 +72,10 @@ async def serve(
             # From another node's handler: would its wait close a cycle through the
             # servers waiting here (X here calls Y there, Y calls X), or through
             # other nodes' (X calls Y calls Z, each on its own node)?
-            check_no_deadlock(ref, Handling(chain[-1], chain[:-1], []))
+            if sup._node is None:
+                check_no_deadlock(ref, Handling(chain[-1], chain[:-1], []))
+            else:
+                await check_across(ref, chain, sup._node.still_waits)
             if sup._node is not None and await sup._node.waits_on(ref, chain[-1]):
                 raise CallCycleError(
                     f"calling {ref} would deadlock: it waits, through other nodes' "
@@ -109,7 +112,8 @@ async def route(sup: Delivery, node: ClusterNode, ref: ServerRef, op: str, paylo
     handling = live_handling()
     chain: tuple[ServerRef, ...] = ()  # a cast waits on nobody: it carries no chain
     if handling is not None and op in ("call", "stop"):
-        chain = check_no_deadlock(ref, handling)
+        chain = handling.chain
+        await check_across(ref, chain, node.still_waits)
     request: bytes | None = None
     for attempt in itertools.count():  # reroute() gives up after ROUTES
         address = node.route(ref)
