@@ -4,6 +4,7 @@ need several processes: tests/test_cluster.py.)"""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -258,6 +259,32 @@ async def test_a_stranger_that_joined_after_this_node_changes_nothing_here(
             assert await ref.call("get") == ["a"]
         assert sup.statistics().active == 20
 
+
+
+async def test_a_stranger_is_reported_once_not_at_every_renewal(
+    postgres: Server, caplog: pytest.LogCaptureFixture
+):
+    """A node of another secret among the members is an error worth one log record
+    (and one when it is gone), not one at every lease renewal: each renewal changes
+    the members' remaining leases, which is a new view."""
+    caplog.set_level(logging.INFO, logger="trio_pgs")
+    schema = postgres.schema()
+    store = PostgresStore(postgres.dsn, schema=schema)
+    cluster = trio_pgs.Cluster(secret=b"s" * 16, listen="127.0.0.1:0")
+    async with PersistentSupervisor(store=store, cluster=cluster, servers=[TallyServer]) as sup:
+        incarnation = await store.join("default", "n1", address="127.0.0.1:9",
+                                       clustered=True, lease=600, host="elsewhere", pid=1,
+                                       proof="0" * 64)
+        for _ in range(5):
+            await sup._node.membership.refresh(again=True)
+            await trio.sleep(0.01)  # the database's clock moves: another view
+        await store.leave("default", "n1", incarnation)
+        for _ in range(3):
+            await sup._node.membership.refresh(again=True)
+            await trio.sleep(0.01)
+    said = [r for r in caplog.records if "n1" in r.getMessage()]
+    assert [r.levelname for r in said] == ["ERROR", "INFO"], [r.getMessage() for r in said]
+    assert "secret" in said[0].getMessage() and "n1" in said[1].getMessage()
 
 async def test_a_node_joining_again_after_a_stranger_got_in_serves_nothing(postgres: Server):
     """This node's lease ran out (paused, cut off), a node of another secret joined

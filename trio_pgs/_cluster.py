@@ -234,6 +234,9 @@ class ClusterNode:
         #: A member that does not prove the secret joined before this node: this node
         #: serves nothing (`_without_strangers`).
         self._deferring = False
+        #: The strangers last reported, and whether this node deferred to them: a
+        #: report is made when that changes, not at every renewal.
+        self._reported: tuple[frozenset[str], bool] = (frozenset(), False)
         self._owners: dict[ServerRef, str] = {}
         #: Every live member but this one, leaving ones included: who may still hold
         #: a server this node gained, until `_settled_at`.
@@ -389,17 +392,31 @@ class ClusterNode:
         again after losing its lease) may be serving every server as it sees them:
         this node then serves none, so that no server is active on both."""
         strangers = self._strangers(members)
-        if not strangers:
-            return members, False
         mine = [m.incarnation for m in members if m.node == self.node]
         deferring = bool(mine) and any(m.incarnation < mine[0] for m in strangers)
-        logger.error(
-            "supervisor %r: node(s) %s do not use this cluster's secret; they get no "
-            "servers and no messages from here%s", self.local.name, _named(strangers),
-            " (one joined before this node: this node serves nothing until it leaves)"
-            if deferring else "",
-        )
+        self._report(strangers, deferring)
+        if not strangers:
+            return members, False
         return tuple(m for m in members if m not in strangers), deferring
+
+    def _report(self, strangers: list[Member], deferring: bool) -> None:
+        """Log the strangers among the members when they (or this node's deferring to
+        them) change: an error while there are some, a note once they are gone."""
+        reported = (frozenset(m.node for m in strangers), deferring)
+        if reported == self._reported:
+            return
+        before, self._reported = self._reported, reported
+        if strangers:
+            logger.error(
+                "supervisor %r: node(s) %s do not use this cluster's secret; they get "
+                "no servers and no messages from here%s", self.local.name,
+                _named(strangers),
+                " (one joined before this node: this node serves nothing until it "
+                "leaves)" if deferring else "",
+            )
+        else:
+            logger.info("supervisor %r: node(s) %s of another secret are gone",
+                        self.local.name, ", ".join(sorted(before[0])))
 
     def _strangers(self, members: tuple[Member, ...]) -> list[Member]:
         """The members that do not prove this cluster's secret (none without one)."""
