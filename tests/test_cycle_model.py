@@ -481,7 +481,8 @@ def test_a_call_back_to_a_caller_that_gave_up_is_no_cycle_while_it_is_active() -
 # call its caller gave up on no longer counts, "the server it went to may call that
 # caller back". It raised CallCycleError in b: `_deadlock._still_waiting` (now
 # `unseen_links`) took a link whose waiter has no entry (`_local_entry` is None:
-# dormant here, not on another node) to wait still. The same scenario with a still active passes (the test above).
+# dormant here, not on another node) to wait still. The same scenario with a still
+# active passes (the test above).
 def test_a_call_back_to_a_caller_that_gave_up_and_hibernated_is_no_cycle() -> None:
     assert run_clocked(run_peers, gives_up_then_called_back, idle_timeout=0.1) == []
 
