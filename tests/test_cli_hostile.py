@@ -101,8 +101,8 @@ def test_an_import_postgresql_cannot_hold_is_refused_before_writing(
     )
     assert main(["import", url, str(export)]) == 2
     assert "NUL" in one_line(capsys.readouterr().err)
-    assert main(["list", url]) == 0
-    assert "fine" not in capsys.readouterr().out  # nothing was imported
+    assert main(["list", url]) == 2  # nothing was imported, nor the store made
+    assert "there is no trio-pgs store in schema" in capsys.readouterr().err
 
 
 def test_a_failing_output_is_one_line_and_status_1(

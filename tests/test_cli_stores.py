@@ -92,6 +92,37 @@ def test_a_postgresql_schema_without_a_store_is_refused_and_left_without_one(
     assert found == (0,)
 
 
+
+@pytest.mark.parametrize("key", ["nul\x00key", "\U0001f600" * 700], ids=["nul", "index-size"])
+def test_an_import_postgresql_cannot_hold_is_refused_before_the_schema_is_made(
+    store_dir: Path, postgres: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    key: str,
+) -> None:
+    """A record whose kind and key PostgreSQL cannot hold (a NUL; over the index's
+    size together) is refused with exit status 2, which says nothing was changed:
+    the new schema is not made either (it was, empty, when the refusal came from
+    the first write)."""
+    import json
+
+    import psycopg
+
+    backup = tmp_path / "backup.jsonl"
+    assert main(["export", str(store_dir), "--output", str(backup)]) == 0
+    lines = backup.read_text().splitlines()
+    bad = json.loads(lines[0])
+    bad["key"] = key
+    backup.write_text("\n".join([*lines[1:], json.dumps(bad)]) + "\n")
+    schema = postgres.schema()
+    capsys.readouterr()
+    assert main(["import", _in_schema(postgres.dsn, schema), str(backup)]) == 2
+    err = capsys.readouterr().err
+    assert "PostgreSQL" in err and "nothing was imported" in err, err
+    with psycopg.connect(postgres.dsn) as connection:
+        found = connection.execute(
+            "SELECT count(*) FROM pg_namespace WHERE nspname = %s", (schema,)
+        ).fetchone()
+    assert found == (0,)
+
 def test_an_unreachable_postgresql_server_is_refused_without_showing_the_password(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -30,7 +30,7 @@ from .._store import (
 )
 from ._exchange import import_refusal, read_records, record_to_json
 from ._exit import EXIT_NOT_STARTED, EXIT_OK, CommandError
-from ._opener import CommandStore, session, shown, store_from_spec
+from ._opener import CommandStore, check_storable, session, shown, store_from_spec
 from ._output import (
     Progress,
     err,
@@ -358,6 +358,7 @@ def import_command(args: argparse.Namespace) -> int:
             f"{source} holds no records; nothing was imported. Pass --allow-empty to "
             "import it all the same (into a new directory, that makes an empty store)"
         )
+    check_storable(store, records)
     written = sending = 0
 
     async def import_(opened: CommandStore) -> None:

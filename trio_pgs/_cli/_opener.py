@@ -19,6 +19,7 @@ import trio
 from .._diskcache_store import DiskCacheStore
 from .._errors import ConflictError, PersistenceError
 from .._postgres_conn import without_password
+from .._postgres_rows import check_ident
 from .._postgres_store import PostgresStore
 from .._store import Operation, Record
 from ._exit import EXIT_FAILED, EXIT_NOT_STARTED, CommandError
@@ -92,6 +93,23 @@ def session(store: CommandStore, work: Callable[[CommandStore], Awaitable[T]]) -
         raise CommandError(f"{exc}. That change was not made; look again, then retry.") from None
     except PersistenceError as exc:
         raise CommandError(str(exc), EXIT_FAILED) from None
+
+
+def check_storable(store: CommandStore, records: Sequence[Record]) -> None:
+    """Refuse (exit status 2) records that *store* cannot hold, before it is opened:
+    opening may create it (a PostgreSQL schema and its tables), and a refusal must
+    leave nothing behind. A diskcache store holds every kind and key that import
+    reads; PostgreSQL's text holds no NUL, and its index bounds a kind and key."""
+    if not isinstance(store, PostgresStore):
+        return
+    for record in records:
+        try:
+            check_ident(record.kind, record.key)
+        except ValueError as exc:
+            raise CommandError(
+                f"a record PostgreSQL cannot hold: {exc}; nothing was imported",
+                EXIT_NOT_STARTED,
+            ) from None
 
 
 def _shown(spec: str) -> str:
