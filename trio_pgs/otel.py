@@ -212,9 +212,11 @@ class Telemetry:
         )
         return _Current(span, trace.set_span_in_context(span), refusal_is_error=True)
 
-    def capture(self) -> Context:
-        """The sender's context, carried by its message to the server."""
-        return otel_context.get_current()
+    def capture(self) -> Context | None:
+        """The sender's context, carried by its message to the server; None when no
+        span is made (metrics only): the message then goes to its handler as an
+        untraced one does."""
+        return otel_context.get_current() if self._spans else None
 
     def handling(
         self, ref: ServerRef, kind: str, carried: Context
