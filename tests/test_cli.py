@@ -24,7 +24,7 @@ from trio_pgs import (
     ServerQuarantined,
 )
 from trio_pgs._cli import main
-from trio_pgs._diskcache_store import SEPARATOR
+from trio_pgs._diskcache_rows import SEPARATOR
 from trio_pgs._store import next_version
 
 from .cli_support import FragileServer, call, filled_store, put, records, rows

@@ -13,7 +13,7 @@ import pytest
 
 from trio_pgs import Record
 from trio_pgs._cli import main
-from trio_pgs._diskcache_store import SEPARATOR, encode_record
+from trio_pgs._diskcache_rows import SEPARATOR, encode_record
 
 from .cli_support import filled_store, put, rows
 

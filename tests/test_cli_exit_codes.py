@@ -16,7 +16,7 @@ import trio
 
 from trio_pgs import DiskCacheStore, PersistentSupervisor, Record
 from trio_pgs._cli import main
-from trio_pgs._diskcache_store import FORMAT_KEY, SEPARATOR
+from trio_pgs._diskcache_rows import FORMAT_KEY, SEPARATOR
 from trio_pgs._store import next_version
 
 from .cli_support import filled_store, put, records

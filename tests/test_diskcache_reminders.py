@@ -28,7 +28,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from trio_pgs import Delete, DiskCacheStore, PersistenceError, Put, Record
-from trio_pgs._diskcache_store import DUE_TABLE, SEPARATOR, decode_record, encode_record
+from trio_pgs._diskcache_due import DUE_TABLE
+from trio_pgs._diskcache_rows import SEPARATOR, decode_record, encode_record
 from trio_pgs._schedule import EARLIEST, LATEST, MAX_EVERY, MIN_EVERY, Due, StoredReminder
 from trio_pgs._store import SupportsReminders, due_of
 
@@ -144,7 +145,7 @@ async def test_due_pages_through_many_equal_times_and_many_kinds(tmp_path, monke
     are asked in more than one query."""
     from trio_pgs import _diskcache_store
 
-    monkeypatch.setattr(_diskcache_store, "_DUE_KINDS_PER_QUERY", 2)
+    monkeypatch.setattr(_diskcache_store, "DUE_KINDS_PER_QUERY", 2)
     kinds = ["a", "b", "c", "d", "e"]
     records = [rec(f"{n:02d}", 5.0 if n % 3 else 4.0, kind=kind)
                for kind in kinds for n in range(12)]
@@ -418,12 +419,12 @@ def crash_at(name):
     if armed[0] and name == point:
         os._exit(9)
 
-write_row = module._write_row
+write_row = module.write_row
 def _write_row(cache, db_key, value, now):
     updated = write_row(cache, db_key, value, now)
     crash_at("row " + db_key[-1])
     return updated
-module._write_row = _write_row
+module.write_row = _write_row
 
 sql = diskcache.Cache._sql
 class Cache(diskcache.Cache):
@@ -432,7 +433,7 @@ class Cache(diskcache.Cache):
         execute = sql.fget(self)
         def traced(statement, *args):
             cursor = execute(statement, *args)
-            if statement == module._SET_DUE:
+            if statement == module.SET_DUE:
                 crash_at("entry " + args[0][1])
             return cursor
         return traced

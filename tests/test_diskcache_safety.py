@@ -403,7 +403,7 @@ async def test_a_row_that_is_not_an_inline_value_is_unreadable(tmp_path, mode, v
 
 
 def test_safe_disk_never_deletes_a_file(tmp_path, precious):
-    from trio_pgs._diskcache_store import SafeDisk
+    from trio_pgs._diskcache_rows import SafeDisk
 
     SafeDisk(str(tmp_path)).remove(str(precious))  # what diskcache calls to drop a row's file
     assert precious.read_bytes() == b"mine"

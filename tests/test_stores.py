@@ -22,7 +22,7 @@ from trio_pgs import (
     Put,
     Record,
 )
-from trio_pgs._diskcache_store import SEPARATOR
+from trio_pgs._diskcache_rows import SEPARATOR
 
 from .servers import TallyServer
 
@@ -182,7 +182,7 @@ async def test_sqlite_runs_with_synchronous_full_when_durable(tmp_path):
 
 
 def test_unpickling_is_not_reachable_from_safe_disk():
-    from trio_pgs._diskcache_store import SafeDisk
+    from trio_pgs._diskcache_rows import SafeDisk
 
     disk = SafeDisk("/nonexistent")
     with pytest.raises(PersistenceError):
@@ -215,7 +215,7 @@ async def test_an_unconditional_delete_removes_a_pickle_row_without_reading_it(t
 def test_the_fast_record_header_is_the_json_one(version, state_version, epoch, updated_at, data):
     import json
 
-    from trio_pgs._diskcache_store import decode_record, encode_record
+    from trio_pgs._diskcache_rows import decode_record, encode_record
 
     record = Record(
         kind="k", key="a", data=data, version=version, state_version=state_version, epoch=epoch,
@@ -285,7 +285,7 @@ async def test_diskcache_conditional_writes_see_another_connections_commits(tmp_
     """The store skips re-reading versions it wrote itself, but never past a commit made
     through another connection (a tool writing the database directly: no other store
     can open the directory while this one holds it)."""
-    from trio_pgs._diskcache_store import encode_record
+    from trio_pgs._diskcache_rows import encode_record
 
     from .crafted_rows import craft_row
 

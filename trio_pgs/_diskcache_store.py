@@ -1,489 +1,86 @@
-"""`DiskCacheStore`: the embedded default, on a diskcache (SQLite) directory."""
+"""`DiskCacheStore`: the embedded default, on a diskcache (SQLite) directory.
+
+The store itself: opening, claims, commits, loads, scans and the due index's reads, on
+a dedicated thread. What a row holds is `_diskcache_rows`; the due index's table and
+query, `_diskcache_due`; the directory's lock and read-only connection,
+`_diskcache_files`."""
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import heapq
 import itertools
-import json
 import logging
 import math
 import operator
 import os
 import pathlib
-import socket
 import sqlite3
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import attrs
 import diskcache
 import diskcache.core
-import trio
 
-from ._errors import PersistenceError
-from ._schedule import (
-    Due,
-    pack_reminders,
-    unpack_reminders,
+from ._diskcache_due import (
+    ANY_DUE,
+    CREATE_DUE,
+    DROP_DUE,
+    DUE_KINDS_PER_QUERY,
+    DUE_TABLE,
+    SET_DUE,
+    chunks,
+    due_query,
+    has_due_table,
 )
-from ._store import Claim, Delete, Operation, Put, Record, check_version, due_of
+from ._diskcache_files import (
+    closed,
+    closed_in_background,
+    closing,
+    connect_read_only,
+    lock_directory,
+    not_a_store,
+)
+from ._diskcache_rows import (
+    FORMAT,
+    FORMAT_KEY,
+    SEPARATOR,
+    TOMBSTONE,
+    SafeDisk,
+    decode_row,
+    encode_record,
+    encode_tombstone,
+    row_key,
+    row_key_of,
+    split_key,
+    stored_in_header,
+    unconditional,
+    write_row,
+)
+from ._errors import PersistenceError
+from ._schedule import Due
+from ._store import Claim, Operation, Put, Record, check_version, due_of
 from ._thread import DedicatedThread
 
 T = TypeVar("T")
 logger = logging.getLogger("trio_pgs.store")
 
-#: Separates kind and key in a diskcache key; kinds may not contain it.
-SEPARATOR = "\x1f"
-#: The row that marks a directory as a trio-pgs store, with the record format version.
-FORMAT_KEY = SEPARATOR + "trio-pgs-format"
-FORMAT = "1"
 _SCAN_CHUNK = 1000
 #: Versions remembered at most (see _known_versions): a bound, not a per-server cost.
 _VERSIONS_KEPT = 100_000
 #: The character right after SEPARATOR: kind + _AFTER_SEPARATOR sorts after every key
 #: of that kind.
 _AFTER_SEPARATOR = chr(ord(SEPARATOR) + 1)
-#: The file in a store's directory that a process holding the store has locked (flock),
-#: holding that process's pid and host name.
-LOCK_NAME = "trio-pgs.lock"
 #: A row's columns, read with SQL: never through diskcache's `get`, which opens the file
 #: a row names (a FIFO hangs it, /dev/zero fills the memory).
 _SELECT_ROW = "SELECT mode, filename, value FROM Cache WHERE key = ? AND raw = 1"
 _SELECT_VALUE = "SELECT value FROM Cache WHERE key = ? AND raw = 1"
-#: Before a deleted record's db key, the key of its tombstone: a row holding its last
-#: version and epoch, so that a record created again continues them. It sorts before
-#: every kind (kinds are printable), so scans and kinds() never meet it.
-TOMBSTONE = SEPARATOR + "tombstone" + SEPARATOR
-#: The due index (`SupportsReminders`): a table of its own in the cache's database, one
-#: row per record whose `due_of` is not None, written in the transaction that writes the
-#: record. Ordered by (kind, due, key), so that `due` seeks each kind at its cursor and
-#: SQLite merges the kinds in order (a (due, kind, key) index cannot seek a cursor among
-#: many equal due times, and walks the entries of every other kind).
-DUE_TABLE = "trio_pgs_due"
-_CREATE_DUE = (
-    f"CREATE TABLE IF NOT EXISTS {DUE_TABLE} (kind TEXT NOT NULL, key TEXT NOT NULL,"
-    " due REAL NOT NULL, PRIMARY KEY (kind, key)) WITHOUT ROWID",
-    f"CREATE INDEX IF NOT EXISTS {DUE_TABLE}_order ON {DUE_TABLE} (kind, due, key)",
-)
-_SET_DUE = f"INSERT OR REPLACE INTO {DUE_TABLE} (kind, key, due) VALUES (?, ?, ?)"
-_DROP_DUE = f"DELETE FROM {DUE_TABLE} WHERE kind = ? AND key = ?"
-_ANY_DUE = f"SELECT 1 FROM {DUE_TABLE} WHERE kind = ? LIMIT 1"
-#: What makes a row of the due table an entry `due` returns: a foreign or hand-made
-#: row (another type, an empty key, a time that is no finite number) is never listed.
-_VALID_DUE = (
-    " AND typeof(key) = 'text' AND key <> '' AND typeof(due) = 'real'"
-    " AND abs(due) <= 1.7976931348623157e308"  # not a constraint the index could take
-)
-#: Kinds per query of `due` (a UNION ALL of one SELECT per kind; SQLite allows 500).
-_DUE_KINDS_PER_QUERY = 100
 #: The due entry of a key that this store does not know (see _due_known): NaN, unequal
 #: to every time, and not None, so that the key's next write writes its entry.
 _UNKNOWN = math.nan
-
-
-class RefusedPickle(PersistenceError):
-    """A stored row holds a pickle, which trio-pgs never loads (it could run code)."""
-
-
-class _PickledKey:
-    pass
-
-
-_PICKLED_KEY = _PickledKey()
-
-
-class SafeDisk(diskcache.Disk):  # type: ignore[misc]
-    """A diskcache `Disk` that stores only `bytes` and `str`, and never unpickles.
-
-    diskcache pickles anything else by default, and unpickles whatever a row says is a
-    pickle: anyone able to write the cache file could run code in the application
-    (CVE-2025-69872). This disk refuses both directions.
-    """
-
-    def put(self, key: Any) -> tuple[Any, bool]:
-        if type(key) is not str:
-            raise TypeError(f"trio-pgs stores use str keys only, not {type(key).__name__}")
-        return super().put(key)  # type: ignore[no-any-return]
-
-    def get(self, key: Any, raw: bool) -> Any:
-        if not raw:
-            return _PICKLED_KEY
-        return super().get(key, raw)
-
-    def store(self, value: Any, read: bool, key: Any = diskcache.core.UNKNOWN) -> Any:
-        if read or type(value) not in (bytes, str):
-            raise TypeError(
-                f"trio-pgs stores bytes and str only, not {type(value).__name__}; "
-                "nothing is pickled"
-            )
-        return super().store(value, read, key=key)
-
-    def fetch(self, mode: int, filename: str | None, value: Any, read: bool) -> Any:
-        # trio-pgs reads rows with its own SQL (decode_row); this is the second line.
-        if mode == diskcache.core.MODE_PICKLE:
-            raise RefusedPickle(
-                "a row of this store holds a pickle; trio-pgs refuses to load it "
-                "(somebody other than trio-pgs wrote it). Inspect or purge that row."
-            )
-        if mode != diskcache.core.MODE_RAW or filename is not None:
-            raise PersistenceError(
-                "a row of this store is not an inline value; trio-pgs never reads the "
-                "file a row names. Inspect or purge that row."
-            )
-        return super().fetch(mode, filename, value, read)
-
-    def remove(self, file_path: str) -> None:
-        """Delete nothing: trio-pgs writes no value files, so a file that a row names
-        is somebody else's (diskcache would delete it with the row)."""
-
-
-def encode_record(record: Record) -> bytes:
-    """A header line of JSON, then the state's bytes, the history's, and the
-    reminders' (as `pack_reminders` writes them; a record without reminders is written
-    as before they existed)."""
-    version, state_version, epoch, updated_at = (
-        record.version, record.state_version, record.epoch, record.updated_at
-    )
-    if (
-        not record.crashes and not record.quarantined and not record.history
-        and type(version) is int and type(state_version) is int and type(epoch) is int
-        and type(updated_at) is float and math.isfinite(updated_at)
-    ):
-        # The common record, formatted directly: the same bytes as json.dumps below,
-        # at a fifth of its cost (this runs once per record written).
-        if not record.reminders:
-            return b"%s\n%s" % (
-                b'{"v":%d,"sv":%d,"e":%d,"t":%s,"n":[%d]}'
-                % (version, state_version, epoch, repr(updated_at).encode(), len(record.data)),
-                record.data,
-            )
-        reminders = _encode_reminders(record)
-        return b'{"v":%d,"sv":%d,"e":%d,"t":%s,"n":[%d],"r":%d}\n%s%s' % (
-            version, state_version, epoch, repr(updated_at).encode(), len(record.data),
-            len(reminders), record.data, reminders,
-        )
-    header = {
-        "v": record.version,
-        "sv": record.state_version,
-        "e": record.epoch,
-        "t": record.updated_at,
-        "n": [len(record.data), *(len(old) for old in record.history)],
-    }
-    if record.crashes:
-        header["c"] = list(record.crashes)
-    if record.quarantined:
-        header["q"] = True
-    reminders = _encode_reminders(record)
-    if reminders:
-        header["r"] = len(reminders)
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    return b"".join((encoded, b"\n", record.data, *record.history, reminders))
-
-
-def _encode_reminders(record: Record) -> bytes:
-    """The record's reminders as the bytes its row keeps after the history (b"" for
-    none). ``ValueError``, and nothing is written, for reminders that would not read
-    back (`pack_reminders` says which)."""
-    if not record.reminders:
-        return b""
-    try:
-        return pack_reminders(record.reminders).encode()
-    except ValueError as exc:
-        raise ValueError(f"{record.kind}/{record.key}: {exc}; nothing was written") from None
-
-
-def decode_record(kind: str, key: str, value: object) -> Record:
-    if not isinstance(value, bytes):
-        raise PersistenceError(
-            f"{kind}/{key}: the stored row is {type(value).__name__}, not a trio-pgs "
-            "record; it was written by something else"
-        )
-    line, newline, body = value.partition(b"\n")
-    try:
-        header = json.loads(line)
-        sizes = header["n"]
-        parts, offset = [], 0
-        for size in sizes:
-            parts.append(body[offset : offset + size])
-            offset += size
-        reminders = header.get("r", 0)
-        if type(reminders) is not int or reminders < 0:
-            raise ValueError("the reminders' length in the header is not a count")
-        text, offset = body[offset : offset + reminders], offset + reminders
-        if not newline or offset != len(body):
-            raise ValueError("the lengths in the header do not match the row")
-        return Record(
-            kind=kind,
-            key=key,
-            data=parts[0],
-            version=header["v"],
-            state_version=header["sv"],
-            epoch=header["e"],
-            updated_at=header["t"],
-            crashes=tuple(header.get("c", ())),
-            quarantined=bool(header.get("q", False)),
-            history=tuple(parts[1:]),
-            reminders=unpack_reminders(text.decode()),
-        )
-    except (ValueError, KeyError, TypeError, IndexError) as exc:
-        raise PersistenceError(
-            f"{kind}/{key}: the stored row is not a valid trio-pgs record ({exc}); "
-            "inspect or purge it"
-        ) from exc
-
-
-def decode_row(kind: str, key: str, mode: object, filename: object, value: object) -> Record:
-    """The record in a Cache row, from its columns alone. Rows are data, never
-    instructions: a row that is not an inline bytes value (one that names a file, or
-    holds a pickle) is refused, and the file it names is never opened, looked at or
-    deleted."""
-    if mode == diskcache.core.MODE_PICKLE:
-        raise RefusedPickle(
-            f"{kind}/{key}: a row of this store holds a pickle; trio-pgs refuses to load it "
-            "(somebody other than trio-pgs wrote it). Inspect or purge that row."
-        )
-    if filename is not None:
-        shown = repr(filename)
-        if len(shown) > 200:
-            shown = shown[:200] + "..."
-        raise PersistenceError(
-            f"{kind}/{key}: the stored row is not a valid trio-pgs record: it names a file "
-            f"({shown}), and trio-pgs keeps every value inside the database and never reads "
-            "a file a row names. Inspect or purge it (purging deletes the row only)"
-        )
-    if mode != diskcache.core.MODE_RAW:
-        raise PersistenceError(
-            f"{kind}/{key}: the stored row is not a valid trio-pgs record (its diskcache "
-            f"mode is {mode!r}, not an inline value); inspect or purge it"
-        )
-    return decode_record(kind, key, value)
-
-
-def _write_row(cache: diskcache.Cache, db_key: str, value: bytes, now: float) -> bool:
-    """``cache.set(db_key, value)`` inside the open transaction, in one statement for
-    an existing row. Its columns get what diskcache's own `set` writes for inline bytes
-    (our `SafeDisk` stores nothing else). A new row goes through `set` (and False is
-    returned: the row was created). diskcache's
-    `set` reads the row before it updates it, which was a third of the store thread's
-    time per record; and over a row that names a file, it would delete that file."""
-    updated = cache._sql(
-        "UPDATE Cache SET store_time = ?, expire_time = NULL, access_time = ?,"
-        " access_count = 0, tag = NULL, size = 0, mode = ?, filename = NULL, value = ?"
-        " WHERE key = ? AND raw = 1",
-        (now, now, diskcache.core.MODE_RAW, sqlite3.Binary(value), db_key),
-    ).rowcount
-    if not updated:
-        cache.set(db_key, value)
-    return bool(updated)
-
-
-def split_key(db_key: object) -> tuple[str, str] | None:
-    if not isinstance(db_key, str) or db_key == FORMAT_KEY or db_key.startswith(TOMBSTONE):
-        return None
-    kind, separator, key = db_key.partition(SEPARATOR)
-    return (kind, key) if separator else None
-
-
-def _encode_tombstone(stored: tuple[int, int]) -> bytes:
-    return b'{"v":%d,"e":%d}' % stored
-
-
-def _stored_in_header(value: object) -> tuple[int, int] | None:
-    """The (version, epoch) in a row's header or a tombstone, read from its value
-    column alone; None if it holds none (a row trio-pgs did not write)."""
-    if not isinstance(value, bytes):
-        return None
-    try:
-        header = json.loads(value.partition(b"\n")[0])
-        version, epoch = header["v"], header["e"]
-    except (ValueError, KeyError, TypeError):
-        return None
-    if type(version) is not int or type(epoch) is not int:
-        return None
-    return version, epoch
-
-
-def row_key(kind: str, key: str) -> str:
-    """The Cache table's key of (*kind*, *key*). A kind is non-empty and holds no
-    SEPARATOR: anything else could name another row (a tombstone, the format marker,
-    another kind's record), and is refused."""
-    if not isinstance(kind, str) or not kind or SEPARATOR in kind:
-        raise ValueError(
-            f"a server kind must be a non-empty str without {SEPARATOR!r}, not {kind!r}"
-        )
-    if not isinstance(key, str) or not key:
-        raise ValueError(f"a server key must be a non-empty str, not {key!r}")
-    return kind + SEPARATOR + key
-
-
-def _db_key(operation: Operation) -> str:
-    if isinstance(operation, Put):
-        return row_key(operation.record.kind, operation.record.key)
-    return row_key(operation.kind, operation.key)
-
-
-def _unconditional(operation: Operation) -> bool:
-    """A delete that checks nothing (a purge): it never decodes the row."""
-    return (
-        isinstance(operation, Delete)
-        and operation.expected_version is None and operation.epoch is None
-    )
-
-
-def _due_query(
-    kinds: list[str], after: Due | None, limit: int
-) -> tuple[str, list[object]]:
-    """The query of `DiskCacheStore.due` for *kinds*: for each kind, a seek in the due
-    index to its first entry after *after*, and SQLite merges the kinds in order (a
-    UNION ALL whose parts each come in order needs no sort), reading at most *limit*
-    entries in all."""
-    parts, parameters = [], []
-    for kind in kinds:
-        if after is None:
-            since, values = "", []
-        elif kind == after.kind:
-            since, values = " AND (due, key) > (?, ?)", [after.due, after.key]
-        elif kind > after.kind:  # its entries at after.due come after *after*
-            since, values = " AND due >= ?", [after.due]
-        else:
-            since, values = " AND due > ?", [after.due]
-        parts.append(f"SELECT due, kind, key FROM {DUE_TABLE} WHERE kind = ?{since}{_VALID_DUE}")
-        parameters += [kind, *values]
-    sql = " UNION ALL ".join(parts) + " ORDER BY 1, 2, 3 LIMIT ?"
-    return sql, [*parameters, limit]
-
-
-def _chunks(items: list[str], size: int) -> list[list[str]]:
-    return [items[start : start + size] for start in range(0, len(items), size)]
-
-
-def _has_due_table(connection: sqlite3.Connection) -> bool:
-    found = connection.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (DUE_TABLE,)
-    ).fetchone()
-    return found is not None
-
-
-def _lock_directory(directory: str) -> int:
-    """Lock *directory* for this process (an exclusive `flock` on its lock file, which
-    the OS releases when the file is closed or the process dies) and write the holder's
-    pid and host name into the file. Held elsewhere, it raises `PersistenceError`
-    naming the holder, at once: it never waits."""
-    fd = os.open(
-        os.path.join(directory, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644
-    )
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 1024, 0)
-        os.close(fd)
-        raise PersistenceError(_in_use(directory, holder)) from None
-    except BaseException:
-        os.close(fd)
-        raise
-    me = json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode()
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, me + b"\n", 0)
-    return fd
-
-
-def _in_use(directory: str, holder: bytes) -> str:
-    """The refusal of a store directory locked by *holder* (its lock file's content)."""
-    try:
-        found = json.loads(holder)
-        pid, host = int(found["pid"]), str(found["host"])
-    except (ValueError, KeyError, TypeError):
-        return (
-            f"{directory!r} is in use by another process (it has not written its pid yet): "
-            "a DiskCacheStore directory serves one process at a time. Stop that process "
-            "first, or open the store with read_only=True to read it meanwhile"
-        )
-    if pid == os.getpid() and host == socket.gethostname():
-        return (
-            f"{directory!r} is already open in this process (pid {pid} on host {host!r}), "
-            "by another DiskCacheStore: a store directory serves one store object at a "
-            "time. Use that one, or close it first (read_only=True opens it for reading "
-            "meanwhile)"
-        )
-    return (
-        f"{directory!r} is in use by process {pid} on host {host!r}: a DiskCacheStore "
-        "directory serves one process at a time. Stop that process first, or open the "
-        "store with read_only=True to read it meanwhile"
-    )
-
-
-#: The directories (absolute paths) of the stores of this process that are closing: a
-#: close cut off by its caller (a shutdown's deadline) goes on in the background, and
-#: releases the directory's lock only at its end.
-_closing: dict[str, threading.Event] = {}
-_closing_lock = threading.Lock()
-#: How long (real time) an opener waits for such a close: it waits behind at most the
-#: one job still running on that store's thread.
-_CLOSING_WAIT = 30.0
-
-
-async def _closed_in_background(path: str) -> None:
-    """Wait until a store of this process on *path* (absolute) that is still closing
-    has closed, so that a restart in the same process is not refused by a lock about to
-    go. In a thread, in real time: a mock clock must not skip the wait."""
-    with _closing_lock:
-        closed = _closing.get(path)
-    if closed is not None:
-        await trio.to_thread.run_sync(closed.wait, _CLOSING_WAIT, abandon_on_cancel=True)
-
-
-def _connect_read_only(path: pathlib.Path) -> sqlite3.Connection:
-    """A connection that can only read the database at *path*, and never writes it.
-
-    ``mode=ro`` first: it reads a store while an application writes to it (SQLite's WAL
-    index keeps the reader consistent). On read-only media it fails when the store was
-    closed cleanly: a WAL reader needs the ``-shm`` and ``-wal`` files, which exist
-    only while the store is open, and cannot be created there. Then, and only if there
-    is no ``-wal`` file, it opens with ``immutable=1``, which reads the file with no
-    locking at all: safe there because with no ``-wal`` file no writer has the store
-    open, and none can start on media where that file cannot be created. Used for every
-    read-only open, ``immutable=1`` would let a listing read pages that a running
-    application is rewriting.
-    """
-    uri = path.absolute().as_uri()
-    connection = sqlite3.connect(uri + "?mode=ro", uri=True)
-    try:
-        connection.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()  # opens it
-        return connection
-    except BaseException as exc:
-        connection.close()  # whatever failed (a file that is no database too)
-        if not isinstance(exc, sqlite3.OperationalError) or os.path.lexists(f"{path}-wal"):
-            raise
-    connection = sqlite3.connect(uri + "?mode=ro&immutable=1", uri=True)
-    try:
-        connection.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
-    except BaseException:
-        connection.close()
-        raise
-    return connection
-
-
-def _not_a_store(directory: str, exc: sqlite3.Error) -> PersistenceError | None:
-    """What an SQLite error met while opening a store's database says about it, if it
-    says that the database is not a store's (None: another failure)."""
-    message = str(exc)
-    if "no such table" in message:
-        found = f"its {diskcache.core.DBNAME} has no diskcache table"
-    elif "not a database" in message:
-        found = f"its {diskcache.core.DBNAME} is not an SQLite database ({message})"
-    elif "malformed" in message:
-        return PersistenceError(
-            f"the store in {directory!r} is damaged: {diskcache.core.DBNAME}: {message}. "
-            "Restore the directory from a backup"
-        )
-    else:
-        return None
-    return PersistenceError(f"{directory!r} is not a trio-pgs store: {found}")
 
 
 class DiskCacheStore:
@@ -552,7 +149,7 @@ class DiskCacheStore:
         if self._thread is not None:
             raise ValueError(f"{self!r} is already open in another supervisor")
         if not self.read_only:
-            await _closed_in_background(self._path)
+            await closed_in_background(self._path)
         thread = self._thread = DedicatedThread(f"trio-pgs {self.directory}")
         thread.start()
         try:
@@ -568,7 +165,7 @@ class DiskCacheStore:
     def _open(self) -> None:
         try:
             os.makedirs(self.directory, exist_ok=True)
-            self._lock = _lock_directory(self.directory)
+            self._lock = lock_directory(self.directory)
         except OSError as exc:
             raise PersistenceError(
                 f"cannot open the store directory {self.directory!r}: {exc}. "
@@ -608,7 +205,7 @@ class DiskCacheStore:
         except Exception as exc:
             with contextlib.suppress(Exception):
                 cache.close()
-            if isinstance(exc, sqlite3.Error) and (error := _not_a_store(self.directory, exc)):
+            if isinstance(exc, sqlite3.Error) and (error := not_a_store(self.directory, exc)):
                 raise error from exc
             raise PersistenceError(
                 f"cannot open the store directory {self.directory!r}: {exc}. "
@@ -624,7 +221,7 @@ class DiskCacheStore:
                 cache.set(FORMAT_KEY, FORMAT)
             # A store from before the due index gets an empty one, which is right: no
             # record written then has reminders. Creating it reads no record.
-            for statement in _CREATE_DUE:
+            for statement in CREATE_DUE:
                 cache._sql(statement)
         except BaseException:
             cache.close()
@@ -646,7 +243,7 @@ class DiskCacheStore:
                 f"{diskcache.core.DBNAME})"
             )
         try:
-            self._keys = _connect_read_only(path)
+            self._keys = connect_read_only(path)
             if self._format(self._keys) is None:
                 raise PersistenceError(
                     f"{self.directory!r} is not a trio-pgs store (its database has no "
@@ -656,7 +253,7 @@ class DiskCacheStore:
         except BaseException as exc:
             self._close()
             if isinstance(exc, sqlite3.Error):
-                error = _not_a_store(self.directory, exc) or PersistenceError(
+                error = not_a_store(self.directory, exc) or PersistenceError(
                     f"cannot read the store in {self.directory!r}: {exc}"
                 )
                 raise error from exc
@@ -705,19 +302,14 @@ class DiskCacheStore:
         thread = self._thread
         if thread is None:
             return
-        closed = threading.Event()
         directory = self._path
-        with _closing_lock:
-            _closing[directory] = closed
+        event = closing(directory)
 
         def close() -> None:
             try:
                 self._close()
             finally:
-                closed.set()
-                with _closing_lock:
-                    if _closing.get(directory) is closed:
-                        del _closing[directory]
+                closed(directory, event)
 
         try:
             await thread.run(close)
@@ -767,7 +359,7 @@ class DiskCacheStore:
 
     def _commit(self, operations: list[Operation]) -> None:
         cache = self._writable()
-        db_keys = [_db_key(operation) for operation in operations]
+        db_keys = [row_key_of(operation) for operation in operations]
         try:
             with cache.transact():
                 seen, tombstones = self._check(cache, operations, db_keys)
@@ -814,11 +406,11 @@ class DiskCacheStore:
                 current = seen[db_key]
             elif db_key in versions:
                 current = versions[db_key]
-            elif _unconditional(operation):  # a purge never decodes the row
+            elif unconditional(operation):  # a purge never decodes the row
                 current = self._stored_leniently(db_key)
             else:
                 current = self._stored(db_key)
-            if not _unconditional(operation):
+            if not unconditional(operation):
                 check_version(current, operation)
             if isinstance(operation, Put):
                 seen[db_key] = (operation.record.version, operation.record.epoch)
@@ -843,7 +435,7 @@ class DiskCacheStore:
         for operation, db_key, stored in zip(operations, db_keys, found, strict=True):
             if isinstance(operation, Put):
                 record = operation.record
-                if not _write_row(cache, db_key, encode_record(record), now):
+                if not write_row(cache, db_key, encode_record(record), now):
                     # Created: over a tombstone, if it had one (a rare path).
                     cache._sql("DELETE FROM Cache WHERE key = ? AND raw = 1",
                                (TOMBSTONE + db_key,))
@@ -854,7 +446,7 @@ class DiskCacheStore:
                 # (crafted) row names.
                 cache._sql("DELETE FROM Cache WHERE key = ? AND raw = 1", (db_key,))
                 if stored is not None:
-                    _write_row(cache, TOMBSTONE + db_key, _encode_tombstone(stored), now)
+                    write_row(cache, TOMBSTONE + db_key, encode_tombstone(stored), now)
                 kind, key, due = operation.kind, operation.key, None
             if db_key in indexed:
                 known = indexed[db_key]
@@ -864,9 +456,9 @@ class DiskCacheStore:
                 known = self._unknown_due(cache, kind, kinds)
             if due != known:  # the hot path, a record without reminders, skips this
                 if due is None:
-                    cache._sql(_DROP_DUE, (kind, key))
+                    cache._sql(DROP_DUE, (kind, key))
                 else:
-                    cache._sql(_SET_DUE, (kind, key, due))
+                    cache._sql(SET_DUE, (kind, key, due))
             indexed[db_key] = due
         return indexed, kinds
 
@@ -883,7 +475,7 @@ class DiskCacheStore:
         if has_entries is None:
             has_entries = learnt.get(kind)
         if has_entries is None:
-            has_entries = learnt[kind] = cache._sql(_ANY_DUE, (kind,)).fetchone() is not None
+            has_entries = learnt[kind] = cache._sql(ANY_DUE, (kind,)).fetchone() is not None
         return _UNKNOWN if has_entries else None
 
     def _stored(self, db_key: str) -> tuple[int, int] | None:
@@ -897,12 +489,12 @@ class DiskCacheStore:
         """`_stored`, for a row that may be unreadable: from its header if it has
         one, else its tombstone's (the row's own version is then lost)."""
         row = self._opened()._con.execute(_SELECT_VALUE, (db_key,)).fetchone()
-        stored = None if row is None else _stored_in_header(row[0])
+        stored = None if row is None else stored_in_header(row[0])
         return stored if stored is not None else self._tombstone(db_key)
 
     def _tombstone(self, db_key: str) -> tuple[int, int] | None:
         row = self._opened()._con.execute(_SELECT_VALUE, (TOMBSTONE + db_key,)).fetchone()
-        return None if row is None else _stored_in_header(row[0])
+        return None if row is None else stored_in_header(row[0])
 
     async def claim(self, kind: str, key: str) -> Claim:
         """Raise the stored epoch of (*kind*, *key*) by one, in one transaction, and
@@ -919,7 +511,7 @@ class DiskCacheStore:
                     version, epoch = self._tombstone(db_key) or (0, 0)
                     return Claim(record=None, epoch=epoch + 1, version=version)
                 record = attrs.evolve(record, epoch=record.epoch + 1)
-                _write_row(cache, db_key, encode_record(record), time.time())
+                write_row(cache, db_key, encode_record(record), time.time())
         except (PersistenceError, ValueError):  # refused: nothing was written
             raise
         except Exception as exc:
@@ -981,11 +573,11 @@ class DiskCacheStore:
         if connection is None:
             raise PersistenceError(f"{self!r} is not open")
         try:
-            if self._cache is None and not _has_due_table(connection):
+            if self._cache is None and not has_due_table(connection):
                 return []  # read-only, a store from before the due index: none is due
             pages = [
-                connection.execute(*_due_query(chunk, after, limit)).fetchall()
-                for chunk in _chunks(kinds, _DUE_KINDS_PER_QUERY)
+                connection.execute(*due_query(chunk, after, limit)).fetchall()
+                for chunk in chunks(kinds, DUE_KINDS_PER_QUERY)
             ]
         except sqlite3.Error as exc:
             raise PersistenceError(
