@@ -974,6 +974,217 @@ def test_a_call_back_to_a_caller_on_another_node_is_a_cycle_only_while_it_waits(
     assert [line[:len(answer)] for line in lines if line.startswith("back:")] == [answer], lines
 
 
+FULL_MAILBOX = '''
+import sys, attrs, trio, trio_pgs
+from trio_pgs import NoReply, PersistentServer, PersistentSupervisor, Reply
+
+class Link(PersistentServer[int]):
+    kind = "link"
+    mailbox_size = 1
+    async def init(self): return 0
+    def other(self, key): return trio_pgs.ServerRef(self.ref.supervisor, "link", key)
+    async def handle_call(self, request, state):
+        match request:
+            case ["t", r, c]:  # T waits on R
+                answer = await self.other(r).call(["r", c, self.ref.key])
+                return Reply(answer, state, persist=False)
+            case ["r", c, t]:  # R calls C, gives up after 0.3 s, answers T 2 s later
+                with trio.move_on_after(0.3):
+                    await self.other(c).call(["c", t])
+                await trio.sleep(2)
+                return Reply("r done", state, persist=False)
+            case ["c", t]:  # C casts to T (its mailbox full) a second later
+                await trio.sleep(1)
+                try:
+                    await self.other(t).cast("hello")
+                    print("cast accepted", flush=True)
+                except trio_pgs.CallCycleError as exc:
+                    print("cycle:", exc, flush=True)
+                return Reply("c done", state, persist=False)
+        raise trio_pgs.UnknownRequest(request)
+    async def handle_cast(self, message, state):
+        return NoReply(state, persist=False)
+
+async def main(dsn, schema, role):
+    store = trio_pgs.PostgresStore(dsn, schema=schema)
+    cluster = trio_pgs.Cluster(secret=b"s" * 32, lease=%(lease)s)
+    async with PersistentSupervisor(store=store, name="f", servers=[Link],
+                                    cluster=cluster) as sup:
+        while sup.statistics().nodes < 2:
+            await trio.sleep(0.05)
+        await trio.sleep(%(lease)s)  # both see both
+        owner = sup._node.owner_of
+        keys = [f"k{i}" for i in range(200)]
+        t = keys[0]  # T and C on one node, R on the other: the same on both
+        c = next(k for k in keys[1:] if owner(sup.ref(Link, k)) == owner(sup.ref(Link, t)))
+        r = next(k for k in keys if owner(sup.ref(Link, k)) != owner(sup.ref(Link, t)))
+        if role == "a":
+            for key in (t, r, c):
+                await sup.start(Link, key=key)
+            async with trio.open_nursery() as nursery:
+                async def drive():
+                    with trio.fail_after(10):
+                        print(await sup.ref(Link, t).call(["t", r, c]), flush=True)
+                nursery.start_soon(drive)
+                await trio.sleep(0.5)
+                await sup.ref(Link, t).cast("filler")  # T is busy: its mailbox is full
+        await trio.sleep(4)
+
+trio.run(main, *sys.argv[1:])
+'''
+
+
+def test_a_cast_to_a_full_mailbox_in_a_chain_whose_caller_on_another_node_gave_up(
+    postgres: Server, tmp_path: Path
+) -> None:
+    """T waits on R (another node); R calls C (T's node) and gives up; C then casts to
+    T, whose mailbox is full. Nobody waits on C: the cast waits for room, as on one
+    node (it was a `CallCycleError`, falsely: the link R -> C, on another node, was
+    taken to hold)."""
+    schema = postgres.schema()
+    program = tmp_path / "full_mailbox.py"
+    program.write_text(FULL_MAILBOX % {"lease": LEASE})
+    outs = run_programs(program, [[postgres.dsn, schema, role] for role in "ab"])
+    lines = [line for out in outs for line in out.splitlines()]
+    assert "cast accepted" in lines and "r done" in lines, lines
+
+
+HANDING_OFF = '''
+import sys, time, attrs, trio, trio_pgs
+from trio_pgs import PersistentServer, PersistentSupervisor, Reply
+
+class Slow(PersistentServer[int]):
+    kind = "slow"
+    async def init(self): return 0
+    async def handle_call(self, request, state):
+        if request == "work":
+            print("work starts", time.time(), flush=True)
+            await trio.sleep(1.2)
+            print("work ends", time.time(), flush=True)
+            return Reply("worked", state + 1)
+        print("answers", request, time.time(), flush=True)
+        return Reply(state, state, persist=False)
+
+async def main(dsn, schema, role, flag):
+    store = trio_pgs.PostgresStore(dsn, schema=schema)
+    cluster = trio_pgs.Cluster(secret=b"s" * 32, lease=3.0)
+    async with trio.open_nursery() as outside:
+        async with PersistentSupervisor(store=store, name="h", servers=[Slow],
+                                        cluster=cluster) as sup:
+            while sup.statistics().nodes < 2:
+                await trio.sleep(0.05)
+            await trio.sleep(3.0)  # both see both
+            me, owner = sup._node.node, sup._node.owner_of
+            key = next(f"s{i}" for i in range(200)  # a server that node b runs
+                       if (owner(sup.ref(Slow, f"s{i}")) == me) == (role == "b"))
+            if role == "b":
+                await sup.start(Slow, key=key)
+                async def work():
+                    print(await sup.ref(Slow, key).call("work"), flush=True)
+                outside.start_soon(work)
+                await trio.sleep(0.2)
+                open(flag, "w").close()
+                return  # leaves (the supervisor closes), its server still working
+            while not os.path.exists(flag):
+                await trio.sleep(0.01)
+            await trio.sleep(0.5)  # b has begun leaving
+            with trio.fail_after(10):
+                print("got", await sup.ref(Slow, key).call("peek"), flush=True)
+
+import os
+trio.run(main, *sys.argv[1:])
+'''
+
+
+def test_a_server_of_a_leaving_node_is_not_activated_elsewhere_while_it_still_works(
+    postgres: Server, tmp_path: Path
+) -> None:
+    """Node b leaves while its server is in the middle of a call; a call on node a
+    then goes to a, which now owns the server: a asks b to hibernate it first, so the
+    server answers on a only after its work on b is done, and with its result (a
+    member that began leaving did not count as a change of members: a activated it at
+    once, beside the busy one, and its write was fenced)."""
+    schema = postgres.schema()
+    program = tmp_path / "handing_off.py"
+    program.write_text(HANDING_OFF)
+    flag = tmp_path / "leaving"
+    outs = run_programs(program, [[postgres.dsn, schema, role, str(flag)] for role in "ab"])
+    said = {line.split()[0]: line.split() for out in outs for line in out.splitlines()}
+    assert said["worked"] == ["worked"] and said["got"] == ["got", "1"], outs
+    assert float(said["answers"][2]) > float(said["work"][2]), outs
+
+
+LEAVING_CYCLE = '''
+import os, sys, trio, trio_pgs
+from trio_pgs import PersistentServer, PersistentSupervisor, Reply
+
+class Ring(PersistentServer[int]):
+    kind = "ring"
+    async def init(self): return 0
+    def other(self, key): return trio_pgs.ServerRef(self.ref.supervisor, "ring", key)
+    async def handle_call(self, request, state):
+        match request:
+            case ["x", y]:  # X waits on Y
+                return Reply(await self.other(y).call(["y", self.ref.key]), state,
+                             persist=False)
+            case ["y", x]:  # Y calls X back, a second later
+                await trio.sleep(1.0)
+                try:
+                    answer = await self.other(x).call("hi")
+                except trio_pgs.CallCycleError:
+                    answer = "cycle"
+                return Reply(answer, state, persist=False)
+            case "hi":
+                print("second activation answers", flush=True)
+                return Reply("hi", state, persist=False)
+        raise trio_pgs.UnknownRequest(request)
+
+async def main(dsn, schema, role, flag):
+    store = trio_pgs.PostgresStore(dsn, schema=schema)
+    cluster = trio_pgs.Cluster(secret=b"s" * 32, lease=3.0)
+    async with trio.open_nursery() as outside:
+        async with PersistentSupervisor(store=store, name="l", servers=[Ring],
+                                        cluster=cluster) as sup:
+            while sup.statistics().nodes < 2:
+                await trio.sleep(0.05)
+            await trio.sleep(3.0)  # both see both
+            me, owner = sup._node.node, sup._node.owner_of
+            mine = [f"r{i}" for i in range(200) if owner(sup.ref(Ring, f"r{i}")) == me]
+            theirs = [f"r{i}" for i in range(200) if owner(sup.ref(Ring, f"r{i}")) != me]
+            if role == "b":  # X here, Y on a; then b leaves, X still waiting on Y
+                x, y = mine[0], theirs[0]
+                for key in (x, y):
+                    await sup.start(Ring, key=key)
+                async def drive():
+                    print("x:", await sup.ref(Ring, x).call(["x", y]), flush=True)
+                outside.start_soon(drive)
+                await trio.sleep(0.2)
+                open(flag, "w").close()
+                return
+            while not os.path.exists(flag):
+                await trio.sleep(0.01)
+            await trio.sleep(3.0)
+
+trio.run(main, *sys.argv[1:])
+'''
+
+
+def test_a_cycle_through_a_server_its_leaving_node_still_runs_is_a_call_cycle_error(
+    postgres: Server, tmp_path: Path
+) -> None:
+    """X (node b) waits on Y (node a); b begins leaving, so a owns X now; Y calls X
+    back. X still runs on b, waiting: that is a cycle (`CallCycleError`), not a second
+    activation of X on a answering beside the first (a took X, which it gained and
+    did not run, to wait on nobody)."""
+    schema = postgres.schema()
+    program = tmp_path / "leaving_cycle.py"
+    program.write_text(LEAVING_CYCLE)
+    flag = tmp_path / "leaving"
+    outs = run_programs(program, [[postgres.dsn, schema, role, str(flag)] for role in "ab"])
+    lines = [line for out in outs for line in out.splitlines()]
+    assert lines == ["x: cycle"], lines
+
+
 REMINDING = '''
 import sys, time, attrs, trio, trio_pgs
 from trio_pgs import NoReply, PersistentServer, PersistentSupervisor, Reminder

@@ -358,9 +358,27 @@ class ClusterNode:
         gave up waits no more; a node that does not answer counts as no."""
         return await self.waits_on(waiter, waited, hops=1)
 
+    def settled(self) -> bool:
+        """Whether no server this node gained may still run on another node (the
+        members have not changed for a lease)."""
+        return trio.current_time() >= self._settled_at or not self._others
+
     async def _probe(self, ref: ServerRef, target: ServerRef, hops: int) -> bool:
+        """Whether *ref* waits on *target*, asked of the node that runs it: its owner,
+        or, while the members settle and this node owns it, every other node (it may
+        still run where it was)."""
         node = self.owner_of(ref)
-        address = None if node in (None, self.node) else self._addresses.get(node)
+        if node not in (None, self.node):
+            return await self._probe_at(node, ref, target, hops)
+        if self.settled():
+            return False
+        for other in self._others:
+            if await self._probe_at(other, ref, target, hops):
+                return True
+        return False
+
+    async def _probe_at(self, node: str, ref: ServerRef, target: ServerRef, hops: int) -> bool:
+        address = self._addresses.get(node)
         if address is None or self.transport is None:
             return False
         request = wire.encode({"op": "probe", "kind": ref.kind, "key": ref.key,
@@ -443,7 +461,9 @@ class ClusterNode:
                     self._nursery.start_soon(self._disconnect_later, node, address)
         self._addresses = addresses
         others = tuple(m.node for m in members if m.clustered and m.node != self.node)
-        if others != self._others:
+        if others != self._others or nodes != self._nodes:
+            # Servers move: a member came or went, or began leaving (it stays among
+            # the others, still running the servers it hands off, until it is gone).
             self._others = others
             self._settled_at = trio.current_time() + self.membership.lease
         if nodes != self._nodes:

@@ -35,7 +35,8 @@ class Reachable(Protocol):
         """What *ref* waits on now, if it runs here (None: not here)."""
 
     def _serves(self, ref: Any) -> bool:
-        """Whether this process serves *ref* (in a cluster: this node owns it)."""
+        """Whether this process serves *ref* (in a cluster: this node owns it, and no
+        other node may still run it)."""
 
 
 open_supervisors: dict[str, Reachable] = {}

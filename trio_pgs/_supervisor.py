@@ -23,7 +23,7 @@ from . import _routing as routing
 from ._activation import TERMINATE_GRACE
 from ._calls import Handling, Kind, Message, current_handling, live_handling
 from ._cluster import Cluster, ClusterNode
-from ._deadlock import check_no_deadlock, would_deadlock
+from ._deadlock import check_across, check_no_deadlock, would_deadlock
 from ._encoding import Codec
 from ._entry import Counters, Entry, KindInfo, StartRequest, Status
 from ._errors import (
@@ -566,8 +566,12 @@ class PersistentSupervisor:
                 await self._wait_settled()
 
     def _serves(self, ref: ServerRef) -> bool:
-        """Whether this node serves *ref* (every ref, outside a cluster)."""
-        return self._host.owns(ref)
+        """Whether this node serves *ref*, and no other node may still run it (every
+        ref, outside a cluster): while the members settle, a server this node gained
+        may still be running where it was, handed off (its waits are asked there)."""
+        if self._node is None:
+            return self._host.owns(ref)
+        return self._node.owns(ref) and self._node.settled()
 
     def _waits(self, ref: ServerRef) -> list[ServerRef] | None:
         """What *ref* waits on now, if it runs here (None: not here)."""
@@ -782,8 +786,11 @@ class PersistentSupervisor:
             await entry.mailbox.send(message)
             return
         waits = message.kind is Kind.CALL or message.kind is Kind.STOP
-        if not waits:
-            check_no_deadlock(entry.ref, handling)  # a cast about to block on a cycle
+        if not waits:  # a cast about to block on a cycle
+            if self._node is None:
+                check_no_deadlock(entry.ref, handling)
+            else:  # links of the chain on other nodes are asked of them
+                await check_across(entry.ref, handling.chain, self._node.still_waits)
         edge = WaitEdge(handling.waiting_on, entry.ref)
         try:
             # A cast's wait ends once it is let in (the edge goes then); a call's goes
