@@ -75,6 +75,16 @@ BAD_LINES = {
     "state-too-deep": ('{"kind": "tally", "key": "b", "data": ' + nested(250) + "}",
                        "nested deeper than"),
     "missing-kind": ('{"key": "b", "data": {}}', "kind is missing"),
+    "reminder-due-too-late": (
+        '{"kind": "tally", "key": "b", "data": {}, "reminders": [{"name": "r", "due": 1e300}]}',
+        "tally/b: reminder 1 ('r'): due must be a time a datetime can name"),
+    "reminder-due-too-early": (
+        '{"kind": "tally", "key": "b", "data": {}, "reminders": [{"name": "r", "due": -1e300}]}',
+        "tally/b: reminder 1 ('r'): due must be a time a datetime can name"),
+    "reminder-every-too-long": (
+        '{"kind": "tally", "key": "b", "data": {}, "reminders":'
+        ' [{"name": "r", "due": 0, "every": 1e300}]}',
+        "tally/b: reminder 1 ('r'): every must be null or from 0.001 s to a century"),
 }
 
 

@@ -92,7 +92,6 @@ def test_a_postgresql_schema_without_a_store_is_refused_and_left_without_one(
     assert found == (0,)
 
 
-
 @pytest.mark.parametrize("key", ["nul\x00key", "\U0001f600" * 700], ids=["nul", "index-size"])
 def test_an_import_postgresql_cannot_hold_is_refused_before_the_schema_is_made(
     store_dir: Path, postgres: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str],
@@ -116,7 +115,7 @@ def test_an_import_postgresql_cannot_hold_is_refused_before_the_schema_is_made(
     capsys.readouterr()
     assert main(["import", _in_schema(postgres.dsn, schema), str(backup)]) == 2
     err = capsys.readouterr().err
-    assert "PostgreSQL" in err and "nothing was imported" in err, err
+    assert f"{backup}: " in err and "PostgreSQL" in err and "nothing was imported" in err, err
     with psycopg.connect(postgres.dsn) as connection:
         found = connection.execute(
             "SELECT count(*) FROM pg_namespace WHERE nspname = %s", (schema,)

@@ -260,45 +260,58 @@ async def test_a_stranger_that_joined_after_this_node_changes_nothing_here(
         assert sup.statistics().active == 20
 
 
-
 async def test_a_stranger_is_reported_once_not_at_every_renewal(
     postgres: Server, caplog: pytest.LogCaptureFixture
 ):
     """A node of another secret among the members is an error worth one log record
-    (and one when it is gone), not one at every lease renewal: each renewal changes
-    the members' remaining leases, which is a new view."""
+    when it appears, and a note when it is gone, not one at every lease renewal:
+    each renewal changes the members' remaining leases, which is a new view."""
     caplog.set_level(logging.INFO, logger="trio_pgs")
     schema = postgres.schema()
     store = PostgresStore(postgres.dsn, schema=schema)
     cluster = trio_pgs.Cluster(secret=b"s" * 16, listen="127.0.0.1:0")
-    async with PersistentSupervisor(store=store, cluster=cluster, servers=[TallyServer]) as sup:
-        incarnation = await store.join("default", "n1", address="127.0.0.1:9",
-                                       clustered=True, lease=600, host="elsewhere", pid=1,
-                                       proof="0" * 64)
-        for _ in range(5):
-            await sup._node.membership.refresh(again=True)
-            await trio.sleep(0.01)  # the database's clock moves: another view
-        await store.leave("default", "n1", incarnation)
+
+    async def renewals(sup: PersistentSupervisor) -> None:
         for _ in range(3):
             await sup._node.membership.refresh(again=True)
-            await trio.sleep(0.01)
-    said = [r for r in caplog.records if "n1" in r.getMessage()]
-    assert [r.levelname for r in said] == ["ERROR", "INFO"], [r.getMessage() for r in said]
-    assert "secret" in said[0].getMessage() and "n1" in said[1].getMessage()
+            await trio.sleep(0.01)  # the database's clock moves: another view
 
-async def test_a_node_joining_again_after_a_stranger_got_in_serves_nothing(postgres: Server):
+    async with PersistentSupervisor(store=store, cluster=cluster, servers=[TallyServer]) as sup:
+        joined = {
+            node: await store.join("default", node, address="127.0.0.1:9", clustered=True,
+                                   lease=600, host="elsewhere", pid=1, proof="0" * 64)
+            for node in ("n1", "n2")
+        }
+        await renewals(sup)
+        await store.leave("default", "n2", joined["n2"])
+        await renewals(sup)
+        await store.leave("default", "n1", joined["n1"])
+        await renewals(sup)
+    said = [(r.levelname, r.getMessage()) for r in caplog.records
+            if " n1 " in r.getMessage() or " n2 " in r.getMessage()]
+    assert [level for level, _ in said] == ["ERROR", "INFO", "INFO"], said
+    assert "n1 at" in said[0][1] and "n2 at" in said[0][1] and "secret" in said[0][1]
+    assert "n2 of another secret are gone" in said[1][1]
+    assert "n1 of another secret are gone" in said[2][1]
+
+
+async def test_a_node_joining_again_after_a_stranger_got_in_serves_nothing(
+    postgres: Server, caplog: pytest.LogCaptureFixture
+):
     """This node's lease ran out (paused, cut off), a node of another secret joined
     meanwhile, with nobody there to refuse it, and may serve every server; this node
     joins again: it serves none (a server active on both would answer from two
-    states), and a call through it fails as unavailable, not sent, naming the secret."""
+    states), and a call through it fails as unavailable, not sent, naming the secret.
+    Once the stranger is gone, it serves again, and says so."""
+    caplog.set_level(logging.INFO, logger="trio_pgs")
     schema = postgres.schema()
     store = PostgresStore(postgres.dsn, schema=schema)
     cluster = trio_pgs.Cluster(secret=b"s" * 16, listen="127.0.0.1:0")
     async with PersistentSupervisor(store=store, cluster=cluster, servers=[TallyServer]) as sup:
         refs = [await sup.start(TallyServer, "a", key=f"k{i}") for i in range(20)]
         execute(postgres, f'DELETE FROM "{schema}".nodes')  # its lease is gone
-        await store.join("default", "n1", address="127.0.0.1:9", clustered=True, lease=600,
-                         host="elsewhere", pid=1, proof="0" * 64)
+        stranger = await store.join("default", "n1", address="127.0.0.1:9", clustered=True,
+                                    lease=600, host="elsewhere", pid=1, proof="0" * 64)
         await sup._node.membership.refresh()  # learns it; the lease task joins again
         with trio.fail_after(10):
             while sup.statistics().active:  # every server handed off
@@ -308,6 +321,12 @@ async def test_a_node_joining_again_after_a_stranger_got_in_serves_nothing(postg
                 await ref.call("get")
             assert not caught.value.sent and "secret" in str(caught.value)
         assert sup.statistics().active == 0
+        await store.leave("default", "n1", stranger)
+        await sup._node.membership.refresh(again=True)
+        assert [await ref.call("get") for ref in refs] == [["a"]] * 20
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("serves nothing until it leaves" in m for m in said) == 1, said
+    assert sum("serves again" in m for m in said) == 1, said
 
 
 class HangingRenewals(ClockedPostgresStore):

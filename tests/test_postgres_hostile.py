@@ -242,7 +242,7 @@ async def test_a_key_too_long_for_the_index_fails_its_own_activation_only(postgr
     store = postgres.store()
     async with PersistentSupervisor(store=store, servers=[TallyServer]) as sup:
         good = await sup.start(TallyServer, key="good")
-        with pytest.raises(Exception, match="do not fit the records' index"):
+        with pytest.raises(Exception, match="do not fit PostgreSQL's index of records"):
             await sup.start(TallyServer, key="🎲" * 1000)
         assert await good.call(("add", "x")) == 1
 

@@ -418,23 +418,26 @@ class ClusterNode:
         return tuple(m for m in members if m not in strangers), deferring
 
     def _report(self, strangers: list[Member], deferring: bool) -> None:
-        """Log the strangers among the members when they (or this node's deferring to
-        them) change: an error while there are some, a note once they are gone."""
-        reported = (frozenset(m.node for m in strangers), deferring)
-        if reported == self._reported:
-            return
-        before, self._reported = self._reported, reported
-        if strangers:
+        """Log what changed among the strangers (not at every renewal): an error for
+        those that appear, or when this node begins deferring to them; a note for
+        those that are gone, and when this node serves again."""
+        nodes = frozenset(m.node for m in strangers)
+        (before, deferred), self._reported = self._reported, (nodes, deferring)
+        new = [m for m in strangers if m.node not in before]
+        if new or (deferring and not deferred):
             logger.error(
                 "supervisor %r: node(s) %s do not use this cluster's secret; they get "
                 "no servers and no messages from here%s", self.local.name,
-                _named(strangers),
+                _named(strangers if deferring and not deferred else new),
                 " (one joined before this node: this node serves nothing until it "
                 "leaves)" if deferring else "",
             )
-        else:
+        if before - nodes:
             logger.info("supervisor %r: node(s) %s of another secret are gone",
-                        self.local.name, ", ".join(sorted(before[0])))
+                        self.local.name, ", ".join(sorted(before - nodes)))
+        if deferred and not deferring:
+            logger.info("supervisor %r: node %s serves again: no node of another secret "
+                        "joined before it", self.local.name, self.node)
 
     def _strangers(self, members: tuple[Member, ...]) -> list[Member]:
         """The members that do not prove this cluster's secret (none without one)."""

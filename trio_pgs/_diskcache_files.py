@@ -81,7 +81,6 @@ _closing_lock = threading.Lock()
 _CLOSING_WAIT = 30.0
 
 
-
 def closing(path: str) -> threading.Event:
     """Note that the store of this process on *path* (absolute) is closing; pass the
     event returned to `closed` once it has."""

@@ -115,7 +115,7 @@ class DiskCacheStore:
         # diskcache expands "~" itself: so must the lock, the read-only opening and the
         # file checks, or they would look at another directory than the database's.
         self.directory = os.path.expanduser(os.fspath(directory))
-        self._path = os.path.abspath(self.directory)  # see _closing
+        self._path = os.path.abspath(self.directory)  # see _diskcache_files.closing
         self.durable = durable
         self.read_only = read_only
         self._cache: diskcache.Cache | None = None

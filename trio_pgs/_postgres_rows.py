@@ -82,7 +82,7 @@ def check_ident(kind: str, key: str) -> None:
         ) from None
     if size > MAX_IDENT_BYTES:
         raise ValueError(
-            f"a kind and key of {size} bytes in UTF-8 do not fit the records' index "
+            f"a kind and key of {size} bytes in UTF-8 do not fit PostgreSQL's index of records "
             f"(at most {MAX_IDENT_BYTES} bytes together): {kind[:40]!r}/{key[:40]!r}..."
         )
     if not kind or not key:

@@ -358,7 +358,7 @@ def import_command(args: argparse.Namespace) -> int:
             f"{source} holds no records; nothing was imported. Pass --allow-empty to "
             "import it all the same (into a new directory, that makes an empty store)"
         )
-    check_storable(store, records)
+    check_storable(store, records, source)
     written = sending = 0
 
     async def import_(opened: CommandStore) -> None:

@@ -20,7 +20,16 @@ import attrs
 
 from .._encoding import dumps, loads
 from .._ref import check_key
-from .._schedule import MAX_NAME, MAX_PAYLOAD, MAX_REMINDERS, MIN_EVERY, StoredReminder
+from .._schedule import (
+    EARLIEST,
+    LATEST,
+    MAX_EVERY,
+    MAX_NAME,
+    MAX_PAYLOAD,
+    MAX_REMINDERS,
+    MIN_EVERY,
+    StoredReminder,
+)
 from .._server import check_kind
 from .._store import MAX_COUNT, Record
 from ._exit import EXIT_NOT_STARTED, CommandError
@@ -278,12 +287,15 @@ def _reminder(item: object, where: str) -> StoredReminder:
     if "due" not in item:
         raise ValueError(f"{where}: due is missing")
     due = _seconds(item["due"], f"{where}: due must be a time (seconds since the epoch)")
+    if not EARLIEST <= due <= LATEST:  # what a store keeps (`pack_reminders`)
+        raise ValueError(f"{where}: due must be a time a datetime can name (years 1 to "
+                         f"9999), not {due}")
     every = item.get("every")
     if every is not None:
         every = _seconds(every, f"{where}: every must be null or a number of seconds")
-        if every < MIN_EVERY:
-            raise ValueError(f"{where}: every must be null or at least {MIN_EVERY} s, "
-                             f"not {every}")
+        if not MIN_EVERY <= every <= MAX_EVERY:
+            raise ValueError(f"{where}: every must be null or from {MIN_EVERY} s to a "
+                             f"century ({MAX_EVERY:.0f} s), not {every}")
     return StoredReminder(
         _storable(name, f"{where}: name"), due, every,
         _storable(_payload_of(item, where), f"{where}: payload"),

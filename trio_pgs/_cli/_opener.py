@@ -95,7 +95,7 @@ def session(store: CommandStore, work: Callable[[CommandStore], Awaitable[T]]) -
         raise CommandError(str(exc), EXIT_FAILED) from None
 
 
-def check_storable(store: CommandStore, records: Sequence[Record]) -> None:
+def check_storable(store: CommandStore, records: Sequence[Record], source: str) -> None:
     """Refuse (exit status 2) records that *store* cannot hold, before it is opened:
     opening may create it (a PostgreSQL schema and its tables), and a refusal must
     leave nothing behind. A diskcache store holds every kind and key that import
@@ -106,10 +106,8 @@ def check_storable(store: CommandStore, records: Sequence[Record]) -> None:
         try:
             check_ident(record.kind, record.key)
         except ValueError as exc:
-            raise CommandError(
-                f"a record PostgreSQL cannot hold: {exc}; nothing was imported",
-                EXIT_NOT_STARTED,
-            ) from None
+            raise CommandError(f"{source}: {exc}; nothing was imported",
+                               EXIT_NOT_STARTED) from None
 
 
 def _shown(spec: str) -> str:
