@@ -260,3 +260,35 @@ async def test_deleting_a_record_never_stored_at_a_version_is_a_conflict(postgre
         assert await store.commit_each([Delete("k", "never")]) == [None]
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("encoding", ["LATIN1", "SQL_ASCII"])
+async def test_a_database_not_in_utf8_is_refused_at_open(postgres: Server, encoding: str):
+    """Kinds and keys are text: a LATIN1 database stored "café😀" garbled, and a
+    SQL_ASCII one made its write a false conflict. Such a database is refused when the
+    store opens, with what to do, and nothing is created in it."""
+    name = f"enc_{encoding.lower()}"
+    with psycopg.connect(postgres.dsn, autocommit=True) as connection:
+        connection.execute(f"DROP DATABASE IF EXISTS {name}")
+        connection.execute(f"CREATE DATABASE {name} ENCODING '{encoding}' TEMPLATE template0"
+                           " LC_COLLATE 'C' LC_CTYPE 'C'")
+    dsn = psycopg.conninfo.make_conninfo(postgres.dsn, dbname=name)
+    try:
+        with pytest.raises(PersistenceError, match=f"encoding is {encoding}, not UTF8"):
+            async with PersistentSupervisor(store=PostgresStore(dsn), servers=[TallyServer]):
+                pass
+        with psycopg.connect(dsn) as connection:
+            assert connection.execute(
+                "SELECT count(*) FROM pg_namespace WHERE nspname = 'trio_pgs'"
+            ).fetchone() == (0,)
+    finally:
+        with psycopg.connect(postgres.dsn, autocommit=True) as connection:
+            connection.execute(f"DROP DATABASE IF EXISTS {name}")
+
+
+async def test_a_connection_with_another_client_encoding_is_refused_at_open(postgres: Server):
+    dsn = psycopg.conninfo.make_conninfo(postgres.dsn, client_encoding="LATIN1")
+    with pytest.raises(PersistenceError, match="client_encoding is LATIN1, not UTF8"):
+        async with PersistentSupervisor(store=PostgresStore(dsn, schema=postgres.schema()),
+                                        servers=[TallyServer]):
+            pass

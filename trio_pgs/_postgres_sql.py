@@ -214,7 +214,8 @@ def prepare(
     (unless *read_only*; a missing store only if *create*), or refuse a schema
     written by a newer trio-pgs. Safe when several processes open the same database
     at once: they take turns on the row of the schema version, and only the first
-    migrates."""
+    migrates. A database whose text is not UTF-8 is refused first (`_check_encoding`)."""
+    _check_encoding(connection)
     found = _schema_version(connection, queries)
     if found == SCHEMA_VERSION:
         return
@@ -234,6 +235,28 @@ def prepare(
         )
     _create_schema(connection, queries)
     _migrate(connection, queries)
+
+
+def _check_encoding(connection: psycopg.Connection[Any]) -> None:
+    """Refuse a database that does not keep text as UTF-8: kinds, keys and reminders
+    are text, and any other encoding garbles them (LATIN1) or compares them as bytes
+    that do not match (SQL_ASCII). The same for a client encoding set to another."""
+    row = connection.execute(
+        "SELECT current_setting('server_encoding'), current_setting('client_encoding')"
+    ).fetchone()
+    # SQL_ASCII text comes back as bytes.
+    server, client = (v.decode() if isinstance(v, bytes) else str(v) for v in row or ("?", "?"))
+    if server != "UTF8":
+        raise PersistenceError(
+            f"this database's encoding is {server}, not UTF8: trio-pgs keeps kinds and "
+            "keys as text, which it would garble. Create the database with "
+            "ENCODING 'UTF8' (the default of most installations)"
+        )
+    if client != "UTF8":
+        raise PersistenceError(
+            f"the connection's client_encoding is {client}, not UTF8: remove "
+            "client_encoding (or PGCLIENTENCODING) from the connection's settings"
+        )
 
 
 def _schema_version(connection: psycopg.Connection[Any], queries: Queries) -> int | None:
