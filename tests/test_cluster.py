@@ -1078,6 +1078,8 @@ async def main(dsn, schema, role, flag):
             key = next(f"s{i}" for i in range(200)  # a server that node b runs
                        if (owner(sup.ref(Slow, f"s{i}")) == me) == (role == "b"))
             if role == "b":
+                while not os.path.exists(flag + ".a"):  # a knows the key too
+                    await trio.sleep(0.01)
                 await sup.start(Slow, key=key)
                 async def work():
                     print(await sup.ref(Slow, key).call("work"), flush=True)
@@ -1085,6 +1087,7 @@ async def main(dsn, schema, role, flag):
                 await trio.sleep(0.2)
                 open(flag, "w").close()
                 return  # leaves (the supervisor closes), its server still working
+            open(flag + ".a", "w").close()
             while not os.path.exists(flag):
                 await trio.sleep(0.01)
             await trio.sleep(0.5)  # b has begun leaving
@@ -1152,6 +1155,8 @@ async def main(dsn, schema, role, flag):
             mine = [f"r{i}" for i in range(200) if owner(sup.ref(Ring, f"r{i}")) == me]
             theirs = [f"r{i}" for i in range(200) if owner(sup.ref(Ring, f"r{i}")) != me]
             if role == "b":  # X here, Y on a; then b leaves, X still waiting on Y
+                while not os.path.exists(flag + ".a"):  # a has seen both too
+                    await trio.sleep(0.01)
                 x, y = mine[0], theirs[0]
                 for key in (x, y):
                     await sup.start(Ring, key=key)
@@ -1161,6 +1166,7 @@ async def main(dsn, schema, role, flag):
                 await trio.sleep(0.2)
                 open(flag, "w").close()
                 return
+            open(flag + ".a", "w").close()
             while not os.path.exists(flag):
                 await trio.sleep(0.01)
             await trio.sleep(3.0)
@@ -1183,6 +1189,155 @@ def test_a_cycle_through_a_server_its_leaving_node_still_runs_is_a_call_cycle_er
     outs = run_programs(program, [[postgres.dsn, schema, role, str(flag)] for role in "ab"])
     lines = [line for out in outs for line in out.splitlines()]
     assert lines == ["x: cycle"], lines
+
+
+BEHIND_AT_WORK = '''
+import os, sys, trio, trio_pgs
+from trio_pgs import PersistentServer, PersistentSupervisor, Reply
+
+class Notes(PersistentServer[list]):
+    kind = "notes"
+    persistence = trio_pgs.Persistence.WRITE_BEHIND
+    max_lag = 10.0
+    async def init(self): return []
+    async def handle_call(self, request, state):
+        match request:
+            case ["add", str(note)]:
+                return Reply("added", [*state, note])
+            case "work":  # longer than a release waits: the leaving node finishes it
+                await trio.sleep(2.5)
+                return Reply("worked", [*state, "worked"])
+            case "get":
+                return Reply(state, state, persist=False)
+        raise trio_pgs.UnknownRequest(request)
+
+async def main(dsn, schema, role, flag):
+    store = trio_pgs.PostgresStore(dsn, schema=schema)
+    cluster = trio_pgs.Cluster(secret=b"s" * 32, lease=2.0)
+    with trio.fail_after(40):
+        async with trio.open_nursery() as outside:
+            async with PersistentSupervisor(store=store, name="w", servers=[Notes],
+                                            cluster=cluster, shutdown_timeout=10) as sup:
+                while sup.statistics().nodes < 2:
+                    await trio.sleep(0.05)
+                await trio.sleep(2.0)  # both see both
+                me, owner = sup._node.node, sup._node.owner_of
+                key = next(f"n{i}" for i in range(200)  # a server that node b runs
+                           if (owner(sup.ref(Notes, f"n{i}")) == me) == (role == "b"))
+                if role == "b":
+                    while not os.path.exists(flag + ".a"):  # a knows the key too
+                        await trio.sleep(0.01)
+                    await sup.start(Notes, key=key)
+                    await sup.ref(Notes, key).call(["add", "b"])  # acknowledged, unwritten
+                    async def work():
+                        print(await sup.ref(Notes, key).call("work"), flush=True)
+                    outside.start_soon(work)
+                    await trio.sleep(0.2)
+                    open(flag, "w").close()
+                    return  # leaves, its server at work
+                open(flag + ".a", "w").close()
+                while not os.path.exists(flag):
+                    await trio.sleep(0.01)
+                await trio.sleep(0.5)  # b has begun leaving: this node owns the server
+                await sup.ref(Notes, key).call(["add", "a"])
+                print(*await sup.ref(Notes, key).call("get"), flush=True)
+
+trio.run(main, *sys.argv[1:])
+'''
+
+
+def test_write_behind_updates_survive_a_leave_while_their_server_is_at_work(
+    postgres: Server, tmp_path: Path
+) -> None:
+    """A WRITE_BEHIND server of a leaving node holds an acknowledged, unwritten update
+    and is in the middle of a call longer than one release request waits; a call on
+    the node taking it over waits until the leaving node has finished, written and
+    hibernated it. Nothing acknowledged is lost (the new owner claimed it after one
+    wait, fencing the old activation: its unwritten state was dropped)."""
+    schema = postgres.schema()
+    program = tmp_path / "behind_at_work.py"
+    program.write_text(BEHIND_AT_WORK)
+    flag = tmp_path / "leaving"
+    outs = run_programs(program, [[postgres.dsn, schema, role, str(flag)] for role in "ab"])
+    lines = [line for out in outs for line in out.splitlines()]
+    assert sorted(lines) == ["b worked a", "worked"], lines
+
+
+MOVED_CYCLE = '''
+import os, sys, trio, trio_pgs
+from trio_pgs import PersistentServer, PersistentSupervisor, Reply
+
+class Ring(PersistentServer[int]):
+    kind = "ring"
+    async def init(self): return 0
+    def other(self, key): return trio_pgs.ServerRef(self.ref.supervisor, "ring", key)
+    async def handle_call(self, request, state):
+        match request:
+            case ["x", y]:  # X calls Y and waits (queued behind Y's own message)
+                return Reply(await self.other(y).call("from x"), state, persist=False)
+            case "from x":
+                return Reply("y answers x", state, persist=False)
+            case ["own", x]:  # Y, on a message of its own, calls X a while later
+                await trio.sleep(2.5)
+                try:
+                    answer = await self.other(x).call("hi")
+                except trio_pgs.CallCycleError:
+                    answer = "cycle"
+                return Reply(answer, state, persist=False)
+            case "hi":
+                return Reply("hi", state, persist=False)
+        raise trio_pgs.UnknownRequest(request)
+
+async def main(dsn, schema, role, flag):
+    store = trio_pgs.PostgresStore(dsn, schema=schema)
+    cluster = trio_pgs.Cluster(secret=b"s" * 32, lease=3.0)
+    with trio.fail_after(40):
+        async with trio.open_nursery() as outside:
+            async with PersistentSupervisor(store=store, name="m", servers=[Ring],
+                                            cluster=cluster) as sup:
+                while sup.statistics().nodes < 2:
+                    await trio.sleep(0.05)
+                await trio.sleep(3.0)  # both see both
+                me, owner = sup._node.node, sup._node.owner_of
+                on_b = [f"r{i}" for i in range(200)
+                        if (owner(sup.ref(Ring, f"r{i}")) == me) == (role == "b")]
+                on_a = [f"r{i}" for i in range(200)
+                        if (owner(sup.ref(Ring, f"r{i}")) == me) != (role == "b")]
+                x, y = on_b[0], on_a[0]
+                if role == "a":
+                    await sup.start(Ring, key=y)
+                    async def own():
+                        print("y:", await sup.ref(Ring, y).call(["own", x]), flush=True)
+                    outside.start_soon(own)
+                    open(flag + ".a", "w").close()
+                    await trio.sleep(6)
+                    return
+                while not os.path.exists(flag + ".a"):
+                    await trio.sleep(0.01)
+                await sup.start(Ring, key=x)
+                async def call_y():
+                    print("x:", await sup.ref(Ring, x).call(["x", y]), flush=True)
+                outside.start_soon(call_y)
+                await trio.sleep(0.3)
+                return  # leaves: node a owns X now, which still waits on Y here
+
+trio.run(main, *sys.argv[1:])
+'''
+
+
+def test_a_call_from_a_handler_to_a_server_still_waiting_where_it_moved_from_is_a_cycle(
+    postgres: Server, tmp_path: Path
+) -> None:
+    """X (node b) waits on Y (node a), its call queued behind Y's own message; b
+    leaves, so a owns X; Y's handler then calls X: X still runs on b, waiting on Y,
+    so that is `CallCycleError` (it was a second activation of X on a, answering)."""
+    schema = postgres.schema()
+    program = tmp_path / "moved_cycle.py"
+    program.write_text(MOVED_CYCLE)
+    flag = tmp_path / "flag"
+    outs = run_programs(program, [[postgres.dsn, schema, role, str(flag)] for role in "ab"])
+    lines = sorted(line for out in outs for line in out.splitlines())
+    assert lines == ["x: y answers x", "y: cycle"], lines
 
 
 REMINDING = '''

@@ -164,6 +164,7 @@ class Local(Protocol):
     """What a node needs of its supervisor (`PersistentSupervisor`)."""
 
     name: str
+    shutdown_timeout: float
 
     async def _serve_remote(
         self, op: str, ref: ServerRef, payload: Any, chain: tuple[ServerRef, ...]
@@ -312,25 +313,41 @@ class ClusterNode:
 
     async def _ask_release(self, ref: ServerRef) -> None:
         """Ask every other live node to hibernate *ref* if it runs it (any of them may,
-        its view a renewal behind), and to learn the members; in parallel, each
-        bounded: a node that does not answer in time is fenced by the claim anyway."""
+        its view a renewal behind), and to learn the members; in parallel. A node that
+        still runs it (a long handler, or the messages it finishes first, as a leaving
+        node does) is asked again while it stays a member, up to this node's
+        ``shutdown_timeout`` (plus a lease): what it handles is committed before the
+        server moves. A node that does not answer in time is fenced by the claim."""
         if self.transport is None:
             return
         request = wire.encode({"op": "release", "kind": ref.kind, "key": ref.key,
                                "body": None, "chain": []})
-        async with trio.open_nursery() as nursery:
-            for node in self._others:
-                address = self._addresses.get(node)
-                if address is not None:
-                    nursery.start_soon(self._release_at, address, request)
+        asked = self._others
+        with trio.move_on_after(self.local.shutdown_timeout + self.membership.lease):
+            while asked:
+                holding: list[str] = []
+                async with trio.open_nursery() as nursery:
+                    for node in asked:
+                        address = self._addresses.get(node)
+                        if address is not None:
+                            nursery.start_soon(self._release_at, node, address, request,
+                                               holding)
+                asked = tuple(node for node in holding if node in self._others)
+                if asked:
+                    await trio.sleep(0.01)  # asked again at once would wait as long anyway
 
-    async def _release_at(self, address: tuple[str, int], request: bytes) -> None:
+    async def _release_at(
+        self, node: str, address: tuple[str, int], request: bytes, holding: list[str]
+    ) -> None:
+        """Ask *node* to release; add it to *holding* if it still runs the server."""
         assert self.transport is not None
         with trio.move_on_after(min(2.5, self.membership.lease / 2 + 0.5)):
             try:
-                await self.transport.request(address, request)
-            except PeerUnavailable:
-                pass  # gone, or going: its writes are fenced by this claim anyway
+                answer = wire.decode(await self.transport.request(address, request))
+            except (PeerUnavailable, ValueError):
+                return  # gone, or going: its writes are fenced by this claim anyway
+            if answer.get("ok") is False:
+                holding.append(node)
 
     async def waits_on(self, start: ServerRef, target: ServerRef, hops: int = PROBE_HOPS) -> bool:
         """Whether *start* waits, through the servers it is calling (on this node or,
@@ -617,7 +634,7 @@ class ClusterNode:
             # the server here (which would keep it busy), then let it hibernate.
             await self.membership.refresh()
             await self.local._release(ref, min(2.0, self.membership.lease / 2))
-            return wire.encode({"ok": None})
+            return wire.encode({"ok": self.local._waits(ref) is None})  # False: still here
         if not self.owns(ref) and not self.membership.leaving:
             # The sender sees this node as the owner: maybe this node's view is the
             # stale one (a member left or joined since its last renewal).

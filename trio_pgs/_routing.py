@@ -42,6 +42,8 @@ class Delivery(Protocol):
 
     def _unknown_kind(self, kind: str) -> Exception: ...
 
+    def _waits(self, ref: ServerRef) -> list[ServerRef] | None: ...
+
     async def _send(
         self, ref: ServerRef, kind: Kind, payload: Any, chain: tuple[ServerRef, ...] | None
     ) -> tuple[Entry, Message]: ...
@@ -77,11 +79,7 @@ async def serve(
             else:
                 await check_across(ref, chain, sup._node.still_waits)
             if sup._node is not None and await sup._node.waits_on(ref, chain[-1]):
-                raise CallCycleError(
-                    f"calling {ref} would deadlock: it waits, through other nodes' "
-                    f"servers, on {chain[-1]}, which calls it; use cast, or a "
-                    "deferred reply (current_caller())"
-                )
+                raise _cycle_through_others(ref, chain[-1])
         entry, message = await sup._send(
             ref, Kind.CALL if op == "call" else Kind.STOP, payload, chain
         )
@@ -118,6 +116,11 @@ async def route(sup: Delivery, node: ClusterNode, ref: ServerRef, op: str, paylo
     for attempt in itertools.count():  # reroute() gives up after ROUTES
         address = node.route(ref)
         if address is None:
+            if (
+                handling is not None and op in ("call", "stop") and not node.settled()
+                and sup._waits(ref) is None and await node.waits_on(ref, handling.ref)
+            ):  # it moved here, and still runs where it was, waiting on this caller
+                raise _cycle_through_others(ref, handling.ref)
             try:
                 return await serve(sup, op, ref, payload, chain)
             except NotOwner:
@@ -136,6 +139,13 @@ async def route(sup: Delivery, node: ClusterNode, ref: ServerRef, op: str, paylo
                 return reply
         await node.reroute(ref, attempt)
     raise AssertionError("unreachable")
+
+
+def _cycle_through_others(ref: ServerRef, caller: ServerRef) -> CallCycleError:
+    return CallCycleError(
+        f"calling {ref} would deadlock: it waits, through other nodes' servers, on "
+        f"{caller}, which calls it; use cast, or a deferred reply (current_caller())"
+    )
 
 
 async def _forward(
