@@ -41,12 +41,18 @@ def one_line(err: str) -> str:
     return lines[0]
 
 
-def test_show_of_a_missing_record_hides_the_password(
-    postgres: Any, capsys: pytest.CaptureFixture[str]
-) -> None:
+
+def empty_store(postgres: Any, capsys: pytest.CaptureFixture[str]) -> str:
+    """The URL, password included, of a new empty store in a fresh schema."""
     url = with_password(postgres.dsn, postgres.schema())
     assert main(["import", url, os.devnull, "--allow-empty"]) == 0
     capsys.readouterr()
+    return url
+
+def test_show_of_a_missing_record_hides_the_password(
+    postgres: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = empty_store(postgres, capsys)
     assert main(["show", url, "player", "nosuch"]) == 1
     line = one_line(capsys.readouterr().err)
     assert "no such record" in line and SECRET not in line and "***" in line
@@ -82,9 +88,7 @@ def test_a_kind_or_key_no_store_holds_is_bad_usage_in_one_line(
 def test_a_key_postgresql_cannot_index_is_bad_usage_in_one_line(
     postgres: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    url = with_password(postgres.dsn, postgres.schema())
-    assert main(["import", url, os.devnull, "--allow-empty"]) == 0
-    capsys.readouterr()
+    url = empty_store(postgres, capsys)
     assert main(["show", url, "tally", "\U0001f3b2" * 700]) == 2
     assert "do not fit" in one_line(capsys.readouterr().err)
 

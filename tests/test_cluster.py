@@ -731,6 +731,16 @@ def run_programs(program: Path, argvs: list[list[str]]) -> list[str]:
     return [out.decode() for out, _ in outs]
 
 
+def two_nodes(postgres: Server, tmp_path: Path, text: str, *args: str) -> list[str]:
+    """The output lines of *text* run as nodes a and b at once, on a fresh schema, each
+    with *args* after its role: node a's lines first."""
+    program = tmp_path / "program.py"
+    program.write_text(text)
+    schema = postgres.schema()
+    outs = run_programs(program, [[postgres.dsn, schema, role, *args] for role in "ab"])
+    return [line for out in outs for line in out.splitlines()]
+
+
 CROSSING = '''
 import sys, time, attrs, trio, trio_pgs
 from trio_pgs import PersistentServer, PersistentSupervisor, Reply
@@ -965,11 +975,7 @@ def test_a_call_back_to_a_caller_on_another_node_is_a_cycle_only_while_it_waits(
     If X gave up (cancelled after 0.3 s) it waits on nobody: no cycle, X answers (it
     was a `CallCycleError`, falsely, when a server of another node was taken to be
     waiting still). If X still waits, the call back is a `CallCycleError`."""
-    schema = postgres.schema()
-    program = tmp_path / "giving_up.py"
-    program.write_text(GIVING_UP % {"lease": LEASE})
-    outs = run_programs(program, [[postgres.dsn, schema, role, patience] for role in "ab"])
-    lines = [line for out in outs for line in out.splitlines()]
+    lines = two_nodes(postgres, tmp_path, GIVING_UP % {"lease": LEASE}, patience)
     assert "asked" in lines, lines
     assert [line[:len(answer)] for line in lines if line.startswith("back:")] == [answer], lines
 
@@ -1041,11 +1047,7 @@ def test_a_cast_to_a_full_mailbox_in_a_chain_whose_caller_on_another_node_gave_u
     T, whose mailbox is full. Nobody waits on C: the cast waits for room, as on one
     node (it was a `CallCycleError`, falsely: the link R -> C, on another node, was
     taken to hold)."""
-    schema = postgres.schema()
-    program = tmp_path / "full_mailbox.py"
-    program.write_text(FULL_MAILBOX % {"lease": LEASE})
-    outs = run_programs(program, [[postgres.dsn, schema, role] for role in "ab"])
-    lines = [line for out in outs for line in out.splitlines()]
+    lines = two_nodes(postgres, tmp_path, FULL_MAILBOX % {"lease": LEASE})
     assert "cast accepted" in lines and "r done" in lines, lines
 
 
@@ -1107,14 +1109,10 @@ def test_a_server_of_a_leaving_node_is_not_activated_elsewhere_while_it_still_wo
     server answers on a only after its work on b is done, and with its result (a
     member that began leaving did not count as a change of members: a activated it at
     once, beside the busy one, and its write was fenced)."""
-    schema = postgres.schema()
-    program = tmp_path / "handing_off.py"
-    program.write_text(HANDING_OFF)
-    flag = tmp_path / "leaving"
-    outs = run_programs(program, [[postgres.dsn, schema, role, str(flag)] for role in "ab"])
-    said = {line.split()[0]: line.split() for out in outs for line in out.splitlines()}
-    assert said["worked"] == ["worked"] and said["got"] == ["got", "1"], outs
-    assert float(said["answers"][2]) > float(said["work"][2]), outs
+    lines = two_nodes(postgres, tmp_path, HANDING_OFF, str(tmp_path / "flag"))
+    said = {line.split()[0]: line.split() for line in lines}
+    assert said["worked"] == ["worked"] and said["got"] == ["got", "1"], lines
+    assert float(said["answers"][2]) > float(said["work"][2]), lines
 
 
 LEAVING_CYCLE = '''
@@ -1182,12 +1180,7 @@ def test_a_cycle_through_a_server_its_leaving_node_still_runs_is_a_call_cycle_er
     back. X still runs on b, waiting: that is a cycle (`CallCycleError`), not a second
     activation of X on a answering beside the first (a took X, which it gained and
     did not run, to wait on nobody)."""
-    schema = postgres.schema()
-    program = tmp_path / "leaving_cycle.py"
-    program.write_text(LEAVING_CYCLE)
-    flag = tmp_path / "leaving"
-    outs = run_programs(program, [[postgres.dsn, schema, role, str(flag)] for role in "ab"])
-    lines = [line for out in outs for line in out.splitlines()]
+    lines = two_nodes(postgres, tmp_path, LEAVING_CYCLE, str(tmp_path / "flag"))
     assert lines == ["x: cycle"], lines
 
 
@@ -1254,12 +1247,7 @@ def test_write_behind_updates_survive_a_leave_while_their_server_is_at_work(
     the node taking it over waits until the leaving node has finished, written and
     hibernated it. Nothing acknowledged is lost (the new owner claimed it after one
     wait, fencing the old activation: its unwritten state was dropped)."""
-    schema = postgres.schema()
-    program = tmp_path / "behind_at_work.py"
-    program.write_text(BEHIND_AT_WORK)
-    flag = tmp_path / "leaving"
-    outs = run_programs(program, [[postgres.dsn, schema, role, str(flag)] for role in "ab"])
-    lines = [line for out in outs for line in out.splitlines()]
+    lines = two_nodes(postgres, tmp_path, BEHIND_AT_WORK, str(tmp_path / "flag"))
     assert sorted(lines) == ["b worked a", "worked"], lines
 
 
@@ -1331,12 +1319,7 @@ def test_a_call_from_a_handler_to_a_server_still_waiting_where_it_moved_from_is_
     """X (node b) waits on Y (node a), its call queued behind Y's own message; b
     leaves, so a owns X; Y's handler then calls X: X still runs on b, waiting on Y,
     so that is `CallCycleError` (it was a second activation of X on a, answering)."""
-    schema = postgres.schema()
-    program = tmp_path / "moved_cycle.py"
-    program.write_text(MOVED_CYCLE)
-    flag = tmp_path / "flag"
-    outs = run_programs(program, [[postgres.dsn, schema, role, str(flag)] for role in "ab"])
-    lines = sorted(line for out in outs for line in out.splitlines())
+    lines = sorted(two_nodes(postgres, tmp_path, MOVED_CYCLE, str(tmp_path / "flag")))
     assert lines == ["x: y answers x", "y: cycle"], lines
 
 

@@ -74,12 +74,13 @@ async def serve(
             # From another node's handler: would its wait close a cycle through the
             # servers waiting here (X here calls Y there, Y calls X), or through
             # other nodes' (X calls Y calls Z, each on its own node)?
-            if sup._node is None:
+            node = sup._node
+            if node is None:
                 check_no_deadlock(ref, Handling(chain[-1], chain[:-1], []))
             else:
-                await check_across(ref, chain, sup._node.still_waits)
-            if sup._node is not None and await sup._node.waits_on(ref, chain[-1]):
-                raise _cycle_through_others(ref, chain[-1])
+                await check_across(ref, chain, node.still_waits)
+                if await node.waits_on(ref, chain[-1]):
+                    raise _cycle_through_others(ref, chain[-1])
         entry, message = await sup._send(
             ref, Kind.CALL if op == "call" else Kind.STOP, payload, chain
         )

@@ -569,9 +569,7 @@ class PersistentSupervisor:
         """Whether this node serves *ref*, and no other node may still run it (every
         ref, outside a cluster): while the members settle, a server this node gained
         may still be running where it was, handed off (its waits are asked there)."""
-        if self._node is None:
-            return self._host.owns(ref)
-        return self._node.owns(ref) and self._node.settled()
+        return self._host.owns(ref) and (self._node is None or self._node.settled())
 
     def _waits(self, ref: ServerRef) -> list[ServerRef] | None:
         """What *ref* waits on now, if it runs here (None: not here)."""
