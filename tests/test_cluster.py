@@ -1115,6 +1115,80 @@ def test_a_server_of_a_leaving_node_is_not_activated_elsewhere_while_it_still_wo
     assert float(said["answers"][2]) > float(said["work"][2]), lines
 
 
+FORWARDED_AT_EXIT = '''
+import os, sys, trio, trio_pgs
+from trio_pgs import PersistentServer, PersistentSupervisor, Reply
+
+class Slow(PersistentServer[int]):
+    kind = "slow"
+    async def init(self): return 0
+    async def handle_call(self, request, state):
+        if request == "peek":
+            return Reply(state, state, persist=False)
+        await trio.sleep(request)
+        return Reply("worked", state + 1)
+
+async def main(dsn, schema, role, flag, work, shutdown_timeout):
+    store = trio_pgs.PostgresStore(dsn, schema=schema)
+    cluster = trio_pgs.Cluster(secret=b"s" * 32, lease=3.0)
+    async with trio.open_nursery() as outside:
+        async with PersistentSupervisor(store=store, name="f", servers=[Slow],
+                                        cluster=cluster,
+                                        shutdown_timeout=float(shutdown_timeout)) as sup:
+            while sup.statistics().nodes < 2:
+                await trio.sleep(0.05)
+            await trio.sleep(3.0)  # both see both
+            me, owner = sup._node.node, sup._node.owner_of
+            key = next(f"s{i}" for i in range(200)  # a server that node a runs
+                       if (owner(sup.ref(Slow, f"s{i}")) == me) == (role == "a"))
+            if role == "a":
+                open(flag + ".a", "w").close()
+                while not os.path.exists(flag):
+                    await trio.sleep(0.01)
+                await trio.sleep(float(work) + 1.0)
+                with trio.fail_after(10):
+                    print("stored", await sup.ref(Slow, key).call("peek"), flush=True)
+                return
+            while not os.path.exists(flag + ".a"):
+                await trio.sleep(0.01)
+            await sup.start(Slow, key=key)
+            async def work_there():  # a task of b's program, outside its supervisor
+                try:
+                    print("reply", await sup.ref(Slow, key).call(float(work)), flush=True)
+                except trio_pgs.TrioPGSError as exc:
+                    print("error", type(exc).__name__, str(exc).replace(" ", "_"),
+                          flush=True)
+            outside.start_soon(work_there)
+            await trio.sleep(0.2)
+            open(flag, "w").close()
+            # b leaves now: the call it forwarded to a is in flight
+
+trio.run(main, *sys.argv[1:])
+'''
+
+
+@pytest.mark.parametrize(("work", "shutdown_timeout", "expected"), [
+    ("1.0", "5", ["reply", "worked"]),
+    ("3.0", "0.5", ["error", "OutcomeUnknown"]),
+])
+def test_a_call_forwarded_by_a_node_that_leaves_gets_its_reply_within_shutdown_timeout(
+    postgres: Server, tmp_path: Path, work: str, shutdown_timeout: str,
+    expected: list[str],
+) -> None:
+    '''A task of node b's program calls a server of node a, and b's supervisor exits
+    meanwhile: the reply still comes if a gives it within b's ``shutdown_timeout``,
+    else the call fails with `OutcomeUnknown` saying that b shut down (a, healthy,
+    was named as lost: `NodeUnavailable`). Either way a handled it.'''
+    lines = two_nodes(postgres, tmp_path, FORWARDED_AT_EXIT, str(tmp_path / "flag"),
+                      work, shutdown_timeout)
+    said = {line.split()[0]: line.split() for line in lines}
+    assert said["stored"] == ["stored", "1"], lines
+    got = said.get("reply") or said.get("error")
+    assert got is not None and got[:2] == expected, lines
+    if expected[0] == "error":
+        assert "shut_down" in got[2] and "may_or_may_not" in got[2], lines
+
+
 LEAVING_CYCLE = '''
 import os, sys, trio, trio_pgs
 from trio_pgs import PersistentServer, PersistentSupervisor, Reply

@@ -27,7 +27,9 @@ from ._errors import (
     MessageEncodingError,
     NodeUnavailable,
     NotOwner,
+    OutcomeUnknown,
     PersistenceError,
+    SupervisorNotRunning,
 )
 from ._events import Tracing
 from ._membership import Membership
@@ -287,6 +289,18 @@ class ClusterNode:
                     await trio.sleep(0.01)  # shutdown's poll; no event to wait on
                 await trio.sleep(0.05)  # the last replies leave their sender tasks
             await transport.aclose()
+
+    async def let_forwarded_end(self, by: float) -> None:
+        """Leaving: the messages this node forwarded (for tasks of its program, its
+        own servers being shut down by now) get their replies until *by* (trio time),
+        before `leave` closes the connections; those still waiting then fail with
+        `OutcomeUnknown`."""
+        transport = self.transport
+        if transport is None:
+            return
+        with trio.move_on_at(by):
+            while transport.requesting():  # noqa: ASYNC110 - a shutdown's poll, as in
+                await trio.sleep(0.01)  # `leave`: no event to wait on
 
     async def announce_leaving(self, by: float = math.inf) -> None:
         """Tell the others this node is leaving: they stop routing to it. Waits for the
@@ -557,6 +571,17 @@ class ClusterNode:
         await self.membership.refresh()
         await trio.sleep(0.02 * 2**attempt)
 
+    def _closed_meanwhile(self, ref: ServerRef, where: str, sent: bool) -> Exception:
+        name = self.local.name
+        if not sent:
+            return SupervisorNotRunning(f"{ref}: supervisor {name!r} is shutting down")
+        return OutcomeUnknown(
+            f"{ref}: supervisor {name!r} shut down while this message was with node "
+            f"{where}, which runs the server, and shutdown_timeout ran out before its "
+            "reply; it may or may not have been handled there. Read the server's state "
+            "before retrying"
+        )
+
     def encode(self, op: str, ref: ServerRef, payload: Any,
                chain: tuple[ServerRef, ...]) -> bytes:
         """The request (`MessageEncodingError` before anything is sent)."""
@@ -583,6 +608,8 @@ class ClusterNode:
             body = await self.transport.request(address, request)
             self.forwarded += 1
         except PeerUnavailable as exc:
+            if self.transport.closed:  # this node shut down, not the other one
+                raise self._closed_meanwhile(ref, where, exc.sent) from None
             if not exc.sent:
                 return MOVED  # never reached it: route again
             raise NodeUnavailable(

@@ -253,7 +253,7 @@ class PersistentSupervisor:
                         notice = max(deadline, now + LEAVING_NOTICE)
                         await self._node.announce_leaving(by=notice)
                     await self._shut_down(deadline)
-                    await self._leave()
+                    await self._leave(deadline)
                 nursery.cancel_scope.cancel()
         finally:
             self._closing = True
@@ -320,11 +320,13 @@ class PersistentSupervisor:
             self._host.claim = node.guarded(self._host.claim)
         return None
 
-    async def _leave(self) -> None:
-        # A second of its own, even after a shutdown that used all of its grace: a
-        # membership left behind holds the name (and, in a cluster, the others' routes)
-        # until its lease runs out.
+    async def _leave(self, deadline: float) -> None:
+        # Calls forwarded for tasks of this program get their replies until the
+        # shutdown's deadline. Then a second of its own, even after a shutdown that
+        # used all of its grace: a membership left behind holds the name (and, in a
+        # cluster, the others' routes) until its lease runs out.
         if self._node is not None:
+            await self._node.let_forwarded_end(by=deadline)
             with trio.move_on_after(TERMINATE_GRACE):
                 await self._node.leave()
 

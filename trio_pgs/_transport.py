@@ -298,6 +298,15 @@ class Transport:
         """How many requests from other nodes are being answered now."""
         return self._answering
 
+    def requesting(self) -> int:
+        """How many requests to other nodes wait for their replies now."""
+        return sum(len(outgoing.pending) for outgoing in self._outgoing.values())
+
+    @property
+    def closed(self) -> bool:
+        """Whether `aclose` was called: no request goes out any more."""
+        return self._closed
+
     def statistics(self) -> TransportStatistics:
         """A snapshot of the counters (see `TransportStatistics`); never blocks."""
         return TransportStatistics(**attrs.asdict(self._counters))
