@@ -10,7 +10,7 @@ from typing import Any
 
 import trio
 
-from trio_pgs import MemoryStore, PersistentSupervisor
+from trio_pgs import MemoryStore, PersistentSupervisor, Reply
 
 from .servers import Tally, TallyServer
 
@@ -50,8 +50,12 @@ class Careless(TallyServer):
         return state
 
     async def handle_call(self, request: Any, state: Tally) -> Any:
-        if request == "forget-await":
-            return self._reply(state)  # no await: a coroutine
+        match request:
+            case "forget-await":
+                return self._reply(state)  # no await: a coroutine
+            case ("send-after", delay):
+                self.send_after(delay, "tick")
+                return Reply("armed", state)
         return await super().handle_call(request, state)
 
     async def handle_info(self, message: Any, state: Tally) -> Any:

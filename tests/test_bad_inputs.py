@@ -390,6 +390,15 @@ TABLE = [
                  id="info-returns-None"),
     pytest.param(case(call("call-self"), ServerCrashed, "careless/v crashed",
                       cause=CallCycleError), id="call-to-itself"),
+    # A timer's delay: refused in the handler that arms it (a crash of that server
+    # only; None was taken, then failed in the supervisor's nursery, ending it).
+    *(pytest.param(case(call(("send-after", delay)), ServerCrashed,
+                        r"careless/v crashed.*delay must be", cause=error),
+                   id=f"send-after-{name}")
+      for name, delay, error in [("None", None, TypeError), ("str", "1", TypeError),
+                                 ("bool", True, TypeError), ("zero", 0, ValueError),
+                                 ("negative", -1.0, ValueError),
+                                 ("nan", math.nan, ValueError)]),
     # init and on_activate.
     pytest.param(case(start("init-returns", 42), StateEncodingError,
                       "careless/n: the state could not be unstructured"),

@@ -92,6 +92,13 @@ def _check_positive_or_none(name: str, value: object) -> None:
         raise ValueError(f"{name} must be > 0 (or None for never), not {value!r}")
 
 
+def _check_positive(name: str, value: object) -> None:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number of seconds, not {value!r}")
+    if math.isnan(value) or value <= 0:
+        raise ValueError(f"{name} must be > 0, not {value!r}")
+
+
 #: The largest state_version: what a signed 64-bit integer column holds.
 _MAX_STATE_VERSION = 2**63 - 1
 
@@ -232,12 +239,13 @@ class PersistentServer(Generic[S]):
         return self._activation.ref
 
     def send_after(self, delay: float, info: Any) -> None:
-        """Deliver *info* to `handle_info` after *delay* seconds, if still active.
+        """Deliver *info* to `handle_info` after *delay* seconds (a number > 0), if
+        still active.
 
         The timer is volatile: it is dropped when the server hibernates, stops or
         crashes, and does not keep the server awake (re-arm it in `on_activate`).
         """
-        _check_positive_or_none("delay", delay)
+        _check_positive("delay", delay)
         self._activation.send_after(delay, info)
 
     def remind(
