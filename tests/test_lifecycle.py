@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import trio
 import trio.testing
@@ -9,6 +11,8 @@ import trio.testing
 from trio_pgs import (
     ActivationFailed,
     DiskCacheStore,
+    MemoryStore,
+    Persistence,
     PersistentSupervisor,
     Put,
     Record,
@@ -19,6 +23,7 @@ from trio_pgs import (
     StateEncodingError,
     SupervisorEscalated,
 )
+from trio_pgs.testing import FaultyStore, hibernate
 
 from .servers import TallyServer
 
@@ -219,6 +224,60 @@ async def test_rollback_restores_an_earlier_state(store):
             await sup.rollback(ref, steps=3)
         await sup.rollback(ref, steps=2)
         assert await ref.call("get") == ["a"]
+
+
+@pytest.mark.parametrize("persistence", [Persistence.EACH_MESSAGE, Persistence.WRITE_BEHIND])
+@pytest.mark.parametrize("rollback_first", [False, True])
+async def test_a_rollback_racing_an_activation_is_refused_or_seen_by_it(
+    autojump_clock, persistence, rollback_first
+):
+    """A call wakes a dormant server while a rollback of it runs, on a slow store:
+    the rollback is refused (the server is active), or the activation runs from the
+    rolled-back record. Either way every acknowledged update is stored, and nothing
+    is fenced off. (The rollback's claim fenced off an activation that had claimed
+    the record just before: it answered from the old state, its writes then failed
+    with ConflictError, and a WRITE_BEHIND update was acknowledged and lost.) Claims
+    that wake at the same instant go in an order of trio's own: 20 rounds each."""
+
+    class Historic(Transient):
+        kind = "historic"
+        keep_history = 2
+
+    outcomes = set()
+    for _ in range(20):
+        store = FaultyStore(MemoryStore())
+        async with PersistentSupervisor(store=store, persistence=persistence) as sup:
+            ref = await sup.start(Historic, key="k")
+            for item in "abc":
+                await ref.call(("add", item))
+            await hibernate(ref)
+            earlier = json.loads((await store.load(Historic.kind, "k")).history[0])["items"]
+            store.load_delay = store.commit_delay = 0.1
+            rolled_back = []
+
+            async def roll_back():
+                try:
+                    await sup.rollback(ref)  # noqa: B023 - awaited in this round
+                except ValueError as exc:
+                    assert "active" in str(exc)
+                else:
+                    rolled_back.append(True)  # noqa: B023
+
+            async with trio.open_nursery() as nursery:
+                if rollback_first:
+                    nursery.start_soon(roll_back)
+                nursery.start_soon(ref.call, "get")
+                if not rollback_first:
+                    nursery.start_soon(roll_back)
+            store.load_delay = store.commit_delay = 0.0
+            expected = earlier if rolled_back else ["a", "b", "c"]
+            assert await ref.call("get") == expected
+            assert await ref.call(("add", "d")) == len(expected) + 1
+            await hibernate(ref)
+            assert await ref.call("get") == [*expected, "d"]
+            assert sup.statistics().fenced_writes == 0
+            outcomes.add(bool(rolled_back))
+    assert outcomes == {True, False}  # both ways were taken
 
 
 async def test_rollback_and_release_refuse_an_active_server(sup):

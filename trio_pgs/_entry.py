@@ -77,10 +77,12 @@ class Host(Protocol):
     #: The ``on_event`` hook's tracing of messages, if any.
     tracing: Tracing | None
 
-    #: Claim a server before activating it (`SupportsClaims`, or a plain load).
-    claim: Callable[[str, str], Awaitable[Claim]]
     #: Whether this node serves the server now (always, outside a cluster).
     owns: Callable[[ServerRef], bool]
+
+    async def claim(self, kind: str, key: str) -> Claim:
+        """Claim a server before activating it (`SupportsClaims`, or a plain load),
+        once no release or rollback of its record is under way."""
 
     def touch(self, entry: Entry, idle_timeout: float | None) -> None:
         """*entry* handled a message now: its idle deadline and recency move."""

@@ -51,6 +51,7 @@ from ._server import (
 )
 from ._statistics import SupervisorStatistics
 from ._store import (
+    Claim,
     Put,
     Record,
     Store,
@@ -317,7 +318,7 @@ class PersistentSupervisor:
         node.tracing = self._tracing
         self._host.owns = node.owns
         if self.cluster is not None:
-            self._host.claim = node.guarded(self._host.claim)
+            self._host.store_claim = node.guarded(self._host.store_claim)
         return None
 
     async def _leave(self, deadline: float) -> None:
@@ -937,37 +938,49 @@ class PersistentSupervisor:
             self._wakeups.kick()
 
     async def _repair(self, ref: ServerRef, change: Callable[[Record], Record]) -> None:
-        """Commit *change* of *ref*'s stored record (a release, a rollback). A message
-        racing it (its activation finds the server quarantined) or another repair
-        claims the record meanwhile: its write is fenced off, and it is done again on
-        the record as it is then."""
-        for attempt in range(REPAIR_ATTEMPTS):
-            record = await self._load_for_repair(ref)
-            try:
-                await self._writer.commit(Put(change(record), record.version))
-                return
-            except ConflictError as exc:
-                if not exc.fenced or attempt == REPAIR_ATTEMPTS - 1:
-                    raise
-
-    async def _load_for_repair(self, ref: ServerRef) -> Record:
+        """Commit *change* of *ref*'s stored record (a release, a rollback), one
+        repair of a record at a time, while it is not active here. An activation of
+        *ref* that begins meanwhile claims the record after it (`_Host.claim`): it runs
+        from the repaired record, rather than fencing the repair off, or being fenced
+        off by it while it answers from the record before. Another process's claim
+        fences the repair's write off: it is done again on the record as it is then."""
         self._check_open()
         if ref.kind not in self._kinds:
             raise self._unknown_kind(ref.kind)
-        entry = self._entries.get(ref)
-        if entry is not None and entry.status is Status.ACTIVATING:
-            await entry.activated.wait()  # a quarantined server's ends at once
+        repairs, name = self._host.repairs, (ref.kind, ref.key)
+        while True:  # until neither a repair nor an activation is under way
+            other = repairs.get(name)
             entry = self._entries.get(ref)
-        if entry is not None and entry.status is not Status.ENDED:
-            raise ValueError(
-                f"{ref} is active; release and rollback apply to quarantined or dormant "
-                "servers"
-            )
-        # A claim: an activation of another process, or one left behind, is fenced off.
-        record = (await self._host.claim(ref.kind, ref.key)).record
-        if record is None:
-            raise ServerNotFound(f"{ref}: no such server (never started, or stopped normally)")
-        return record
+            if other is not None:
+                await other.wait()
+            elif entry is not None and entry.status is Status.ACTIVATING:
+                await entry.activated.wait()  # a quarantined server's ends at once
+            elif entry is not None and entry.status is not Status.ENDED:
+                raise ValueError(
+                    f"{ref} is active; release and rollback apply to quarantined or "
+                    "dormant servers"
+                )
+            else:
+                break
+        repairs[name] = done = trio.Event()  # no checkpoint since the look above
+        try:
+            for attempt in range(REPAIR_ATTEMPTS):
+                # A claim: an activation of another process, or one left behind, is
+                # fenced off.
+                record = (await self._host.store_claim(ref.kind, ref.key)).record
+                if record is None:
+                    raise ServerNotFound(
+                        f"{ref}: no such server (never started, or stopped normally)"
+                    )
+                try:
+                    await self._writer.commit(Put(change(record), record.version))
+                    return
+                except ConflictError as exc:
+                    if not exc.fenced or attempt == REPAIR_ATTEMPTS - 1:
+                        raise
+        finally:
+            del repairs[name]
+            done.set()
 
     # -- introspection ----------------------------------------------------------------
 
@@ -1002,14 +1015,17 @@ class _Host:
     """The supervisor as its servers' entries and activations see it (`Host`)."""
 
     __slots__ = (
-        "claim", "counters", "max_active", "owns", "reaper", "reminders_kept", "store",
-        "sup", "touch", "tracing", "wall_offset", "writer",
+        "counters", "max_active", "owns", "reaper", "reminders_kept", "repairs", "store",
+        "store_claim", "sup", "touch", "tracing", "wall_offset", "writer",
     )
 
     def __init__(self, sup: PersistentSupervisor) -> None:
         self.sup = sup
         self.store = sup.store
-        self.claim = claimer(sup.store)
+        #: The store's claim (in a cluster, after the hand-over from another node).
+        self.store_claim = claimer(sup.store)
+        #: The records a release or rollback is changing now (`_repair`).
+        self.repairs: dict[tuple[str, str], trio.Event] = {}
         self.owns: Callable[[ServerRef], bool] = _everywhere
         self.writer = sup._writer
         self.counters = sup._counters
@@ -1023,6 +1039,13 @@ class _Host:
         self.touch: Callable[[Entry, float | None], None] = (
             self.reaper.touch if self.max_active is None else self._touch_with_recency
         )
+
+    async def claim(self, kind: str, key: str) -> Claim:
+        """An activation's claim: after the repair of the record under way, if any."""
+        repairs = self.repairs
+        while (repair := repairs.get((kind, key))) is not None:
+            await repair.wait()
+        return await self.store_claim(kind, key)
 
     def _touch_with_recency(self, entry: Entry, idle_timeout: float | None) -> None:
         self.reaper.touch(entry, idle_timeout)
