@@ -9,7 +9,7 @@ import trio
 import trio.testing
 
 import trio_pgs.testing
-from trio_pgs import Persistence, PersistentSupervisor, ServerCrashed
+from trio_pgs import Persistence, PersistentSupervisor, RequestError, ServerCrashed
 
 from .servers import FaultyStore, TallyServer
 
@@ -121,6 +121,42 @@ async def test_a_failed_deferred_write_keeps_the_server_awake_and_retries(autoju
         await trio.sleep(10)
         assert sup.statistics().active == 0
         assert await stored(store.inner, "behind") == b'{"items":["x"]}'
+
+
+@pytest.mark.parametrize("cls", [Behind, OnStop], ids=["write-behind", "on-stop"])
+@pytest.mark.parametrize("ending", ["stop", "crash", "refuse-after-mutating"])
+async def test_an_acknowledged_state_survives_a_failed_write_as_its_activation_ends(
+    autojump_clock, cls, ending
+):
+    """A stop that keeps the record, a crash, or a refusal after an in-place change
+    ends the activation, and the acknowledged state is written first; the store fails
+    that write. It is retried (every max_lag seconds, the server waiting) until it
+    is written: the next activation sees it (it loaded the record before: the
+    acknowledged state was dropped although the store was healthy again)."""
+    store = FaultyStore()
+    async with PersistentSupervisor(store=store, idle_timeout=None) as sup:
+        ref = await sup.start(cls, key="k")
+        for item in "abc":
+            await ref.call(("add", item))
+        store.failing = True
+
+        async def heal() -> None:
+            await trio.sleep(5)
+            store.failing = False
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(heal)
+            if ending == "stop":
+                await ref.call(("stop", "pause"))
+            elif ending == "crash":
+                with pytest.raises(ServerCrashed):
+                    await ref.call("crash")
+            else:
+                with pytest.raises(RequestError):
+                    await ref.call(("mutate-then-refuse", "z"))
+        # (A refusal is answered at once; the next message waits for the write.)
+        assert await ref.call("get") == ["a", "b", "c"]
+        assert await stored(store.inner, cls.kind) == b'{"items":["a","b","c"]}'
 
 
 async def test_the_mode_is_overridable_per_supervisor(store):

@@ -414,9 +414,21 @@ class Activation:
             logger.warning("%s changed its state in place before refusing a %s; it goes "
                            "back to its stored state", entry.ref, message.kind.value,
                            extra=entry.extra)
-            await self.policy.flush(self._commit)  # the acknowledged state, if deferred
+            await self._flush_before_ending()  # the acknowledged state, if deferred
             return await self._back_to_stored(error)
         return Next.CONTINUE
+
+    async def _flush_before_ending(self, *, own: bool = True) -> None:
+        """Deferred modes, before the activation ends (a crash, a stop that keeps the
+        record, a refusal that goes back to the stored state): commit the acknowledged
+        state. A store error is retried every ``max_lag`` seconds, the server handling
+        nothing meanwhile, until it is written (or dropped for a conflict: another
+        writer changed the record), or until the shutdown's deadline cuts the server
+        off (`statistics().unflushed` then lists it): the next activation loads the
+        record, so ending before would drop the acknowledged state."""
+        write = functools.partial(self._commit, own=own)
+        while not await self.policy.flush(write):  # noqa: ASYNC110 - a retry at a
+            await trio.sleep_until(self.policy.due)  # time, not a wait for an event
 
     def _changed_in_place(self) -> bool:
         written = self.policy.pending or self.record.data
@@ -512,7 +524,7 @@ class Activation:
         logger.error("%s crashed: %r", ref, exc, exc_info=exc, extra=entry.extra)
         self.book.crashed()  # what it set is dropped; what it was delivering is due again
         # Deferred modes: the state acknowledged before the crash, not the crashing one's.
-        await self.policy.flush(functools.partial(self._commit, own=False))
+        await self._flush_before_ending(own=False)
         await self._terminate(exc)
         quarantined = False
         # An unencodable state is a crash that keeps the record even for TEMPORARY
@@ -597,12 +609,12 @@ class Activation:
                 self._answer_current(lambda: persistence_error(ref, failure))
                 return Next.REACTIVATE
             step = Next.END
-        elif not await self.policy.flush(self._commit):
-            step = Next.REACTIVATE  # the stop's state could not be written: keep it
-        elif restart is Restart.PERMANENT or not entry.mailbox_empty():
-            step = Next.REACTIVATE
         else:
-            step = Next.END
+            await self._flush_before_ending()
+            if restart is Restart.PERMANENT or not entry.mailbox_empty():
+                step = Next.REACTIVATE
+            else:
+                step = Next.END
         self.ledger.release()  # replies given by the stopping handler
         self.ledger.fail(_stopped_owing(ref, reason))
         if step is Next.END:
