@@ -280,6 +280,31 @@ async def test_a_rollback_racing_an_activation_is_refused_or_seen_by_it(
     assert outcomes == {True, False}  # both ways were taken
 
 
+async def test_commits_of_reminders_alone_add_nothing_to_the_history(store, autojump_clock):
+    """A commit that keeps the state (an activation re-arming a reminder) adds no copy
+    of it to the states kept for rollback: rollback(steps=1) goes back one change."""
+
+    class Rearming(Transient):
+        kind = "rearming"
+        keep_history = 2
+        idle_timeout = 1.0
+
+        async def on_activate(self, state):
+            self.remind("tick", after=3600)
+            return await super().on_activate(state)
+
+    async with PersistentSupervisor(store=store) as sup:
+        ref = await sup.start(Rearming, key="k")
+        for item in "ab":
+            await ref.call(("add", item))
+        for _ in range(3):
+            await trio.sleep(5)  # hibernates; the next call activates it again
+            assert await ref.call("get") == ["a", "b"]
+        await trio.sleep(5)
+        await sup.rollback(ref)
+        assert await ref.call("get") == ["a"]
+
+
 async def test_rollback_and_release_refuse_an_active_server(sup):
     ref = await sup.start(Transient, key="k")
     with pytest.raises(ValueError, match="active"):

@@ -13,6 +13,7 @@ import pytest
 from cattrs.preconf.json import make_converter
 
 import trio_pgs
+import trio_pgs.testing
 from trio_pgs import (
     ActivationFailed,
     MemoryStore,
@@ -276,6 +277,24 @@ async def test_migrations_carry_across_deploys_one_version_at_a_time(store):
         assert await ref.call("get") == PlayerV2("bob", 120)
     async with PersistentSupervisor(store=store, servers=[v3]):
         assert await ref.call("get") == PlayerV3("bob", 120, 1)
+
+
+async def test_a_rollback_after_a_migration_restores_an_earlier_state_migrated(store):
+    """The states kept for rollback are migrated with the record's: a rollback across
+    a migration restores the earlier state in the current shape (it wrote the old
+    bytes under the new state_version, and the server could never activate again)."""
+    v1 = echo_server(dict[str, Any], kind="player", keep_history=3)
+    v2 = player_server(3, {1: v1_to_v2, 2: v2_to_v3})
+    v2.keep_history = 3
+    async with PersistentSupervisor(store=store) as sup:
+        ref = await sup.start(v1, {"nick": "ann", "points": 100}, key="p")
+        await ref.call({"nick": "ann", "points": 150})
+    async with PersistentSupervisor(store=store, servers=[v2]) as sup:
+        assert await ref.call("get") == PlayerV3("ann", 150, 1)  # migrated
+        await ref.call(PlayerV3("ann", 999, 9))
+        await trio_pgs.testing.hibernate(ref)
+        await sup.rollback(ref, steps=2)  # back past the migration
+        assert await ref.call("get") == PlayerV3("ann", 100, 1)
 
 
 async def test_a_failing_migration_fails_activation_and_keeps_the_record(store):

@@ -16,7 +16,7 @@ import trio
 
 from ._activation import Activation, check_not_coroutine, interruption_in, persistence_error
 from ._calls import Handling, current_handling
-from ._encoding import DecodingError
+from ._encoding import Codec, DecodingError
 from ._entry import (
     Entry,
     Next,
@@ -222,7 +222,8 @@ async def _restore(entry: Entry, record: Record) -> tuple[Any, Record] | None:
         if migrated:
             data = info.codec.encode(state, str(ref))
             migrated_record = next_version(
-                record, data=data, state_version=info.options.state_version
+                record, data=data, state_version=info.options.state_version,
+                history=_migrated_history(info.codec, record, str(ref)),
             )
             await entry.host.writer.commit(Put(migrated_record, record.version))
             record = migrated_record
@@ -231,6 +232,23 @@ async def _restore(entry: Entry, record: Record) -> tuple[Any, Record] | None:
         _activation_failed(entry, exc, None)
         return None
     return state, record
+
+
+def _migrated_history(codec: Codec, record: Record, where: str) -> tuple[bytes, ...]:
+    """*record*'s earlier states, migrated as its state is: what `rollback` restores
+    is then of the current shape. The first one that cannot be migrated is dropped
+    with the older ones: a rollback never writes a state of an older shape under the
+    current ``state_version``."""
+    kept = []
+    for data in record.history:
+        try:
+            state, _ = codec.decode(data, record.state_version, where)
+            kept.append(codec.encode(state, where))
+        except Exception:  # a user's migration or converter: whatever it raises
+            logger.warning("%s: an earlier state (kept for rollback) could not be migrated; "
+                           "it and the older ones are dropped", where)
+            break
+    return tuple(kept)
 
 
 async def _run_on_activate(

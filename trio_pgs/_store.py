@@ -81,8 +81,9 @@ def next_record(
     reminders: tuple[StoredReminder, ...],
 ) -> Record:
     """The record that follows *old* with the new state *data* and *reminders*,
-    keeping the last *keep_history* states. The hot path: its slots set one by one
-    (`attrs.evolve` costs four times as much, `Record(...)` twice)."""
+    keeping the last *keep_history* states that differ from the one after them. The
+    hot path: its slots set one by one (`attrs.evolve` costs four times as much,
+    `Record(...)` twice)."""
     record: Record = object.__new__(Record)
     _kind(record, old.kind)
     _key(record, old.key)
@@ -93,7 +94,13 @@ def next_record(
     _updated_at(record, time.time())
     _crashes(record, old.crashes)
     _quarantined(record, old.quarantined)
-    _history(record, (old.data, *old.history)[:keep_history] if keep_history else ())
+    # A commit of the same state (its reminders alone) adds nothing to the history.
+    if not keep_history:
+        _history(record, ())
+    elif data == old.data:
+        _history(record, old.history[:keep_history])
+    else:
+        _history(record, (old.data, *old.history)[:keep_history])
     _reminders(record, reminders)
     return record
 
