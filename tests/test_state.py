@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import enum
-from typing import Any
+import re
+import typing
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import attrs
 import cattrs
@@ -64,6 +67,11 @@ CASES: list[tuple[Any, Any]] = [
     (Data, Data("d", [1.5, 2.0])),
     (set[int], {3, 1, 2}),
     (tuple[Color, bytes], (Color.RED, b"raw")),
+    # Ints past 64 bits: orjson refuses to write them and reads them as floats.
+    (int, 2**70 + 1),
+    (list[int], [-(2**64) - 3, 2**64, 12345678901234567890123]),
+    (dict[int, str], {2**80: "big", 7: "small"}),
+    (str, "1234567890123456789012"),  # digits in a string: read the same
 ]
 
 
@@ -222,6 +230,47 @@ async def test_a_users_converter_supplies_custom_hooks(store, where):
     assert (await store.load("Echo", "w")).data == b'{"balance":"12.50"}'
     async with PersistentSupervisor(store=store, servers=[cls], **options):
         assert await ref.call("get") == Wallet(Money(1250))
+
+
+@attrs.define
+class Votes:
+    tally: dict[bool, int]
+
+
+@attrs.define
+class Scores:
+    by_level: list[dict[int | None, str]]
+
+
+@pytest.mark.parametrize(("state_type", "path"), [
+    (dict[bool, int], "$"),
+    (Votes, "$.tally"),
+    (Scores, "$.by_level[...]"),
+    (dict[str, dict[Literal[True, "x"], int]], "$[...]"),
+    (typing.Optional[Mapping[typing.Optional[str], int]], "$[...]"),  # noqa: UP045
+])
+async def test_dict_keys_that_may_be_bool_or_none_are_refused_at_registration(
+    state_type, path
+):
+    """JSON keeps keys as strings: the default converter read "false" back as True
+    (a committed state changed) and could not read "null" as None (a committed state
+    no activation could read). Such a state type is refused when it is registered."""
+    with pytest.raises(TypeError, match=r"Echo \(kind 'Echo'\): the state's dict at "
+                       + re.escape(path) + " has keys that may be bool or None"):
+        PersistentSupervisor(store=MemoryStore(), servers=[echo_server(state_type)])
+
+
+async def test_a_converter_of_ones_own_may_keep_bool_keys():
+    converter = make_converter()
+    converter.register_structure_hook_func(
+        lambda tp: tp == dict[bool, int],
+        lambda raw, _: {key == "true": value for key, value in raw.items()},
+    )
+    store, cls = MemoryStore(), echo_server(dict[bool, int], converter=converter)
+    async with PersistentSupervisor(store=store) as sup:
+        ref = await sup.start(cls, {False: 2, True: 1}, key="k")
+    async with PersistentSupervisor(store=store, servers=[cls]):
+        assert await ref.call("get") == {False: 2, True: 1}
 
 
 # -- migrations -------------------------------------------------------------------------

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import types
+import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -12,6 +15,7 @@ try:  # the `orjson` extra: about 3 x faster encoding, the same bytes
 except ImportError:  # pragma: no cover - depends on the installation
     orjson = None  # type: ignore[assignment]
 
+import attrs
 import cattrs
 from cattrs.preconf.json import make_converter
 
@@ -29,7 +33,12 @@ def _dumps_json(raw: Any) -> bytes:
 
 
 def _dumps_orjson(raw: Any) -> bytes:
-    data: bytes = orjson.dumps(raw, option=orjson.OPT_NON_STR_KEYS)
+    try:
+        data: bytes = orjson.dumps(raw, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError as exc:
+        if "64-bit" not in str(exc):
+            raise
+        return _dumps_json(raw)  # an int of 64 bits or more: the same bytes, slower
     # orjson writes NaN and infinities as null; the json backend refuses them. Keep
     # one behaviour: look for them only when a null was written. (`find`, not `in`:
     # bytes' `in` first tries its operand as an int, and costs twice as much.)
@@ -48,8 +57,16 @@ def dumps(raw: Any) -> bytes:
     return _dumps_orjson(raw) if JSON_BACKEND == "orjson" else _dumps_json(raw)
 
 
+#: A number that orjson may not read exactly: it reads an int beyond 64 bits as a
+#: float. Any run of 19 digits sends the bytes to the json module (a float's long
+#: fraction, a string of digits too: read the same, only slower).
+_LONG_NUMBER = re.compile(rb"[0-9]{19}")
+
+
 def loads(data: bytes) -> Any:
-    return orjson.loads(data) if JSON_BACKEND == "orjson" else json.loads(data)
+    if JSON_BACKEND == "orjson" and _LONG_NUMBER.search(data) is None:
+        return orjson.loads(data)
+    return json.loads(data)
 
 
 def _has_non_finite(value: Any) -> bool:
@@ -59,6 +76,59 @@ def _has_non_finite(value: Any) -> bool:
         return any(_has_non_finite(item) for item in value.values())
     if isinstance(value, list | tuple):
         return any(_has_non_finite(item) for item in value)
+    return False
+
+
+def check_keys(state_type: Any) -> None:
+    """Refuse a state type with a dict whose keys may be ``bool`` or ``None``: JSON
+    keeps keys as strings, and the default converter reads ``"false"`` back as
+    `True` and cannot read ``"null"`` as `None` (a committed state lost, or one no
+    activation can read). `TypeError` names where."""
+    path = _bad_key_path(state_type, "$", set())
+    if path is not None:
+        raise TypeError(
+            f"the state's dict at {path} has keys that may be bool or None, which do not "
+            "survive JSON (stored as strings, read back wrong); use str, int or an enum "
+            "as keys, or give a converter of your own (converter=...)"
+        )
+
+
+def _bad_key_path(tp: Any, path: str, seen: set[int]) -> str | None:
+    if id(tp) in seen:
+        return None
+    seen.add(id(tp))
+    if isinstance(tp, type) and attrs.has(tp):
+        try:
+            hints = typing.get_type_hints(tp)
+        except Exception:  # unresolvable annotations: cattrs will say so itself
+            return None
+        for field in attrs.fields(tp):
+            found = _bad_key_path(hints.get(field.name, Any), f"{path}.{field.name}", seen)
+            if found is not None:
+                return found
+        return None
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is None or not args:
+        return None
+    if isinstance(origin, type) and issubclass(origin, Mapping) and len(args) == 2:
+        if _may_be_bool_or_none(args[0]):
+            return path
+        return _bad_key_path(args[1], f"{path}[...]", seen)
+    for arg in args:
+        found = _bad_key_path(arg, f"{path}[...]", seen)
+        if found is not None:
+            return found
+    return None
+
+
+def _may_be_bool_or_none(tp: Any) -> bool:
+    if tp is bool or tp is None or tp is type(None):
+        return True
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        return any(_may_be_bool_or_none(arg) for arg in typing.get_args(tp))
+    if origin is typing.Literal:
+        return any(arg is None or isinstance(arg, bool) for arg in typing.get_args(tp))
     return False
 
 
@@ -86,6 +156,8 @@ class Codec:
     ) -> None:
         self.converter = with_ephemeral_hooks(converter or _default_converter)
         self.stored_type = state_type if persisted_type is None else persisted_type
+        if converter is None:  # a converter of the user's may have hooks for them
+            check_keys(self.stored_type)
         self.state_version = state_version
         self.migrations = migrations
         self.to_persisted = to_persisted

@@ -619,15 +619,18 @@ class PersistentSupervisor:
             return info
         check_shaping(cls)  # again: class attributes may have been set after the class
         options = resolve_options(cls, self._defaults)
-        codec = Codec(
-            cls.state_type,
-            cls.converter or self._converter,
-            options.state_version,
-            cls.migrations,
-            cls.persisted_type,
-            cls.to_persisted,
-            cls.from_persisted,
-        )
+        try:
+            codec = Codec(
+                cls.state_type,
+                cls.converter or self._converter,
+                options.state_version,
+                cls.migrations,
+                cls.persisted_type,
+                cls.to_persisted,
+                cls.from_persisted,
+            )
+        except TypeError as exc:
+            raise TypeError(f"{cls.__qualname__} (kind {kind!r}): {exc}") from None
         info = KindInfo(cls, options, codec)
         self._kinds[kind] = info
         return info
