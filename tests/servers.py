@@ -106,6 +106,9 @@ class TallyServer(PersistentServer[Tally]):
             case "wait":
                 self.waiting.append(current_caller())
                 return NoReply(state)
+            case ("add-and-wait", item):  # committed now, answered later
+                self.waiting.append(current_caller())
+                return NoReply(Tally([*state.items, item]))
             case ("release", item):
                 new = Tally([*state.items, item])
                 for caller in self.waiting:

@@ -9,6 +9,8 @@ import trio.testing
 from trio_pgs import (
     CallCycleError,
     NoReply,
+    OutcomeUnknown,
+    PersistenceError,
     PersistentServer,
     PersistentSupervisor,
     Reply,
@@ -17,7 +19,7 @@ from trio_pgs import (
     UnknownRequest,
 )
 
-from .servers import Tally, TallyServer
+from .servers import FaultyStore, Tally, TallyServer
 
 
 async def test_call_returns_the_reply_and_commits_the_state(sup, store):
@@ -281,6 +283,53 @@ async def test_deferred_reply_reaches_the_waiting_caller(sup):
         assert got == []
         assert await ref.call(("release", "go")) == "released"
     assert got == ["go", "go"]
+
+
+@pytest.mark.parametrize("replied", [True, False], ids=["replied", "still-owed"])
+async def test_a_deferred_caller_whose_request_committed_is_not_told_to_retry(replied):
+    """A caller's request is committed, its reply deferred; a later message (which
+    gives that reply, or not) fails to commit its own change. The later message's
+    caller gets `PersistenceError` (not committed: retry), the deferred caller
+    `OutcomeUnknown` (its request was handled and committed: read before retrying):
+    it was told "not committed, retry", and a retry applied its change twice."""
+    store = FaultyStore()
+    async with PersistentSupervisor(store=store) as sup:
+        ref = await sup.start(TallyServer, key="a")
+        errors: list[BaseException] = []
+
+        async def deposit() -> None:
+            try:
+                await ref.call(("add-and-wait", "deposit"))
+            except PersistenceError as exc:
+                errors.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(deposit)
+            await trio.testing.wait_all_tasks_blocked()
+            assert (await store.load(TallyServer.kind, "a")).data == b'{"items":["deposit"]}'
+            store.failing = True
+            with pytest.raises(PersistenceError) as later:
+                await ref.call(("release", "go") if replied else ("add", "other"))
+            store.failing = False
+        assert type(later.value) is PersistenceError
+        [error] = errors
+        assert isinstance(error, OutcomeUnknown), error
+        assert "handled and committed" in str(error)
+        assert await ref.call("get") == ["deposit"]
+
+
+async def test_a_deferred_caller_whose_own_request_failed_to_commit_may_retry():
+    """The other side of the test above: a request whose reply is deferred and whose
+    own commit fails is not committed: `PersistenceError`, not `OutcomeUnknown`."""
+    store = FaultyStore()
+    async with PersistentSupervisor(store=store) as sup:
+        ref = await sup.start(TallyServer, key="a")
+        store.failing = True
+        with pytest.raises(PersistenceError) as failed:
+            await ref.call(("add-and-wait", "deposit"))
+        store.failing = False
+        assert type(failed.value) is PersistenceError
+        assert await ref.call("get") == []
 
 
 @pytest.mark.parametrize("reason", ["normal", "other"])

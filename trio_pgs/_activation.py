@@ -385,7 +385,7 @@ class Activation:
                 entry.wake()
         else:
             ref = entry.ref
-            self.ledger.fail_held(lambda: persistence_error(ref, error))
+            self.ledger.fail_held(lambda: persistence_error(ref, error), _reply_lost(ref, error))
             entry.wake()  # waiting for a message: go back to the stored record now
 
     async def _refused(self, message: Message, error: RequestError) -> Next:
@@ -479,7 +479,7 @@ class Activation:
         logger.error("%s: commit failed: %r", ref, error, extra=self.entry.extra)
         self.state = previous_state  # never the uncommitted one
         step = await self._back_to_stored(error)
-        self.ledger.fail(lambda: persistence_error(ref, error))
+        self.ledger.fail(lambda: persistence_error(ref, error), _reply_lost(ref, error))
         return step
 
     async def _back_to_stored(self, reason: BaseException) -> Next:
@@ -498,7 +498,7 @@ class Activation:
         ref = self.entry.ref
         logger.error("%s: commit failed: %r", ref, exc, extra=self.entry.extra)
         step = await self._back_to_stored(exc)
-        self.ledger.fail(lambda: persistence_error(ref, exc))
+        self.ledger.fail(lambda: persistence_error(ref, exc), _reply_lost(ref, exc))
         self._answer_current(lambda: persistence_error(ref, exc))
         return step
 
@@ -578,7 +578,7 @@ class Activation:
                     ref, error, extra=self.entry.extra)
         self.book.crashed()
         self._answer_current(lambda: error)
-        self.ledger.fail_held(lambda: error)
+        self.ledger.fail_held(lambda: error, _reply_lost(ref, error))
         return Next.CONTINUE  # the loop goes on to shut down
 
     async def _interrupted(self, message: Message, exc: BaseException) -> Next:
@@ -605,7 +605,8 @@ class Activation:
                 await self._wipe(raising=True)
             except Exception as exc:
                 failure = exc
-                self.ledger.fail(lambda: persistence_error(ref, failure))
+                self.ledger.fail(lambda: persistence_error(ref, failure),
+                                 _reply_lost(ref, failure))
                 self._answer_current(lambda: persistence_error(ref, failure))
                 return Next.REACTIVATE
             step = Next.END
@@ -766,6 +767,15 @@ def _owed_at_shutdown(ref: ServerRef) -> ErrorFactory:
         f"{ref}: the supervisor shut down before this call's deferred reply was given. "
         "The request was handled, and its changes committed or with the store; read "
         "the server's state before retrying"
+    )
+
+
+def _reply_lost(ref: ServerRef, exc: BaseException) -> ErrorFactory:
+    """For a caller owed a deferred reply when a later message could not commit."""
+    return lambda: OutcomeUnknown(
+        f"{ref}: this call's request was handled and committed, but its deferred reply "
+        f"was lost: the message that gave it (or a later one) failed ({exc}). Read the "
+        "server's state before retrying"
     )
 
 
