@@ -159,6 +159,31 @@ async def test_an_acknowledged_state_survives_a_failed_write_as_its_activation_e
         assert await stored(store.inner, cls.kind) == b'{"items":["a","b","c"]}'
 
 
+async def test_a_deferred_write_never_sent_at_shutdown_is_listed_unflushed(
+    autojump_clock, caplog
+):
+    """At the shutdown's deadline, server a's write is with a store that does not
+    answer, and server b's waits behind it, never sent: b is listed in
+    `statistics().unflushed` and logged as not committed (it was logged as "the
+    outcome is unknown" and left out of `unflushed`, although nothing of it was
+    sent); a's outcome is the one unknown."""
+
+    class Quick(Behind):
+        kind = "quick"
+        max_lag = 0.5
+
+    store = FaultyStore()
+    async with PersistentSupervisor(store=store, shutdown_timeout=2) as sup:
+        a, b = [await sup.start(cls, key="k") for cls in (Quick, Behind)]
+        await a.call(("add", "x"))
+        await b.call(("add", "y"))
+        store.gate = trio.Event()  # a's write, due first, hangs; b's waits behind it
+        await trio.sleep(0.6)
+    assert sup.statistics().unflushed == ("behind/k",)
+    assert "were still waiting for the store" in caplog.text and "quick/k" in caplog.text
+    assert await stored(store.inner, "behind") == b'{"items":[]}'
+
+
 async def test_the_mode_is_overridable_per_supervisor(store):
     async with PersistentSupervisor(store=store, persistence=Persistence.ON_STOP) as sup:
         ref = await sup.start(TallyServer, key="k")

@@ -42,7 +42,7 @@ from ._reminding import ReminderBook
 from ._results import NO_REPLY, NoReply, Reply, Stop
 from ._schedule import StoredReminder
 from ._server import Persistence, PersistentServer, Restart
-from ._store import Delete, Put, Record, next_record, next_version
+from ._store import Delete, Operation, Put, Record, next_record, next_version
 
 if sys.version_info < (3, 11):  # trio depends on the backport there
     from exceptiongroup import BaseExceptionGroup
@@ -88,9 +88,10 @@ class Activation:
         self.closed = False
         #: The message being handled: its caller is answered if the handler is cut off.
         self.current: Message | None = None
-        #: A commit of this activation's own (a stop, the crash bookkeeping) is awaited:
-        #: cut off now, its outcome is unknown.
-        self.committing = False
+        #: The operation of a commit of this activation's own that its callers wait on
+        #: (a stop's, a deferred state's), while awaited: cut off now, its outcome is
+        #: unknown, unless the writer never sent it.
+        self.committing: Operation | None = None
         #: The state has changes made under ``persist=False`` (never encoded).
         self.volatile = False
         self._touch()  # activated now: the idle deadline starts
@@ -169,8 +170,14 @@ class Activation:
         store has its change: the outcome is unknown), or ``"ending"`` (terminate or
         the like; nothing is lost)."""
         inflight = self.policy.inflight
-        if self.committing or (inflight is not None and not inflight.done):
-            return "committing"
+        queued = self.entry.host.writer.queued
+        if self.committing is not None:
+            if not queued(self.committing):
+                return "committing"
+            self.committing = None  # never sent (the writer fails it): not committed
+            return "handling"
+        if inflight is not None and not inflight.done:
+            return "handling" if queued(inflight) else "committing"
         if self.current is not None or self.policy.pending is not None:
             return "handling"
         return "ending"
@@ -461,13 +468,15 @@ class Activation:
         """Commit *record* (the next version) and wait for it. *own*: a change its
         callers wait on, whose outcome is unknown if this is cut off (the crash
         bookkeeping is not: the crashing message is not committed either way)."""
-        self.committing = own  # stays set if cancelled: cut_off says "unknown"
+        operation = Put(record, self.record.version)
+        # Stays set if cancelled: cut_off says "unknown".
+        self.committing = operation if own else None
         try:
-            await self.entry.host.writer.commit(Put(record, self.record.version))
+            await self.entry.host.writer.commit(operation)
         except Exception:
-            self.committing = False
+            self.committing = None
             raise
-        self.committing = False
+        self.committing = None
         self.record = record
 
     # -- endings ----------------------------------------------------------------------
@@ -628,17 +637,17 @@ class Activation:
     async def _wipe(self, raising: bool = False) -> None:
         """Delete the record: a stop's (*raising*), or a TEMPORARY server's crash."""
         ref = self.entry.ref
-        self.committing = raising  # a stop's: if cancelled, cut_off says "unknown"
+        operation = Delete(ref.kind, ref.key, self.record.version, self.record.epoch)
+        # A stop's: if cancelled, cut_off says "unknown".
+        self.committing = operation if raising else None
         try:
-            await self.entry.host.writer.commit(
-                Delete(ref.kind, ref.key, self.record.version, self.record.epoch)
-            )
+            await self.entry.host.writer.commit(operation)
         except Exception:
-            self.committing = False
+            self.committing = None
             if raising:
                 raise
             logger.exception("%s: the record could not be wiped", ref, extra=self.entry.extra)
-        self.committing = False
+        self.committing = None
 
     async def _hibernate(self) -> Next:
         entry = self.entry
@@ -686,7 +695,7 @@ class Activation:
         unknown)."""
         ref = self.entry.ref
         inflight = self.policy.inflight
-        if self.committing:  # cancelled while the store had its own message's change
+        if self.committing is not None:  # the store had its own message's change
             self._answer_current(_outcome_unknown(ref))
             self.ledger.fail(_outcome_unknown(ref))
         else:

@@ -96,6 +96,15 @@ class Writer:
         """Whether nothing is pending or being committed."""
         return not self._pending.operations and not self._busy
 
+    def queued(self, item: object) -> bool:
+        """Whether *item* (an operation given to `commit`, or a callback given to
+        `submit`) waits for the next transaction: not sent to the store yet. For the
+        shutdown's account of what was lost (a scan of the pending batch)."""
+        batch = self._pending
+        return any(operation is item for operation in batch.operations) or any(
+            callback is item for _, callback in batch.callbacks
+        )
+
     async def wait_idle(self) -> None:
         while not self.idle():
             self._idle = trio.Event()
