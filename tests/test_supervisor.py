@@ -9,6 +9,7 @@ import trio.testing
 from trio_pgs import (
     AlreadyStarted,
     MemoryStore,
+    OutcomeUnknown,
     PersistentServer,
     PersistentSupervisor,
     Reply,
@@ -164,6 +165,45 @@ async def test_leaving_the_block_shuts_servers_down_and_keeps_their_state(store,
         await ref.call(("add", "x"))
     assert lifecycle.terminations == [("k", "shutdown")]
     assert (await store.load("tally", "k")).data == b'{"items":["x"]}'
+
+
+async def test_a_start_whose_on_activate_is_cut_off_at_shutdown_says_the_server_exists(
+    store, autojump_clock
+):
+    """start() created the record; the shutdown's deadline cuts off its on_activate.
+    The caller hears that the server exists (`OutcomeUnknown`, not the
+    `SupervisorNotRunning` of a message never handled, whose retry then met
+    `AlreadyStarted`), and its next message activates it."""
+
+    class Warming(TallyServer):
+        kind = "warming"
+        warm = True
+
+        async def on_activate(self, state):
+            if Warming.warm:
+                await trio.sleep(1.0)
+            return state
+
+    failures = []
+    async with trio.open_nursery() as nursery:
+        async with PersistentSupervisor(store=store, shutdown_timeout=0.1) as sup:
+
+            async def start() -> None:
+                try:
+                    await sup.start(Warming, key="k")
+                except OutcomeUnknown as exc:
+                    failures.append(exc)
+
+            nursery.start_soon(start)
+            await trio.sleep(0.5)  # created; on_activate is under way
+    [failure] = failures
+    assert "was created" in str(failure) and "AlreadyStarted" in str(failure)
+    assert (await store.load("warming", "k")) is not None
+    Warming.warm = False
+    async with PersistentSupervisor(store=store, servers=[Warming]) as sup:
+        with pytest.raises(AlreadyStarted):
+            await sup.start(Warming, key="k")
+        assert await sup.ref(Warming, "k").call("get") == []
 
 
 async def test_queued_messages_are_handled_at_shutdown(store, autojump_clock):

@@ -265,6 +265,14 @@ async def _run_on_activate(
     try:
         state = await _in_chain(entry, server.on_activate(state))
         check_not_coroutine(state, ref, "on_activate")
+    except trio.Cancelled:  # cut off at shutdown: the record it created stays
+        if created and start is not None:
+            start.slot.set_error(OutcomeUnknown(
+                f"{ref}: the server was created (its record committed), but the "
+                "supervisor shut down while its on_activate ran: it exists, dormant, and "
+                "its next message activates it (start() again raises AlreadyStarted)"
+            ))
+        raise
     except Exception as exc:
         activation.close()
         if created:
