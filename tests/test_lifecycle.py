@@ -24,6 +24,7 @@ from trio_pgs import (
     SupervisorEscalated,
 )
 from trio_pgs.testing import FaultyStore, hibernate
+from trio_pgs.testing import crash as simulate_crash
 
 from .servers import TallyServer
 
@@ -474,3 +475,16 @@ async def test_start_whose_on_activate_raises_stores_nothing(sup, store):
         assert isinstance(info.value.__cause__, RuntimeError)
         assert await store.load("fails", "k") is None
     assert await sup.start(TallyServer, key="k")  # the supervisor goes on
+
+
+async def test_testing_crash_of_a_server_that_cannot_crash_raises(sup):
+    """`trio_pgs.testing.crash` of a server with no record raises `ServerNotFound`,
+    of a quarantined one `ServerQuarantined`, as a call would (it returned as if the
+    crash had happened)."""
+    with pytest.raises(ServerNotFound):
+        await simulate_crash(sup.ref(TallyServer, "never-started"))
+    ref = await sup.start(TallyServer, key="k")
+    for _ in range(3):
+        await simulate_crash(ref)
+    with pytest.raises(ServerQuarantined):
+        await simulate_crash(ref)

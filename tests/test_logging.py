@@ -9,10 +9,17 @@ import sys
 import textwrap
 
 import pytest
+import trio
 
-from trio_pgs import MemoryStore, PersistentSupervisor, ServerCrashed
+from trio_pgs import (
+    MemoryStore,
+    Persistence,
+    PersistentSupervisor,
+    RequestError,
+    ServerCrashed,
+)
 
-from .servers import TallyServer
+from .servers import FaultyStore, TallyServer
 
 #: A program with a server that crashes once; CONFIGURE is replaced by its logging setup.
 CRASHING_PROGRAM = textwrap.dedent("""
@@ -104,3 +111,34 @@ async def test_a_crash_record_carries_its_exception_for_handlers(caplog):
     assert record.levelno == logging.ERROR
     assert record.exc_info is not None and record.exc_info[1] is not None
     assert "configure logging" not in record.getMessage()
+
+
+async def test_every_record_about_one_server_carries_its_kind_and_key(caplog, autojump_clock):
+    """guide.md: every record about one server carries its ``kind`` and ``key``. Here:
+    a crash, a deferred write that fails (it lacked them), its retry, a refusal after
+    an in-place change, a hibernation."""
+
+    class Behind(TallyServer):
+        kind = "behind"
+        persistence = Persistence.WRITE_BEHIND
+        max_lag = 0.5
+        idle_timeout = 5.0
+
+    caplog.set_level(logging.DEBUG, logger="trio_pgs")
+    store = FaultyStore()
+    async with PersistentSupervisor(store=store) as sup:
+        ref = await sup.start(Behind, key="k")
+        with pytest.raises(ServerCrashed):
+            await ref.call("crash")
+        store.failing = True
+        await ref.call(("add", "x"))
+        await trio.sleep(2)  # the deferred write fails, and is retried
+        store.failing = False
+        with pytest.raises(RequestError):
+            await ref.call(("mutate-then-refuse", "y"))
+        await trio.sleep(10)  # written, then hibernated
+    about = [r for r in caplog.records if r.getMessage().startswith("behind/k")]
+    assert len({r.getMessage()[:40] for r in about}) >= 4, [r.getMessage() for r in about]
+    for record in about:
+        assert (getattr(record, "kind", None), getattr(record, "key", None)) == (
+            "behind", "k"), record.getMessage()

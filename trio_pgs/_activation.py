@@ -58,7 +58,7 @@ def make_policy(entry: Entry) -> Policy:
     if options.persistence is Persistence.EACH_MESSAGE:
         return EachMessage(entry.host.writer, options.state_version, options.keep_history)
     lag = options.max_lag if options.persistence is Persistence.WRITE_BEHIND else math.inf
-    return Deferred(lag, options.max_lag, str(entry.ref))
+    return Deferred(lag, options.max_lag, str(entry.ref), entry.extra)
 
 
 class Activation:

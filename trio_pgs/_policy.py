@@ -139,14 +139,17 @@ class Deferred:
     """WRITE_BEHIND (``lag`` = ``max_lag``) and ON_STOP (``lag`` = inf): replies go out
     at once, and only the newest state is written, later."""
 
-    __slots__ = ("_lag", "_retry", "_where", "conflicted", "due", "pending")
+    __slots__ = ("_extra", "_lag", "_retry", "_where", "conflicted", "due", "pending")
 
     inflight = None
 
-    def __init__(self, lag: float, retry: float, where: str) -> None:
+    def __init__(
+        self, lag: float, retry: float, where: str, extra: dict[str, str] | None = None
+    ) -> None:
         self._lag = lag
         self._retry = retry
         self._where = where  # the server, for log messages
+        self._extra = extra  # its kind and key, as every record about one server has
         #: The newest encoded state not committed yet, and when it must be.
         self.pending: bytes | None = None
         self.due = math.inf
@@ -180,12 +183,12 @@ class Deferred:
             # can never succeed. The unwritten state is dropped and the server reloads.
             logger.error("%s: a deferred write conflicts with the stored record (%s); the "
                          "unwritten state is dropped and the server reloads from the store",
-                         self._where, exc)
+                         self._where, exc, extra=self._extra)
             self.pending, self.due, self.conflicted = None, math.inf, exc
             return True
         except Exception:
             logger.exception("%s: a deferred write failed; it stays pending and is retried",
-                             self._where)
+                             self._where, extra=self._extra)
             self.due = trio.current_time() + self._retry
             return False
         if self.pending is data:

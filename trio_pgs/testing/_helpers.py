@@ -17,7 +17,9 @@ async def crash(ref: ServerRef) -> None:
     """Make *ref*'s server crash as if its next handler raised (`SimulatedCrash`).
 
     Messages queued before are handled first. Returns once the crash was handled (the
-    restart strategy applied); the server is activated first if it was dormant.
+    restart strategy applied); the server is activated first if it was dormant. A
+    server that cannot crash raises what a call to it would: `ServerNotFound` (no
+    record), `ServerQuarantined`, `ActivationFailed`.
     """
     await find_supervisor(ref)._deliver_crash(ref)
 
