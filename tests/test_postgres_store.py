@@ -574,6 +574,26 @@ async def test_two_supervisors_on_one_schema_fence_each_other_off(postgres: Serv
 # -- cancellation and lost connections ---------------------------------------------------
 
 
+async def test_a_statement_timeout_is_a_failed_commit_not_an_unknown_outcome(
+    postgres: Server,
+):
+    """A batch that runs into the database's ``statement_timeout`` (here, waiting for a
+    row lock another program holds) was cancelled by the server, so rolled back: its
+    writes fail with `PersistenceError`, not `OutcomeUnknown` (it was taken for a lost
+    connection), and the store goes on once the lock is gone."""
+    schema = postgres.schema()
+    dsn = psycopg.conninfo.make_conninfo(postgres.dsn, options="-c statement_timeout=200")
+    async with opened(ClockedPostgresStore(dsn, schema=schema)) as store:
+        await store.commit([Put(record("k", b"v1"), 0)])
+        with row_locked(postgres, schema, "k"):
+            with pytest.raises(PersistenceError) as failed:
+                await store.commit_each([Put(record("k", b"v2", version=2), 1)])
+        assert not isinstance(failed.value, OutcomeUnknown), failed.value
+        assert "statement timeout" in str(failed.value)
+        assert await store.load(KIND, "k") == record("k", b"v1")
+        assert await store.commit_each([Put(record("k", b"v2", version=2), 1)]) == [None]
+
+
 async def test_cancelling_a_commit_cancels_its_query_in_the_server(postgres: Server):
     store, name = named_store(postgres)
     async with opened(store):

@@ -61,6 +61,8 @@ _TUPLES_OK = 2
 _FATAL_ERROR = 7
 #: SQLSTATE invalid_sql_statement_name: no prepared statement of that name.
 _NO_SUCH_STATEMENT = "26000"
+#: query_canceled: a statement the server cancelled (statement_timeout, a cancel request).
+_QUERY_CANCELED = "57014"
 #: The statements prepared on each connection of the writes (`Writes._bulk`).
 _PREPARED: weakref.WeakKeyDictionary[Any, set[bytes]] = weakref.WeakKeyDictionary()
 
@@ -323,9 +325,15 @@ def _failure(exc: Exception, phase: sql.Phase, broken: bool) -> PersistenceError
     """What a failed transaction tells its callers. An error the server gave before
     COMMIT was sent means nothing was written. Once COMMIT was sent, a lost connection
     (no SQLSTATE, a connection exception, an operator intervention such as a
-    terminated backend) leaves the outcome unknown."""
+    terminated backend) leaves the outcome unknown. A statement the server cancelled
+    (57014: ``statement_timeout``, a cancel request) on a sound connection was rolled
+    back: PostgreSQL does not cancel a commit once its record is written (a cancelled
+    wait for a synchronous standby is a warning, the commit standing)."""
     sqlstate = getattr(exc, "sqlstate", None)
-    if phase.committing and (broken or sqlstate is None or sqlstate[:2] in ("08", "57")):
+    cancelled = sqlstate == _QUERY_CANCELED and not broken
+    if phase.committing and not cancelled and (
+        broken or sqlstate is None or sqlstate[:2] in ("08", "57")
+    ):
         return OutcomeUnknown(
             f"the connection to PostgreSQL failed while committing ({first_line(exc)})"
         )
