@@ -422,6 +422,19 @@ TABLE = [
     pytest.param(case(ref(Careless, "k" * 1025), ValueError,
                       "key must be at most 1024 characters, not 1025"), id="key-too-long"),
     pytest.param(case(nul_key, None, disk=True), id="key-with-NUL-and-separator"),
+    pytest.param(case(ref(Careless, "k\udc80"), ValueError,
+                      "key must be encodable as UTF-8"), id="key-lone-surrogate"),
+    pytest.param(case(start(key="k\udc80"), ValueError, "key must be encodable as UTF-8",
+                      disk=True), id="key-lone-surrogate-at-start"),
+    # A ref built by hand (or read from data) with a key `ref` refuses: the same error
+    # at its first message (it was ActivationFailed on a DiskCacheStore, a crash).
+    *(pytest.param(case(lambda ctx, key=key: ServerRef("main", "careless", key).call("get"),
+                        error, match, disk=True), id=f"key-{name}-in-ref-data")
+      for name, key, error, match in [
+          ("empty", "", ValueError, "key must not be empty"),
+          ("int", 5, TypeError, "key must be a str"),
+          ("lone-surrogate", "k\udc80", ValueError, "key must be encodable as UTF-8"),
+      ]),
     # Kinds, refs and supervisors.
     pytest.param(case(ref("no.such.kind", "k"), UnknownKind,
                       r"serves no kind 'no.such.kind'.*servers="), id="kind-unknown"),

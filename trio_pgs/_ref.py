@@ -13,7 +13,8 @@ MAX_KEY_LENGTH = 1024
 
 
 def check_key(key: object) -> str:
-    """Validate a server key: a non-empty `str` of at most `MAX_KEY_LENGTH` characters."""
+    """Validate a server key: a non-empty `str` of at most `MAX_KEY_LENGTH` characters,
+    encodable as UTF-8 (no lone surrogate: no store could hold it)."""
     if not isinstance(key, str):
         raise TypeError(f"a server key must be a str, not {type(key).__name__} ({key!r})")
     if not key:
@@ -22,6 +23,13 @@ def check_key(key: object) -> str:
         raise ValueError(
             f"a server key must be at most {MAX_KEY_LENGTH} characters, not {len(key)}"
         )
+    if not key.isascii():
+        try:
+            key.encode()
+        except UnicodeEncodeError:
+            raise ValueError(
+                f"a server key must be encodable as UTF-8 (no lone surrogate), not {key!r}"
+            ) from None
     return key
 
 

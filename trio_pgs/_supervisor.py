@@ -672,6 +672,7 @@ class PersistentSupervisor:
         info = self._kinds.get(ref.kind)
         if info is None:
             raise self._unknown_kind(ref.kind)
+        check_key(ref.key)  # a ref built by hand, or read from data
         return self._add(nursery, Entry(self._host, info, ref))
 
     def _add(self, nursery: trio.Nursery, entry: Entry) -> Entry:
