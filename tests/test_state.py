@@ -346,6 +346,19 @@ async def test_a_rollback_after_a_migration_restores_an_earlier_state_migrated(s
         assert await ref.call("get") == PlayerV3("ann", 100, 1)
 
 
+async def test_a_migration_that_returns_none_is_named(store):
+    """A migration with no return statement: the error says so, not only cattrs'
+    "expected ... @ $"."""
+    await store.commit([Put(Record(
+        kind="player", key="p", data=b'{"nick":"ann","points":1}', version=1,
+        state_version=1,
+    ), 0)])
+    cls = player_server(2, {1: lambda raw: None})
+    async with PersistentSupervisor(store=store, servers=[cls]) as sup:
+        with pytest.raises(ActivationFailed, match=r"migration 1 -> 2 returned None"):
+            await sup.ref(cls, "p").call("get")
+
+
 async def test_a_failing_migration_fails_activation_and_keeps_the_record(store):
     def broken(raw: Any) -> Any:
         raise KeyError("points")
