@@ -332,6 +332,35 @@ async def test_a_deferred_caller_whose_own_request_failed_to_commit_may_retry():
         assert await ref.call("get") == []
 
 
+async def test_a_deferred_reply_given_while_its_own_commit_fails_is_not_committed():
+    """A caller's request defers its reply; the reply is given by another task while
+    that request's own commit is in flight, and the commit fails: the caller gets
+    `PersistenceError` (not committed), not the `OutcomeUnknown` of a reply deferred
+    from an earlier, committed message."""
+    store = FaultyStore()
+    async with PersistentSupervisor(store=store) as sup:
+        ref = await sup.start(TallyServer, key="a")
+        store.gate, store.failing = trio.Event(), True
+        async with trio.open_nursery() as nursery:
+            failed: list[BaseException] = []
+
+            async def deposit() -> None:
+                try:
+                    await ref.call(("add-and-wait", "deposit"))
+                except PersistenceError as exc:
+                    failed.append(exc)
+
+            nursery.start_soon(deposit)
+            await trio.testing.wait_all_tasks_blocked()  # its commit waits at the gate
+            [caller] = sup._entries[ref].activation.server.waiting
+            await caller.reply("early")  # held until that commit's outcome
+            store.gate.set()
+        store.failing = False
+        [error] = failed
+        assert type(error) is PersistenceError, error
+        assert await ref.call("get") == []
+
+
 @pytest.mark.parametrize("reason", ["normal", "other"])
 async def test_deferred_replies_given_by_a_stopping_handler_are_delivered(sup, reason):
     ref = await sup.start(TallyServer, key="a")

@@ -193,7 +193,10 @@ class ReplyLedger:
         caller._replied = True
         self.owed.pop(caller, None)
         if self.holding:
-            self.answer(caller._slot, result, deferred=True)
+            # Deferred from an earlier, committed message, unless it is the caller of
+            # the message whose outcome is awaited.
+            owing = self._owing
+            self.answer(caller._slot, result, deferred=owing is None or caller not in owing)
         else:
             caller._slot.set(result)
             if not self.owed:
