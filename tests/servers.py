@@ -10,6 +10,7 @@ import trio
 
 from trio_pgs import (
     Caller,
+    ConflictError,
     MemoryStore,
     NoReply,
     PersistentServer,
@@ -149,11 +150,12 @@ new_store: Callable[[], Any] = MemoryStore
 
 class FaultyStore:
     """Wraps a store (`new_store()` by default): commits fail while `failing` is set,
-    and wait while `gate` is."""
+    meet a conflict while `conflicting` is, and wait while `gate` is."""
 
     def __init__(self, inner: Any | None = None) -> None:
         self.inner = inner if inner is not None else new_store()
         self.failing = False
+        self.conflicting = False
         self.gate: trio.Event | None = None
         self.commits: list[list[Operation]] = []
         self.loads = 0
@@ -174,6 +176,8 @@ class FaultyStore:
             await self.gate.wait()
         if self.failing:
             raise OSError("injected disk failure")
+        if self.conflicting:
+            raise ConflictError("injected conflict: another writer changed the record")
         self.commits.append(list(operations))
         await self.inner.commit(operations)
 

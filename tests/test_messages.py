@@ -10,10 +10,12 @@ from trio_pgs import (
     CallCycleError,
     NoReply,
     OutcomeUnknown,
+    Persistence,
     PersistenceError,
     PersistentServer,
     PersistentSupervisor,
     Reply,
+    RequestError,
     ServerCrashed,
     ServerNotFound,
     UnknownRequest,
@@ -359,6 +361,49 @@ async def test_a_deferred_reply_given_while_its_own_commit_fails_is_not_committe
         [error] = failed
         assert type(error) is PersistenceError, error
         assert await ref.call("get") == []
+
+
+@pytest.mark.parametrize("how", ["refused-after-an-in-place-change", "write-conflict"])
+async def test_a_caller_owed_a_reply_is_answered_when_its_server_goes_back_to_its_record(
+    autojump_clock, how
+):
+    """A caller waits for a deferred reply; then its server goes back to its stored
+    record, ending the activation that held the caller's token: a request refused after
+    changing the state in place, or a WRITE_BEHIND write that meets a conflict. The
+    caller gets `OutcomeUnknown` (its change may well be stored: read before
+    retrying); it was never answered."""
+
+    class Behind(TallyServer):
+        kind = "behind"
+        persistence = Persistence.WRITE_BEHIND
+        max_lag = 1.0
+
+    cls = TallyServer if how.startswith("refused") else Behind
+    store = FaultyStore()
+    async with PersistentSupervisor(store=store) as sup:
+        ref = await sup.start(cls, key="a")
+        got: list[BaseException] = []
+
+        async def wait() -> None:
+            try:
+                with trio.fail_after(30):
+                    await ref.call(("add-and-wait", "w"))
+            except (OutcomeUnknown, trio.TooSlowError) as exc:
+                got.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait)
+            await trio.testing.wait_all_tasks_blocked()
+            if cls is TallyServer:
+                with pytest.raises(RequestError):
+                    await ref.call(("mutate-then-refuse", "x"))
+            else:
+                await ref.call(("add", "y"))
+                store.conflicting = True  # the deferred write meets a conflict
+                await trio.sleep(2)
+                store.conflicting = False
+        [error] = got
+        assert isinstance(error, OutcomeUnknown), error
 
 
 @pytest.mark.parametrize("reason", ["normal", "other"])

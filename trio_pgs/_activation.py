@@ -151,8 +151,11 @@ class Activation:
 
     async def _flush_due(self) -> Next:
         await self.policy.flush(self._commit)
-        if self.policy.conflicted is not None:
-            return await self._back_to_stored(self.policy.conflicted)
+        conflict = self.policy.conflicted
+        if conflict is not None:
+            step = await self._back_to_stored(conflict)
+            self.ledger.fail_owed(_owed_at_reload(self.entry.ref, conflict))
+            return step
         return Next.CONTINUE
 
     @property
@@ -422,7 +425,9 @@ class Activation:
                            "back to its stored state", entry.ref, message.kind.value,
                            extra=entry.extra)
             await self._flush_before_ending()  # the acknowledged state, if deferred
-            return await self._back_to_stored(error)
+            step = await self._back_to_stored(error)
+            self.ledger.fail_owed(_owed_at_reload(entry.ref, error))
+            return step
         return Next.CONTINUE
 
     async def _flush_before_ending(self, *, own: bool = True) -> None:
@@ -785,6 +790,17 @@ def _reply_lost(ref: ServerRef, exc: BaseException) -> ErrorFactory:
         f"{ref}: this call's request was handled and committed, but its deferred reply "
         f"was lost: the message that gave it (or a later one) failed ({exc}). Read the "
         "server's state before retrying"
+    )
+
+
+def _owed_at_reload(ref: ServerRef, why: BaseException) -> ErrorFactory:
+    """For a caller owed a deferred reply when its server goes back to its stored
+    record (a refusal after an in-place change, a deferred write's conflict): the
+    activation that held its token is gone."""
+    return lambda: OutcomeUnknown(
+        f"{ref}: the server went back to its stored record ({why}) before giving this "
+        "call's deferred reply; the request was handled, and its change may or may not "
+        "be stored. Read the server's state before retrying"
     )
 
 
