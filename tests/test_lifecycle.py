@@ -306,6 +306,33 @@ async def test_commits_of_reminders_alone_add_nothing_to_the_history(store, auto
         assert await ref.call("get") == ["a"]
 
 
+async def test_a_rollback_during_a_reactivation_is_refused_at_once(autojump_clock):
+    """A PERMANENT server re-activates after a crash, its on_activate slow; a rollback
+    meanwhile is refused (the server is active) at once. It spun on the re-activation's
+    event, already set: at 100 % CPU, and for ever under an autojump clock."""
+
+    class Slow(Permanent):
+        kind = "slow"
+        keep_history = 2
+        slow = False
+
+        async def on_activate(self, state):
+            if Slow.slow:
+                await trio.sleep(2)
+            return await super().on_activate(state)
+
+    async with PersistentSupervisor(store=MemoryStore()) as sup:
+        ref = await sup.start(Slow, key="k")
+        await ref.call(("add", "x"))
+        Slow.slow = True
+        await simulate_crash(ref)  # re-activates at once, on_activate under way
+        start = trio.current_time()
+        with trio.fail_after(1), pytest.raises(ValueError, match="active"):
+            await sup.rollback(ref)
+        assert trio.current_time() - start < 1
+        Slow.slow = False
+
+
 async def test_rollback_and_release_refuse_an_active_server(sup):
     ref = await sup.start(Transient, key="k")
     with pytest.raises(ValueError, match="active"):

@@ -959,7 +959,10 @@ class PersistentSupervisor:
             entry = self._entries.get(ref)
             if other is not None:
                 await other.wait()
-            elif entry is not None and entry.status is Status.ACTIVATING:
+            elif (
+                entry is not None and entry.status is Status.ACTIVATING
+                and not entry.activated.is_set()  # set: re-activating, so active
+            ):
                 await entry.activated.wait()  # a quarantined server's ends at once
             elif entry is not None and entry.status is not Status.ENDED:
                 raise ValueError(
