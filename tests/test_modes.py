@@ -159,6 +159,32 @@ async def test_an_acknowledged_state_survives_a_failed_write_as_its_activation_e
         assert await stored(store.inner, cls.kind) == b'{"items":["a","b","c"]}'
 
 
+async def test_a_write_retried_before_a_crash_is_retried_at_once_when_the_shutdown_begins(
+    autojump_clock,
+):
+    """A crash's write of the acknowledged state fails and waits max_lag (10 s) to be
+    retried; the shutdown (shutdown_timeout 5) begins meanwhile, the store healthy
+    again: the write is retried then, and stored (it slept on, was cut off at the
+    deadline, and the state was lost)."""
+
+    class Lagging(Behind):
+        kind = "lagging"
+        max_lag = 10.0
+
+    store = FaultyStore()
+    async with PersistentSupervisor(store=store, shutdown_timeout=5) as sup:
+        ref = await sup.start(Lagging, key="k")
+        await ref.call(("add", "x"))  # acknowledged, pending
+        store.failing = True
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio_pgs.testing.crash, ref)
+            await trio.sleep(0.5)  # the write failed; the retry waits 10 s
+            store.failing = False
+            nursery.cancel_scope.cancel()
+    assert sup.statistics().unflushed == ()
+    assert await stored(store.inner, "lagging") == b'{"items":["x"]}'
+
+
 async def test_a_deferred_write_never_sent_at_shutdown_is_listed_unflushed(
     autojump_clock, caplog
 ):

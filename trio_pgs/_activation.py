@@ -437,10 +437,18 @@ class Activation:
         nothing meanwhile, until it is written (or dropped for a conflict: another
         writer changed the record), or until the shutdown's deadline cuts the server
         off (`statistics().unflushed` then lists it): the next activation loads the
-        record, so ending before would drop the acknowledged state."""
+        record, so ending before would drop the acknowledged state. The shutdown's
+        start (`Entry.wake`) makes it retry at once."""
         write = functools.partial(self._commit, own=own)
-        while not await self.policy.flush(write):  # noqa: ASYNC110 - a retry at a
-            await trio.sleep_until(self.policy.due)  # time, not a wait for an event
+        entry = self.entry
+        while not await self.policy.flush(write):
+            # Retried at its due time, or at once when woken (the shutdown began).
+            entry.retry_now = retry_now = trio.Event()
+            try:
+                with trio.move_on_at(self.policy.due):
+                    await retry_now.wait()
+            finally:
+                entry.retry_now = None
 
     def _changed_in_place(self) -> bool:
         written = self.policy.pending or self.record.data

@@ -160,6 +160,7 @@ class Entry:
         "last_activity",
         "mailbox",
         "ref",
+        "retry_now",
         "shutting_down",
         "start",
         "status",
@@ -186,6 +187,8 @@ class Entry:
         self.activation_waits: list[WaitEdge] | None = None
         self.start = start
         self.shutting_down = False
+        #: Set by `wake` while a failed write is retried later: retry it now.
+        self.retry_now: trio.Event | None = None
         #: Set by the supervisor above max_active: hibernate at the next wait.
         self.hibernate_now = False
         #: Kept by the supervisor's IdleReaper: the time of the last handled message
@@ -225,9 +228,12 @@ class Entry:
 
     def wake(self) -> None:
         """Make the server re-check, now, whether to hibernate or shut down, if it is
-        waiting for a message (a busy server checks when it next waits)."""
+        waiting for a message (a busy server checks when it next waits), or retry a
+        failed write it waits to retry."""
         if self.waiting():
             self.mailbox.send_nowait(WAKE)  # handed straight to the waiting task
+        elif self.retry_now is not None:
+            self.retry_now.set()
 
     def mailbox_empty(self) -> bool:
         return self.front is None and not self.mailbox
