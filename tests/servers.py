@@ -107,6 +107,9 @@ class TallyServer(PersistentServer[Tally]):
             case "wait":
                 self.waiting.append(current_caller())
                 return NoReply(state)
+            case ("add-and-reply-by-token", item):  # answered through its own token
+                await current_caller().reply("early")
+                return NoReply(Tally([*state.items, item]))
             case ("add-and-wait", item):  # committed now, answered later
                 self.waiting.append(current_caller())
                 return NoReply(Tally([*state.items, item]))

@@ -334,6 +334,21 @@ async def test_a_deferred_caller_whose_own_request_failed_to_commit_may_retry():
         assert await ref.call("get") == []
 
 
+async def test_a_reply_through_the_callers_own_token_then_a_failed_commit_is_not_committed():
+    """The handler replies through its own caller's token, then returns `NoReply`
+    with a new state whose commit fails: the caller gets `PersistenceError` (not
+    committed), not the `OutcomeUnknown` of a reply deferred from an earlier message."""
+    store = FaultyStore()
+    async with PersistentSupervisor(store=store) as sup:
+        ref = await sup.start(TallyServer, key="a")
+        store.failing = True
+        with pytest.raises(PersistenceError) as failed:
+            await ref.call(("add-and-reply-by-token", "x"))
+        store.failing = False
+        assert type(failed.value) is PersistenceError, failed.value
+        assert await ref.call("get") == []
+
+
 async def test_a_deferred_reply_given_while_its_own_commit_fails_is_not_committed():
     """A caller's request defers its reply; the reply is given by another task while
     that request's own commit is in flight, and the commit fails: the caller gets

@@ -264,7 +264,9 @@ class Activation:
         handling = Handling(entry.ref, message.chain, entry.waiting_on,
                             message.slot if kind is Kind.CALL else None, self.ledger)
         token = current_handling.set(handling)
-        self.ledger.holding = True  # replies wait for this message's outcome
+        ledger = self.ledger
+        ledger.holding = True  # replies wait for this message's outcome
+        ledger.current = message.slot
         self.current = message
         try:
             result = await self._hook(message)  # the hook's own coroutine: no extra frame

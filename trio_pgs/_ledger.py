@@ -135,7 +135,7 @@ class Waker(Protocol):
 class ReplyLedger:
     """Every reply of one activation: held, released or failed here and nowhere else."""
 
-    __slots__ = ("_held", "_owing", "_waker", "holding", "owed")
+    __slots__ = ("_held", "_owing", "_waker", "current", "holding", "owed")
 
     def __init__(self, waker: Waker) -> None:
         #: Whether replies wait for the outcome of the message being handled and of
@@ -150,6 +150,9 @@ class ReplyLedger:
         #: The owed callers of the message whose outcome is not known yet (its
         #: handling, or its commit in flight): not committed if that fails.
         self._owing: list[Caller] | None = None
+        #: The reply slot of the call handled last (set by the activation as its
+        #: handler starts): a reply to it through a token is not a deferred one.
+        self.current: ReplySlot | None = None
         #: Woken when the last owed reply was given outside a handler: the server
         #: may hibernate now. (The entry itself: a bound method would cost an object
         #: per active server.)
@@ -195,8 +198,10 @@ class ReplyLedger:
         if self.holding:
             # Deferred from an earlier, committed message, unless it is the caller of
             # the message whose outcome is awaited.
-            owing = self._owing
-            self.answer(caller._slot, result, deferred=owing is None or caller not in owing)
+            slot, owing = caller._slot, self._owing
+            self.answer(slot, result, deferred=slot is not self.current and (
+                owing is None or caller not in owing
+            ))
         else:
             caller._slot.set(result)
             if not self.owed:
