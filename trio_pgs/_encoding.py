@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import types
-import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -15,11 +13,11 @@ try:  # the `orjson` extra: about 3 x faster encoding, the same bytes
 except ImportError:  # pragma: no cover - depends on the installation
     orjson = None  # type: ignore[assignment]
 
-import attrs
 import cattrs
 from cattrs.preconf.json import make_converter
 
 from ._errors import StateEncodingError
+from ._json_keys import check_keys
 from ._shaping import with_ephemeral_hooks
 
 _default_converter = make_converter()
@@ -72,63 +70,10 @@ def loads(data: bytes) -> Any:
 def _has_non_finite(value: Any) -> bool:
     if isinstance(value, float):
         return not math.isfinite(value)
-    if isinstance(value, dict):
-        return any(_has_non_finite(item) for item in value.values())
+    if isinstance(value, dict):  # keys too: orjson writes an infinite key as "null"
+        return any(_has_non_finite(key) or _has_non_finite(item) for key, item in value.items())
     if isinstance(value, list | tuple):
         return any(_has_non_finite(item) for item in value)
-    return False
-
-
-def check_keys(state_type: Any) -> None:
-    """Refuse a state type with a dict whose keys may be ``bool`` or ``None``: JSON
-    keeps keys as strings, and the default converter reads ``"false"`` back as
-    `True` and cannot read ``"null"`` as `None` (a committed state lost, or one no
-    activation can read). `TypeError` names where."""
-    path = _bad_key_path(state_type, "$", set())
-    if path is not None:
-        raise TypeError(
-            f"the state's dict at {path} has keys that may be bool or None, which do not "
-            "survive JSON (stored as strings, read back wrong); use str, int or an enum "
-            "as keys, or give a converter of your own (converter=...)"
-        )
-
-
-def _bad_key_path(tp: Any, path: str, seen: set[int]) -> str | None:
-    if id(tp) in seen:
-        return None
-    seen.add(id(tp))
-    if isinstance(tp, type) and attrs.has(tp):
-        try:
-            hints = typing.get_type_hints(tp)
-        except Exception:  # unresolvable annotations: cattrs will say so itself
-            return None
-        for field in attrs.fields(tp):
-            found = _bad_key_path(hints.get(field.name, Any), f"{path}.{field.name}", seen)
-            if found is not None:
-                return found
-        return None
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is None or not args:
-        return None
-    if isinstance(origin, type) and issubclass(origin, Mapping) and len(args) == 2:
-        if _may_be_bool_or_none(args[0]):
-            return path
-        return _bad_key_path(args[1], f"{path}[...]", seen)
-    for arg in args:
-        found = _bad_key_path(arg, f"{path}[...]", seen)
-        if found is not None:
-            return found
-    return None
-
-
-def _may_be_bool_or_none(tp: Any) -> bool:
-    if tp is bool or tp is None or tp is type(None):
-        return True
-    origin = typing.get_origin(tp)
-    if origin is typing.Union or origin is types.UnionType:
-        return any(_may_be_bool_or_none(arg) for arg in typing.get_args(tp))
-    if origin is typing.Literal:
-        return any(arg is None or isinstance(arg, bool) for arg in typing.get_args(tp))
     return False
 
 

@@ -1,0 +1,123 @@
+"""Which state types lose their dict keys in JSON: a check made once, at registration.
+
+JSON keeps a dict's keys as strings. The default converter reads ``"false"`` back as
+`True` (``bool("false")``) and cannot read ``"null"`` as `None`: a state type with a
+dict whose keys may be ``bool`` or ``None`` would commit states that come back
+changed, or not at all. `check_keys` walks the declared type (attrs classes,
+dataclasses, TypedDicts, generics with their type arguments, unions, NewTypes,
+`Annotated`) and names the first such dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+
+def check_keys(state_type: Any) -> None:
+    """`TypeError` naming where *state_type* has a dict whose keys may be ``bool`` or
+    ``None``; nothing if it has none."""
+    path = _Walk().bad_keys(state_type, "$", {})
+    if path is not None:
+        raise TypeError(
+            f"the state's dict at {path} has keys that may be bool or None, which do not "
+            "survive JSON (stored as strings, read back wrong); use str, int or an enum "
+            "as keys, or give a converter of your own (converter=...)"
+        )
+
+
+class _Walk:
+    """One walk of a type. It keeps every type it has looked at alive (and by its id,
+    for recursive types): `typing.get_type_hints` makes new alias objects, and the id
+    of a freed one is reused by the next."""
+
+    def __init__(self) -> None:
+        self.seen: dict[tuple[int, ...], Any] = {}
+
+    def bad_keys(self, tp: Any, path: str, env: dict[Any, Any]) -> str | None:
+        if isinstance(tp, typing.TypeVar):
+            tp = env.get(tp, Any)
+        # A type met again under the same type arguments: a recursive one, or shared.
+        key = (id(tp), *(id(value) for value in env.values()))
+        if key in self.seen:
+            return None
+        self.seen[key] = (tp, env)
+        supertype = getattr(tp, "__supertype__", None)  # a NewType
+        if supertype is not None:
+            return self.bad_keys(supertype, path, env)
+        fields = _fields(tp)
+        if fields is not None:
+            return self._in_fields(tp, fields, path, {})
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if origin is None or not args:
+            return None
+        if origin is typing.Annotated:
+            return self.bad_keys(args[0], path, env)
+        fields = _fields(origin)
+        if fields is not None:  # a generic class with its type arguments: G[bool]
+            parameters = getattr(origin, "__parameters__", ())
+            arguments = (_resolved(arg, env) for arg in args)
+            return self._in_fields(
+                origin, fields, path, dict(zip(parameters, arguments, strict=False))
+            )
+        if isinstance(origin, type) and issubclass(origin, Mapping) and len(args) == 2:
+            if may_be_bool_or_none(_resolved(args[0], env)):
+                return path
+            return self.bad_keys(args[1], f"{path}[...]", env)
+        for arg in args:
+            found = self.bad_keys(arg, f"{path}[...]", env)
+            if found is not None:
+                return found
+        return None
+
+    def _in_fields(
+        self, cls: Any, names: list[str], path: str, env: dict[Any, Any]
+    ) -> str | None:
+        try:
+            hints = typing.get_type_hints(cls)
+        except Exception:  # unresolvable annotations: cattrs will say so itself
+            return None
+        for name in names:
+            found = self.bad_keys(hints.get(name, Any), f"{path}.{name}", env)
+            if found is not None:
+                return found
+        return None
+
+
+def _fields(tp: Any) -> list[str] | None:
+    """The field names of an attrs class, a dataclass or a TypedDict; else None."""
+    if not isinstance(tp, type):
+        return None
+    if attrs.has(tp):
+        return [field.name for field in attrs.fields(tp)]
+    if dataclasses.is_dataclass(tp):
+        return [field.name for field in dataclasses.fields(tp)]
+    if typing.is_typeddict(tp):
+        return list(getattr(tp, "__annotations__", {}))
+    return None
+
+
+def _resolved(tp: Any, env: dict[Any, Any]) -> Any:
+    return env.get(tp, Any) if isinstance(tp, typing.TypeVar) else tp
+
+
+def may_be_bool_or_none(tp: Any) -> bool:
+    """Whether values of *tp* may be ``bool`` or ``None``."""
+    if tp is bool or tp is None or tp is type(None):
+        return True
+    supertype = getattr(tp, "__supertype__", None)
+    if supertype is not None:
+        return may_be_bool_or_none(supertype)
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        return any(may_be_bool_or_none(arg) for arg in typing.get_args(tp))
+    if origin is typing.Literal:
+        return any(arg is None or isinstance(arg, bool) for arg in typing.get_args(tp))
+    if origin is typing.Annotated:
+        return may_be_bool_or_none(typing.get_args(tp)[0])
+    return False
