@@ -398,7 +398,8 @@ TABLE = [
       for name, delay, error in [("None", None, TypeError), ("str", "1", TypeError),
                                  ("bool", True, TypeError), ("zero", 0, ValueError),
                                  ("negative", -1.0, ValueError),
-                                 ("nan", math.nan, ValueError)]),
+                                 ("nan", math.nan, ValueError),
+                                 ("huge-int", 10**400, ValueError)]),
     # init and on_activate.
     pytest.param(case(start("init-returns", 42), StateEncodingError,
                       "careless/n: the state could not be unstructured"),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import enum
 import inspect
 import logging
-import math
 import typing
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
@@ -88,15 +87,29 @@ def _check_positive_or_none(name: str, value: object) -> None:
         return
     if not isinstance(value, int | float) or isinstance(value, bool):
         raise TypeError(f"{name} must be a number of seconds or None, not {value!r}")
-    if math.isnan(value) or value <= 0:
+    if value != value or value <= 0:  # NaN
         raise ValueError(f"{name} must be > 0 (or None for never), not {value!r}")
+    _check_float(name, value)
 
 
 def _check_positive(name: str, value: object) -> None:
     if not isinstance(value, int | float) or isinstance(value, bool):
         raise TypeError(f"{name} must be a number of seconds, not {value!r}")
-    if math.isnan(value) or value <= 0:
+    if value != value or value <= 0:  # NaN
         raise ValueError(f"{name} must be > 0, not {value!r}")
+    _check_float(name, value)
+
+
+def _check_float(name: str, value: int | float) -> None:
+    """trio's clock is a float: an int past its range (10**400) would overflow later,
+    in a timer or the idle reaper, not here."""
+    try:
+        float(value)
+    except OverflowError:
+        raise ValueError(
+            f"{name} must be a number of seconds a float holds (math.inf for never), "
+            f"not an int of {int(value).bit_length()} bits"
+        ) from None
 
 
 #: The largest state_version: what a signed 64-bit integer column holds.
