@@ -206,6 +206,40 @@ async def test_a_start_whose_on_activate_is_cut_off_at_shutdown_says_the_server_
         assert await sup.ref(Warming, "k").call("get") == []
 
 
+async def test_a_start_cut_off_committing_the_reminders_on_activate_set_says_it_exists(
+    autojump_clock,
+):
+    """As above, but on_activate is done and sets a reminder, whose commit is with a
+    store that does not answer at the deadline."""
+    from trio_pgs.testing import FaultyStore
+
+    class Reminding(TallyServer):
+        kind = "reminding"
+
+        async def on_activate(self, state):
+            self.remind("tick", after=3600)
+            store.hold_commits()  # the reminders' commit hangs
+            return state
+
+    store = FaultyStore(MemoryStore())
+    failures = []
+    async with trio.open_nursery() as nursery:
+        async with PersistentSupervisor(store=store, shutdown_timeout=0.1) as sup:
+
+            async def start() -> None:
+                try:
+                    await sup.start(Reminding, key="k")
+                except OutcomeUnknown as exc:
+                    failures.append(exc)
+
+            nursery.start_soon(start)
+            await trio.sleep(0.5)
+        store.release_commits()
+    [failure] = failures
+    assert "was created" in str(failure)
+    assert await store.inner.load("reminding", "k") is not None
+
+
 async def test_queued_messages_are_handled_at_shutdown(store, autojump_clock):
     async with PersistentSupervisor(store=store) as sup:
         ref = await sup.start(TallyServer, key="k")

@@ -266,12 +266,7 @@ async def _run_on_activate(
         state = await _in_chain(entry, server.on_activate(state))
         check_not_coroutine(state, ref, "on_activate")
     except trio.Cancelled:  # cut off at shutdown: the record it created stays
-        if created and start is not None:
-            start.slot.set_error(OutcomeUnknown(
-                f"{ref}: the server was created (its record committed), but the "
-                "supervisor shut down while its on_activate ran: it exists, dormant, and "
-                "its next message activates it (start() again raises AlreadyStarted)"
-            ))
+        _cut_off_after_creating(ref, start, created)
         raise
     except Exception as exc:
         activation.close()
@@ -288,7 +283,11 @@ async def _run_on_activate(
         return None
     activation.state = state
     if activation.reminders is not record.reminders:  # on_activate set some
-        await activation.commit_reminders()
+        try:
+            await activation.commit_reminders()
+        except trio.Cancelled:
+            _cut_off_after_creating(ref, start, created)
+            raise
     entry.host.counters.activations += 1
     entry.host.emit(EventType.ACTIVATED, ref)
     entry.status = Status.ACTIVE
@@ -297,6 +296,19 @@ async def _run_on_activate(
         start.slot.set(outcome.Value(ref))
     logger.debug("%s activated (version %d)", ref, record.version, extra=entry.extra)
     return activation
+
+
+def _cut_off_after_creating(ref: ServerRef, start: StartRequest | None, created: bool) -> None:
+    """A `start` whose server was created, cut off by the shutdown before it was
+    active (in ``on_activate``, or committing the reminders it set): the record stays,
+    and its caller hears that the server exists."""
+    if created and start is not None:
+        start.slot.set_error(OutcomeUnknown(
+            f"{ref}: the server was created (its record committed), but the supervisor "
+            "shut down before its activation was done (on_activate, or the commit of the "
+            "reminders it set): it exists, dormant, and its next message activates it "
+            "(start() again raises AlreadyStarted)"
+        ))
 
 
 async def _in_chain(entry: Entry, hook: Any) -> Any:
