@@ -71,7 +71,7 @@ BAD_LINES = {
     "repeated-name-in-data": ('{"kind": "tally", "key": "b", "data": {"x": 1, "x": 2}}',
                               'the name "x" appears twice in one object'),
     "surrogate-key": ('{"kind": "tally", "key": "b\\udc80", "data": {}}',
-                      "key holds a lone surrogate (\\udc80)"),
+                      "a server key must be encodable as UTF-8 (no lone surrogate)"),
     "state-too-deep": ('{"kind": "tally", "key": "b", "data": ' + nested(250) + "}",
                        "nested deeper than"),
     "missing-kind": ('{"key": "b", "data": {}}', "kind is missing"),
