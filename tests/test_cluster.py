@@ -1189,6 +1189,144 @@ def test_a_call_forwarded_by_a_node_that_leaves_gets_its_reply_within_shutdown_t
         assert "shut_down" in got[2] and "may_or_may_not" in got[2], lines
 
 
+SLOW_LEAVE = '''
+import os, sys, time, trio, trio_pgs
+from trio_pgs import PersistentServer, PersistentSupervisor, Reply
+
+class Slow(PersistentServer[int]):
+    kind = "slow"
+    async def init(self): return 0
+    async def handle_call(self, request, state):
+        await trio.sleep(request)
+        return Reply("worked", state + 1)
+
+async def main(dsn, schema, role, flag, mode):
+    store = trio_pgs.PostgresStore(dsn, schema=schema)
+    cluster = trio_pgs.Cluster(secret=b"s" * 32, lease=10.0)
+    async with trio.open_nursery() as outside:
+        async with PersistentSupervisor(store=store, name="sl", servers=[Slow],
+                                        cluster=cluster,
+                                        shutdown_timeout=1.0 if mode == "lock" else 4.0) as sup:
+            with trio.fail_after(20):
+                while sup.statistics().nodes < 2:
+                    await trio.sleep(0.05)
+            await trio.sleep(3.0)  # both see both
+            me, owner = sup._node.node, sup._node.owner_of
+            key = next(f"s{i}" for i in range(300)  # a server that node a runs
+                       if (owner(sup.ref(Slow, f"s{i}")) == me) == (role == "a"))
+            if role == "a":
+                await sup.start(Slow, key=key)
+                open(flag + ".a", "w").close()
+                with trio.fail_after(25):
+                    while not os.path.exists(flag + ".done"):
+                        await trio.sleep(0.05)
+                return
+            with trio.fail_after(20):
+                while not os.path.exists(flag + ".a"):
+                    await trio.sleep(0.01)
+            async def work_there():
+                try:
+                    print("reply", await sup.ref(Slow, key).call(6.0), flush=True)
+                except trio_pgs.TrioPGSError as exc:
+                    print("error", type(exc).__name__, flush=True)
+            outside.start_soon(work_there)
+            await trio.sleep(0.3)
+            open(flag, "w").close()  # the test locks this node's row, or sends SIGINT
+            if mode == "lock":
+                with trio.fail_after(10):
+                    while not os.path.exists(flag + ".locked"):
+                        await trio.sleep(0.01)
+            started = time.monotonic()
+        print("exit", round(time.monotonic() - started, 2), flush=True)
+
+def interrupted(exc):
+    return isinstance(exc, KeyboardInterrupt) or any(
+        interrupted(inner) for inner in getattr(exc, "exceptions", ()))
+
+try:
+    trio.run(main, *sys.argv[1:])
+except BaseException as exc:
+    if not interrupted(exc):
+        raise
+    print("interrupted", flush=True)
+finally:
+    if sys.argv[3] == "b":
+        open(sys.argv[4] + ".done", "w").close()
+'''
+
+
+def start_slow_leave(postgres: Server, tmp_path: Path, mode: str) -> tuple[
+    dict[str, subprocess.Popen[bytes]], str, str
+]:
+    """Nodes a and b of SLOW_LEAVE; returns once b has begun to leave."""
+    program = tmp_path / "program.py"
+    program.write_text(SLOW_LEAVE)
+    schema, flag = postgres.schema(), str(tmp_path / "flag")
+    procs = {
+        role: subprocess.Popen([sys.executable, str(program), postgres.dsn, schema, role,
+                                flag, mode], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for role in "ab"
+    }
+    deadline = time.monotonic() + TIMEOUT
+    while not os.path.exists(flag) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return procs, schema, flag
+
+
+def test_a_ctrl_c_while_a_leaving_node_waits_for_forwarded_replies_still_leaves(
+    postgres: Server, tmp_path: Path
+) -> None:
+    """Node b leaves with a call it forwarded in flight, and gets SIGINT while it waits
+    for the reply: it still leaves the members before the KeyboardInterrupt goes on
+    (its row stayed, a stale member, until its lease ran out)."""
+    procs, schema, _ = start_slow_leave(postgres, tmp_path, "sigint")
+    try:
+        time.sleep(1.0)
+        procs["b"].send_signal(signal.SIGINT)
+        out_b, err_b = procs["b"].communicate(timeout=TIMEOUT)
+        with psycopg.connect(postgres.dsn) as db:
+            rows = db.execute(f'SELECT node FROM "{schema}".nodes WHERE pid = %s',
+                              (procs["b"].pid,)).fetchall()
+        _, err_a = procs["a"].communicate(timeout=TIMEOUT)
+    finally:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait()
+    assert b"interrupted" in out_b, err_b[-1500:]
+    assert procs["a"].returncode == 0, err_a[-1500:]
+    assert rows == [], "node b is still a member"
+
+
+def test_a_leave_whose_membership_delete_is_slow_still_closes_its_connections(
+    postgres: Server, tmp_path: Path
+) -> None:
+    '''Node b leaves with a call it forwarded in flight (6 s of work on node a) while
+    another program holds a lock on b's row of the members: leaving the membership
+    outlasts its second of grace. The connections to the other nodes are closed all
+    the same, so the call raises `OutcomeUnknown` with the shutdown (it waited on for
+    the whole 6 s, past the supervisor's exit: the close came after the delete).'''
+    procs, schema, flag = start_slow_leave(postgres, tmp_path, "lock")
+    try:
+        with psycopg.connect(postgres.dsn) as locker:
+            locked = locker.execute(
+                f'SELECT node FROM "{schema}".nodes WHERE pid = %s FOR UPDATE',
+                (procs["b"].pid,),
+            ).fetchall()
+            open(flag + ".locked", "w").close()
+            out_b, err_b = procs["b"].communicate(timeout=TIMEOUT)
+            locker.rollback()
+        _, err_a = procs["a"].communicate(timeout=TIMEOUT)
+    finally:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait()
+    assert locked, "node b's row was not found"
+    assert procs["a"].returncode == procs["b"].returncode == 0, (err_a[-1500:], err_b[-1500:])
+    said = {line.split()[0]: line.split() for line in out_b.decode().splitlines()}
+    assert said["error"] == ["error", "OutcomeUnknown"], said
+    assert float(said["exit"][1]) < 4, said
+
+
 LEAVING_CYCLE = '''
 import os, sys, trio, trio_pgs
 from trio_pgs import PersistentServer, PersistentSupervisor, Reply

@@ -277,18 +277,25 @@ class ClusterNode:
         nursery.start_soon(self.membership.run)
 
     async def leave(self) -> None:
+        """Leave the members, then close the connections to the other nodes: closed
+        even when leaving is cut short (a database slow to delete this node's row),
+        or the calls still waiting on them would outlive the supervisor."""
         self.membership.leaving = True
-        await self.membership.leave()
-        # Requests from other nodes still being answered ("moved", at this point):
-        # let them end and their replies go out before the connections close, so that
-        # their callers route again instead of hearing of a lost node.
         transport = self.transport
-        if transport is not None:
-            with trio.move_on_after(1.0):
-                while self._handling or transport.answering():  # noqa: ASYNC110 - a
-                    await trio.sleep(0.01)  # shutdown's poll; no event to wait on
-                await trio.sleep(0.05)  # the last replies leave their sender tasks
-            await transport.aclose()
+        try:
+            await self.membership.leave()
+            # Requests from other nodes still being answered ("moved", at this
+            # point): let them end and their replies go out before the connections
+            # close, so that their callers route again instead of hearing of a lost
+            # node.
+            if transport is not None:
+                with trio.move_on_after(1.0):
+                    while self._handling or transport.answering():  # noqa: ASYNC110
+                        await trio.sleep(0.01)  # a shutdown's poll; no event to wait on
+                    await trio.sleep(0.05)  # the last replies leave their sender tasks
+        finally:
+            if transport is not None:
+                await transport.aclose()  # shielded where it waits
 
     async def let_forwarded_end(self, by: float) -> None:
         """Leaving: the messages this node forwarded (for tasks of its program, its

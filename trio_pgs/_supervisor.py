@@ -327,9 +327,11 @@ class PersistentSupervisor:
         # used all of its grace: a membership left behind holds the name (and, in a
         # cluster, the others' routes) until its lease runs out.
         if self._node is not None:
-            await self._node.let_forwarded_end(by=deadline)
-            with trio.move_on_after(TERMINATE_GRACE):
-                await self._node.leave()
+            try:
+                await self._node.let_forwarded_end(by=deadline)
+            finally:  # a Ctrl-C meanwhile: the node still leaves, then it propagates
+                with trio.move_on_after(TERMINATE_GRACE):
+                    await self._node.leave()
 
     async def _close_store(self) -> None:
         """Close the store by the end of the shutdown's grace (TERMINATE_GRACE after
