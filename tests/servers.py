@@ -98,6 +98,8 @@ class TallyServer(PersistentServer[Tally]):
                 raise RequestError(f"refused {item}")
             case ("stop", reason):
                 return Stop(state, reason=reason, reply="stopping")
+            case ("add-and-stop", item, reason):
+                return Stop(Tally([*state.items, item]), reason=reason, reply="stopping")
             case ("call", ref, inner):
                 return Reply(await ref.call(inner), state)
             case "call-self":

@@ -9,7 +9,14 @@ import trio
 import trio.testing
 
 import trio_pgs.testing
-from trio_pgs import Persistence, PersistentSupervisor, RequestError, ServerCrashed
+from trio_pgs import (
+    Delete,
+    OutcomeUnknown,
+    Persistence,
+    PersistentSupervisor,
+    RequestError,
+    ServerCrashed,
+)
 
 from .servers import FaultyStore, TallyServer
 
@@ -208,6 +215,37 @@ async def test_a_deferred_write_never_sent_at_shutdown_is_listed_unflushed(
     assert sup.statistics().unflushed == ("behind/k",)
     assert "were still waiting for the store" in caplog.text and "quick/k" in caplog.text
     assert await stored(store.inner, "behind") == b'{"items":[]}'
+
+
+class FailingDeletes(FaultyStore):
+    """Every delete fails (a stop's wipe); puts go through."""
+
+    async def commit(self, operations):
+        if any(isinstance(operation, Delete) for operation in operations):
+            raise OSError("injected failure of a delete")
+        await super().commit(operations)
+
+
+@pytest.mark.parametrize("cls", [TallyServer, Behind, OnStop],
+                         ids=["each-message", "write-behind", "on-stop"])
+async def test_a_normal_stop_whose_delete_fails_keeps_every_acknowledged_change(
+    autojump_clock, cls
+):
+    """A normal stop (which wipes the record) changes the state, and the delete fails:
+    the server is not stopped and goes on from its record, which holds every
+    acknowledged change (a deferred mode's were dropped with the activation), the
+    stop's own included; the stop's caller hears that its change was committed
+    (`OutcomeUnknown`: read, do not just retry), not "not committed, retry"."""
+    store = FailingDeletes()
+    async with PersistentSupervisor(store=store, idle_timeout=None) as sup:
+        ref = await sup.start(cls, key="k")
+        for item in "ab":
+            await ref.call(("add", item))
+        with pytest.raises(OutcomeUnknown, match="the server was not stopped"):
+            await ref.call(("add-and-stop", "c", "normal"))
+        assert await ref.call("get") == ["a", "b", "c"]
+        await trio_pgs.testing.hibernate(ref)
+        assert await stored(store.inner, cls.kind) == b'{"items":["a","b","c"]}'
 
 
 async def test_the_mode_is_overridable_per_supervisor(store):

@@ -379,7 +379,7 @@ class Activation:
         self.current = None
         if message.kind is not Kind.TIMER:
             self._touch()
-        return await self._stop(message, result)
+        return await self._stop(message, result, changed=data is not None)
 
     def commit_settled(self, error: BaseException | None, touch: bool) -> None:
         """The writer's callback for a handed-off commit: the held replies go out, or
@@ -616,7 +616,9 @@ class Activation:
         self.entry.shutting_down = True
         return await self._shut_down()
 
-    async def _stop(self, message: Message, result: Stop[Any]) -> Next:
+    async def _stop(self, message: Message, result: Stop[Any], changed: bool = False) -> Next:
+        """End the activation for a `Stop` (*changed*: it changed the state, committed
+        before the delete, or by it written first if the delete fails)."""
         entry, ref, reason = self.entry, self.entry.ref, result.reason
         restart = entry.info.options.restart
         await self._terminate(reason)
@@ -628,10 +630,17 @@ class Activation:
             try:
                 await self._wipe(raising=True)
             except Exception as exc:
+                # Not stopped: the server goes on from its record, which takes the
+                # deferred modes' acknowledged state first. The stop's own change, if
+                # any, was committed before the delete: its caller must not retry.
+                await self._flush_before_ending()
                 failure = exc
                 self.ledger.fail(lambda: persistence_error(ref, failure),
                                  _reply_lost(ref, failure))
-                self._answer_current(lambda: persistence_error(ref, failure))
+                self._answer_current(
+                    _stop_not_done(ref, failure) if changed
+                    else lambda: persistence_error(ref, failure)
+                )
                 return Next.REACTIVATE
             step = Next.END
         else:
@@ -811,6 +820,15 @@ def _owed_at_reload(ref: ServerRef, why: BaseException) -> ErrorFactory:
         f"{ref}: the server went back to its stored record ({why}) before giving this "
         "call's deferred reply; the request was handled, and its change may or may not "
         "be stored. Read the server's state before retrying"
+    )
+
+
+def _stop_not_done(ref: ServerRef, exc: BaseException) -> ErrorFactory:
+    """For the caller of a `Stop` whose state was committed, but whose delete failed."""
+    return lambda: OutcomeUnknown(
+        f"{ref}: the stop's state was committed, but deleting the record failed ({exc}): "
+        "the server was not stopped, and goes on from that state. Read it before "
+        "retrying"
     )
 
 
