@@ -7,6 +7,7 @@ import trio
 import trio.testing
 
 from trio_pgs import (
+    ActivationFailed,
     AlreadyStarted,
     MemoryStore,
     OutcomeUnknown,
@@ -238,6 +239,60 @@ async def test_a_start_cut_off_committing_the_reminders_on_activate_set_says_it_
     [failure] = failures
     assert "was created" in str(failure)
     assert await store.inner.load("reminding", "k") is not None
+
+
+async def test_a_start_whose_on_activate_runs_a_nursery_cut_off_at_shutdown_says_it_exists(
+    store, autojump_clock
+):
+    """on_activate waits inside a nursery of its own: cut off, it raises a group of
+    cancellations, not a bare one, and that start said "never handled; retry"."""
+
+    class Nursing(TallyServer):
+        kind = "nursing"
+
+        async def on_activate(self, state):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.sleep, 5)
+                await trio.sleep(5)
+            return state
+
+    failures = []
+    async with trio.open_nursery() as outside:
+        async with PersistentSupervisor(store=store, shutdown_timeout=0.1) as sup:
+
+            async def start() -> None:
+                try:
+                    await sup.start(Nursing, key="k")
+                except OutcomeUnknown as exc:
+                    failures.append(exc)
+
+            outside.start_soon(start)
+            await trio.sleep(0.5)
+    [failure] = failures
+    assert "was created" in str(failure)
+
+
+async def test_a_start_whose_on_activate_fails_and_whose_record_cannot_be_deleted_says_so(
+    autojump_clock,
+):
+    """on_activate raises, and the delete of the record start() created fails (or is
+    cut off at shutdown): start() said "Nothing was stored" (or "retry") though the
+    server exists; it says that the record stays."""
+    from trio_pgs.testing import FaultyStore
+
+    class Failing(TallyServer):
+        kind = "failing"
+
+        async def on_activate(self, state):
+            store.fail_next("commit")  # the delete that follows
+            raise LookupError("on_activate failed")
+
+    store = FaultyStore(MemoryStore())
+    async with PersistentSupervisor(store=store) as sup:
+        with pytest.raises(ActivationFailed, match="could not be deleted: the server exists"):
+            await sup.start(Failing, key="k")
+        with pytest.raises(AlreadyStarted):
+            await sup.start(Failing, key="k")
 
 
 async def test_queued_messages_are_handled_at_shutdown(store, autojump_clock):

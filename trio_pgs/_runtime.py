@@ -265,27 +265,19 @@ async def _run_on_activate(
     try:
         state = await _in_chain(entry, server.on_activate(state))
         check_not_coroutine(state, ref, "on_activate")
-    except trio.Cancelled:  # cut off at shutdown: the record it created stays
-        _cut_off_after_creating(ref, start, created)
-        raise
     except Exception as exc:
         activation.close()
-        if created:
-            # start() is all or nothing: the record it just created is deleted again.
-            try:
-                await entry.host.writer.commit(
-                    Delete(ref.kind, ref.key, record.version, record.epoch)
-                )
-            except Exception:
-                logger.exception("%s: the record created by start() could not be "
-                                 "deleted after on_activate failed", ref, extra=entry.extra)
-        _activation_failed(entry, exc, start, created)
+        deleted = created and await _delete_created(entry, record, start)
+        _activation_failed(entry, exc, start, deleted)
         return None
+    except BaseException:  # cut off at shutdown (a Cancelled, or a group of them)
+        _cut_off_after_creating(ref, start, created)
+        raise
     activation.state = state
     if activation.reminders is not record.reminders:  # on_activate set some
         try:
             await activation.commit_reminders()
-        except trio.Cancelled:
+        except BaseException:
             _cut_off_after_creating(ref, start, created)
             raise
     entry.host.counters.activations += 1
@@ -296,6 +288,22 @@ async def _run_on_activate(
         start.slot.set(outcome.Value(ref))
     logger.debug("%s activated (version %d)", ref, record.version, extra=entry.extra)
     return activation
+
+
+async def _delete_created(entry: Entry, record: Record, start: StartRequest | None) -> bool:
+    """start() is all or nothing: the record it just created is deleted again, as
+    on_activate failed. Whether it was (not: the caller hears that the server exists)."""
+    ref = entry.ref
+    try:
+        await entry.host.writer.commit(Delete(ref.kind, ref.key, record.version, record.epoch))
+    except Exception:
+        logger.exception("%s: the record created by start() could not be deleted after "
+                         "on_activate failed", ref, extra=entry.extra)
+        return False
+    except BaseException:  # cut off at shutdown
+        _cut_off_after_creating(ref, start, True)
+        raise
+    return True
 
 
 def _cut_off_after_creating(ref: ServerRef, start: StartRequest | None, created: bool) -> None:
@@ -336,6 +344,12 @@ def _activation_failed(
         else "The record is kept as is; fix the cause (the code, a migration or the "
         "record) and call again"
     )
+    if start is not None and not created:
+        outcome_ = (
+            "The record start() created could not be deleted: the server exists (its "
+            "next message activates it; start() again raises AlreadyStarted). Fix "
+            "on_activate"
+        )
 
     def error() -> BaseException:
         failure = ActivationFailed(f"{detail}. {outcome_}")
