@@ -268,6 +268,16 @@ class Nested(typing.Generic[T]):
     inner: Keyed[T]
 
 
+@attrs.define
+class Flags(Keyed[bool]):  # the type argument given by a base
+    pass
+
+
+class Priority(enum.IntEnum):
+    LOW = 1
+    HIGH = 2
+
+
 @pytest.mark.parametrize(("state_type", "path"), [
     (dict[bool, int], "$"),
     (Votes, "$.tally"),
@@ -278,6 +288,10 @@ class Nested(typing.Generic[T]):
     (Keyed[str | None], "$.by"),
     (Nested[bool], "$.inner.by"),
     (dict[typing.Annotated[bool, "flag"], int], "$"),
+    (Flags, "$.by"),
+    (typing.Counter[bool], "$"),
+    (dict[Priority, list[str]], "$"),  # "2" reads back as no Priority
+    (dict[Literal[1, 2], str], "$"),
     (Scores, "$.by_level[...]"),
     (dict[str, dict[Literal[True, "x"], int]], "$[...]"),
     (typing.Optional[Mapping[typing.Optional[str], int]], "$[...]"),  # noqa: UP045
@@ -289,12 +303,13 @@ async def test_dict_keys_that_may_be_bool_or_none_are_refused_at_registration(
     (a committed state changed) and could not read "null" as None (a committed state
     no activation could read). Such a state type is refused when it is registered."""
     with pytest.raises(TypeError, match=r"Echo \(kind 'Echo'\): the state's dict at "
-                       + re.escape(path) + " has keys that may be bool or None"):
+                       + re.escape(path) + " has keys (that may be bool or None|of an? )"):
         PersistentSupervisor(store=MemoryStore(), servers=[echo_server(state_type)])
 
 
 def test_types_with_string_int_and_enum_keys_are_accepted():
     for state_type in (Keyed[str], Nested[int], dict[Color, int], dict[str, bool],
+                       dict[Literal["a", "b"], int], typing.Counter[str],
                        dict[typing.NewType("Name", str), int], Keyed[int] | None, Any):
         trio_pgs._encoding.Codec(state_type, None, 1, {})
 
