@@ -112,6 +112,12 @@ class TallyServer(PersistentServer[Tally]):
             case ("add-and-reply-by-token", item):  # answered through its own token
                 await current_caller().reply("early")
                 return NoReply(Tally([*state.items, item]))
+            case ("release-then-refuse", item):  # replies from a state it then drops
+                state.items.append(item)
+                for caller in self.waiting:
+                    await caller.reply(list(state.items))
+                self.waiting.clear()
+                raise RequestError(f"refused {item}")
             case ("add-and-wait", item):  # committed now, answered later
                 self.waiting.append(current_caller())
                 return NoReply(Tally([*state.items, item]))

@@ -421,6 +421,31 @@ async def test_a_caller_owed_a_reply_is_answered_when_its_server_goes_back_to_it
         assert isinstance(error, OutcomeUnknown), error
 
 
+async def test_a_deferred_reply_given_by_a_handler_that_then_refuses_in_place_is_not_released(
+    sup,
+):
+    """A handler changes the state in place, replies to an earlier caller from it,
+    then refuses: the server goes back to its stored state, so that reply (telling of
+    a state that never was) is not released: the caller gets `OutcomeUnknown`; the
+    refused caller its `RequestError`."""
+    ref = await sup.start(TallyServer, key="a")
+    got: list[BaseException] = []
+
+    async def wait() -> None:
+        try:
+            await ref.call(("add-and-wait", "w"))
+        except OutcomeUnknown as exc:
+            got.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait)
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(RequestError, match="refused x"):
+            await ref.call(("release-then-refuse", "x"))
+    assert len(got) == 1
+    assert await ref.call("get") == ["w"]
+
+
 @pytest.mark.parametrize("reason", ["normal", "other"])
 async def test_deferred_replies_given_by_a_stopping_handler_are_delivered(sup, reason):
     ref = await sup.start(TallyServer, key="a")

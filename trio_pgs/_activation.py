@@ -419,10 +419,16 @@ class Activation:
         else:
             logger.warning("%s refused a %s: %s", entry.ref, message.kind.value, error,
                            extra=entry.extra)
-        self.ledger.release()
+        in_place = not self.volatile and self._changed_in_place()
+        if in_place:
+            # Deferred replies it gave may tell of the state it changed, which goes
+            # away: not released. Its own caller still hears of the refusal.
+            self.ledger.fail_held(lambda: error, _owed_at_reload(entry.ref, error))
+        else:
+            self.ledger.release()
         if message.kind is not Kind.TIMER:
             self._touch()
-        if not self.volatile and self._changed_in_place():
+        if in_place:
             logger.warning("%s changed its state in place before refusing a %s; it goes "
                            "back to its stored state", entry.ref, message.kind.value,
                            extra=entry.extra)
