@@ -420,6 +420,41 @@ async def test_an_empty_database_file_is_refused_not_taken_for_a_new_store(tmp_p
     assert (directory / "cache.db").read_bytes() == b""
 
 
+async def test_a_store_whose_creation_was_killed_opens_as_a_new_store(tmp_path):
+    """A process killed while it created a store (its database file made, still
+    empty) left a directory that no later open took ("the database file is empty";
+    seen once in the SIGKILL test): the creation's marker says it was one, and the
+    next open creates the store afresh. A truncated copy, with no marker, is still
+    refused (above)."""
+    from trio_pgs._diskcache_files import CREATING_NAME
+
+    directory = tmp_path / "s"
+    directory.mkdir()
+    (directory / "cache.db").write_bytes(b"")
+    (directory / CREATING_NAME).write_bytes(b"")
+    store = DiskCacheStore(directory)
+    await store.open()
+    try:
+        await store.commit([Put(Record(kind="k", key="a", data=b"1"), 0)])
+        assert (await store.load("k", "a")).data == b"1"
+    finally:
+        await store.close()
+    assert not (directory / CREATING_NAME).exists()
+
+
+async def test_a_new_store_is_marked_as_being_created_until_it_is_whole(tmp_path):
+    """The marker of a creation exists only while the store is made."""
+    from trio_pgs._diskcache_files import CREATING_NAME
+
+    store = DiskCacheStore(tmp_path / "s")
+    await store.open()
+    try:
+        assert not (tmp_path / "s" / CREATING_NAME).exists()
+        assert (tmp_path / "s" / "cache.db").stat().st_size > 0
+    finally:
+        await store.close()
+
+
 async def test_a_path_under_home_locks_and_reads_the_directory_it_writes(
     tmp_path, monkeypatch
 ):

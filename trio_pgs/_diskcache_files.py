@@ -4,6 +4,7 @@ writes."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -11,6 +12,7 @@ import pathlib
 import socket
 import sqlite3
 import threading
+from collections.abc import Iterator
 
 import diskcache
 import diskcache.core
@@ -21,6 +23,38 @@ from ._errors import PersistenceError
 #: The file in a store's directory that a process holding the store has locked (flock),
 #: holding that process's pid and host name.
 LOCK_NAME = "trio-pgs.lock"
+
+#: The file in a store's directory while the store is being created (`creating`): an
+#: empty database file beside it is a creation cut short (a kill), not a truncated copy.
+CREATING_NAME = "trio-pgs.creating"
+
+
+@contextlib.contextmanager
+def creating(directory: str) -> Iterator[None]:
+    """Create a store in *directory* (locked by this process) within the block: an
+    empty database file left by a creation cut short is removed first, and one left
+    otherwise refused. The marker goes once the block has made the store whole."""
+    database = os.path.join(directory, diskcache.core.DBNAME)
+    marker = os.path.join(directory, CREATING_NAME)
+    if os.path.isfile(database) and os.path.getsize(database) == 0:
+        if not os.path.exists(marker):
+            # SQLite would take an empty file for an empty database, and a truncated
+            # copy of a store would open as a new, empty one.
+            raise PersistenceError(
+                f"{directory!r} is not a valid trio-pgs store: its database file "
+                f"({diskcache.core.DBNAME}) is empty. Restore it from a backup, or "
+                "remove it to start afresh"
+            )
+        for leftover in (database, database + "-wal", database + "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(leftover)
+    new = not os.path.exists(database)
+    if new:
+        with open(marker, "wb") as file:
+            os.fsync(file.fileno())
+    yield
+    if new or os.path.exists(marker):
+        os.remove(marker)
 
 
 def lock_directory(directory: str) -> int:

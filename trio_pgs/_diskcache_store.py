@@ -41,6 +41,7 @@ from ._diskcache_files import (
     closed_in_background,
     closing,
     connect_read_only,
+    creating,
     lock_directory,
     not_a_store,
 )
@@ -172,22 +173,14 @@ class DiskCacheStore:
                 "Check that it is a writable directory (or a path where one can be made)."
             ) from exc
         try:
-            self._cache = self._open_cache()
+            with creating(self.directory):  # a new store is whole, or marked unfinished
+                self._cache = self._open_cache()
             self._identity = self._file_identity()
         except BaseException:
             self._close()
             raise
 
     def _open_cache(self) -> diskcache.Cache:
-        database = os.path.join(self.directory, diskcache.core.DBNAME)
-        if os.path.isfile(database) and os.path.getsize(database) == 0:
-            # SQLite would take an empty file for an empty database, and a truncated
-            # copy of a store would open as a new, empty one.
-            raise PersistenceError(
-                f"{self.directory!r} is not a valid trio-pgs store: its database file "
-                f"({diskcache.core.DBNAME}) is empty. Restore it from a backup, or remove "
-                "it to start afresh"
-            )
         # Made, then initialised: a Cache whose __init__ fails (a file that is no
         # database) has opened its connection already, and only the object closes it.
         cache = diskcache.Cache.__new__(diskcache.Cache)
