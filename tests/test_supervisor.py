@@ -168,6 +168,24 @@ async def test_leaving_the_block_shuts_servers_down_and_keeps_their_state(store,
     assert (await store.load("tally", "k")).data == b'{"items":["x"]}'
 
 
+async def started_at_shutdown(store, cls) -> list[OutcomeUnknown]:
+    """`start(cls)` in a task of its own, the supervisor leaving half a second later
+    with a shutdown_timeout of 0.1 s: what the start raised (`OutcomeUnknown`)."""
+    failures = []
+    async with trio.open_nursery() as nursery:
+        async with PersistentSupervisor(store=store, shutdown_timeout=0.1) as sup:
+
+            async def start() -> None:
+                try:
+                    await sup.start(cls, key="k")
+                except OutcomeUnknown as exc:
+                    failures.append(exc)
+
+            nursery.start_soon(start)
+            await trio.sleep(0.5)  # created; its activation is under way
+    return failures
+
+
 async def test_a_start_whose_on_activate_is_cut_off_at_shutdown_says_the_server_exists(
     store, autojump_clock
 ):
@@ -185,19 +203,7 @@ async def test_a_start_whose_on_activate_is_cut_off_at_shutdown_says_the_server_
                 await trio.sleep(1.0)
             return state
 
-    failures = []
-    async with trio.open_nursery() as nursery:
-        async with PersistentSupervisor(store=store, shutdown_timeout=0.1) as sup:
-
-            async def start() -> None:
-                try:
-                    await sup.start(Warming, key="k")
-                except OutcomeUnknown as exc:
-                    failures.append(exc)
-
-            nursery.start_soon(start)
-            await trio.sleep(0.5)  # created; on_activate is under way
-    [failure] = failures
+    [failure] = await started_at_shutdown(store, Warming)
     assert "was created" in str(failure) and "AlreadyStarted" in str(failure)
     assert (await store.load("warming", "k")) is not None
     Warming.warm = False
@@ -223,20 +229,8 @@ async def test_a_start_cut_off_committing_the_reminders_on_activate_set_says_it_
             return state
 
     store = FaultyStore(MemoryStore())
-    failures = []
-    async with trio.open_nursery() as nursery:
-        async with PersistentSupervisor(store=store, shutdown_timeout=0.1) as sup:
-
-            async def start() -> None:
-                try:
-                    await sup.start(Reminding, key="k")
-                except OutcomeUnknown as exc:
-                    failures.append(exc)
-
-            nursery.start_soon(start)
-            await trio.sleep(0.5)
-        store.release_commits()
-    [failure] = failures
+    [failure] = await started_at_shutdown(store, Reminding)
+    store.release_commits()
     assert "was created" in str(failure)
     assert await store.inner.load("reminding", "k") is not None
 
@@ -256,19 +250,7 @@ async def test_a_start_whose_on_activate_runs_a_nursery_cut_off_at_shutdown_says
                 await trio.sleep(5)
             return state
 
-    failures = []
-    async with trio.open_nursery() as outside:
-        async with PersistentSupervisor(store=store, shutdown_timeout=0.1) as sup:
-
-            async def start() -> None:
-                try:
-                    await sup.start(Nursing, key="k")
-                except OutcomeUnknown as exc:
-                    failures.append(exc)
-
-            outside.start_soon(start)
-            await trio.sleep(0.5)
-    [failure] = failures
+    [failure] = await started_at_shutdown(store, Nursing)
     assert "was created" in str(failure)
 
 

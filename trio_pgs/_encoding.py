@@ -146,7 +146,6 @@ class Codec:
             raw = loads(data)
         except ValueError as exc:
             raise DecodingError(f"{where}: the stored state is not JSON: {exc}") from exc
-        hint = ""
         for version in range(stored_version, current):
             step = self.migrations.get(version)
             if step is None:
@@ -162,15 +161,14 @@ class Codec:
                     f"{where}: migration {version} -> {version + 1} raised {exc!r} "
                     f"(record at state_version {stored_version}, code at {current})"
                 ) from exc
-            if raw is None:
-                hint = f" (migration {version} -> {version + 1} returned None: no return?)"
         try:
             state = self.converter.structure(raw, self.stored_type)
         except Exception as exc:
             details = "; ".join(cattrs.transform_error(exc))
+            if raw is None and stored_version < current:  # the last migration's result
+                details += f" (migration {current - 1} -> {current} returned None: no return?)"
             raise DecodingError(
-                f"{where}: the stored state does not fit {_name(self.stored_type)}: "
-                f"{details}{hint if raw is None else ''}"
+                f"{where}: the stored state does not fit {_name(self.stored_type)}: {details}"
             ) from exc
         if self.from_persisted is not None:
             try:

@@ -134,9 +134,10 @@ def _resolved(tp: Any, env: dict[Any, Any]) -> Any:
 
 def unreadable_key(tp: Any) -> str:
     """What is wrong with *tp* as a dict's key type in JSON ("" if nothing)."""
-    if may_be_bool_or_none(tp):
+    options = _options(tp)
+    if any(_bool_or_none(option) for option in options):
         return "that may be bool or None"
-    for option in _options(tp):
+    for option in options:
         if isinstance(option, type) and issubclass(option, enum.Enum) and not all(
             isinstance(member.value, str) for member in option
         ):
@@ -161,18 +162,10 @@ def _options(tp: Any) -> list[Any]:
     return [tp]
 
 
-def may_be_bool_or_none(tp: Any) -> bool:
-    """Whether values of *tp* may be ``bool`` or ``None``."""
-    if tp is bool or tp is None or tp is type(None):
+def _bool_or_none(option: Any) -> bool:
+    """Whether *option* (no union) may be ``bool`` or ``None``."""
+    if option is bool or option is None or option is type(None):
         return True
-    supertype = getattr(tp, "__supertype__", None)
-    if supertype is not None:
-        return may_be_bool_or_none(supertype)
-    origin = typing.get_origin(tp)
-    if origin is typing.Union or origin is types.UnionType:
-        return any(may_be_bool_or_none(arg) for arg in typing.get_args(tp))
-    if origin is typing.Literal:
-        return any(arg is None or isinstance(arg, bool) for arg in typing.get_args(tp))
-    if origin is typing.Annotated:
-        return may_be_bool_or_none(typing.get_args(tp)[0])
-    return False
+    return typing.get_origin(option) is typing.Literal and any(
+        value is None or isinstance(value, bool) for value in typing.get_args(option)
+    )

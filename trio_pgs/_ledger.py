@@ -135,40 +135,35 @@ class Waker(Protocol):
 class ReplyLedger:
     """Every reply of one activation: held, released or failed here and nowhere else."""
 
-    __slots__ = ("_held", "_owing", "_waker", "current", "holding", "owed")
+    __slots__ = ("_held", "_waker", "current", "holding", "owed")
 
     def __init__(self, waker: Waker) -> None:
         #: Whether replies wait for the outcome of the message being handled and of
         #: the commit in flight (False: a reply goes out at once). Set by the
         #: activation when a message's handler starts; cleared by release and fail.
         self.holding = False
-        #: The replies waiting (made on the first one: most messages hold none), each
-        #: with whether it is a deferred one (its caller's request committed before).
-        self._held: list[tuple[ReplySlot, outcome.Outcome[Any], bool]] | None = None
+        #: The replies waiting (made on the first one: most messages hold none).
+        self._held: list[tuple[ReplySlot, outcome.Outcome[Any]]] | None = None
         # Dicts used as ordered sets: an empty dict is a third of an empty set.
         self.owed: dict[Caller, None] = {}
-        #: The owed callers of the message whose outcome is not known yet (its
-        #: handling, or its commit in flight): not committed if that fails.
-        self._owing: list[Caller] | None = None
         #: The reply slot of the call handled last (set by the activation as its
-        #: handler starts): a reply to it through a token is not a deferred one.
+        #: handler starts): the caller of the message whose outcome the held replies
+        #: wait for. Any other held reply is a deferred one, to the caller of an
+        #: earlier message, committed before.
         self.current: ReplySlot | None = None
         #: Woken when the last owed reply was given outside a handler: the server
         #: may hibernate now. (The entry itself: a bound method would cost an object
         #: per active server.)
         self._waker = waker
 
-    def answer(
-        self, slot: ReplySlot, result: outcome.Outcome[Any], deferred: bool = False
-    ) -> None:
-        """The handler's own answer to the caller of its message (or, *deferred*, a
-        reply to an earlier message's caller): held like any reply."""
+    def answer(self, slot: ReplySlot, result: outcome.Outcome[Any]) -> None:
+        """The handler's own answer to the caller of its message: held like any reply."""
         if not self.holding:
             slot.set(result)
         elif self._held is None:
-            self._held = [(slot, result, deferred)]
+            self._held = [(slot, result)]
         else:
-            self._held.append((slot, result, deferred))
+            self._held.append((slot, result))
 
     def reply(
         self, slot: ReplySlot, caller: Caller | None, result: outcome.Outcome[Any]
@@ -183,11 +178,6 @@ class ReplyLedger:
         """The handler deferred its reply (`NoReply` without replying yet)."""
         if not caller._replied:
             self.owed[caller] = None
-            if self.holding:
-                if self._owing is None:
-                    self._owing = [caller]
-                else:
-                    self._owing.append(caller)
 
     def give(self, caller: Caller, result: outcome.Outcome[Any]) -> None:
         """A deferred reply, from any task: once per caller, held while holding."""
@@ -196,12 +186,7 @@ class ReplyLedger:
         caller._replied = True
         self.owed.pop(caller, None)
         if self.holding:
-            # Deferred from an earlier, committed message, unless it is the caller of
-            # the message whose outcome is awaited.
-            slot, owing = caller._slot, self._owing
-            self.answer(slot, result, deferred=slot is not self.current and (
-                owing is None or caller not in owing
-            ))
+            self.answer(caller._slot, result)
         else:
             caller._slot.set(result)
             if not self.owed:
@@ -216,28 +201,30 @@ class ReplyLedger:
     def release(self) -> None:
         """What was held is committed (or needed no commit): deliver it."""
         self.holding = False
-        self._owing = None
         held, self._held = self._held, None
         if held:
-            for slot, result, _ in held:
+            for slot, result in held:
                 slot.set(result)
 
     def fail_held(self, error: ErrorFactory, deferred: ErrorFactory | None = None) -> None:
         """What was held was not committed: its callers get *error* instead, or
-        *deferred* (if given) those of deferred replies, whose own requests were
-        committed before (only the reply is lost). The callers owed by the message
-        that failed get *error* now: their requests were not committed either."""
+        *deferred* (if given) those of deferred replies (to callers other than the
+        `current` one), whose own requests were committed before: only the reply is
+        lost. The current caller, if the failed message deferred its reply, gets
+        *error* now: its request was not committed either."""
         self.holding = False
-        owing, self._owing = self._owing, None
-        for caller in owing or ():
-            if caller in self.owed:  # not answered meanwhile
+        current = self.current
+        for caller in self.owed:
+            if caller._slot is current:  # deferred by the message that failed
                 del self.owed[caller]
                 caller._replied = True
                 caller._slot.set_error(error())
+                break
         held, self._held = self._held, None
         if held:
-            for slot, _, late in held:
-                slot.set_error((deferred if late and deferred is not None else error)())
+            late = error if deferred is None else deferred
+            for slot, _ in held:
+                slot.set_error((error if slot is current else late)())
 
     def fail(self, error: ErrorFactory, deferred: ErrorFactory | None = None) -> None:
         """The activation ends: held replies and owed callers all get *error*, or

@@ -268,7 +268,7 @@ async def _run_on_activate(
     except Exception as exc:
         activation.close()
         deleted = created and await _delete_created(entry, record, start)
-        _activation_failed(entry, exc, start, deleted)
+        _activation_failed(entry, exc, start, created, deleted)
         return None
     except BaseException:  # cut off at shutdown (a Cancelled, or a group of them)
         _cut_off_after_creating(ref, start, created)
@@ -332,24 +332,24 @@ async def _in_chain(entry: Entry, hook: Any) -> Any:
 
 
 def _activation_failed(
-    entry: Entry, exc: Exception, start: StartRequest | None, created: bool = False
+    entry: Entry, exc: Exception, start: StartRequest | None, created: bool = False,
+    deleted: bool = True,
 ) -> None:
+    """*created*: by this `start`, whose record is *deleted* again, or not."""
     ref = entry.ref
     entry.host.note_crash(ref, False, exc)
     logger.error("%s: activation failed: %r", ref, exc, extra=entry.extra)
 
     detail = str(exc) if isinstance(exc, DecodingError) else f"{ref}: {exc!r}"
-    outcome_ = (
-        "Nothing was stored; fix on_activate and start it again" if created
-        else "The record is kept as is; fix the cause (the code, a migration or the "
-        "record) and call again"
-    )
-    if start is not None and not created:
-        outcome_ = (
-            "The record start() created could not be deleted: the server exists (its "
-            "next message activates it; start() again raises AlreadyStarted). Fix "
-            "on_activate"
-        )
+    if not created:
+        outcome_ = ("The record is kept as is; fix the cause (the code, a migration or "
+                    "the record) and call again")
+    elif deleted:
+        outcome_ = "Nothing was stored; fix on_activate and start it again"
+    else:
+        outcome_ = ("The record start() created could not be deleted: the server exists "
+                    "(its next message activates it; start() again raises "
+                    "AlreadyStarted). Fix on_activate")
 
     def error() -> BaseException:
         failure = ActivationFailed(f"{detail}. {outcome_}")

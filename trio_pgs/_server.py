@@ -83,20 +83,17 @@ _HOOKS = ("init", "on_activate", "handle_call", "handle_cast", "handle_info", "t
 
 
 def _check_positive_or_none(name: str, value: object) -> None:
-    if value is None:
-        return
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a number of seconds or None, not {value!r}")
-    if value != value or value <= 0:  # NaN
-        raise ValueError(f"{name} must be > 0 (or None for never), not {value!r}")
-    _check_float(name, value)
+    if value is not None:
+        _check_positive(name, value, or_none=True)
 
 
-def _check_positive(name: str, value: object) -> None:
+def _check_positive(name: str, value: object, or_none: bool = False) -> None:
     if not isinstance(value, int | float) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a number of seconds, not {value!r}")
+        allowed = " or None" if or_none else ""
+        raise TypeError(f"{name} must be a number of seconds{allowed}, not {value!r}")
     if value != value or value <= 0:  # NaN
-        raise ValueError(f"{name} must be > 0, not {value!r}")
+        allowed = " (or None for never)" if or_none else ""
+        raise ValueError(f"{name} must be > 0{allowed}, not {value!r}")
     _check_float(name, value)
 
 
