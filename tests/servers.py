@@ -49,6 +49,8 @@ class Lifecycle:
 
 
 LIFECYCLE = Lifecycle()
+#: What `TallyServer.answer` returns for a request that needs an await.
+NOT_ANSWERED = object()
 
 
 class TallyServer(PersistentServer[Tally]):
@@ -74,6 +76,41 @@ class TallyServer(PersistentServer[Tally]):
         await trio.lowlevel.checkpoint()
 
     async def handle_call(self, request: Any, state: Tally) -> Any:
+        answer = self.answer(request, state)
+        if answer is not NOT_ANSWERED:
+            return answer
+        match request:
+            case ("sleep", seconds):
+                await trio.sleep(seconds)
+                return Reply("slept", state)
+            case ("call", ref, inner):
+                return Reply(await ref.call(inner), state)
+            case "call-self":
+                return Reply(await self.ref.call("get"), state)
+            case ("add-and-reply-by-token", item):  # answered through its own token
+                await current_caller().reply("early")
+                return NoReply(Tally([*state.items, item]))
+            case ("release-then-refuse", item):  # replies from a state it then drops
+                state.items.append(item)
+                for caller in self.waiting:
+                    await caller.reply(list(state.items))
+                self.waiting.clear()
+                raise RequestError(f"refused {item}")
+            case ("release", item):
+                new = Tally([*state.items, item])
+                for caller in self.waiting:
+                    await caller.reply(item)
+                self.waiting.clear()
+                return Reply("released", new)
+            case ("release-and-stop", reason):
+                for caller in self.waiting:
+                    await caller.reply("bye")
+                self.waiting.clear()
+                return Stop(state, reason=reason, reply="stopping")
+        return await super().handle_call(request, state)
+
+    def answer(self, request: Any, state: Tally) -> Any:
+        """The requests that need no await (`InlineTally` answers only these)."""
         match request:
             case ("add", item):
                 new = Tally([*state.items, item])
@@ -83,9 +120,6 @@ class TallyServer(PersistentServer[Tally]):
                 return Reply(len(new.items), new, persist=False)
             case "get":
                 return Reply(list(state.items), state)
-            case ("sleep", seconds):
-                await trio.sleep(seconds)
-                return Reply("slept", state)
             case "crash":
                 raise RuntimeError("asked to crash")
             case ("mutate-then-crash", item):
@@ -100,44 +134,20 @@ class TallyServer(PersistentServer[Tally]):
                 return Stop(state, reason=reason, reply="stopping")
             case ("add-and-stop", item, reason):
                 return Stop(Tally([*state.items, item]), reason=reason, reply="stopping")
-            case ("call", ref, inner):
-                return Reply(await ref.call(inner), state)
-            case "call-self":
-                return Reply(await self.ref.call("get"), state)
             case ("return", value):
                 return value
             case "wait":
                 self.waiting.append(current_caller())
                 return NoReply(state)
-            case ("add-and-reply-by-token", item):  # answered through its own token
-                await current_caller().reply("early")
-                return NoReply(Tally([*state.items, item]))
-            case ("release-then-refuse", item):  # replies from a state it then drops
-                state.items.append(item)
-                for caller in self.waiting:
-                    await caller.reply(list(state.items))
-                self.waiting.clear()
-                raise RequestError(f"refused {item}")
             case ("add-and-wait", item):  # committed now, answered later
                 self.waiting.append(current_caller())
                 return NoReply(Tally([*state.items, item]))
-            case ("release", item):
-                new = Tally([*state.items, item])
-                for caller in self.waiting:
-                    await caller.reply(item)
-                self.waiting.clear()
-                return Reply("released", new)
-            case ("release-and-stop", reason):
-                for caller in self.waiting:
-                    await caller.reply("bye")
-                self.waiting.clear()
-                return Stop(state, reason=reason, reply="stopping")
             case ("unencodable", value):
                 return Reply(None, Tally([*state.items, value]))
             case ("timer", delay, item):
                 self.send_after(delay, ("add", item))
                 return Reply("armed", state)
-        return await super().handle_call(request, state)
+        return NOT_ANSWERED
 
     async def handle_cast(self, message: Any, state: Tally) -> Any:
         match message:
@@ -152,6 +162,19 @@ class TallyServer(PersistentServer[Tally]):
             case ("add", item):
                 return NoReply(Tally([*state.items, item]))
         return await super().handle_info(message, state)
+
+
+class InlineTally(TallyServer):
+    """`TallyServer`'s requests that need no await, from a ``handle_call`` with none:
+    a call to it while it waits for a message is handled in the caller's task."""
+
+    kind = "tally-inline"
+
+    async def handle_call(self, request: Any, state: Tally) -> Any:
+        answer = self.answer(request, state)
+        if answer is NOT_ANSWERED:
+            raise RequestError(f"{request!r} needs an await: not an InlineTally request")
+        return answer
 
 
 #: Makes the store of a test: a MemoryStore, or (set by conftest's `store_backend` fixture)

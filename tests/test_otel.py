@@ -35,10 +35,11 @@ from trio_pgs import (
 )
 from trio_pgs._events import Tracing
 from trio_pgs.otel import Telemetry
+from trio_pgs.testing import wait_all_idle
 
 from . import otel_node
 from .postgres import Server
-from .servers import Tally, TallyServer
+from .servers import InlineTally, Tally, TallyServer
 
 
 class Otel:
@@ -141,21 +142,23 @@ async def test_a_telemetry_is_a_hook_that_traces(otel: Otel):
         assert sup._tracing is otel.telemetry
 
 
-async def test_a_calls_handler_span_is_the_child_of_the_callers_span(otel: Otel):
+@pytest.mark.parametrize("cls", [TallyServer, InlineTally])  # a traced call is never inline
+async def test_a_calls_handler_span_is_the_child_of_the_callers_span(otel: Otel, cls: Any):
     async with PersistentSupervisor(store=MemoryStore(), on_event=otel.telemetry) as sup:
-        ref = await sup.start(TallyServer, key="k")
+        ref = await sup.start(cls, key="k")
+        await wait_all_idle(sup)
         with otel.tracer.start_as_current_span("request") as root:
             assert await ref.call(("add", "x")) == 1
             assert trace.get_current_span() is root  # the call's span is no longer current
     request = otel.span("request")
-    call = otel.span("trio_pgs call tally")
-    handler = otel.span("trio_pgs handle call tally")
+    call = otel.span(f"trio_pgs call {cls.kind}")
+    handler = otel.span(f"trio_pgs handle call {cls.kind}")
     assert parent_of(call) == span_id(request)
     assert parent_of(handler) == span_id(call)
     assert len(trace_ids(request, call, handler)) == 1
     assert (call.kind, handler.kind) == (SpanKind.CLIENT, SpanKind.SERVER)
     assert dict(call.attributes or {}) == {
-        "trio_pgs.supervisor": "default", "trio_pgs.server.kind": "tally",
+        "trio_pgs.supervisor": "default", "trio_pgs.server.kind": cls.kind,
         "trio_pgs.server.key": "k", "trio_pgs.message.kind": "call",
     }
     assert dict(handler.attributes or {}) == dict(call.attributes or {})
@@ -341,12 +344,14 @@ async def test_statistics_can_be_collected_from_another_thread(otel: Otel):
     assert value_of(points_in(data, "trio_pgs.server.active"), {}) == 20
 
 
-async def test_metrics_without_spans_on_the_no_op_tracer_provider(otel: Otel):
+@pytest.mark.parametrize("cls", [TallyServer, InlineTally])  # untraced: inline if it can
+async def test_metrics_without_spans_on_the_no_op_tracer_provider(otel: Otel, cls: Any):
     telemetry = Telemetry(
         tracer_provider=trace.NoOpTracerProvider(), meter_provider=otel.meter_provider
     )
     async with PersistentSupervisor(store=MemoryStore(), on_event=telemetry) as sup:
-        ref = await sup.start(TallyServer, key="k")
+        ref = await sup.start(cls, key="k")
+        await wait_all_idle(sup)
         with otel.tracer.start_as_current_span("request"):
             await ref.call(("add", "x"))
         assert otel.value("trio_pgs.messages.sent") == 1

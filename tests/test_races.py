@@ -50,7 +50,7 @@ from trio_pgs import (
 )
 
 from . import servers
-from .servers import TallyServer
+from .servers import InlineTally, TallyServer
 
 IDLE = 5.0
 KEYS = ("a", "b")
@@ -95,8 +95,10 @@ class Span:
 
 
 class Model:
-    def __init__(self, restart: Restart) -> None:
+    def __init__(self, restart: Restart, server: type[TallyServer] = TallyServer) -> None:
         self.restart = restart
+        #: TallyServer, or InlineTally: its calls handled in their callers' tasks.
+        self.server = server
         self.ticks = 0
         self.acked: list[Update] = []
         self.sent: set[str] = set()  # every update sent
@@ -239,7 +241,7 @@ async def run_step(sup: PersistentSupervisor, model: Model, step: tuple[Any, ...
                 nursery.start_soon(run_step, sup, model, ("sender", key, ["call"]))
     elif action == "sender":
         _, key, kinds = step
-        ref, name, done = sup.ref(TallyServer, key), model.sender(), []
+        ref, name, done = sup.ref(model.server, key), model.sender(), []
         model.orders.append(done)
         for i, kind in enumerate(kinds):
             update = model.update(key, f"{name}:{i}", kind == "call")
@@ -264,7 +266,7 @@ async def run_step(sup: PersistentSupervisor, model: Model, step: tuple[Any, ...
         request = ("mutate-then-crash", item) if mutate else "crash"
         span = model.wipe_begins(key, model.restart is Restart.TEMPORARY)
         try:
-            await sup.ref(TallyServer, key).call(request)
+            await sup.ref(model.server, key).call(request)
         except ServerCrashed:
             model.wipe_ends(span, True)
         except ServerNotFound:
@@ -278,7 +280,7 @@ async def run_step(sup: PersistentSupervisor, model: Model, step: tuple[Any, ...
         request = ("mutate-then-refuse", item) if mutate else ("refuse", item)
         model.tick()  # sent now: a wipe begun before may refuse it with ServerNotFound
         try:
-            await sup.ref(TallyServer, key).call(request)
+            await sup.ref(model.server, key).call(request)
         except RequestError:
             pass
         except ServerNotFound:
@@ -293,10 +295,10 @@ async def run_step(sup: PersistentSupervisor, model: Model, step: tuple[Any, ...
         span = model.wipe_begins(key, normal or model.restart is Restart.TEMPORARY)
         try:
             if normal and step[2]:
-                await sup.ref(TallyServer, key).stop()
+                await sup.ref(model.server, key).stop()
             else:
                 reason = "normal" if normal else "pause"
-                assert await sup.ref(TallyServer, key).call(("stop", reason)) == "stopping"
+                assert await sup.ref(model.server, key).call(("stop", reason)) == "stopping"
         except ServerNotFound:
             model.wipe_ends(span, False)
         else:
@@ -304,7 +306,7 @@ async def run_step(sup: PersistentSupervisor, model: Model, step: tuple[Any, ...
     elif action == "restart":
         span = Span(step[1], model.tick())
         try:
-            await sup.start(TallyServer, key=step[1])
+            await sup.start(model.server, key=step[1])
         except AlreadyStarted:
             return
         span.done = model.tick()
@@ -315,18 +317,21 @@ async def run_step(sup: PersistentSupervisor, model: Model, step: tuple[Any, ...
         model.maybe.add(item)
         with trio.move_on_after(patience):
             try:
-                await sup.ref(TallyServer, key).call(("sleep", 0.5))
-                await sup.ref(TallyServer, key).call(("add", item))
+                if model.server is InlineTally:  # its handler cannot sleep: its caller does
+                    await trio.sleep(0.5)
+                else:
+                    await sup.ref(model.server, key).call(("sleep", 0.5))
+                await sup.ref(model.server, key).call(("add", item))
             except ServerNotFound:
                 model.maybe.discard(item)
                 model.forbidden.add(item)
-    elif action == "cross":
+    elif action == "cross" and model.server is not InlineTally:  # its handler cannot call
         other = "b" if step[1] == "a" else "a"
         update = model.update(other, f"{model.sender()}:cross", True)
         inner = ("add", update.item)
         span = model.wipe_begins(step[1], model.restart is Restart.TEMPORARY)
         try:
-            await sup.ref(TallyServer, step[1]).call(("call", sup.ref(TallyServer, other), inner))
+            await sup.ref(model.server, step[1]).call(("call", sup.ref(model.server, other), inner))
         except ServerCrashed as exc:
             # The other one was calling this one (CallCycleError), or it is wiped.
             assert isinstance(exc.__cause__, CallCycleError | ServerNotFound), exc.__cause__
@@ -343,15 +348,19 @@ async def run_step(sup: PersistentSupervisor, model: Model, step: tuple[Any, ...
     model.check(store.items, model.ticks)
 
 
-async def run_program(restart: Restart, program: list[tuple[float, tuple[Any, ...]]]) -> Model:
+async def run_program(
+    restart: Restart, program: list[tuple[float, tuple[Any, ...]]],
+    server: type[TallyServer] = TallyServer,
+) -> Model:
     with trio.fail_after(24 * 3600):  # virtual time: a deadlock fails instead of hanging
-        return await check_program(restart, program)
+        return await check_program(restart, program, server)
 
 
 async def check_program(
-    restart: Restart, program: list[tuple[float, tuple[Any, ...]]]
+    restart: Restart, program: list[tuple[float, tuple[Any, ...]]],
+    server: type[TallyServer] = TallyServer,
 ) -> Model:
-    store, model = MirrorStore(), Model(restart)
+    store, model = MirrorStore(), Model(restart, server)
     phases: list[list[tuple[float, tuple[Any, ...]]]] = [[]]
     for wait, step in program:
         if step[0] == "reopen":
@@ -360,20 +369,20 @@ async def check_program(
             phases[-1].append((wait, step))
     options = {"idle_timeout": IDLE, "max_crashes": 10**6, "restart": restart}
     for number, phase in enumerate(phases):
-        async with PersistentSupervisor(store=store, servers=[TallyServer], **options) as sup:
+        async with PersistentSupervisor(store=store, servers=[model.server], **options) as sup:
             if number == 0:
                 for key in KEYS:
-                    await sup.start(TallyServer, key=key)
+                    await sup.start(model.server, key=key)
                     model.starts.append(Span(key, 0, 0))
             async with trio.open_nursery() as nursery:
                 for wait, step in phase:
                     await trio.sleep(wait)
                     nursery.start_soon(run_step, sup, model, step)
         model.check(store.items, model.tick())
-    async with PersistentSupervisor(store=store, servers=[TallyServer], **options) as sup:
+    async with PersistentSupervisor(store=store, servers=[model.server], **options) as sup:
         for key in KEYS:
             try:
-                items = await sup.ref(TallyServer, key).call("get")
+                items = await sup.ref(model.server, key).call("get")
             except ServerNotFound:
                 items = None
             assert items == store.items.get(key), f"{key}: read {items}, stored {store.items}"
@@ -388,7 +397,10 @@ async def check_program(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
-@given(restart=strategies, program=programs)
-def test_random_programs_lose_nothing_and_never_double_activate(restart, program, lifecycle):
+@given(restart=strategies, program=programs, server=st.sampled_from([TallyServer, InlineTally]))
+def test_random_programs_lose_nothing_and_never_double_activate(
+    restart, program, server, lifecycle
+):
     servers.LIFECYCLE = servers.Lifecycle()
-    trio.run(run_program, restart, program, clock=trio.testing.MockClock(autojump_threshold=0))
+    clock = trio.testing.MockClock(autojump_threshold=0)
+    trio.run(run_program, restart, program, server, clock=clock)

@@ -36,6 +36,7 @@ from ._errors import (
     TrioPGSError,
 )
 from ._events import EventType
+from ._inline import cannot_suspend, first_step
 from ._ledger import ErrorFactory, ReplyLedger
 from ._policy import Deferred, EachMessage, Policy
 from ._reminding import ReminderBook
@@ -65,8 +66,8 @@ class Activation:
     """A server instance running on an entry, from `on_activate` to its end."""
 
     __slots__ = (
-        "book", "closed", "committing", "current", "entry", "idle_timeout", "ledger",
-        "policy", "record", "server", "state", "timers", "volatile",
+        "book", "closed", "committing", "current", "entry", "idle_timeout", "inline",
+        "ledger", "policy", "record", "server", "state", "timers", "volatile",
     )
 
     def __init__(
@@ -94,6 +95,8 @@ class Activation:
         self.committing: Operation | None = None
         #: The state has changes made under ``persist=False`` (never encoded).
         self.volatile = False
+        #: Its calls may be handled in their callers' tasks (`handle_inline`).
+        self.inline = cannot_suspend(server.handle_call)
         self._touch()  # activated now: the idle deadline starts
 
     # -- the loop ---------------------------------------------------------------------
@@ -241,6 +244,8 @@ class Activation:
 
     async def _handle(self, message: Message) -> Next:
         entry, kind = self.entry, message.kind
+        if kind is Kind.RESUME:
+            return await self._resume(message)
         if not self.policy.settled():  # the output gate: the previous commit
             entry.front = message  # cut off meanwhile, it is answered from there
             inflight = await self.policy.settle()
@@ -271,25 +276,102 @@ class Activation:
         try:
             result = await self._hook(message)  # the hook's own coroutine: no extra frame
             _check_result(result, kind, entry.ref)
-        except RequestError as exc:
-            return await self._refused(message, exc)
-        except SupervisorNotRunning as exc:
-            if not entry.shutting_down:
-                return await self._crash(message, _crashed(entry.ref, kind, exc), exc)
-            return self._not_served(message, exc)
-        except Exception as exc:
-            return await self._crash(message, _crashed(entry.ref, kind, exc), exc)
         except BaseException as exc:
-            interruption = interruption_in(exc)
-            if interruption is None:
-                raise  # cancelled: the task's scope takes it
-            return await self._interrupted(message, interruption)
+            return await self._hook_failed(message, exc)
         finally:
             handling.live = False
             current_handling.reset(token)
         entry.host.counters.messages += 1
         step = self._handled(message, handling, result)
         return step if type(step) is Next else await step  # type: ignore[misc]
+
+    async def _hook_failed(self, message: Message, exc: BaseException) -> Next:
+        """The hook that handled *message* raised *exc* (its handling still live)."""
+        entry, kind = self.entry, message.kind
+        if isinstance(exc, RequestError):
+            return await self._refused(message, exc)
+        if isinstance(exc, SupervisorNotRunning):
+            if not entry.shutting_down:
+                return await self._crash(message, _crashed(entry.ref, kind, exc), exc)
+            return self._not_served(message, exc)
+        if isinstance(exc, Exception):
+            return await self._crash(message, _crashed(entry.ref, kind, exc), exc)
+        interruption = interruption_in(exc)
+        if interruption is None:
+            raise exc  # cancelled: the task's scope takes it
+        return await self._interrupted(message, interruption)
+
+    # -- a call handled in its caller's task (_inline.py) -----------------------------
+
+    @trio.lowlevel.enable_ki_protection
+    def handle_inline(self, message: Message) -> bool:
+        """Handle the call *message* here, in the caller's task, if the server's task
+        only waits for a message (the caller checked that `inline` is true): as that
+        task would, with no checkpoint, so no other task sees it half done. What must
+        wait (a crash, a stop) is left to the server's task, as a `Kind.RESUME` it
+        takes before anything else. Returns False, having done nothing, otherwise.
+
+        KI-protected, so that a Ctrl-C never leaves the server's task taken; the
+        handler itself is not (`first_step`)."""
+        entry, policy, book = self.entry, self.policy, self.book
+        mailbox = entry.mailbox
+        task = mailbox.take_receiver()
+        if task is None:
+            return False
+        if entry.shutting_down or entry.hibernate_now or not policy.settled():
+            mailbox.give_back(task)
+            return False
+        write_due, reminder_due = policy.due, book.due_at  # what the server's task waits for
+        try:
+            rest = task.context.run(self._inline_step, message)
+        except BaseException as exc:  # ours, not the handler's: the server's task meets it
+            rest = Message(Kind.RESUME, (message, None, _raise(exc)), None, ())
+        mailbox.give_back(task, rest)
+        if rest is None:
+            entry.host.note_settled(entry)  # as the server's task does when it waits again
+            if (
+                entry.shutting_down or entry.hibernate_now
+                or policy.due < write_due or book.due_at < reminder_due
+            ):
+                entry.wake()  # asked meanwhile, or a deferred write or reminder due sooner
+        return True
+
+    def _inline_step(self, message: Message) -> Message | None:
+        """`_handle` for a call whose handler `cannot_suspend`, in the server task's
+        context: None if done, else the `Kind.RESUME` for the server's task."""
+        entry, ledger = self.entry, self.ledger
+        self.book.begin()
+        handling = Handling(entry.ref, message.chain, entry.waiting_on, message.slot, ledger)
+        token = current_handling.set(handling)
+        ledger.holding = True
+        ledger.current = message.slot
+        self.current = message
+        try:
+            result = first_step(self.server.handle_call(message.payload, self.state))
+            _check_result(result, Kind.CALL, entry.ref)
+        except BaseException as exc:
+            return Message(Kind.RESUME, (message, handling, exc), None, ())
+        finally:
+            current_handling.reset(token)
+        handling.live = False
+        entry.host.counters.messages += 1
+        step = self._handled(message, handling, result)
+        if step is Next.CONTINUE:
+            return None
+        return Message(Kind.RESUME, (message, None, step), None, ())
+
+    async def _resume(self, message: Message) -> Next:
+        """Finish a call `handle_inline` began: its hook's exception (the handling
+        live until it is dealt with, as in `_handle`), or what `_handled` left."""
+        original, handling, rest = message.payload
+        if handling is None:
+            return await rest  # type: ignore[no-any-return]
+        token = current_handling.set(handling)
+        try:
+            return await self._hook_failed(original, rest)
+        finally:
+            handling.live = False
+            current_handling.reset(token)
 
     def _hook(self, message: Message) -> Coroutine[Any, Any, Any]:
         """The coroutine of the hook that handles *message*."""
@@ -938,3 +1020,8 @@ def persistence_error(ref: ServerRef, exc: BaseException) -> TrioPGSError:
         error.fenced = exc.fenced  # in a cluster, a fenced call is routed again
     error.__cause__ = exc
     return error
+
+
+async def _raise(exc: BaseException) -> Next:
+    """*exc*, raised in the task that awaits this."""
+    raise exc

@@ -252,7 +252,7 @@ class Entry:
                 message = queued
             if message.slot is not None:
                 message.slot.set_error(error())
-            else:
+            elif message.kind is not Kind.RESUME:  # its call is the activation's current
                 dropped += 1
         if dropped and not isinstance(error(), NotOwner):  # those are sent again
             logger.warning("%s: %d queued cast/info message(s) dropped: %s",

@@ -101,6 +101,26 @@ class Mailbox(Generic[T]):
 
         await wait_task_rescheduled(abort)
 
+    # -- lending the receiver's turn (`Activation.handle_inline`) ---------------------
+
+    def take_receiver(self) -> Task | None:
+        """The waiting receiver, now marked as not waiting (None if none waits): what
+        is sent meanwhile is queued, and nobody but the taker wakes it. The taker must
+        `give_back`, with no checkpoint in between."""
+        receiver, self._receiver = self._receiver, None
+        return receiver
+
+    def give_back(self, receiver: Task, first: T | None = None) -> None:
+        """*receiver*, taken with `take_receiver`, waits again, unless *first* is given
+        (handed to it, ahead of anything queued meanwhile) or something was queued
+        (the first such item is handed to it)."""
+        if first is None:
+            first = self.next_queued()
+            if first is None:
+                self._receiver = receiver
+                return
+        reschedule(receiver, outcome.Value(first))
+
     # -- receiving ------------------------------------------------------------------
 
     @enable_ki_protection

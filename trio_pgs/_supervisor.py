@@ -820,6 +820,10 @@ class PersistentSupervisor:
         message = Message(Kind.CALL, request, slot, chain)
         if self._tracing is not None:
             message.trace = self._tracing.capture()
+        if handling is None and message.trace is None:  # a traced one: a span around it
+            activation = entry.activation
+            if activation is not None and activation.inline and activation.handle_inline(message):
+                return await slot.wait()  # handled here: its reply comes with the commit
         try:
             entry.mailbox.send_nowait(message)
         except trio.WouldBlock:
