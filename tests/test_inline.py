@@ -13,6 +13,7 @@ import contextlib
 import contextvars
 import functools
 import json
+import sys
 from typing import Any
 
 import pytest
@@ -154,8 +155,9 @@ async def test_a_waiting_servers_call_runs_in_the_callers_task_with_the_servers_
         me = trio.lowlevel.current_task()
         assert TASKS == [me, me]
         # The server's context variables, as its own task would see them (what the
-        # previous handler set included), and never the caller's; Ctrl-C can reach it.
-        assert SEEN == [("the server's", False), ("set by a", False)]
+        # previous handler set included), and never the caller's; KeyboardInterrupt-
+        # protected, as a server task's handlers are (a Ctrl-C goes to the main task).
+        assert SEEN == [("the server's", True), ("set by a", True)]
         assert VAR.get() == "unset"
 
 
@@ -165,6 +167,7 @@ async def test_a_handler_that_awaits_runs_in_the_servers_task(autojump_clock):
         await wait_all_idle(sup)
         assert await ref.call("a") == 1
         assert TASKS[0] is not trio.lowlevel.current_task()
+        assert SEEN == [("the server's", True)]
 
 
 async def test_a_call_while_a_commit_is_in_flight_waits_for_the_servers_task(autojump_clock):
@@ -437,3 +440,68 @@ async def test_metrics_only_telemetry_keeps_calls_inline_and_tracing_does_not(au
             await wait_all_idle(sup)
             assert await ref.call("a") == 1
         assert (TASKS == [me]) is inline, provider
+
+
+class Failing(PersistentServer[int]):
+    kind = "inline.failing"
+
+    async def init(self) -> int:
+        return 0
+
+    async def handle_call(self, request: Any, state: int) -> Any:
+        if request == "boom":
+            raise RuntimeError("handler bug")
+        return Reply(repr(sys.exc_info()[1]), state)  # the exception it is handling
+
+
+class AwaitingFailing(Failing):
+    async def handle_call(self, request: Any, state: int) -> Any:
+        await trio.lowlevel.checkpoint()
+        return await super().handle_call(request, state)
+
+
+@pytest.mark.parametrize("cls", [AwaitingFailing, Failing], ids=["task", "inline"])
+async def test_a_caller_handling_an_exception_does_not_lend_it_to_the_handler(
+    autojump_clock, cls
+):
+    async with PersistentSupervisor(store=MemoryStore()) as sup:
+        ref = await sup.start(cls, key="k")
+        await wait_all_idle(sup)
+        try:
+            raise KeyError("the caller's")
+        except KeyError:
+            assert await ref.call("look") == "None"
+            with pytest.raises(ServerCrashed) as info:
+                await ref.call("boom")
+        cause = info.value.__cause__
+        assert isinstance(cause, RuntimeError)
+        assert cause.__context__ is None
+
+
+class Becoming(PersistentServer[int]):
+    """A state machine that swaps its own handle_call for one that awaits."""
+
+    kind = "inline.becoming"
+
+    async def init(self) -> int:
+        return 0
+
+    async def handle_call(self, request: Any, state: int) -> Any:
+        self.handle_call = self.connected  # type: ignore[method-assign]
+        return Reply("switched", state)
+
+    async def connected(self, request: Any, state: int) -> Any:
+        await trio.lowlevel.checkpoint()
+        return Reply(("connected", request), state + 1)
+
+
+async def test_a_handle_call_replaced_by_one_that_awaits_runs_in_the_servers_task(
+    autojump_clock,
+):
+    async with PersistentSupervisor(store=MemoryStore()) as sup:
+        ref = await sup.start(Becoming, key="k")
+        await wait_all_idle(sup)
+        assert await ref.call("a") == "switched"
+        assert await ref.call("b") == ("connected", "b")
+        assert await ref.call("c") == ("connected", "c")
+        assert sup.statistics().crashes == 0

@@ -15,7 +15,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any
 
 import outcome
@@ -52,6 +52,11 @@ if TYPE_CHECKING:
     from ._ref import ServerRef
 
 logger = logging.getLogger("trio_pgs")
+
+#: The exception being handled where this is called (up the caller's frames), if any.
+_handled_exception: Callable[[], BaseException | None] = (
+    sys.exception if sys.version_info >= (3, 11) else lambda: sys.exc_info()[1]
+)
 
 
 def make_policy(entry: Entry) -> Policy:
@@ -95,8 +100,10 @@ class Activation:
         self.committing: Operation | None = None
         #: The state has changes made under ``persist=False`` (never encoded).
         self.volatile = False
-        #: Its calls may be handled in their callers' tasks (`handle_inline`).
-        self.inline = cannot_suspend(server.handle_call)
+        #: Its ``handle_call`` function, if its calls may be handled in their callers'
+        #: tasks (`handle_inline`, which checks that it is still the one).
+        hook = server.handle_call
+        self.inline: object = getattr(hook, "__func__", None) if cannot_suspend(hook) else None
         self._touch()  # activated now: the idle deadline starts
 
     # -- the loop ---------------------------------------------------------------------
@@ -314,6 +321,15 @@ class Activation:
         KI-protected, so that a Ctrl-C never leaves the server's task taken; the
         handler itself is not (`first_step`)."""
         entry, policy, book = self.entry, self.policy, self.book
+        hook = self.server.handle_call
+        if getattr(hook, "__func__", None) is not self.inline:  # replaced since
+            if not cannot_suspend(hook):
+                return False
+            self.inline = hook.__func__  # type: ignore[attr-defined]
+        if _handled_exception() is not None:
+            # The caller handles an exception: the handler would see it (sys.exception(),
+            # its own exceptions' __context__). In the server's task it sees none.
+            return False
         mailbox = entry.mailbox
         task = mailbox.take_receiver()
         if task is None:
@@ -323,7 +339,7 @@ class Activation:
             return False
         write_due, reminder_due = policy.due, book.due_at  # what the server's task waits for
         try:
-            rest = task.context.run(self._inline_step, message)
+            rest = task.context.run(self._inline_step, message, hook)
         except BaseException as exc:  # ours, not the handler's: the server's task meets it
             rest = Message(Kind.RESUME, (message, None, _raise(exc)), None, ())
         mailbox.give_back(task, rest)
@@ -336,7 +352,7 @@ class Activation:
                 entry.wake()  # asked meanwhile, or a deferred write or reminder due sooner
         return True
 
-    def _inline_step(self, message: Message) -> Message | None:
+    def _inline_step(self, message: Message, hook: Callable[..., Any]) -> Message | None:
         """`_handle` for a call whose handler `cannot_suspend`, in the server task's
         context: None if done, else the `Kind.RESUME` for the server's task."""
         entry, ledger = self.entry, self.ledger
@@ -347,7 +363,7 @@ class Activation:
         ledger.current = message.slot
         self.current = message
         try:
-            result = first_step(self.server.handle_call(message.payload, self.state))
+            result = first_step(hook(message.payload, self.state))
             _check_result(result, Kind.CALL, entry.ref)
         except BaseException as exc:
             return Message(Kind.RESUME, (message, handling, exc), None, ())

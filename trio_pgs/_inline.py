@@ -12,8 +12,9 @@ coroutine frame gives control back to trio only at a yield instruction (an ``awa
 none runs from its first instruction to its ``return`` or ``raise`` in one
 ``send(None)``, with no checkpoint: no other task runs meanwhile, nothing can cancel
 it, and whatever it reaches of trio it reaches as the server's task would (its
-``contextvars`` are the server task's). A handler that awaits anything is always
-handled by the server's task.
+``contextvars`` are the server task's), but for what is tied to the task itself
+(`trio.lowlevel.current_task`, a `trio.Lock` it acquires). A handler that awaits
+anything is always handled by the server's task.
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ import types
 import weakref
 from collections.abc import Coroutine
 from typing import Any
-
-from trio.lowlevel import disable_ki_protection
 
 #: The instructions at which a frame can suspend: ``YIELD_FROM`` up to Python 3.10,
 #: ``YIELD_VALUE`` (after ``SEND``) since 3.11.
@@ -52,10 +51,11 @@ def cannot_suspend(hook: Any) -> bool:
     return known
 
 
-@disable_ki_protection  # the handler is user code: Ctrl-C reaches it, as in any task
 def first_step(coroutine: Coroutine[Any, Any, Any]) -> Any:
     """Run *coroutine* (of a handler that `cannot_suspend`) to its end; its result,
-    or its exception."""
+    or its exception. Called KeyboardInterrupt-protected, as a server task's
+    handlers run (its task is): a Ctrl-C goes to the main task at its next
+    checkpoint, never into the handler."""
     try:
         coroutine.send(None)
     except StopIteration as done:
