@@ -318,8 +318,8 @@ class Activation:
         wait (a crash, a stop) is left to the server's task, as a `Kind.RESUME` it
         takes before anything else. Returns False, having done nothing, otherwise.
 
-        KI-protected, so that a Ctrl-C never leaves the server's task taken; the
-        handler itself is not (`first_step`)."""
+        KI-protected, as the server's task is: a Ctrl-C never leaves that task's turn
+        taken, and goes to the main task at its next checkpoint, not into the handler."""
         entry, policy, book = self.entry, self.policy, self.book
         hook = self.server.handle_call
         if getattr(hook, "__func__", None) is not self.inline:  # replaced since
