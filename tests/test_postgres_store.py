@@ -1154,3 +1154,65 @@ def test_the_postgres_store_is_part_of_the_public_api():
     assert trio_pgs.PostgresStore is PostgresStore
     assert isinstance(PostgresStore("postgresql://app@localhost/games"),
                       trio_pgs.SupportsCommitEach)
+
+
+# -- claims from the trio thread (_postgres_claims) ------------------------------------------
+
+
+async def test_a_claim_returns_the_record_with_its_epoch_raised(postgres: Server):
+    store, _ = named_store(postgres)
+    async with opened(store):
+        stored = Record(kind=KIND, key="ключ é", data=b'{"x": [1, 2]}', version=3, epoch=2,
+                        updated_at=5.5, crashes=(1.5, 2.5), history=(b"{}", b"[]"))
+        await store.commit([Put(stored, 0)])
+        for epoch in (3, 4):  # the first from the trio thread; so is the next
+            claim = await store.claim(KIND, "ключ é")
+            assert claim.record == attrs.evolve(stored, epoch=epoch)
+            assert (claim.epoch, claim.version) == (epoch, 3)
+        missing = await store.claim(KIND, "nobody")
+        assert (missing.record, missing.epoch, missing.version) == (None, 1, 0)
+
+
+async def test_cancelling_a_claim_cancels_its_query_in_the_server(postgres: Server):
+    store, name = named_store(postgres)
+    async with opened(store):
+        await store.commit([Put(record(key), 0) for key in "ab"])
+        blocked = Blocked()
+        with row_locked(postgres, store.schema, "b"):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(blocked.run, lambda: store.claim(KIND, "b"))
+                (pid,) = await eventually(lambda: waiting_on_a_lock(postgres, name),
+                                          "the claim waits for the row lock of b")
+                with trio.fail_after(BOUND):  # another claim meanwhile: on the pool
+                    assert (await store.claim(KIND, "a")).epoch == 2
+                blocked.scope.cancel()
+                with trio.fail_after(5):
+                    await blocked.done.wait()
+            assert blocked.cancelled and blocked.error is None
+            await eventually(
+                lambda: not backends(postgres, name, f"pid = {pid} AND state = 'active'"),
+                "the cancelled claim ended in the server",
+            )
+        with trio.fail_after(BOUND):  # rolled back: the next claim is the second
+            assert (await store.claim(KIND, "b")).epoch == 2
+
+
+async def test_a_claim_whose_connection_is_killed_fails_and_the_next_one_works(
+    postgres: Server,
+):
+    store, name = named_store(postgres)
+    async with opened(store):
+        await store.commit([Put(record("b"), 0)])
+        blocked = Blocked()
+        with row_locked(postgres, store.schema, "b"):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(blocked.run, lambda: store.claim(KIND, "b"))
+                pids = await eventually(lambda: waiting_on_a_lock(postgres, name),
+                                        "the claim waits for the row lock of b")
+                terminate(postgres, pids)
+                with trio.fail_after(5):
+                    await blocked.done.wait()
+        assert isinstance(blocked.error, PersistenceError), repr(blocked.error)
+        assert str(blocked.error).startswith(f"{KIND}/b: PostgreSQL failed")
+        with trio.fail_after(BOUND):
+            assert (await store.claim(KIND, "b")).epoch == 2

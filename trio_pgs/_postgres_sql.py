@@ -195,6 +195,7 @@ class Queries:
         #: name, and its text.
         self.insert_libpq = (b"trio_pgs_insert_bulk", numbered(self.insert_bulk).encode())
         self.update_libpq = (b"trio_pgs_update_bulk", numbered(self.update_bulk).encode())
+        self.claim_libpq = (b"trio_pgs_claim", numbered(self.claim).encode())
 
 
 def numbered(query: str) -> str:

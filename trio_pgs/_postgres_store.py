@@ -28,6 +28,7 @@ import trio
 from . import _postgres_members as members
 from . import _postgres_sql as sql
 from ._errors import PersistenceError
+from ._postgres_claims import Claims, claim_failed
 from ._postgres_conn import (
     Running,
     Secret,
@@ -68,8 +69,9 @@ class PostgresStore:
     which it creates, and upgrades, when it opens.
 
     *dsn* is a libpq connection string or URL (``postgresql://user@host/db``).
-    *pool_size* bounds the connections (and threads) the store uses at once: one
-    commits the writer's batches, the others load and claim. *read_only*: the store
+    *pool_size* bounds the connections (and threads) that load and claim at once;
+    the writer's batches have one more connection of their own, and so do the claims
+    sent from the trio thread (one at a time; `_postgres_claims`). *read_only*: the store
     never writes and never creates or upgrades its tables (the CLI's read commands).
     *create*: False refuses to open a schema that holds no store yet, instead of
     creating its tables (the CLI's commands but import).
@@ -120,6 +122,8 @@ class PostgresStore:
         #: WAL flush (`_ASYNC_COMMIT`); and the writes, on one connection that does.
         self._pool: psycopg_pool.ConnectionPool[Any] | None = None
         self._writes = Writes(self._queries, self)
+        #: Claims one at a time from the trio thread, on a pool of their own.
+        self._claims = Claims(self._queries, self)
         self._opening = False
         self._limiter = trio.CapacityLimiter(pool_size)
 
@@ -135,7 +139,7 @@ class PostgresStore:
         self._opening = True
         abandoned = threading.Event()
 
-        def open_pools() -> tuple[Any, Any]:
+        def open_pools() -> tuple[Any, Any, Any]:
             pools = self._open()
             if abandoned.is_set():  # nobody waits for them any more
                 for pool in pools:
@@ -150,11 +154,10 @@ class PostgresStore:
             raise
         finally:
             self._opening = False
-        self._pool, self._writes.pool = pools
+        self._pool, self._writes.pool, self._claims.pool = pools
 
-    def _open(
-        self,
-    ) -> tuple[psycopg_pool.ConnectionPool[Any], psycopg_pool.ConnectionPool[Any] | None]:
+    def _open(self) -> tuple[Any, Any, Any]:
+        """The pools: of reads, of the writes and of the claims (None when read-only)."""
         pg, pg_pool = import_psycopg()
         kwargs: dict[str, Any] = {
             "autocommit": True, "connect_timeout": max(1, round(self.connect_timeout)),
@@ -180,6 +183,7 @@ class PostgresStore:
         wanted = [("reads", self.pool_size, reads)]
         if not self.read_only:
             wanted.append(("writes", 1, kwargs))
+            wanted.append(("claims", 1, reads))
         for name, size, options in wanted:
             pool: psycopg_pool.ConnectionPool[Any] = pg_pool.ConnectionPool(
                 self.dsn, min_size=1, max_size=size, kwargs=options, open=False,
@@ -195,16 +199,20 @@ class PostgresStore:
                     f"{self!r} could not be opened: no connection within "
                     f"{self.connect_timeout} s"
                 ) from None
-        return pools[0], (pools[1] if len(pools) > 1 else None)
+        return pools[0], (pools[1] if len(pools) > 1 else None), (
+            pools[2] if len(pools) > 2 else None
+        )
 
     async def close(self) -> None:
-        pools = [pool for pool in (self._pool, self._writes.pool) if pool is not None]
-        self._pool = self._writes.pool = None
-        held = self._writes.let_go()
+        pools = [pool for pool in (self._pool, self._writes.pool, self._claims.pool)
+                 if pool is not None]
+        self._pool = self._writes.pool = self._claims.pool = None
+        held = [self._writes.let_go(), self._claims.let_go()]
 
         def close() -> None:
-            if held is not None:
-                give_back(held.pool, held.connection)
+            for one in held:
+                if one is not None:
+                    give_back(one.pool, one.connection)
             for pool in pools:
                 pool.close()
 
@@ -353,16 +361,15 @@ class PostgresStore:
     async def claim(self, kind: str, key: str) -> Claim:
         check_ident(kind, key)
         self._writable()
+        if self._claims.free:  # from the trio thread (`_postgres_claims`)
+            try:
+                return _claimed(await self._claims.claim(kind, key))
+            except PersistenceError as exc:
+                raise claim_failed(f"{kind}/{key}", exc, self._secret.scrub) from exc
         query = self._queries.claim
 
         def claim(connection: psycopg.Connection[Any]) -> Claim:
-            row = read(connection, query, (kind, key), f"{kind}/{key}").fetchone()
-            if row is None:
-                return Claim(record=None, epoch=1, version=0)
-            record = decode(row)
-            if row[sql.DELETED]:
-                return Claim(record=None, epoch=record.epoch, version=record.version)
-            return Claim(record=record, epoch=record.epoch, version=record.version)
+            return _claimed(read(connection, query, (kind, key), f"{kind}/{key}").fetchone())
 
         return await self._run(claim)
 
@@ -411,3 +418,13 @@ def _page(
     if after is None:
         return read(connection, queries.scan_first, (kind, _SCAN_CHUNK), kind).fetchall()
     return read(connection, queries.scan, (kind, after, _SCAN_CHUNK), kind).fetchall()
+
+
+def _claimed(row: Sequence[Any] | None) -> Claim:
+    """The claim that returned *row* (None: there was no row)."""
+    if row is None:
+        return Claim(record=None, epoch=1, version=0)
+    record = decode(row)
+    if row[sql.DELETED]:
+        return Claim(record=None, epoch=record.epoch, version=record.version)
+    return Claim(record=record, epoch=record.epoch, version=record.version)

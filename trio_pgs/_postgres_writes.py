@@ -107,10 +107,35 @@ class Writes:
                     return await self._bulk(held, operations, bulk)
                 return await self._on_thread(held, commit)
             finally:
-                left = self._held
-                if left is not None and left.pool is not self.pool:  # closed meanwhile
-                    self._held = None
-                    give_back(left.pool, left.connection)  # its pool closes it
+                self._closed_meanwhile()
+
+    @property
+    def busy(self) -> bool:
+        """Whether a statement is using the connection now."""
+        return self._lock.locked()
+
+    async def run(
+        self, statement: tuple[bytes, bytes], params: Callable[[str], list[bytes]]
+    ) -> tuple[psycopg.Connection[Any], Any]:
+        """*statement* with the text parameters ``params(encoding)`` (the connection's
+        encoding), prepared on the held connection and sent from the trio thread (as
+        the writes' batch is): the connection and the statement's result. The claims
+        use it (`_postgres_claims`)."""
+        async with self._lock:
+            try:
+                held = await self._connection()
+                values = params(held.connection.info.encoding)
+                result = await self._prepared(held, statement, values, [0] * len(values))
+                return held.connection, result
+            finally:
+                self._closed_meanwhile()
+
+    def _closed_meanwhile(self) -> None:
+        """The store closed while the connection was in use: give it back now."""
+        left = self._held
+        if left is not None and left.pool is not self.pool:
+            self._held = None
+            give_back(left.pool, left.connection)  # its pool closes it
 
     async def _bulk(self, held: Held, operations: list[Operation], bulk: sql.Bulk) -> Outcomes:
         """The statement of `sql.bulk`, which commits by itself. Any failure once it
