@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from trio_pgs import PostgresStore
-from trio_pgs._store import Operation
+from trio_pgs._store import Claim, Operation
 
 from .clocked import Clocked, _clock_held
 
@@ -113,3 +113,9 @@ class ClockedPostgresStore(Clocked, PostgresStore):
         # through _run.
         with _clock_held():
             return await super()._commit(operations, atomic=atomic)
+
+    async def claim(self, kind: str, key: str) -> Claim:
+        # So do the claims, one at a time (`_postgres_claims`); the others go through
+        # _run, which holds the clock already.
+        with _clock_held():
+            return await super().claim(kind, key)
