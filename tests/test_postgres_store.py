@@ -1216,3 +1216,42 @@ async def test_a_claim_whose_connection_is_killed_fails_and_the_next_one_works(
         assert str(blocked.error).startswith(f"{KIND}/b: PostgreSQL failed")
         with trio.fail_after(BOUND):
             assert (await store.claim(KIND, "b")).epoch == 2
+
+
+async def test_a_claim_reads_its_row_whatever_the_sessions_output_settings(postgres: Server):
+    """Settings that change the text form of values (bytea's escape format, fewer
+    float digits) change nothing: a claim reads its row in binary, as loads do."""
+    schema = postgres.schema()
+    dsn = psycopg.conninfo.make_conninfo(
+        postgres.dsn, options="-c bytea_output=escape -c extra_float_digits=0"
+    )
+    async with opened(PostgresStore(dsn, schema=schema)) as store:
+        stored = Record(kind=KIND, key="k", data=b"3", version=4, epoch=1,
+                        updated_at=1712345678.1234567, crashes=(0.1 + 0.2, 2e9 + 0.5),
+                        history=(b"2", b"[]", b'{"a": 1}', b"x}"))
+        await store.commit([Put(stored, 0)])
+        claimed = await store.claim(KIND, "k")
+        assert claimed.record == attrs.evolve(stored, epoch=2)
+        assert claimed.record == await store.load(KIND, "k")
+
+
+async def test_a_failed_claim_says_what_postgresql_said(postgres: Server):
+    schema = postgres.schema()
+    dsn = psycopg.conninfo.make_conninfo(postgres.dsn, options="-c statement_timeout=200")
+    async with opened(PostgresStore(dsn, schema=schema)) as store:
+        await store.commit([Put(record("k"), 0), Put(record("bad"), 0)])
+        with row_locked(postgres, schema, "k"):
+            with pytest.raises(PersistenceError) as failed:
+                await store.claim(KIND, "k")
+        assert str(failed.value) == (
+            f"{KIND}/k: PostgreSQL failed: canceling statement due to statement timeout"
+        )
+        with connect(postgres) as connection:
+            connection.execute(
+                f'UPDATE "{schema}".records SET data = NULL WHERE key = %s', ("bad",)
+            )
+        with pytest.raises(PersistenceError) as loaded:
+            await store.load(KIND, "bad")
+        with pytest.raises(PersistenceError) as claimed:
+            await store.claim(KIND, "bad")
+        assert str(claimed.value) == str(loaded.value)  # the row's fault, said once

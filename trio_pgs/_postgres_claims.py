@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _postgres_sql as sql
 from ._errors import PersistenceError
+from ._postgres_conn import first_line
 from ._postgres_writes import Writes
 
 if TYPE_CHECKING:
@@ -74,5 +75,10 @@ def claim_failed(
     what: str, exc: PersistenceError, scrub: Callable[[str], str]
 ) -> PersistenceError:
     """The error of a failed claim of *what*, worded as the worker threads' claims
-    word theirs (*scrub* takes the DSN's secrets out of it)."""
-    return PersistenceError(scrub(f"{what}: PostgreSQL failed: {exc}"))
+    word theirs: PostgreSQL's own first line if it said something, else what the
+    store said (no connection within the timeout, the store closed). *scrub* takes
+    the DSN's secrets out of it."""
+    cause = exc.__cause__
+    if cause is not None and getattr(cause, "sqlstate", False) is not False:  # psycopg's
+        return PersistenceError(scrub(f"{what}: PostgreSQL failed: {first_line(cause)}"))
+    return PersistenceError(scrub(str(exc)))

@@ -363,9 +363,10 @@ class PostgresStore:
         self._writable()
         if self._claims.free:  # from the trio thread (`_postgres_claims`)
             try:
-                return _claimed(await self._claims.claim(kind, key))
+                row = await self._claims.claim(kind, key)
             except PersistenceError as exc:
                 raise claim_failed(f"{kind}/{key}", exc, self._secret.scrub) from exc
+            return _claimed(row)
         query = self._queries.claim
 
         def claim(connection: psycopg.Connection[Any]) -> Claim:

@@ -119,13 +119,17 @@ class Writes:
     ) -> tuple[psycopg.Connection[Any], Any]:
         """*statement* with the text parameters ``params(encoding)`` (the connection's
         encoding), prepared on the held connection and sent from the trio thread (as
-        the writes' batch is): the connection and the statement's result. The claims
-        use it (`_postgres_claims`)."""
+        the writes' batch is): the connection and the statement's result, in binary (as
+        the store's reads take theirs: it does not depend on settings such as
+        ``bytea_output`` or ``extra_float_digits``). The claims use it
+        (`_postgres_claims`)."""
         async with self._lock:
             try:
                 held = await self._connection()
                 values = params(held.connection.info.encoding)
-                result = await self._prepared(held, statement, values, [0] * len(values))
+                result = await self._prepared(
+                    held, statement, values, [0] * len(values), result_format=1
+                )
                 return held.connection, result
             finally:
                 self._closed_meanwhile()
@@ -170,7 +174,7 @@ class Writes:
 
     async def _prepared(
         self, held: Held, statement: tuple[bytes, bytes], values: list[bytes],
-        formats: list[int],
+        formats: list[int], result_format: int = 0,
     ) -> Any:
         """The result of *statement* run with *values*, as a statement prepared on the
         connection (as psycopg prepares a query it runs often: the server parses and
@@ -188,7 +192,7 @@ class Writes:
                     prepared.add(name)
             if name in prepared:
                 result = await self._execute(
-                    held, pgconn.send_query_prepared, name, values, formats
+                    held, pgconn.send_query_prepared, name, values, formats, result_format
                 )
             if result.status == _TUPLES_OK:
                 return result
