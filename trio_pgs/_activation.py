@@ -37,7 +37,7 @@ from ._errors import (
 )
 from ._events import EventType
 from ._inline import cannot_suspend, first_step
-from ._ledger import ErrorFactory, ReplyLedger
+from ._ledger import ErrorFactory, ReplyLedger, ReplySlot
 from ._policy import Deferred, EachMessage, Policy
 from ._reminding import ReminderBook
 from ._results import NO_REPLY, NoReply, Reply, Stop
@@ -251,8 +251,8 @@ class Activation:
 
     async def _handle(self, message: Message) -> Next:
         entry, kind = self.entry, message.kind
-        if kind is Kind.RESUME:
-            return await self._resume(message)
+        if kind is Kind.RESUME:  # the rest of a call handled in its caller's task
+            return await message.payload  # type: ignore[no-any-return]
         if not self.policy.settled():  # the output gate: the previous commit
             entry.front = message  # cut off meanwhile, it is answered from there
             inflight = await self.policy.settle()
@@ -273,13 +273,8 @@ class Activation:
             message = Message(kind, info, None, ())
         else:
             self.book.begin()
-        handling = Handling(entry.ref, message.chain, entry.waiting_on,
-                            message.slot if kind is Kind.CALL else None, self.ledger)
+        handling = self._begin(message, message.slot if kind is Kind.CALL else None)
         token = current_handling.set(handling)
-        ledger = self.ledger
-        ledger.holding = True  # replies wait for this message's outcome
-        ledger.current = message.slot
-        self.current = message
         try:
             result = await self._hook(message)  # the hook's own coroutine: no extra frame
             _check_result(result, kind, entry.ref)
@@ -307,6 +302,15 @@ class Activation:
         if interruption is None:
             raise exc  # cancelled: the task's scope takes it
         return await self._interrupted(message, interruption)
+
+    def _begin(self, message: Message, slot: ReplySlot | None) -> Handling:
+        """*message* is handled from now on (its caller's *slot*, for a call): its
+        `Handling`, and the replies held for its outcome."""
+        ledger = self.ledger
+        ledger.holding = True
+        ledger.current = message.slot
+        self.current = message
+        return Handling(self.entry.ref, message.chain, self.entry.waiting_on, slot, ledger)
 
     # -- a call handled in its caller's task (_inline.py) -----------------------------
 
@@ -341,7 +345,7 @@ class Activation:
         try:
             rest = task.context.run(self._inline_step, message, hook)
         except BaseException as exc:  # ours, not the handler's: the server's task meets it
-            rest = Message(Kind.RESUME, (message, None, _raise(exc)), None, ())
+            rest = Message(Kind.RESUME, _raise(exc), None, ())
         mailbox.give_back(task, rest)
         if rest is None:
             entry.host.note_settled(entry)  # as the server's task does when it waits again
@@ -355,18 +359,15 @@ class Activation:
     def _inline_step(self, message: Message, hook: Callable[..., Any]) -> Message | None:
         """`_handle` for a call whose handler `cannot_suspend`, in the server task's
         context: None if done, else the `Kind.RESUME` for the server's task."""
-        entry, ledger = self.entry, self.ledger
+        entry = self.entry
         self.book.begin()
-        handling = Handling(entry.ref, message.chain, entry.waiting_on, message.slot, ledger)
+        handling = self._begin(message, message.slot)
         token = current_handling.set(handling)
-        ledger.holding = True
-        ledger.current = message.slot
-        self.current = message
         try:
             result = first_step(hook(message.payload, self.state))
             _check_result(result, Kind.CALL, entry.ref)
         except BaseException as exc:
-            return Message(Kind.RESUME, (message, handling, exc), None, ())
+            return Message(Kind.RESUME, self._failed_live(message, handling, exc), None, ())
         finally:
             current_handling.reset(token)
         handling.live = False
@@ -374,17 +375,14 @@ class Activation:
         step = self._handled(message, handling, result)
         if step is Next.CONTINUE:
             return None
-        return Message(Kind.RESUME, (message, None, step), None, ())
+        return Message(Kind.RESUME, step, None, ())
 
-    async def _resume(self, message: Message) -> Next:
-        """Finish a call `handle_inline` began: its hook's exception (the handling
-        live until it is dealt with, as in `_handle`), or what `_handled` left."""
-        original, handling, rest = message.payload
-        if handling is None:
-            return await rest  # type: ignore[no-any-return]
+    async def _failed_live(self, message: Message, handling: Handling, exc: BaseException) -> Next:
+        """`_hook_failed` for a call `handle_inline` began, its handling current and
+        live until it is dealt with, as in `_handle`."""
         token = current_handling.set(handling)
         try:
-            return await self._hook_failed(original, rest)
+            return await self._hook_failed(message, exc)
         finally:
             handling.live = False
             current_handling.reset(token)

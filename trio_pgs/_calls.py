@@ -21,7 +21,7 @@ class Kind(enum.Enum):
     CRASH = "crash"  # trio_pgs.testing.crash(): raise SimulatedCrash in the server
     WAKE = "wake"  # not a message: the idle reaper or the supervisor wakes the server
     #: Not a message: what is left of a call handled in its caller's task (a crash, a
-    #: stop), for the server's task (`Activation.handle_inline`).
+    #: stop), a coroutine for the server's task to await (`Activation.handle_inline`).
     RESUME = "resume"
 
 

@@ -252,7 +252,9 @@ class Entry:
                 message = queued
             if message.slot is not None:
                 message.slot.set_error(error())
-            elif message.kind is not Kind.RESUME:  # its call is the activation's current
+            elif message.kind is Kind.RESUME:  # its call is the activation's current
+                message.payload.close()  # never run: not left for the garbage collector
+            else:
                 dropped += 1
         if dropped and not isinstance(error(), NotOwner):  # those are sent again
             logger.warning("%s: %d queued cast/info message(s) dropped: %s",

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _postgres_sql as sql
 from ._errors import PersistenceError
-from ._postgres_conn import first_line
+from ._postgres_conn import first_line, import_psycopg
 from ._postgres_writes import Writes
 
 if TYPE_CHECKING:
@@ -78,7 +78,8 @@ def claim_failed(
     word theirs: PostgreSQL's own first line if it said something, else what the
     store said (no connection within the timeout, the store closed). *scrub* takes
     the DSN's secrets out of it."""
+    psycopg, _ = import_psycopg()
     cause = exc.__cause__
-    if cause is not None and getattr(cause, "sqlstate", False) is not False:  # psycopg's
+    if isinstance(cause, psycopg.Error):
         return PersistenceError(scrub(f"{what}: PostgreSQL failed: {first_line(cause)}"))
     return PersistenceError(scrub(str(exc)))

@@ -199,9 +199,8 @@ class PostgresStore:
                     f"{self!r} could not be opened: no connection within "
                     f"{self.connect_timeout} s"
                 ) from None
-        return pools[0], (pools[1] if len(pools) > 1 else None), (
-            pools[2] if len(pools) > 2 else None
-        )
+        of_reads, of_writes, of_claims = [*pools, None, None][:3]  # the last two: writable
+        return of_reads, of_writes, of_claims
 
     async def close(self) -> None:
         pools = [pool for pool in (self._pool, self._writes.pool, self._claims.pool)
